@@ -1,0 +1,47 @@
+"""reftlens: representation finetuning (ReFT) and causal analysis on TransformerLens hook points.
+
+The public API is this page of names. TransformerLens and transformers load lazily, only when
+a model is loaded, so ``import reftlens`` stays light.
+"""
+
+from __future__ import annotations
+
+from reftlens.errors import CollisionError, ConfigError, PositionError, ReftError
+from reftlens.interventions import (
+    DII,
+    Collect,
+    ConsReFT,
+    DiReFT,
+    Interchange,
+    LoBiReFT,
+    LoReFT,
+    MeanAblation,
+    Noise,
+    NoReFT,
+    OrthonormalRows,
+    Phi,
+    Steer,
+    ZeroAblation,
+    register,
+)
+from reftlens.model import ReftModel
+from reftlens.positions import parse_positions
+from reftlens.sets import Intervention
+
+__version__ = "0.1.0"
+
+
+def load_model(*args, **kwargs):
+    """Load a TransformerLens model offline; see :func:`reftlens.models.load_model`."""
+    from reftlens.models import load_model as _load_model
+
+    return _load_model(*args, **kwargs)
+
+
+
+__all__ = [
+    "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
+    "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
+    "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",
+    "ReftError", "PositionError", "CollisionError", "ConfigError",
+]

@@ -1,0 +1,3 @@
+from reftlens.cli import main
+
+raise SystemExit(main())

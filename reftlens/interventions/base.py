@@ -1,0 +1,150 @@
+"""Φ, the intervention function: the protocol every intervention follows, and the by-name registry.
+
+A Φ maps hidden vectors to hidden vectors, row by row: ``[..., d] -> [..., d]``. Sourceless Φs
+(LoReFT, ablations, steering) see only the base representation ``h``; Φs with a source
+(interchange, DII) see the base ``b`` and a source ``s`` taken from another run at the
+matching sites. Any ``nn.Module`` or callable with that signature is a Φ; subclassing
+:class:`Phi` adds a registered type name (for saving) and the ``d_model`` check.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register(type_name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Register a Φ class under ``type_name`` so that saved configurations name a type,
+    never a Python import path.
+
+    >>> @register("my_scale")
+    ... class Scale(Phi):
+    ...     def __init__(self, d_model: int): super().__init__(); self.d_model = d_model
+    ...     def forward(self, h): return 2 * h
+    """
+
+    def add(cls: type[nn.Module]) -> type[nn.Module]:
+        known = _REGISTRY.get(type_name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"Φ type name {type_name!r} is already registered to {known.__module__}.{known.__qualname__}; "
+                f"pick another name for {cls.__module__}.{cls.__qualname__}."
+            )
+        _REGISTRY[type_name] = cls
+        cls.type_name = type_name  # type: ignore[attr-defined]
+        return cls
+
+    return add
+
+
+def phi_class(type_name: str) -> type[nn.Module]:
+    """The Φ class registered under ``type_name``."""
+    try:
+        return _REGISTRY[type_name]
+    except KeyError:
+        raise KeyError(
+            f"Unknown Φ type {type_name!r}. Registered types: {sorted(_REGISTRY)}. "
+            "A user-defined Φ must be registered with @reftlens.register('name') before it is loaded."
+        ) from None
+
+
+def registered_types() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class Phi(nn.Module):
+    """Base class of the built-in Φs.
+
+    ``takes_source``: whether ``forward`` is ``(base, source)`` instead of ``(h)``.
+    ``read_only``: the Φ never changes its input (collect), so the runtime skips the scatter.
+    ``d_model``: the width of the hidden vectors it expects (checked against the hook).
+    """
+
+    takes_source: ClassVar[bool] = False
+    read_only: ClassVar[bool] = False
+    type_name: ClassVar[str] = ""
+    d_model: int | None = None
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments as JSON-able data (for saving)."""
+        return {"d_model": self.d_model}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.config().items())
+
+
+class FunctionPhi(nn.Module):
+    """Wraps a plain callable as a Φ (no parameters)."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], takes_source: bool):
+        super().__init__()
+        self.fn = fn
+        self.takes_source = takes_source
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.fn(*args)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [p for p in sig.parameters.values() if p.kind in kinds]
+    required = [p for p in params if p.default is inspect.Parameter.empty]
+    return len(required) if required else len(params)
+
+
+def takes_source(phi: Any) -> bool:
+    """Whether a Φ is called as ``phi(base, source)`` (True) or ``phi(h)`` (False).
+
+    Read from a ``takes_source`` attribute when the Φ has one, else from the number of
+    required positional arguments of its ``forward`` (or ``__call__``).
+    """
+    flag = getattr(phi, "takes_source", None)
+    if flag is not None:
+        return bool(flag)
+    fn = phi.forward if isinstance(phi, nn.Module) else phi
+    n = _required_positional(fn)
+    if n is None or n not in (1, 2):
+        raise TypeError(
+            f"Cannot tell how to call Φ {phi!r}: it should take one hidden tensor `h` "
+            "or two (`base`, `source`). Give it a `takes_source` attribute to say which."
+        )
+    return n == 2
+
+
+def as_phi(phi: Any) -> nn.Module:
+    """Return ``phi`` as an ``nn.Module`` (a callable is wrapped; a module is used as is, so
+    passing one instance in several places shares its parameters)."""
+    if isinstance(phi, nn.Module):
+        return phi
+    if callable(phi):
+        return FunctionPhi(phi, takes_source(phi))
+    raise TypeError(
+        f"A Φ must be an nn.Module or a callable mapping [..., d] -> [..., d]; got {type(phi).__name__}."
+    )
+
+
+def phi_d_model(phi: nn.Module) -> int | None:
+    """The hidden width a Φ declares, if any."""
+    d = getattr(phi, "d_model", None)
+    return int(d) if isinstance(d, int) else None
+
+
+def phi_label(phi: nn.Module) -> str:
+    """A short readable name for a Φ in messages: its type and, if present, its rank."""
+    name = getattr(phi, "type_name", "") or type(phi).__name__
+    if isinstance(phi, FunctionPhi):
+        name = getattr(phi.fn, "__name__", "function")
+    rank = getattr(phi, "rank", None)
+    return f"{name}(rank={rank})" if rank is not None else name

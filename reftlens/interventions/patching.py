@@ -1,0 +1,141 @@
+"""The analysis Φs: activation patching, ablations, steering, noise and collection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from reftlens.interventions.base import Phi, register
+
+
+@register("interchange")
+class Interchange(Phi):
+    """Activation patching: Φ(b, s) = s.
+
+    >>> Interchange()(torch.zeros(2, 4), torch.ones(2, 4)).sum().item()
+    8.0
+    """
+
+    takes_source = True
+
+    def __init__(self, d_model: int | None = None):
+        super().__init__()
+        self.d_model = d_model
+
+    def forward(self, base: Float[Tensor, "... d"], source: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return source
+
+
+@register("zero_ablation")
+class ZeroAblation(Phi):
+    """Φ(h) = 0."""
+
+    def __init__(self, d_model: int | None = None):
+        super().__init__()
+        self.d_model = d_model
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return torch.zeros_like(h)
+
+
+@register("mean_ablation")
+class MeanAblation(Phi):
+    """Φ(h) = μ, a fixed mean activation (e.g. over a reference dataset).
+
+    >>> MeanAblation(torch.tensor([1.0, 2.0]))(torch.zeros(3, 2))[0].tolist()
+    [1.0, 2.0]
+    """
+
+    def __init__(self, mean: Float[Tensor, "d"] | int):
+        super().__init__()
+        mean = torch.zeros(mean) if isinstance(mean, int) else torch.as_tensor(mean).detach().clone()
+        if mean.ndim != 1:
+            raise ValueError(f"MeanAblation needs a mean vector of shape [d_model]; got shape {tuple(mean.shape)}.")
+        self.register_buffer("mean", mean)
+        self.d_model = mean.shape[0]
+
+    def config(self) -> dict[str, Any]:
+        return {"mean": self.d_model}
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return self.mean.to(h.dtype).expand_as(h)
+
+
+@register("steer")
+class Steer(Phi):
+    """Additive steering: Φ(h) = h + α·v. ``v`` is a parameter (zero by default), so a
+    steering vector can be set by hand or trained.
+
+    >>> Steer(torch.tensor([1.0, 0.0]), scale=2.0)(torch.zeros(1, 2)).tolist()
+    [[2.0, 0.0]]
+    """
+
+    def __init__(self, vector: Float[Tensor, "d"] | int, scale: float = 1.0):
+        super().__init__()
+        vector = torch.zeros(vector) if isinstance(vector, int) else torch.as_tensor(vector).detach().clone()
+        if vector.ndim != 1:
+            raise ValueError(f"Steer needs a vector of shape [d_model]; got shape {tuple(vector.shape)}.")
+        self.vector = nn.Parameter(vector.float() if not vector.is_floating_point() else vector)
+        self.scale = float(scale)
+        self.d_model = vector.shape[0]
+
+    def config(self) -> dict[str, Any]:
+        return {"vector": self.d_model, "scale": self.scale}
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return h + self.scale * self.vector
+
+
+@register("noise")
+class Noise(Phi):
+    """Gaussian corruption for causal tracing: Φ(h) = h + σ·ε, ε ~ N(0, I).
+
+    With ``seed`` set, every call draws the same noise for the same number of rows (one
+    fixed corruption, as in ROME's tracing); with ``seed=None`` each call draws afresh
+    from torch's global generator. Noise is drawn on the CPU and moved, so a seed gives
+    the same corruption on every device.
+    """
+
+    def __init__(self, std: float, seed: int | None = 0, d_model: int | None = None):
+        super().__init__()
+        self.std = float(std)
+        self.seed = seed
+        self.d_model = d_model
+
+    def config(self) -> dict[str, Any]:
+        return {"std": self.std, "seed": self.seed, "d_model": self.d_model}
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        eps = torch.randn(h.shape, generator=gen, dtype=torch.float32)
+        return h + (self.std * eps).to(device=h.device, dtype=h.dtype)
+
+
+@register("collect")
+class Collect(Phi):
+    """Read-only: records the selected rows and leaves the run unchanged.
+
+    After a run, ``activations`` holds one ``[n_sites, ...]`` tensor per call, rows in
+    example-major order and, within an example, in increasing position.
+    """
+
+    read_only = True
+
+    def __init__(self, d_model: int | None = None, detach: bool = True):
+        super().__init__()
+        self.d_model = d_model
+        self.detach = detach
+        self.activations: list[Tensor] = []
+
+    def config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "detach": self.detach}
+
+    def clear(self) -> None:
+        self.activations = []
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        self.activations.append(h.detach() if self.detach else h)
+        return h

