@@ -1,0 +1,129 @@
+"""P: position specs resolve against real tokens; padding never changes a result."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from reftlens import Collect, Intervention, LoReFT, ReftModel, parse_positions
+from reftlens.positions import FirstLast, RealTokens
+
+SPECS = ["all", "f2+l2", "f1", "l3", "f3+l1", [0], [-1], [0, -2], slice(1, None), slice(0, 3), slice(None, None, 2)]
+
+
+def real_from_lengths(lengths, side):
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, width - n :] if side == "left" else None
+        if side == "left":
+            mask[i, width - n :] = True
+        else:
+            mask[i, :n] = True
+    return RealTokens.from_mask(mask)
+
+
+def selected(spec, lengths, side):
+    real = real_from_lengths(lengths, side)
+    m = parse_positions(spec).site_mask(real)
+    return [(m[i] & real.mask[i]).nonzero().squeeze(1).sub(int(real.starts[i])).tolist() for i in range(len(lengths))]
+
+
+@pytest.mark.parametrize(
+    "spec, length, expected",
+    [
+        ("all", 4, [0, 1, 2, 3]),
+        ("f2+l2", 6, [0, 1, 4, 5]),
+        ("f5+l5", 6, [0, 1, 2, 3, 4, 5]),  # one Φ: overlap on a short input merges
+        ("f3", 2, [0, 1]),
+        ("l1", 5, [4]),
+        ([0, -1], 5, [0, 4]),
+        (slice(1, -1), 5, [1, 2, 3]),
+        (slice(None, None, 2), 5, [0, 2, 4]),
+        (FirstLast(5, 0, clamp_half=True), 6, [0, 1, 2]),
+        (FirstLast(0, 5, clamp_half=True), 6, [3, 4, 5]),
+    ],
+)
+def test_spec_semantics(spec, length, expected):
+    for side in ("left", "right"):
+        assert selected(spec, [length, length + 3], side)[0] == expected
+
+
+def test_per_example_and_predicate_specs():
+    assert selected([[0, 2], [1]], [3, 4], "left") == [[0, 2], [1]]
+    assert selected(torch.tensor([[0, -1], [1, 2]]), [3, 4], "right") == [[0, 2], [1, 2]]
+    real = real_from_lengths([3, 2], "left")
+    tokens = torch.tensor([[5, 7, 5], [0, 5, 9]])
+    real = RealTokens(real.mask, real.lengths, real.starts, tokens)
+    m = parse_positions(lambda t: t == 5).site_mask(real)
+    assert m.tolist() == [[True, False, True], [False, True, False]]
+
+
+@pytest.fixture(scope="module")
+def padded_setup(tiny_models):
+    out = {}
+    for name, model in tiny_models.items():
+        torch.manual_seed(0)
+        words = "the quick brown fox jumps over a lazy dog and runs far away".split()
+        out[name] = (model, words)
+    return out
+
+
+def run_three_ways(model, phi, spec, texts):
+    """Outputs at real tokens for left padding, right padding and each example alone."""
+    reft = ReftModel(model, Intervention(phi, layers=[0, 2], positions=spec))
+    rows = [model.to_tokens(t)[0] for t in texts]
+    results = {}
+    for side in ("left", "right"):
+        tokens, mask = reft.tokenize(texts, padding_side=side)
+        with torch.no_grad():
+            logits = reft(tokens, attention_mask=mask)
+        results[side] = [logits[i][mask[i].bool()] for i in range(len(texts))]
+    with torch.no_grad():
+        results["none"] = [reft(r[None])[0] for r in rows]
+    return results
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["tiny-gpt2", "tiny-llama"]),
+    n_words=st.lists(st.integers(1, 8), min_size=1, max_size=4),
+    spec=st.sampled_from(SPECS),
+    seed=st.integers(0, 10_000),
+)
+def test_left_right_and_no_padding_agree(padded_setup, name, n_words, spec, seed):
+    model, words = padded_setup[name]
+    g = torch.Generator().manual_seed(seed)
+    texts = [" ".join(words[int(j)] for j in torch.randint(len(words), (n,), generator=g)) for n in n_words]
+    torch.manual_seed(seed)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    res = run_three_ways(model, phi, spec, texts)
+    for i in range(len(texts)):
+        torch.testing.assert_close(res["left"][i], res["none"][i], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(res["right"][i], res["none"][i], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_pad_positions_are_never_edited(model, side):
+    torch.manual_seed(0)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    reft = ReftModel(model, Intervention(phi, layers=1, positions="all"))
+    tokens, mask = reft.tokenize(["a", "the quick brown fox jumps"], padding_side=side)
+    name = "blocks.1.hook_resid_post"
+    with torch.no_grad():
+        _, before = model.run_with_cache(tokens, attention_mask=mask, names_filter=name)
+        with reft.hooks(tokens, attention_mask=mask):
+            _, after = model.run_with_cache(tokens, attention_mask=mask, names_filter=name)
+    pads, real = ~mask.bool(), mask.bool()
+    assert pads.any()
+    torch.testing.assert_close(after[name][pads], before[name][pads], atol=0, rtol=0)
+    assert (after[name][real] - before[name][real]).abs().max() > 1e-3
+
+
+def test_rows_selected_match_the_real_token_count(model):
+    collect = Collect()
+    reft = ReftModel(model, Intervention(collect, layers=0, positions="f2+l2"))
+    tokens, mask = reft.tokenize(["a b", "the quick brown fox jumps over"], padding_side="left")
+    reft(tokens, attention_mask=mask)
+    n = mask.sum(1)
+    assert collect.activations[0].shape[0] == int(sum(min(int(k), 4) for k in n))
