@@ -43,7 +43,7 @@ class ReftModel(nn.Module):
     >>> model = reftlens.load_model("tiny-llama")
     >>> reft = reftlens.ReftModel(model, reftlens.Intervention(reftlens.LoReFT(64, 4), layers=[1, 2], positions="f2+l2"))
     >>> reft(["the quick brown fox", "a dog"]).shape[:2]
-    torch.Size([2, 5])
+    torch.Size([2, 13])
     """
 
     def __init__(self, model: Any, interventions: Intervention | Sequence[Intervention], *, cast: bool = False, move: bool = True):

@@ -301,7 +301,8 @@ def load_model(
 
     >>> bridge = load_model("tiny-gpt2", seed=0)
     >>> bridge = load_model("smollm2-135m")          # to_tokens(...)[0, 0] == 0 (<|endoftext|>)
-    >>> bridge = load_model("/path/to/hf_folder")
+    >>> bridge = load_model("/path/to/hf_folder")  # doctest: +SKIP
+    >>> hf_model, tok = tiny_hf_model("tiny-llama")
     >>> bridge = load_model(hf_model, tokenizer=tok)
     """
     from transformers import PreTrainedModel
