@@ -45,7 +45,9 @@ def bench(name: str, batch: int, seq: int, reps: int) -> dict:
             t = time.perf_counter(); model(tokens); plain_t.append(time.perf_counter() - t)
             t = time.perf_counter(); reft(tokens); reft_t.append(time.perf_counter() - t)
     p, r = statistics.median(plain_t), statistics.median(reft_t)
-    return dict(model=name, layers=layers_for(model.cfg.n_layers), plain_ms=1e3 * p, reft_ms=1e3 * r, ratio=r / p)
+    paired = statistics.median(b / a for a, b in zip(plain_t, reft_t))  # per adjacent pair: robust to drift
+    return dict(model=name, layers=layers_for(model.cfg.n_layers), plain_ms=1e3 * p, reft_ms=1e3 * r,
+                ratio=paired, overhead_ms=1e3 * statistics.median(b - a for a, b in zip(plain_t, reft_t)))
 
 
 def main() -> None:
@@ -59,11 +61,11 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"transformer-lens {__import__('importlib.metadata').metadata.version('transformer-lens')}, "
           f"reftlens {reftlens.__version__}")
-    print("| model | layers | plain bridge (ms) | with LoReFT set (ms) | ratio |")
-    print("|---|---|---|---|---|")
+    print("| model | layers | plain bridge (ms) | with LoReFT set (ms) | median paired ratio | median paired overhead (ms) |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
         r = bench(name, args.batch, args.seq, args.reps)
-        print(f"| {r['model']} | {r['layers']} | {r['plain_ms']:.1f} | {r['reft_ms']:.1f} | {r['ratio']:.3f} |", flush=True)
+        print(f"| {r['model']} | {r['layers']} | {r['plain_ms']:.1f} | {r['reft_ms']:.1f} | {r['ratio']:.3f} | {r['overhead_ms']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -137,10 +137,16 @@ class ReftModel(nn.Module):
     # ---- planning -----------------------------------------------------------------------
 
     def _plans(self, inputs: Any = None, attention_mask: Tensor | None = None, sources: Any = None,
-               source_attention_mask: Tensor | None = None) -> tuple[list[SitePlan], tuple[int, int] | None, Tensor | None, Tensor | None]:
+               source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
+               ) -> tuple[list[SitePlan], tuple[int, int] | None, Tensor | None, Tensor | None]:
+        """Resolve the set for a batch: ``(plans, (batch, seq), tokens, model_mask)``.
+
+        Positions are resolved against ``prompt_mask`` when given (the prompt part of a
+        prompt+completion sequence), else against the real tokens.
+        """
         self._check_devices()
-        needs_source = [s for s in self.sites if s.unit.takes_source]
         if inputs is None:
+            needs_source = [s for s in self.sites if s.unit.takes_source]
             if needs_source or sources is not None:
                 raise ValueError(
                     f"intervention {needs_source[0].label if needs_source else ''} takes a source: pass the "
@@ -148,9 +154,19 @@ class ReftModel(nn.Module):
                 )
             return [SitePlan(s, None) for s in self.sites], None, None, None
         tokens, real = self._encode(inputs, attention_mask)
-        masks = site_masks(self.units, real)
-        check_disjoint(self.sites, masks, real)
+        frame = real
+        if prompt_mask is not None:
+            frame = RealTokens.from_mask(prompt_mask.to(real.mask.device).bool() & real.mask, tokens)
+        plans = self._resolve(tokens, frame, site_masks(self.units, frame), sources, source_attention_mask)
+        mask = None if bool(real.mask.all()) else real.mask.long()
+        return plans, (tokens.shape[0], tokens.shape[1]), tokens, mask
+
+    def _resolve(self, tokens: Tensor, frame: RealTokens, masks: dict[int, Tensor], sources: Any = None,
+                 source_attention_mask: Tensor | None = None) -> list[SitePlan]:
+        """Site masks → per-site row indices (checked for collisions), plus source rows."""
+        check_disjoint(self.sites, masks, frame)
         plans = [SitePlan(s, flat_index(masks[id(s.unit)])) for s in self.sites]
+        needs_source = [s for s in self.sites if s.unit.takes_source]
         if needs_source and sources is None:
             raise ValueError(f"intervention {needs_source[0].label} takes a source; pass sources= (one per input example).")
         if sources is not None:
@@ -176,8 +192,7 @@ class ReftModel(nn.Module):
                     )
                 src_masks[id(u)] = m
             gather_sources(self.model, plans, src_masks, src_tokens, src_real)
-        mask = None if bool(real.mask.all()) else real.mask.long()
-        return plans, (tokens.shape[0], tokens.shape[1]), tokens, mask
+        return plans
 
     def _check_devices(self) -> None:
         for phi in self.phis:
@@ -220,21 +235,40 @@ class ReftModel(nn.Module):
             detach(handles)
 
     def forward(self, inputs: Any, sources: Any = None, *, attention_mask: Tensor | None = None,
-                source_attention_mask: Tensor | None = None, return_type: str | None = "logits", **kwargs: Any) -> Any:
+                source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
+                return_type: str | None = "logits", **kwargs: Any) -> Any:
         """Run the model with the interventions applied.
 
         ``inputs``: a string, a list of strings (left padded), token ids ``[batch, seq]``
         (with ``attention_mask`` when padded) or a tokenizer output. ``sources``: the same
         kinds, one per input, for Φs that take a source (interchange, DII); their
         activations are collected in one batched forward. Extra keyword arguments go to the
-        model (``return_type``, ``stop_at_layer``, ...).
+        model (``return_type``, ``stop_at_layer``, ...). ``prompt_mask`` (1 on the prompt part of
+        prompt+completion sequences) makes positions resolve against the prompt only.
         """
-        plans, shape, tokens, mask = self._plans(inputs, attention_mask, sources, source_attention_mask)
+        plans, shape, tokens, mask = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
         handles = attach([(p.site.hook_point, make_hook(p, shape, self.cast)) for p in plans])
         try:
             return self.model(tokens, attention_mask=mask, return_type=return_type, **kwargs)
         finally:
             detach(handles)
+
+    def generate(self, prompts: Any, max_new_tokens: int = 32, **kwargs: Any) -> list[str] | Tensor:
+        """Generate with the interventions applied: batched, left padded, KV cached.
+
+        Interventions edit the prompt positions (resolved against each prompt's real tokens)
+        by default; ``intervene_on="all"`` also edits every generated token. Greedy by
+        default; ``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
+        ``use_cache=False`` recomputes the sequence each step and gives the same tokens.
+        Strings in → the completions as strings; token ids in → ``[batch, prompt + new]``
+        ids (left padded, pad after EOS).
+
+        >>> reft.generate(["The capital of France is"], max_new_tokens=8)  # doctest: +SKIP
+        [' Paris. It is the largest city']
+        """
+        from reftlens.generation import generate
+
+        return generate(self, prompts, max_new_tokens, **kwargs)
 
     # ---- summaries ----------------------------------------------------------------------
 

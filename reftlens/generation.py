@@ -1,0 +1,184 @@
+"""Generation with interventions: batched, left padded, with a KV cache that stays correct.
+
+By default the interventions edit the prompt positions only (the ReFT paper's setting): the
+prompt's edited keys and values sit in the cache and every generated token reads them.
+``intervene_on="all"`` also applies each sourceless Φ to every generated token at its layers.
+With ``use_cache=False`` every step recomputes the whole sequence with the same edits; greedy
+decoding gives the same tokens either way (tested), unlike pyreft's no-cache path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from reftlens.errors import ConfigError
+from reftlens.runtime import SitePlan, attach, check_disjoint, detach, flat_index, make_hook, site_masks
+from reftlens.positions import RealTokens
+
+if TYPE_CHECKING:
+    from reftlens.model import ReftModel
+
+
+@contextmanager
+def kv_cache_fix(model: Any) -> Iterator[None]:
+    """Make TransformerLens 4.3 attention read the KV cache under transformers 5.
+
+    transformers 5 hands each attention layer its cache as ``cache=``; TL 4.3's attention
+    bridges read only ``past_key_values`` (or ``layer_past``), so without this each decoded
+    token attends to itself alone and generation silently ignores the prompt. For the span
+    of the ``with`` block a forward pre-hook passes the cache under the name TL reads.
+    """
+
+    def pass_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
+            return args, {**kwargs, "past_key_values": kwargs["cache"]}
+        return None
+
+    handles = [b.attn.register_forward_pre_hook(pass_cache, with_kwargs=True)
+               for b in getattr(model, "blocks", []) if hasattr(b, "attn")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """Move every row's real tokens to the right end (what batched decoding needs)."""
+    mask = mask.bool()
+    if not bool(mask[:, -1].all()):
+        order = torch.argsort(mask.int(), dim=1, stable=True)  # pads first, real tokens keep their order
+        tokens = torch.where(torch.gather(mask, 1, order), torch.gather(tokens, 1, order), pad_id)
+        mask = torch.gather(mask, 1, order)
+    return tokens, mask.long()
+
+
+def next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> Tensor:
+    """Greedy argmax, or a sample after temperature, top-k and top-p filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-6)
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def generate(
+    reft: "ReftModel",
+    prompts: Any,
+    max_new_tokens: int = 32,
+    *,
+    attention_mask: Tensor | None = None,
+    sources: Any = None,
+    source_attention_mask: Tensor | None = None,
+    intervene_on: str = "prompt",
+    use_cache: bool = True,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = -1,
+) -> list[str] | Tensor:
+    """See :meth:`reftlens.ReftModel.generate`."""
+    if intervene_on not in ("prompt", "all"):
+        raise ValueError(f"intervene_on must be 'prompt' or 'all'; got {intervene_on!r}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
+    model = reft.model
+    text_in = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str))
+    tokens, real = reft._encode(prompts, attention_mask)
+    tokens, mask = to_left_padding(tokens, real.mask, reft._pad_id())
+    real = RealTokens.from_mask(mask, tokens)
+    batch, prompt_len = tokens.shape
+    if intervene_on == "all":
+        with_source = [s.unit.name for s in reft.sites if s.unit.takes_source]
+        if with_source:
+            raise ConfigError(
+                f"intervene_on='all' edits generated tokens, which have no source; intervention {with_source[0]!r} "
+                "takes one. Use intervene_on='prompt'."
+            )
+    eos = _eos_ids(model, eos_token_id, tokens.device)
+    pad = reft._pad_id()
+    generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
+
+    reft._check_devices()
+    prompt_masks = site_masks(reft.units, real)
+    prompt_plans = reft._resolve(tokens, real, prompt_masks, sources, source_attention_mask)
+    source_rows = {id(p.site): p.source_rows for p in prompt_plans}
+
+    def plans_for(width: int) -> list[SitePlan]:
+        """Plans over prompt + generated columns (for the no-cache path)."""
+        extra = width - prompt_len
+        gen = torch.zeros(batch, extra, dtype=torch.bool, device=tokens.device)
+        masks = {k: torch.cat([m, gen | (intervene_on == "all")], 1) for k, m in prompt_masks.items()}
+        if intervene_on == "all":
+            check_disjoint(reft.sites, masks, RealTokens.from_mask(torch.cat([mask.bool(), ~gen], 1)))
+        return [SitePlan(s, flat_index(masks[id(s.unit)]), source_rows[id(s)]) for s in reft.sites]
+
+    generated: list[Tensor] = []
+    finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
+    seq, seq_mask, cache = tokens, mask, None
+    with kv_cache_fix(model), torch.no_grad(), warnings.catch_warnings():
+        # the bridge hands HF its cache as past_key_values, which transformers 5 deprecates loudly
+        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+        for step in range(max_new_tokens):
+            if not use_cache or step == 0:
+                plans = prompt_plans if step == 0 else plans_for(seq.shape[1])
+                hooks = [(p.site.hook_point, make_hook(p, tuple(seq.shape), reft.cast)) for p in plans]
+                inputs = seq
+            else:
+                hooks = []
+                if intervene_on == "all":
+                    check_disjoint(reft.sites, {id(u): torch.ones(batch, 1, dtype=torch.bool) for u in reft.units},
+                                   RealTokens.unpadded(batch, 1))
+                    hooks = [(s.hook_point, make_hook(SitePlan(s, None), (batch, 1), reft.cast)) for s in reft.sites]
+                inputs = seq[:, -1:]
+            handles = attach(hooks)
+            try:
+                if use_cache:
+                    logits, cache = model(inputs, attention_mask=seq_mask, past_key_values=cache, return_type="logits_and_cache")
+                else:
+                    logits = model(inputs, attention_mask=seq_mask)
+            finally:
+                detach(handles)
+            new = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            new = torch.where(finished, torch.full_like(new, pad), new)
+            generated.append(new)
+            if eos is not None:
+                finished |= torch.isin(new, eos)
+            if bool(finished.all()):
+                break
+            seq = torch.cat([seq, new[:, None]], 1)
+            seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+    new_tokens = torch.stack(generated, 1)
+    if not text_in:
+        return torch.cat([tokens, new_tokens], 1)
+    out = []
+    for row in new_tokens.tolist():
+        if eos is not None:
+            stop = [i for i, t in enumerate(row) if t in set(eos.tolist())]
+            row = row[: stop[0]] if stop else row
+        out.append(model.tokenizer.decode(row, skip_special_tokens=True))
+    return out
+
+
+def _eos_ids(model: Any, eos_token_id: Any, device: torch.device) -> Tensor | None:
+    if eos_token_id == -1:  # the model's own
+        eos_token_id = getattr(model.tokenizer, "eos_token_id", None)
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return torch.tensor(ids, device=device)

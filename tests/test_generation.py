@@ -1,0 +1,106 @@
+"""Generation: the KV-cached path gives exactly the tokens of a no-cache recomputation."""
+
+import pytest
+import torch
+
+from reftlens import ConfigError, Interchange, Intervention, LoReFT, ReftModel
+from reftlens.generation import kv_cache_fix, to_left_padding
+
+PROMPTS = ["the quick brown fox", "a", "over the river and through the wood"]
+
+
+@pytest.fixture
+def reft(model):
+    torch.manual_seed(0)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    with torch.no_grad():
+        phi.W.bias.mul_(20)  # a strong edit, so generations differ from the base model's
+    return ReftModel(model, Intervention(phi, layers=[1, 3], positions="f2+l2"))
+
+
+def ids(reft, prompts, **kw):
+    tokens, mask = reft.tokenize(prompts)
+    return reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None, **kw)[:, tokens.shape[1]:]
+
+
+@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+def test_cached_greedy_equals_no_cache_recomputation(reft, intervene_on):
+    cached = ids(reft, PROMPTS, intervene_on=intervene_on)
+    recomputed = ids(reft, PROMPTS, intervene_on=intervene_on, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+
+def test_the_no_cache_reference_is_a_plain_forward_per_step(reft, model):
+    """Build the reference by hand: prompt edited, generated tokens untouched, argmax each step."""
+    tokens, mask = reft.tokenize(PROMPTS[:1])
+    seq = tokens
+    with torch.no_grad():
+        for _ in range(6):
+            prompt_mask = torch.zeros_like(seq)
+            prompt_mask[:, : tokens.shape[1]] = 1
+            logits = reft(seq, prompt_mask=prompt_mask)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    got = reft.generate(tokens, 6, eos_token_id=None)
+    assert torch.equal(got, seq)
+
+
+def test_interventions_change_generation(reft, model):
+    plain = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1))  # identity init
+    assert not torch.equal(ids(reft, PROMPTS), ids(plain, PROMPTS))
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(reft):
+    batched = reft.generate(PROMPTS, 12, eos_token_id=None)
+    assert batched == [reft.generate([p], 12, eos_token_id=None)[0] for p in PROMPTS]
+
+
+def test_right_padded_prompts_are_moved_to_the_left(reft):
+    left = ids(reft, PROMPTS)
+    tokens, mask = reft.tokenize(PROMPTS, padding_side="right")
+    right = reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None)[:, tokens.shape[1]:]
+    assert torch.equal(left, right)
+
+
+def test_to_left_padding_keeps_token_order():
+    tokens = torch.tensor([[5, 6, 0, 0], [7, 8, 9, 1]])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    t, m = to_left_padding(tokens, mask, pad_id=0)
+    assert t.tolist() == [[0, 0, 5, 6], [7, 8, 9, 1]] and m.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_eos_stops_and_pads(reft, model):
+    free = ids(reft, PROMPTS[:1])[0].tolist()
+    eos = free[3]
+    out = reft.generate(PROMPTS[:1], 16, eos_token_id=eos)
+    expected = model.tokenizer.decode(free[: free.index(eos)], skip_special_tokens=True)
+    assert out == [expected]
+
+
+def test_sampling_is_seeded_and_matches_without_cache(reft):
+    a = ids(reft, PROMPTS, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    b = ids(reft, PROMPTS, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=3)
+    c = ids(reft, PROMPTS, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, seed=3, use_cache=False)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, ids(reft, PROMPTS, do_sample=True, seed=4))
+
+
+def test_generation_with_a_source_and_errors(model):
+    reft = ReftModel(model, Intervention(Interchange(), layers=2, positions="l1"))
+    got = reft.generate(["the quick brown fox"], 8, sources=["a lazy dog sat"], eos_token_id=None)
+    nocache = reft.generate(["the quick brown fox"], 8, sources=["a lazy dog sat"], eos_token_id=None, use_cache=False)
+    assert got == nocache
+    with pytest.raises(ConfigError, match="intervene_on='all' edits generated tokens, which have no source"):
+        reft.generate(["a b"], 4, sources=["c d"], intervene_on="all")
+    with pytest.raises(ValueError, match="intervene_on must be"):
+        reft.generate(["a b"], 4, sources=["c d"], intervene_on="every")
+
+
+def test_the_kv_cache_fix_is_what_makes_cached_decoding_right(model):
+    """TL 4.3 + transformers 5 drop the cache inside attention; with the fix, a cached step equals a full forward."""
+    tokens = model.to_tokens("the quick brown fox")
+    with torch.no_grad():
+        full = model(torch.cat([tokens, tokens[:, -1:]], 1))[:, -1]
+        with kv_cache_fix(model):
+            _, cache = model(tokens, return_type="logits_and_cache")
+            step, _ = model(tokens[:, -1:], past_key_values=cache, return_type="logits_and_cache")
+    torch.testing.assert_close(step[:, -1], full, atol=1e-5, rtol=0)
