@@ -275,6 +275,25 @@ class ReftModel(nn.Module):
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
+    def summary(self) -> str:
+        """Trainable parameters, and their share of the base model (the paper's "Params (%)")."""
+        ours = self.num_trainable_parameters()
+        base = sum(p.numel() for p in self.model.parameters())
+        return f"trainable params: {ours:,} || base model params: {base:,} || {100 * ours / base:.4f}%"
+
+    def save(self, path: str) -> Any:
+        """Save the interventions (safetensors + JSON, atomic, no pickle). See :mod:`reftlens.saving`."""
+        from reftlens.saving import save
+
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path: str, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
+        """Load a saved set onto ``model`` (which must match the one it was saved from)."""
+        from reftlens.saving import load
+
+        return load(path, model, dtype=dtype, cast=cast)
+
     def extra_repr(self) -> str:
         return "\n".join(repr(iv) for iv in self.interventions)
 

@@ -175,7 +175,7 @@ def make_hook(plan: SitePlan, shape: tuple[int, int] | None, cast: bool) -> Hook
         flat = h.reshape(batch * seq, *h.shape[2:])
         rows = flat if index is None else flat.index_select(0, index)
         if dtype is not None and rows.dtype != dtype:
-            if not cast:
+            if not cast and not torch.is_autocast_enabled(rows.device.type):  # autocast casts per op
                 raise ConfigError(
                     f"intervention {site.label}: Φ is {dtype} but the hidden states are {rows.dtype}. Call "
                     f"reft.to({rows.dtype}) or build ReftModel(..., cast=True) to run Φ in its own precision."

@@ -1,0 +1,211 @@
+"""Save and load intervention sets: safetensors for tensors, JSON for everything else.
+
+No pickle anywhere, so loading an untrusted folder never runs code: a saved set names each
+Φ by its registered type name, and only registered types load. Writes are atomic.
+
+Folder layout::
+
+    reft_config.json          schema version, Φ types and constructor arguments, units
+                              (layers, positions, hook), dtypes, base-model fingerprint,
+                              and the SHA-256 of the weights file
+    reft_weights.safetensors  every Φ tensor, keyed phis.<i>.<name>
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from reftlens.errors import ReftError
+from reftlens.interventions.base import FunctionPhi, phi_class
+from reftlens.positions import from_json
+
+if TYPE_CHECKING:
+    from reftlens.model import ReftModel
+
+SCHEMA_VERSION = 1
+CONFIG_FILE = "reft_config.json"
+WEIGHTS_FILE = "reft_weights.safetensors"
+_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class LoadError(ReftError):
+    """A saved set cannot be loaded (missing, corrupt, mismatched or from a newer reftlens)."""
+
+
+def fingerprint(model: Any) -> dict[str, Any]:
+    """What a saved set must match: architecture and shapes of the base model."""
+    cfg = model.cfg
+    return {"architecture": getattr(cfg, "architecture", None), "d_model": int(cfg.d_model),
+            "n_layers": int(cfg.n_layers), "d_vocab": int(cfg.d_vocab)}
+
+
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a folder atomically: fill a temporary sibling, then swap it in by rename.
+
+    A crash at any point leaves either the previous folder or the new one, never a mix.
+    """
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
+    if isinstance(phi, FunctionPhi):
+        raise ReftError(
+            f"Φ {phi.extra_repr()!r} is a plain function and cannot be saved; write it as a reftlens.Phi "
+            "subclass registered with @reftlens.register('name')."
+        )
+    type_name = getattr(type(phi), "type_name", "")
+    try:
+        registered = phi_class(type_name) if type_name else None
+    except KeyError:
+        registered = None
+    if registered is not type(phi):
+        raise ReftError(
+            f"Φ {type(phi).__name__} is not registered, so a save could not name it. Decorate the class with "
+            "@reftlens.register('name') and give it a config() returning its constructor arguments."
+        )
+    config = phi.config() if hasattr(phi, "config") else {}
+    dtypes = {t.dtype for t in phi.state_dict().values() if t.is_floating_point()}
+    return {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
+
+
+def save(reft: "ReftModel", path: str | os.PathLike) -> Path:
+    """Write ``reft``'s interventions to the folder ``path`` (atomically)."""
+    from safetensors.torch import save_file
+
+    index = {id(phi): i for i, phi in enumerate(reft.phis)}
+    records = [_phi_record(phi) for phi in reft.phis]
+    tensors = {f"phis.{i}.{k}": v.detach().to("cpu").contiguous().clone()
+               for i, phi in enumerate(reft.phis) for k, v in phi.state_dict().items()}
+    units = []
+    for u in reft.units:
+        try:
+            positions = u.positions.to_json()
+            source = u.source_positions.to_json() if u.source_positions is not None else None
+        except ValueError as e:
+            raise ReftError(f"intervention {u.name!r}: {e}") from None
+        units.append({"name": u.name, "phi": index[id(u.phi)], "layers": list(u.layers), "positions": positions,
+                      "source_positions": source, "hook": u.hook})
+
+    def write(folder: Path) -> None:
+        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        config = {
+            "format": "reftlens", "schema_version": SCHEMA_VERSION, "reftlens_version": _version(),
+            "phis": records, "units": units, "cast": reft.cast, "base_model": fingerprint(reft.model),
+            "weights_sha256": sha256(folder / WEIGHTS_FILE),
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    return atomic_dir(path, write)
+
+
+def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
+    """Rebuild a saved set on ``model``. Everything is checked before anything is returned."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from reftlens.model import ReftModel
+    from reftlens.sets import Intervention
+
+    folder = Path(path)
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    for f in (config_path, weights_path):
+        if not f.is_file():
+            raise LoadError(f"{folder} is not a reftlens save: {f.name} is missing. Save with reft.save(path).")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoadError(f"{config_path} is not valid JSON ({e}); the save is damaged.") from None
+    if config.get("format") != "reftlens":
+        raise LoadError(f"{config_path} is not a reftlens config (format={config.get('format')!r}).")
+    version = config.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise LoadError(
+            f"{folder} was saved with schema version {version} by reftlens {config.get('reftlens_version')}; this "
+            f"reftlens ({_version()}) reads up to version {SCHEMA_VERSION}. Upgrade reftlens to load it."
+        )
+    saved, here = config["base_model"], fingerprint(model)
+    diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
+    if diff:
+        raise LoadError(f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on.")
+    if sha256(weights_path) != config.get("weights_sha256"):
+        raise LoadError(f"{weights_path} does not match the checksum in {CONFIG_FILE}: the file is truncated or was modified.")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise LoadError(f"{weights_path} cannot be read ({e}).") from None
+
+    phis = []
+    for i, rec in enumerate(config["phis"]):
+        try:
+            cls = phi_class(rec["type"])
+        except KeyError as e:
+            raise LoadError(str(e.args[0])) from None
+        phi = cls(**rec["config"])
+        if rec["dtype"] is not None:  # load_state_dict copies into the existing dtype: match the saved one first
+            if rec["dtype"] not in _FLOAT_DTYPES:
+                raise LoadError(f"Φ {i} ({rec['type']}): unknown dtype {rec['dtype']!r}; expected one of {sorted(_FLOAT_DTYPES)}.")
+            phi.to(_FLOAT_DTYPES[rec["dtype"]])
+        state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"phis.{i}.")}
+        for k, v in state.items():
+            if rec["dtype"] is not None and v.is_floating_point() and str(v.dtype).removeprefix("torch.") != rec["dtype"]:
+                raise LoadError(f"Φ {i} ({rec['type']}): tensor {k} is {v.dtype} but the config says {rec['dtype']}.")
+        try:
+            phi.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise LoadError(f"Φ {i} ({rec['type']}) does not match its saved tensors: {e}") from None
+        if dtype is not None:
+            phi.to(dtype)
+        phis.append(phi)
+
+    model_dtype = next(model.parameters()).dtype
+    use_cast = config.get("cast", False) if cast is None else cast
+    phi_dtypes = {t.dtype for p in phis for t in p.state_dict().values() if t.is_floating_point()}
+    if not use_cast and phi_dtypes - {model_dtype}:
+        raise LoadError(
+            f"the saved Φs are {sorted(str(d) for d in phi_dtypes)} but the model is {model_dtype}. Pass "
+            f"dtype={model_dtype} to convert them, or cast=True to run them in their own precision."
+        )
+    ivs = [Intervention(phis[u["phi"]], layers=u["layers"], positions=from_json(u["positions"]), hook=u["hook"],
+                        source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
+                        name=u["name"]) for u in config["units"]]
+    return ReftModel(model, ivs, cast=use_cast)
+
+
+def _version() -> str:
+    from reftlens import __version__
+
+    return __version__
