@@ -39,7 +39,15 @@ def load_model(*args, **kwargs):
 
 
 
+def train(*args, **kwargs):
+    """Train the Φs of a ReftModel; see :func:`reftlens.training.train`."""
+    from reftlens.training import train as _train
+
+    return _train(*args, **kwargs)
+
+
 __all__ = [
+    "train",
     "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",

@@ -57,9 +57,10 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         write(tmp)
-        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -104,6 +105,11 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
 
 def save(reft: "ReftModel", path: str | os.PathLike) -> Path:
     """Write ``reft``'s interventions to the folder ``path`` (atomically)."""
+    return atomic_dir(path, lambda folder: write(reft, folder))
+
+
+def write(reft: "ReftModel", folder: Path) -> None:
+    """Write the two files of a save into an existing folder (not atomic by itself)."""
     from safetensors.torch import save_file
 
     index = {id(phi): i for i, phi in enumerate(reft.phis)}
@@ -119,17 +125,13 @@ def save(reft: "ReftModel", path: str | os.PathLike) -> Path:
             raise ReftError(f"intervention {u.name!r}: {e}") from None
         units.append({"name": u.name, "phi": index[id(u.phi)], "layers": list(u.layers), "positions": positions,
                       "source_positions": source, "hook": u.hook})
-
-    def write(folder: Path) -> None:
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-        config = {
-            "format": "reftlens", "schema_version": SCHEMA_VERSION, "reftlens_version": _version(),
-            "phis": records, "units": units, "cast": reft.cast, "base_model": fingerprint(reft.model),
-            "weights_sha256": sha256(folder / WEIGHTS_FILE),
-        }
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-    return atomic_dir(path, write)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    config = {
+        "format": "reftlens", "schema_version": SCHEMA_VERSION, "reftlens_version": _version(),
+        "phis": records, "units": units, "cast": reft.cast, "base_model": fingerprint(reft.model),
+        "weights_sha256": sha256(folder / WEIGHTS_FILE),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":

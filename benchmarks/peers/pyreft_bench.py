@@ -4,7 +4,7 @@
     python3 benchmarks/peers/smollm2_for_hf445.py /tmp/smollm2-hf445
     python3 benchmarks/peers/make_batches.py /tmp/batches.json
     /work/venvs/pyreft/bin/python benchmarks/peers/pyreft_bench.py \
-        --model-dir /tmp/smollm2-hf445 --batches /tmp/batches.json --steps 5 --out /tmp/pyreft.json
+        --model-dir /tmp/smollm2-hf445 --batches /tmp/batches.json --out /tmp/pyreft.json
 
 Batches file (written by make_batches.py; token ids only, so both sides see identical inputs)::
 
@@ -30,8 +30,9 @@ Each measurement runs in a fresh child process (so peak RSS is its own), on 2 th
   forward       pyreft forward 8x128 with the intervention vs plain HF forward (interleaved)
   generate      pyreft greedy 32 tokens with KV cache vs plain HF generate (interleaved)
   losses        base loss vs pyreft's random-init LoReFT loss on the first train batch
-Peak memory: VmHWM from /proc/self/status, reset via /proc/self/clear_refs after the model is
-loaded and malloc_trim'd; delta = peak during the timed loop - RSS just before it.
+Peak memory: VmHWM from /proc/self/status, reset via /proc/self/clear_refs once the model is
+loaded (after malloc_trim); delta = peak over warm-up + timed loop - RSS at the reset, i.e.
+what training/forward adds on top of the loaded model (~520 MB of fp32 weights).
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ def part_losses(model, data, args) -> dict:
         reft = reft_model_for(model)
         _, cf = reft({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
                      unit_locations=unit_locations(data["train"][0]), labels=b["labels"])
+    if args.init_weights:
+        # pyreft's random init, so another implementation can reproduce pyreft_init_loss exactly:
+        # phi(h) = h + (h @ W.T + b - h @ R) @ R.T with R [d, r] orthonormal columns.
+        torch.save({layer: dict(R=iv.rotate_layer.weight.detach().clone(), W=iv.learned_source.weight.detach().clone(),
+                                b=iv.learned_source.bias.detach().clone())
+                    for layer, iv in zip(LAYERS, reft.interventions.values())}, args.init_weights)
     return dict(base_loss=base.loss.item(), pyreft_init_loss=cf.loss.item(),
                 base_per_example=per_example_loss(base.logits, b["labels"]),
                 pyreft_init_per_example=per_example_loss(cf.logits, b["labels"]),
@@ -135,9 +142,11 @@ def part_losses(model, data, args) -> dict:
 def train_loop(step_fn, data, args) -> dict:
     batches = data["train"]
     times, losses = [], []
+    # Reset before the warm-up: malloc_trim hands memory back, so resetting right before the
+    # timed loop would make its first step pay page faults. The warm-up peak is the same anyway.
+    rss0 = reset_peak()
     for i in range(args.warmup):
         step_fn(batches[i % len(batches)])
-    rss0 = reset_peak()
     for i in range(args.steps):
         b = batches[(args.warmup + i) % len(batches)]
         t = time.perf_counter()
@@ -150,7 +159,11 @@ def train_loop(step_fn, data, args) -> dict:
 
 def part_train_pyreft(model, data, args) -> dict:
     reft = reft_model_for(model)
-    opt = torch.optim.AdamW(reft.get_trainable_parameters(), lr=LR)
+    # weight_decay=0 (HF Trainer's default, which pyreft's recipes use). torch's AdamW default
+    # 0.01 silently kills LoReFT after one step: the orthogonal (householder) parametrization
+    # keeps R's column signs as +-1 on the diagonal of `original` and reads them with .int(), so
+    # decay to 0.99996 makes R == 0 and the intervention an identity from then on.
+    opt = torch.optim.AdamW(reft.get_trainable_parameters(), lr=LR, weight_decay=0.0)
 
     def step(batch):
         b = tensors(batch)
@@ -176,7 +189,7 @@ def part_train_floor(model, data, args) -> dict:
 
     for layer, p in zip(LAYERS, params):
         model.model.layers[layer].register_forward_hook(hook_for(p))
-    opt = torch.optim.AdamW(params, lr=LR)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
 
     def step(batch):
         out = model(**tensors(batch))
@@ -194,11 +207,11 @@ def part_forward(model, data, args) -> dict:
     b = tensors(batch, ("input_ids", "attention_mask"))
     locs = unit_locations(batch)
     plain, withreft = [], []
+    rss0 = reset_peak()
     with torch.no_grad():
         for _ in range(2):  # warm up
             model(**b)
             reft(b, unit_locations=locs)
-        rss0 = reset_peak()
         for _ in range(args.reps):  # interleaved, so machine drift hits both alike
             t = time.perf_counter(); model(**b); plain.append(time.perf_counter() - t)
             t = time.perf_counter(); reft(b, unit_locations=locs); withreft.append(time.perf_counter() - t)
@@ -243,14 +256,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", required=True, help="folder from smollm2_for_hf445.py")
     ap.add_argument("--batches", required=True, help="JSON from make_batches.py")
-    ap.add_argument("--steps", type=int, default=5, help="timed training steps (after --warmup)")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps (after --warmup)")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=5, help="timed forward repetitions")
-    ap.add_argument("--gen-reps", type=int, default=2, help="timed generate repetitions (after 1 warm-up)")
+    ap.add_argument("--reps", type=int, default=10, help="timed forward repetitions")
+    ap.add_argument("--gen-reps", type=int, default=3, help="timed generate repetitions (after 1 warm-up)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     ap.add_argument("--only", choices=PARTS, help=argparse.SUPPRESS)  # child process mode
+    ap.add_argument("--init-weights", default=None, help="save pyreft's initial LoReFT weights here (torch.save)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -265,12 +279,14 @@ def main() -> None:
         versions={p: version(p) for p in ("torch", "transformers", "pyreft", "pyvene")} | {"python": platform.python_version()},
         machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), threads=args.threads),
         setup=dict(layers=LAYERS, component="block_output", rank=RANK, positions="f5+l5 tied", lr=LR,
-                   optimizer="AdamW", dtype="float32", steps=args.steps, warmup=args.warmup, reps=args.reps,
+                   optimizer="AdamW", weight_decay=0.0, dtype="float32", steps=args.steps, warmup=args.warmup, reps=args.reps,
                    gen_reps=args.gen_reps, memory="VmHWM-VmRSS via /proc/self/clear_refs, fresh process per part"),
     )
     child = [sys.executable, os.path.abspath(__file__), "--model-dir", args.model_dir, "--batches", args.batches,
              "--steps", str(args.steps), "--warmup", str(args.warmup), "--reps", str(args.reps),
              "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    if args.init_weights:
+        child += ["--init-weights", args.init_weights]
     for part in args.parts:
         t = time.perf_counter()
         proc = subprocess.run(child + ["--only", part], capture_output=True, text=True)

@@ -1,0 +1,341 @@
+"""The training loop: a plain loop over a frozen model where only the Φs learn.
+
+Read it top to bottom; copy it into a notebook and change what you need. One optimizer step
+takes ``grad_accum`` micro-batches of ``batch_size`` examples on each of ``world`` processes;
+the loss is the mean over every completion token of that global batch, so one process, gradient
+accumulation and data-parallel processes give the same updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reftlens.errors import ReftError
+from reftlens.training.data import Batch, Example, batch_order, collate, encode
+
+if TYPE_CHECKING:
+    from reftlens.model import ReftModel
+
+
+class TrainingError(ReftError):
+    """Training cannot go on (a non-finite loss, a bad option)."""
+
+
+@dataclass
+class History:
+    """What happened: one record per optimizer step, one per evaluation."""
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        return [s["loss"] for s in self.steps]
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def schedule_fn(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Learning-rate multiplier at each step: linear warmup, then constant, linear or cosine decay."""
+    if kind not in ("constant", "linear", "cosine"):
+        raise TrainingError(f"schedule must be 'constant', 'linear' or 'cosine'; got {kind!r}.")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 1 - progress) if kind == "linear" else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def token_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of every position whose label is not -100 (summed)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+
+def forward(module: Any, batch: Batch) -> Tensor:
+    return module(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+
+
+def train(
+    reft: "ReftModel",
+    data: Any,
+    *,
+    eval_data: Any = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 4e-3,
+    weight_decay: float = 0.0,
+    schedule: str = "linear",
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = None,
+    max_length: int = 512,
+    seed: int = 0,
+    precision: str = "fp32",
+    group_by_length: bool = True,
+    chat_template: bool = False,
+    task: str = "lm",
+    label_names: Sequence[str] | None = None,
+    eval_every: int | None = None,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+) -> History:
+    """Train the Φs of ``reft`` on ``data`` and return the :class:`History`.
+
+    ``data``: dicts (or a ``datasets.Dataset``) with ``prompt`` and ``completion``; for
+    ``task="classification"``, ``prompt`` and ``label`` (the loss is on the label's tokens and
+    accuracy picks the best-scoring label among ``label_names``). ``precision="bf16"`` runs the
+    forward under bfloat16 autocast. ``checkpoint_dir`` + ``checkpoint_every`` save the full
+    training state every so many steps; ``resume=True`` continues from it and ends where an
+    uninterrupted run would. ``callback(record)`` sees every step and evaluation record.
+
+    >>> history = reftlens.train(reft, [{"prompt": "2+2=", "completion": "4"}], max_steps=10)  # doctest: +SKIP
+    """
+    if task not in ("lm", "classification"):
+        raise TrainingError(f"task must be 'lm' or 'classification'; got {task!r}.")
+    if precision not in ("fp32", "bf16"):
+        raise TrainingError(f"precision must be 'fp32' or 'bf16'; got {precision!r}.")
+    if batch_size < 1 or grad_accum < 1:
+        raise TrainingError(f"batch_size and grad_accum must be positive; got {batch_size} and {grad_accum}.")
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
+    world, rank = _dist()
+    model = reft.model
+    if task == "classification" and label_names is None:
+        label_names = sorted({str(r["label"]) for r in _rows(data)})
+    examples = encode(model, data, max_length=max_length, chat_template=chat_template,
+                      label_names=label_names if task == "classification" else None)
+    eval_examples = encode(model, eval_data, max_length=max_length, chat_template=chat_template,
+                           label_names=label_names if task == "classification" else None) if eval_data is not None else None
+    pad = reft._pad_id()
+    global_batch = batch_size * world
+    micro_per_epoch = math.ceil(len(examples) / global_batch)
+    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
+    total = max_steps if max_steps is not None else epochs * steps_per_epoch
+
+    torch.manual_seed(seed)
+    params = [p for p in reft.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("no trainable Φ parameters: every intervention in this set is fixed.")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(schedule, warmup_steps, total))
+    history, step = History(), 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if resume and ckpt is not None and (ckpt / "trainer_state.json").is_file():
+        step, history = load_checkpoint(ckpt, reft, optimizer, scheduler)
+
+    module: Any = reft
+    if world > 1:
+        module = torch.nn.parallel.DistributedDataParallel(reft)
+    autocast = (torch.autocast(reft.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
+    bar = _progress(total, step, enabled=progress and rank == 0)
+    reft.train()
+    try:
+        while step < total:
+            epoch, k = divmod(step, steps_per_epoch)
+            order = batch_order(examples, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length)
+            group = order[k * grad_accum : (k + 1) * grad_accum]
+            n_tokens = sum(collate([examples[i] for i in ids], pad).n_target_tokens for ids in group)
+            loss_sum = torch.zeros((), device=reft.device)
+            for j, ids in enumerate(group):
+                local = ids[rank * batch_size : (rank + 1) * batch_size]
+                if not local:
+                    continue
+                batch = collate([examples[i] for i in local], pad).to(reft.device)
+                sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
+                with sync, autocast:
+                    logits = forward(module, batch)
+                total_loss = token_losses(logits, batch.labels)
+                (total_loss * world / max(n_tokens, 1)).backward()
+                loss_sum += total_loss.detach()
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+            loss = (loss_sum / max(n_tokens, 1)).item()
+            if not math.isfinite(loss):
+                raise TrainingError(_diagnose(reft, collate([examples[i] for i in group[0]], pad).to(reft.device), step, epoch, loss))
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens}
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            history.steps.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if callback is not None:
+                callback(record)
+            if eval_examples is not None and eval_every and step % eval_every == 0 and step < total:
+                _record_eval(reft, eval_examples, batch_size, task, label_names, step, history, callback)
+                reft.train()
+            if ckpt is not None and checkpoint_every and step % checkpoint_every == 0 and rank == 0:
+                save_checkpoint(ckpt, reft, optimizer, scheduler, step, history)
+        if eval_examples is not None:
+            _record_eval(reft, eval_examples, batch_size, task, label_names, step, history, callback)
+    finally:
+        bar.close()
+        reft.eval()
+    return history
+
+
+def _rows(data: Any) -> list[dict]:
+    from reftlens.training.data import rows
+
+    return rows(data)
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, task: str, label_names: Sequence[str] | None,
+                 step: int, history: History, callback: Callable | None) -> None:
+    metrics = evaluate(reft, examples, batch_size=batch_size, task=task, label_names=label_names)
+    record = {"step": step, **metrics}
+    history.evals.append(record)
+    if callback is not None:
+        callback({"eval": True, **record})
+
+
+@torch.no_grad()
+def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
+             label_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
+    (``classification``: the label whose tokens score highest given the prompt)."""
+    was_training = reft.training
+    reft.eval()
+    pad = reft._pad_id()
+    loss_sum, n_tok, correct_tok, correct_ex = 0.0, 0, 0, 0
+    cands = [tuple(reft.model.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in (label_names or [])]
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        batch = collate(chunk, pad).to(reft.device)
+        logits = forward(reft, batch)
+        loss_sum += token_losses(logits, batch.labels).item()
+        target = batch.labels != -100
+        n_tok += int(target.sum())
+        correct_tok += int(((logits.argmax(-1) == batch.labels) & target).sum())
+        if task == "classification":
+            scores = torch.stack([_score(reft, chunk, c, pad) for c in cands], 1)
+            correct_ex += int((scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).sum())
+    reft.train(was_training)
+    acc = correct_ex / len(examples) if task == "classification" else correct_tok / max(n_tok, 1)
+    return {"loss": loss_sum / max(n_tok, 1), "accuracy": acc}
+
+
+def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, ...], pad: int) -> Tensor:
+    """Sum of log-probabilities of ``completion`` after each example's prompt."""
+    batch = collate([Example(e.prompt, completion) for e in chunk], pad).to(reft.device)
+    logp = forward(reft, batch).float().log_softmax(-1)
+    target = batch.labels.clamp(min=0)
+    picked = logp.gather(-1, target[..., None]).squeeze(-1)
+    return (picked * (batch.labels != -100)).sum(1)
+
+
+def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: float) -> str:
+    """Name the intervention that first produced a non-finite value."""
+    where = f"loss is {loss} at step {step + 1} (epoch {epoch})"
+    for u in reft.units:
+        bad = [n for n, p in u.phi.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            return f"{where}: intervention {u.name!r} has non-finite parameters {bad}. Lower lr or set max_grad_norm."
+    first: list[str] = []
+
+    def check(site: Any) -> Callable:
+        def fn(h: Tensor, hook: Any = None) -> None:
+            if not first and not torch.isfinite(h).all():
+                first.append(f"intervention {site.unit.name!r} at {site.hook_name}")
+        return fn
+
+    from reftlens.runtime import attach, detach, make_hook
+
+    plans, shape, _, _ = reft._plans(batch.tokens, batch.attention_mask, prompt_mask=batch.prompt_mask)
+    hooks = [(p.site.hook_point, make_hook(p, shape, reft.cast)) for p in plans]
+    hooks += [(p.site.hook_point, check(p.site)) for p in plans]
+    handles = attach(hooks)
+    try:
+        with torch.no_grad():
+            reft.model(batch.tokens, attention_mask=batch.attention_mask)
+    finally:
+        detach(handles)
+    if first:
+        return f"{where}: {first[0]} produced non-finite hidden states. Lower lr or set max_grad_norm."
+    return f"{where}: the base model's own outputs are non-finite for this batch (no intervention produced them)."
+
+
+# ---- checkpoints: safetensors + JSON, written atomically -------------------------------------
+
+
+def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+                    history: History) -> None:
+    from safetensors.torch import save_file
+
+    from reftlens.saving import atomic_dir, write
+
+    state = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def write_all(tmp: Path) -> None:
+        (tmp / "reft").mkdir()
+        write(reft, tmp / "reft")
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta))
+
+    atomic_dir(folder, write_all)
+
+
+def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, History]:
+    from safetensors.torch import load_file
+
+    from reftlens.saving import load
+
+    loaded = load(folder / "reft", reft.model, cast=reft.cast)
+    if len(loaded.phis) != len(reft.phis):
+        raise TrainingError(f"checkpoint {folder} holds {len(loaded.phis)} Φs but this set has {len(reft.phis)}.")
+    with torch.no_grad():
+        for mine, saved in zip(reft.phis, loaded.phis):
+            mine.load_state_dict(saved.state_dict())
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors])
+    h = meta["history"]
+    return int(meta["step"]), History(h["steps"], h["evals"])

@@ -1,0 +1,155 @@
+"""Training: only Φ learns, the loss is on completion tokens, and runs are reproducible."""
+
+import math
+
+import pytest
+import torch
+
+import reftlens
+from reftlens import Intervention, LoReFT, ReftModel, Steer
+from reftlens.training import TrainingError, collate, encode
+from reftlens.training.loop import token_losses
+
+WORDS = ["quick", "lazy", "brown", "red", "old", "new", "big", "small", "dark", "cold", "warm", "slow"]
+DATA = [{"prompt": f"the {w} fox", "completion": f" jumps over the {w} dog"} for w in WORDS]
+
+
+def fresh(model, seed=0, rank=8, layers=(1, 2), positions="f2+l2"):
+    torch.manual_seed(seed)
+    return ReftModel(model, Intervention(LoReFT(model.cfg.d_model, rank), layers=list(layers), positions=positions))
+
+
+def weights(reft):
+    return [p.detach().clone() for p in reft.parameters()]
+
+
+def test_training_lowers_the_loss_and_only_phi_changes(model):
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    reft = fresh(model)
+    history = reftlens.train(reft, DATA, max_steps=40, batch_size=4, lr=3e-2, progress=False)
+    assert history.losses[-1] < history.losses[0] - 0.05
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in base.items())
+    assert not reft.training and len(history.steps) == 40
+
+
+def test_identity_init_starts_from_the_base_models_loss(model):
+    reft = fresh(model)
+    examples = encode(model, DATA[:4])
+    batch = collate(examples, reft._pad_id())
+    with torch.no_grad():
+        plain = token_losses(model(batch.tokens, attention_mask=batch.attention_mask), batch.labels) / batch.n_target_tokens
+    history = reftlens.train(reft, DATA[:4], max_steps=1, batch_size=4, lr=0.0, progress=False, group_by_length=False)
+    assert history.losses[0] == pytest.approx(plain.item(), abs=1e-5)
+
+
+def test_loss_is_on_completion_tokens_only(model):
+    examples = encode(model, DATA[:2])
+    batch = collate(examples, 0)
+    for i, e in enumerate(examples):
+        targets = batch.labels[i][batch.labels[i] != -100].tolist()
+        assert targets == list(e.completion)
+        assert targets[-1] == model.tokenizer.eos_token_id
+        assert batch.prompt_mask[i].sum() == len(e.prompt)
+
+
+def test_positions_follow_the_prompt_not_the_completion(model):
+    """'l1' during training is the last prompt token, whatever the completion."""
+    from reftlens import Collect
+
+    collect = Collect()
+    reft = ReftModel(model, Intervention(collect, layers=1, positions="l1"))
+    ex = encode(model, DATA[:2])
+    batch = collate(ex, reft._pad_id())
+    reft(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter="blocks.1.hook_resid_post")
+    last_prompt = [len(e.prompt) - 1 for e in ex]
+    expected = torch.stack([cache["blocks.1.hook_resid_post"][i, p] for i, p in enumerate(last_prompt)])
+    torch.testing.assert_close(collect.activations[0], expected, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_run(model):
+    a, b = fresh(model), fresh(model)
+    ha = reftlens.train(a, DATA, max_steps=6, batch_size=4, seed=3, progress=False)
+    hb = reftlens.train(b, DATA, max_steps=6, batch_size=4, seed=3, progress=False)
+    assert ha.losses == hb.losses
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
+
+
+def test_gradient_accumulation_equals_one_big_batch(model):
+    a, b = fresh(model), fresh(model)
+    kw = dict(max_steps=3, lr=1e-2, progress=False, group_by_length=False, seed=1)
+    ha = reftlens.train(a, DATA, batch_size=8, grad_accum=1, **kw)
+    hb = reftlens.train(b, DATA, batch_size=4, grad_accum=2, **kw)
+    assert ha.losses == pytest.approx(hb.losses, abs=1e-5)
+    for x, y in zip(weights(a), weights(b)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(model, tmp_path):
+    kw = dict(max_steps=6, batch_size=4, lr=1e-2, progress=False, seed=2, schedule="cosine", warmup_steps=2)
+    straight = fresh(model, rank=4)
+    reftlens.train(straight, DATA, **kw)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(record):
+        if record.get("step") == 4:
+            raise Crash
+
+    interrupted = fresh(model, rank=4)
+    with pytest.raises(Crash):
+        reftlens.train(interrupted, DATA, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3, callback=crash_at_4, **kw)
+    resumed = fresh(model, seed=99, rank=4)  # different init: everything must come from the checkpoint
+    history = reftlens.train(resumed, DATA, checkpoint_dir=tmp_path / "ckpt", resume=True, **kw)
+    assert [s["step"] for s in history.steps] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(weights(straight), weights(resumed)):
+        assert torch.equal(x, y)
+
+
+def test_a_nan_loss_names_the_step_and_the_intervention(model):
+    d = model.cfg.d_model
+    bad = Steer(torch.zeros(d))
+    reft = ReftModel(model, [Intervention(LoReFT(d, 2), layers=1, positions="l1", name="good"),
+                             Intervention(bad, layers=2, positions="l1", name="exploding")])
+
+    def poison(record):
+        if record["step"] == 2:
+            with torch.no_grad():
+                bad.vector.fill_(float("nan"))
+
+    with pytest.raises(TrainingError, match=r"loss is nan at step 3 \(epoch 0\): intervention 'exploding' has non-finite parameters"):
+        reftlens.train(reft, DATA, max_steps=5, batch_size=4, progress=False, callback=poison)
+
+
+def test_classification_reports_label_accuracy(model):
+    data = [{"prompt": f"the {w} fox is", "label": "good" if i % 2 else "bad"} for i, w in enumerate(WORDS)]
+    reft = fresh(model, positions="l1")
+    history = reftlens.train(reft, data, eval_data=data, task="classification", max_steps=30, batch_size=6, lr=3e-2, progress=False)
+    ev = history.evals[-1]
+    assert set(ev) == {"step", "loss", "accuracy"} and 0.0 <= ev["accuracy"] <= 1.0
+    assert ev["accuracy"] > 0.5  # 12 examples, 2 classes: the edit learns the prompt → label map
+
+
+def test_options_and_errors(model):
+    reft = fresh(model)
+    with pytest.raises(TrainingError, match="schedule must be"):
+        reftlens.train(reft, DATA, max_steps=1, schedule="step", progress=False)
+    with pytest.raises(TrainingError, match="precision must be"):
+        reftlens.train(reft, DATA, max_steps=1, precision="fp8", progress=False)
+    with pytest.raises(KeyError, match="each needs 'prompt' and 'completion'"):
+        reftlens.train(reft, [{"text": "x"}], max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="no chat template"):
+        reftlens.train(reft, DATA, max_steps=1, chat_template=True, progress=False)
+    records = []
+    h = reftlens.train(reft, DATA, max_steps=2, precision="bf16", max_grad_norm=1.0, weight_decay=0.01,
+                       eval_data=DATA[:4], eval_every=1, callback=records.append, progress=False)
+    assert all(math.isfinite(x) for x in h.losses) and len(h.evals) == 2
+    assert [r.get("eval", False) for r in records] == [False, True, False, True]
+
+
+def test_a_datasets_dataset_works(model):
+    datasets = pytest.importorskip("datasets")
+    reft = fresh(model)
+    h = reftlens.train(reft, datasets.Dataset.from_list(DATA), max_steps=2, progress=False)
+    assert len(h.losses) == 2
