@@ -24,11 +24,14 @@ intervention per layer sees all 10 positions (pyreft's share_weights=True). pyre
 unit_locations as [n_interventions][B][10], so it is repeated once per layer here.
 
 Each measurement runs in a fresh child process (so peak RSS is its own), on 2 threads, fp32:
-  train_pyreft  forward+backward+AdamW step of LoReFT r4 at layers 3;9;18;24 (block_output)
+  train_pyreft  forward+backward+AdamW step (lr 4e-3, weight_decay 0: see below) of LoReFT r4 at
+                layers 3;9;18;24 (block_output); all parts use the same seed-0 pyreft init,
+                which --init-weights saves for reproducing pyreft_init_loss elsewhere
   train_floor   the same with a zero-initialised additive parameter per layer (identity edit):
                 the cost of backprop through the frozen model, which any ReFT pays
   forward       pyreft forward 8x128 with the intervention vs plain HF forward (interleaved)
-  generate      pyreft greedy 32 tokens with KV cache vs plain HF generate (interleaved)
+  generate      pyreft greedy 32 tokens with KV cache vs plain HF generate (interleaved);
+                EOS does not stop it (eos_token_id=None), so every row makes exactly 32 tokens
   losses        base loss vs pyreft's random-init LoReFT loss on the first train batch
 Peak memory: VmHWM from /proc/self/status, reset via /proc/self/clear_refs once the model is
 loaded (after malloc_trim); delta = peak over warm-up + timed loop - RSS at the reset, i.e.
@@ -95,6 +98,10 @@ def load_model(model_dir: str):
     model.eval()  # no dropout; pyreft's disable_model_gradients also calls eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    # 4.45 leaves the weights mmap'ed from the safetensors file, paged in on first use; touch
+    # them now so the first forward's page faults do not count as training memory (~500 MB).
+    with torch.no_grad():
+        sum(float(p.sum()) for p in model.parameters())
     return model
 
 
@@ -287,6 +294,7 @@ def main() -> None:
              "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
     if args.init_weights:
         child += ["--init-weights", args.init_weights]
+    result["loadavg_before"] = os.getloadavg()  # other work on the machine skews timings
     for part in args.parts:
         t = time.perf_counter()
         proc = subprocess.run(child + ["--only", part], capture_output=True, text=True)
@@ -295,6 +303,7 @@ def main() -> None:
             raise SystemExit(f"part {part} failed")
         result[part] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(f"# {part}: {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    result["loadavg_after"] = os.getloadavg()
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:

@@ -160,15 +160,18 @@ def train(
             n_tokens = sum(collate([examples[i] for i in ids], pad).n_target_tokens for ids in group)
             loss_sum = torch.zeros((), device=reft.device)
             for j, ids in enumerate(group):
-                local = ids[rank * batch_size : (rank + 1) * batch_size]
-                if not local:
-                    continue
-                batch = collate([examples[i] for i in local], pad).to(reft.device)
+                share = math.ceil(len(ids) / world)  # a short last batch is split evenly across processes
+                local = ids[rank * share : (rank + 1) * share]
+                # every process must run forward and backward (DDP all-reduces inside backward):
+                # one left without examples runs one with weight zero
+                weight = 1.0 if local else 0.0
+                batch = collate([examples[i] for i in local or ids[:1]], pad).to(reft.device)
                 sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
-                with sync, autocast:
-                    logits = forward(module, batch)
-                total_loss = token_losses(logits, batch.labels)
-                (total_loss * world / max(n_tokens, 1)).backward()
+                with sync:
+                    with autocast:
+                        logits = forward(module, batch)
+                    total_loss = weight * token_losses(logits, batch.labels)
+                    (total_loss * world / max(n_tokens, 1)).backward()
                 loss_sum += total_loss.detach()
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
