@@ -14,7 +14,8 @@ def test_import_is_light():
     assert out.stdout.strip() == "[]"
 
 
-def test_readme_quickstart_runs():
+def test_readme_quickstart_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quickstart saves a folder
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"## Quickstart\s+```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(block, "README quickstart", "exec"), {})
