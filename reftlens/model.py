@@ -207,19 +207,19 @@ class ReftModel(nn.Module):
     # ---- running ------------------------------------------------------------------------
 
     def fwd_hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
-                  source_attention_mask: Tensor | None = None) -> list[tuple[str, Any]]:
+                  source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None) -> list[tuple[str, Any]]:
         """``(hook_name, fn)`` pairs for ``model.run_with_hooks(..., fwd_hooks=...)`` or
         ``model.hooks(fwd_hooks=...)``. Without inputs, every token counts as real (unpadded
         batches); pass the inputs (and their mask) when they are padded.
 
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=reft.fwd_hooks(tokens) + my_hooks)  # doctest: +SKIP
         """
-        plans, shape, _, _ = self._plans(inputs, attention_mask, sources, source_attention_mask)
+        plans, shape, _, _ = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
         return [(p.site.hook_name, make_hook(p, shape, self.cast)) for p in plans]
 
     @contextmanager
     def hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
-              source_attention_mask: Tensor | None = None) -> Iterator[Any]:
+              source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None) -> Iterator[Any]:
         """Attach this set's hooks to the model for the duration of a ``with`` block, for use
         with ``run_with_cache``, ``run_with_hooks`` or a plain call. Exactly these hooks are
         removed on exit, also on an exception; other hooks are never touched.
@@ -227,7 +227,7 @@ class ReftModel(nn.Module):
         >>> with reft.hooks():                                      # doctest: +SKIP
         ...     logits, cache = model.run_with_cache(tokens)
         """
-        plans, shape, _, _ = self._plans(inputs, attention_mask, sources, source_attention_mask)
+        plans, shape, _, _ = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
         handles = attach([(p.site.hook_point, make_hook(p, shape, self.cast)) for p in plans])
         try:
             yield self.model

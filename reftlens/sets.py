@@ -75,16 +75,22 @@ class Intervention:
         return f"Intervention({self.name}, layers={layers}, positions={self.positions}, hook={self.hook}{extra})"
 
     def __eq__(self, other: object) -> bool:
+        """Equal when they hold the same Φ object at the same sites with the same options."""
         if not isinstance(other, Intervention):
             return NotImplemented
         return self._key() == other._key()
 
     def __hash__(self) -> int:
-        return hash((id(self.phi), self.layers if isinstance(self.layers, str) else tuple(self.layers), self.hook))
+        return hash((id(self.phi), self.layers, self.hook))
 
     def _key(self) -> tuple:
-        return (id(self.phi), self.layers, str(self.positions), self.positions.to_json() if _savable(self.positions) else id(self.positions),
-                self.hook, self.untied, self.overlap, self.name, str(self.source_positions))
+        return (id(self.phi), self.layers, self.positions, self.source_positions, self.hook, self.untied,
+                self.overlap, self.name)
+
+    def to(self, *args: Any, **kwargs: Any) -> "Intervention":
+        """Move or cast Φ (``nn.Module.to`` arguments); returns the intervention itself."""
+        self.phi.to(*args, **kwargs)
+        return self
 
     def expand(self, n_layers: int) -> list["Unit"]:
         """Materialise into units that each own one Φ (copies for untied groups)."""
@@ -148,14 +154,6 @@ def _parse_layers(layers: Any) -> tuple[int, ...] | str:
             raise ConfigError(f"layers {list(out)} repeat a layer; list each layer once.")
         return out
     raise ConfigError(f"layers must be an int, a list of ints or 'all'; got {layers!r}.")
-
-
-def _savable(spec: PositionSpec) -> bool:
-    try:
-        spec.to_json()
-        return True
-    except ValueError:
-        return False
 
 
 def check_static_disjoint(units: Sequence[tuple[Unit, str, int]]) -> None:

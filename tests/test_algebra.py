@@ -155,3 +155,13 @@ def test_collect_reads_rows_in_example_then_position_order(model):
     starts = mask.argmax(1)
     expected = torch.stack([resid[b, p] for b in range(3) for p in (int(starts[b]), tokens.shape[1] - 1)])
     torch.testing.assert_close(collect.activations[0], expected, atol=1e-5, rtol=0)
+
+
+def test_interventions_are_values():
+    phi = LoReFT(16, 2)
+    a = Intervention(phi, layers=[1, 2], positions="f2+l2")
+    assert a == Intervention(phi, layers=[1, 2], positions="f2+l2")
+    assert a != Intervention(phi, layers=[1, 2], positions="f2+l3")
+    assert a != Intervention(LoReFT(16, 2), layers=[1, 2], positions="f2+l2")  # another Φ object
+    assert len({a, Intervention(phi, layers=[1, 2], positions="f2+l2")}) == 1
+    assert a.to(torch.float64) is a and phi.W.weight.dtype == torch.float64
