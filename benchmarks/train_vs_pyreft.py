@@ -110,6 +110,12 @@ def batch_tensors(batch: dict) -> dict:
     return out
 
 
+def right_padded(b: dict) -> dict:
+    """The same rows with the padding moved to the right (reftlens.training.collate's layout)."""
+    order = torch.argsort(1 - b["attention_mask"], dim=1, stable=True)  # real tokens first, in order
+    return {k: torch.gather(v, 1, order) for k, v in b.items()}
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """HF's causal-LM loss: logits[:, :-1] against labels[:, 1:], mean over labels != -100."""
     return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -308,7 +314,7 @@ def part_parity(data, args) -> dict:
             phi.R.set_(w["R"].T.float())  # pyreft: R [d, r] with orthonormal columns; reftlens: rows [r, d]
             phi.W.weight.copy_(w["W"])
             phi.W.bias.copy_(w["b"])
-        r_err = max(r_err, float((phi.R.weight - w["R"].T).abs().max()))
+        r_err = max(r_err, float((phi.R.weight.detach() - w["R"].T).abs().max()))
         ivs.append(Intervention(phi, layers=layer, positions="f5+l5"))
     loaded = ReftModel(model, ivs).eval()
     identity = reft_tied(model).eval()
@@ -329,20 +335,25 @@ def part_parity(data, args) -> dict:
 
 
 def part_bf16(data, args) -> dict:
+    """fp32 vs bf16 autocast. Batches are right padded here, as reftlens.train pads them: under
+    bf16 autocast TransformerLens 4.3's eager attention casts HF's fp32 mask sentinel
+    (finfo(float32).min) to bf16, where it overflows to -inf, so the fully masked query rows of
+    left padding softmax to NaN (recorded below as left_padded_bf16_loss)."""
     import copy
-    batches = [batch_tensors(b) for b in data["train"]]
+    left = [batch_tensors(b) for b in data["train"]]
+    batches = [right_padded(b) for b in left]
     model = load_bridge()
     r32 = reft_tied(model)
     r16 = copy.deepcopy(r32)  # same initial Φ (identity init); the model is not a submodule
-    b0 = batches[0]
 
-    def eval_loss(reft, bf16: bool) -> float:
+    def eval_loss(reft, bf16: bool, b=batches[0]) -> float:
         ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with torch.no_grad(), ctx:
-            lg = reft(b0["input_ids"], attention_mask=b0["attention_mask"], prompt_mask=b0["prompt_mask"])
-        return causal_lm_loss(lg, b0["labels"]).item()
+            lg = reft(b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"])
+        return causal_lm_loss(lg, b["labels"]).item()
 
     init = dict(fp32=eval_loss(r32, False), bf16=eval_loss(r32, True))
+    left_nan = dict(fp32=eval_loss(r32, False, left[0]), bf16=eval_loss(r32, True, left[0]))
     r = interleave({"fp32": reft_step(r32), "bf16": reft_step(r16, autocast=True)}, batches, args.bf16_warmup, args.bf16_steps)
     t = r["times"]
     r32.eval(), r16.eval()
@@ -352,7 +363,7 @@ def part_bf16(data, args) -> dict:
     return dict(s_median={k: statistics.median(v) for k, v in t.items()}, s=t, paired_ratio_bf16_over_fp32=paired(t["fp32"], t["bf16"]),
                 losses=r["losses"], max_abs_step_loss_diff=max(abs(x - y) for x, y in zip(r["losses"]["fp32"], r["losses"]["bf16"])),
                 init_loss_batch0=init, after_loss_batch0_fp32_eval=after, max_abs_param_diff_after=dphi,
-                steps_total=args.bf16_warmup + args.bf16_steps)
+                left_padded_loss_batch0=left_nan, steps_total=args.bf16_warmup + args.bf16_steps, padding="right")
 
 
 # ---------------------------------------------------------------- driver
@@ -577,6 +588,10 @@ def report(res: dict) -> str:
         L.append(f"bf16 / fp32 step time: {s['bf16'] / s['fp32']:.3f}× (paired {bf['paired_ratio_bf16_over_fp32']:.3f}×); "
                  f"max |Δloss| over measured steps {bf['max_abs_step_loss_diff']:.4f}; after {bf['steps_total']} steps "
                  f"max |Δparam| {bf['max_abs_param_diff_after']:.1e}")
+        lp = bf["left_padded_loss_batch0"]
+        L.append(f"batches right padded (as `reftlens.train` pads them). The same batch left padded: fp32 loss {lp['fp32']:.4f}, "
+                 f"bf16-autocast loss {lp['bf16']:.4f} (TransformerLens 4.3 casts the fp32 mask sentinel to bf16 = -inf: "
+                 "fully masked pad rows give NaN)")
         L.append("")
     return "\n".join(L)
 

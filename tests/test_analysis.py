@@ -63,3 +63,51 @@ def test_heatmap_is_saved(model, tmp_path):
     fig = res.plot(tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert len(fig.axes[0].get_xticklabels()) == CLEAN.shape[1]
+
+
+# ---- causal tracing ---------------------------------------------------------------------------
+
+from reftlens import ReftModel  # noqa: E402
+from reftlens.analysis import causal_trace, corruption, restoration, subject_span  # noqa: E402
+from reftlens.analysis.tracing import _window  # noqa: E402
+
+PROMPT, SUBJECT = "the quick brown fox jumps over", "quick brown"
+
+
+@pytest.fixture
+def trace(model):
+    return causal_trace(model, PROMPT, SUBJECT, samples=3, seed=1)
+
+
+def test_trace_bounds(model, trace):
+    start, end = trace.subject
+    assert "".join(trace.tokens[start:end]).strip() == SUBJECT
+    assert trace.values[-1, -1] == pytest.approx(trace.clean, abs=1e-6)  # the whole final state restored
+    # before the subject nothing is noisy: restoring there changes nothing
+    torch.testing.assert_close(trace.values[:, :start], torch.full((model.cfg.n_layers, start), trace.corrupted), atol=1e-6, rtol=0)
+    assert trace.corrupted != pytest.approx(trace.clean, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["resid", "mlp", "attn"])
+def test_trace_equals_the_pieces_run_as_ordinary_interventions(model, kind):
+    res = causal_trace(model, PROMPT, SUBJECT, samples=3, seed=1, kind=kind, window=2)
+    tokens, span = subject_span(model, PROMPT, SUBJECT)
+    answer_id = res.answer_id
+    for layer, pos in [(0, span[0]), (1, span[1] - 1), (model.cfg.n_layers - 1, tokens.shape[1] - 2)]:
+        layers = _window(layer, kind, 2, model.cfg.n_layers)
+        reft = ReftModel(model, [corruption(model, span, noise=3.0, seed=1), restoration(layers, pos, kind)])
+        batch = tokens.expand(3, -1)
+        logits = reft(batch, sources=batch)
+        p = logits[:, -1].softmax(-1)[:, answer_id].mean()
+        assert res.values[layer, pos] == pytest.approx(float(p), abs=1e-6), (kind, layer, pos)
+
+
+def test_trace_errors_and_plot(model, trace, tmp_path):
+    from reftlens.analysis import AnalysisError
+
+    with pytest.raises(AnalysisError, match="subject 'zebra' is not in the prompt"):
+        causal_trace(model, PROMPT, "zebra")
+    with pytest.raises(AnalysisError, match="kind must be one of"):
+        causal_trace(model, PROMPT, SUBJECT, kind="heads")
+    trace.plot(tmp_path / "trace.png")
+    assert (tmp_path / "trace.png").stat().st_size > 1000
