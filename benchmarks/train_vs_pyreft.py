@@ -281,22 +281,26 @@ def part_generate(data, args) -> dict:
     hf, _ = load_floor()
     outs = {}
 
-    def run_reft():
-        outs["reftlens"] = reft.generate(ids, args.new_tokens, attention_mask=mask, eos_token_id=None)[:, n:]
+    def run_reft(k: int):
+        outs[f"reftlens_{k}"] = reft.generate(ids, k, attention_mask=mask, eos_token_id=None)[:, n:]
 
-    def run_hf():
-        # eos_token_id=None: EOS does not stop it, so both make exactly new_tokens tokens
+    def run_hf(k: int):
+        # eos_token_id=None: EOS does not stop it, so both make exactly k tokens
         with torch.no_grad():
-            outs["hf"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
-                                     eos_token_id=None, pad_token_id=pad, use_cache=True)[:, n:]
+            outs[f"hf_{k}"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, do_sample=False,
+                                          eos_token_id=None, pad_token_id=pad, use_cache=True)[:, n:]
 
-    arms = {"reftlens": lambda _: run_reft(), "hf": lambda _: run_hf()}
+    k = args.new_tokens
+    # 1-token runs (prefill + one argmax) split the time into prompt and per-token decode cost
+    arms = {"reftlens": lambda _: run_reft(k), "hf": lambda _: run_hf(k),
+            "reftlens_1": lambda _: run_reft(1), "hf_1": lambda _: run_hf(1)}
     r = interleave(arms, [None], 1, args.gen_reps)
     t = r["times"]
-    assert outs["reftlens"].shape[1] == outs["hf"].shape[1] == args.new_tokens
-    return dict(new_tokens=args.new_tokens, s_median={k: statistics.median(v) for k, v in t.items()}, s=t,
-                paired_ratio_reftlens_over_hf=paired(t["hf"], t["reftlens"]),
-                reftlens_ids=outs["reftlens"].tolist(), hf_ids=outs["hf"].tolist())
+    med = {a: statistics.median(v) for a, v in t.items()}
+    assert outs[f"reftlens_{k}"].shape[1] == outs[f"hf_{k}"].shape[1] == k
+    return dict(new_tokens=k, s_median=med, s=t, paired_ratio_reftlens_over_hf=paired(t["hf"], t["reftlens"]),
+                decode_ms_per_token={a: 1e3 * (med[a] - med[f"{a}_1"]) / (k - 1) for a in ("reftlens", "hf")},
+                reftlens_ids=outs[f"reftlens_{k}"].tolist(), hf_ids=outs[f"hf_{k}"].tolist())
 
 
 def part_parity(data, args) -> dict:
@@ -533,12 +537,16 @@ def report(res: dict) -> str:
         L.append("|---|---|---|")
         L.append(f"| reftlens `reft.generate` (identity LoReFT set) | {f3(s['reftlens'])} | {s['reftlens'] / s['hf']:.3f}× (paired {gd['paired_ratio_reftlens_over_hf']:.3f}×) |")
         L.append(f"| plain HF 5.24 `model.generate` (sdpa) | {f3(s['hf'])} | 1 |")
+        L.append(f"| reftlens, 1 new token (prefill) | {f3(s['reftlens_1'])} | {s['reftlens_1'] / s['hf_1']:.3f}× |")
+        L.append(f"| plain HF 5.24, 1 new token (prefill) | {f3(s['hf_1'])} | 1 |")
         if p:
             pg = p["generate"]
             L.append(f"| pyreft 0.1.0 `reft.generate` (random LoReFT) | {f3(pg['pyreft_s_median'])} | {pg['pyreft_s_median'] / pg['hf_s_median']:.3f}× of 4.45 |")
             L.append(f"| plain HF 4.45 `model.generate` (sdpa) | {f3(pg['hf_s_median'])} | 1 |")
         L.append("")
         L.append(f"reftlens / HF generate: **{s['reftlens'] / s['hf']:.3f}×** (target ≤ 1.02×); reps: {len(gd['s']['hf'])} after 1 warm-up")
+        dm = gd["decode_ms_per_token"]
+        L.append(f"per decoded token (batch of 8, from the 32- and 1-token runs): reftlens {dm['reftlens']:.1f} ms, HF {dm['hf']:.1f} ms")
         same = gd["reftlens_ids"] == gd["hf_ids"]
         L.append(f"reftlens identity-set ids == HF 5.24 ids: {same}" + (f"; == HF 4.45 ids (pyreft JSON): {gd['reftlens_ids'] == p['generate']['hf_ids']}" if p else ""))
         L.append("")
@@ -608,12 +616,12 @@ def main() -> None:
     ap.add_argument("--init-weights", default=None, help="pyreft's init (default WORKDIR/train_vs_pyreft.pyreft_init.pt)")
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     ap.add_argument("--steps", type=int, default=12, help="measured training steps per arm")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=4, help="warm-up iterations (4 = every batch shape once)")
     ap.add_argument("--mem-steps", type=int, default=5, help="training steps in each memory process")
     ap.add_argument("--gen-reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--bf16-steps", type=int, default=6)
-    ap.add_argument("--bf16-warmup", type=int, default=2)
+    ap.add_argument("--bf16-steps", type=int, default=8)
+    ap.add_argument("--bf16-warmup", type=int, default=4)
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-attention floor")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=None,
