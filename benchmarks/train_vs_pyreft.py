@@ -174,6 +174,28 @@ def load_floor(attn: str | None = None):
     return hf, params
 
 
+def bridge_floor():
+    """The floor on the TransformerLens bridge itself: the same zero vectors added at
+    blocks.L.hook_resid_post by plain torch forward hooks (no reftlens code in the step)."""
+    bridge = load_bridge()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    params = [torch.nn.Parameter(torch.zeros(D_MODEL)) for _ in LAYERS]
+    for layer, p in zip(LAYERS, params):
+        bridge.blocks[layer].hook_resid_post.register_forward_hook(lambda m, i, o, p=p: o + p)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+
+    def step(b):
+        logits = bridge(b["input_ids"], attention_mask=b["attention_mask"])
+        loss = causal_lm_loss(logits, b["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
 def reft_step(reft, autocast: bool = False):
     opt = torch.optim.AdamW([p for p in reft.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
@@ -239,6 +261,8 @@ def part_time(data, args) -> dict:
     if not args.no_eager:
         hf_e, params_e = load_floor("eager")
         arms["floor_eager"] = floor_step(hf_e, params_e)
+    if not args.no_bridge_floor:
+        arms["floor_bridge"] = bridge_floor()
     r = interleave(arms, batches, args.warmup, args.steps)
     t = r["times"]
     out = dict(step_s_median={n: statistics.median(v) for n, v in t.items()}, step_s=t, losses=r["losses"],
@@ -247,6 +271,9 @@ def part_time(data, args) -> dict:
     if "floor_eager" in t:
         out["paired_ratio_reftlens_over_floor_eager"] = paired(t["floor_eager"], t["reftlens"])
         out["paired_ratio_floor_eager_over_floor"] = paired(t["floor"], t["floor_eager"])
+    if "floor_bridge" in t:
+        out["paired_ratio_floor_bridge_over_floor"] = paired(t["floor"], t["floor_bridge"])
+        out["paired_ratio_reftlens_over_floor_bridge"] = paired(t["floor_bridge"], t["reftlens"])
     return out
 
 
@@ -492,6 +519,9 @@ def report(res: dict) -> str:
         if "floor_eager" in s:
             L.append(f"| floor: plain HF + zero vector | {res['versions']['transformers']} | eager | 2,304 | {f3(s['floor_eager'])} | "
                      f"{s['floor_eager'] / s['floor']:.3f}× | {t['paired_ratio_floor_eager_over_floor']:.3f}× |")
+        if "floor_bridge" in s:
+            L.append(f"| floor on the TransformerLens bridge + zero vector | {res['versions']['transformers']} | eager (bridge) | 2,304 | "
+                     f"{f3(s['floor_bridge'])} | {s['floor_bridge'] / s['floor']:.3f}× | {t['paired_ratio_floor_bridge_over_floor']:.3f}× |")
         if p:
             pt, pf = p["train_pyreft"]["step_s_median"], p["train_floor"]["step_s_median"]
             L.append(f"| pyreft 0.1.0 (pyvene 0.1.8) | 4.45.1 | sdpa | {p['losses']['n_trainable']:,} | {f3(pt)} | {pt / pf:.3f}× | |")
@@ -500,6 +530,9 @@ def report(res: dict) -> str:
         L.append(f"reftlens / floor (5.24, sdpa): **{s['reftlens'] / s['floor']:.3f}×** (paired {t['paired_ratio_reftlens_over_floor']:.3f}×; target ≤ 1.02×)")
         if "floor_eager" in s:
             L.append(f"reftlens / floor (5.24, eager): {s['reftlens'] / s['floor_eager']:.3f}× (paired {t['paired_ratio_reftlens_over_floor_eager']:.3f}×)")
+        if "floor_bridge" in s:
+            L.append(f"reftlens / floor on the bridge: {s['reftlens'] / s['floor_bridge']:.3f}× (paired {t['paired_ratio_reftlens_over_floor_bridge']:.3f}×): "
+                     "the part of the gap that is reftlens's own")
         if p:
             L.append(f"pyreft / floor (4.45): {pt / pf:.3f}×; reftlens / pyreft: **{s['reftlens'] / pt:.3f}×**"
                      f" (different processes and transformers versions: compare the floor-relative ratios)")
@@ -623,6 +656,7 @@ def main() -> None:
     ap.add_argument("--bf16-steps", type=int, default=8)
     ap.add_argument("--bf16-warmup", type=int, default=4)
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-attention floor")
+    ap.add_argument("--no-bridge-floor", action="store_true", help="skip the floor on the TransformerLens bridge")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=None,
                     help="before each part wait (60 s at a time) until the 1-min load average is below this")
@@ -647,7 +681,8 @@ def main() -> None:
     argv = ["--workdir", args.workdir, "--batches", args.batches, "--init-weights", args.init_weights,
             "--steps", str(args.steps), "--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps),
             "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens), "--bf16-steps", str(args.bf16_steps),
-            "--bf16-warmup", str(args.bf16_warmup), "--threads", str(args.threads)] + (["--no-eager"] if args.no_eager else [])
+            "--bf16-warmup", str(args.bf16_warmup), "--threads", str(args.threads)] + (["--no-eager"] if args.no_eager else []) \
+        + (["--no-bridge-floor"] if args.no_bridge_floor else [])
     res = dict(command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]) if not sys.argv[0].startswith("/") else sys.argv[0], *sys.argv[1:]]),
                machine=machine_info(args.threads), versions=versions(), quick=args.quick,
                setup=dict(layers=LAYERS, rank=RANK, positions="f5+l5 (prompt)", lr=LR, weight_decay=0.0, dtype="float32",

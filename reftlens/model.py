@@ -57,7 +57,8 @@ class ReftModel(nn.Module):
         self.interventions = interventions
         self.cast = cast
         self.units = [u for iv in interventions for u in iv.expand(model.cfg.n_layers)]
-        self.sites = bind(model, self.units)
+        # hooks run in registration order: explicitly stacked interventions go by their stack value
+        self.sites = sorted(bind(model, self.units), key=lambda s: s.unit.stack or 0)
         check_static_disjoint([(s.unit, s.hook_name, s.layer) for s in self.sites])
         unique: dict[int, nn.Module] = {}
         for u in self.units:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from reftlens.errors import CollisionError, ConfigError, PositionError
 from reftlens.interventions.base import phi_d_model
 from reftlens.positions import RealTokens
-from reftlens.sets import Unit
+from reftlens.sets import Unit, may_share_sites
 
 HookFn = Callable[..., Any]
 _NO_POSITION_AXIS = ("hook_pattern", "hook_attn_scores", "hook_cos", "hook_sin")
@@ -107,23 +107,29 @@ def check_disjoint(sites: Sequence[Site], masks: dict[int, Tensor], real: RealTo
     for hook_name, group in by_hook.items():
         if len(group) < 2:
             continue
-        stacked = torch.stack([masks[id(s.unit)] for s in group])
-        clash = stacked.sum(0) > 1
-        if bool(clash.any()):
-            b, p = (int(v) for v in clash.nonzero()[0])
-            a, c = [s for s in group if bool(masks[id(s.unit)][b, p])][:2]
-            rel = p - int(real.starts[b])
-            hint = (
-                " These are untied first/last groups that meet on a short input: pass overlap='clamp' "
-                "(pyreft's remedy: first/last n each clamped to half the input) or use longer inputs."
-                if a.unit.origin is c.unit.origin
-                else " Give them disjoint positions or layers."
-            )
-            raise CollisionError(
-                f"interventions {a.unit.name!r} ({a.unit.positions}) and {c.unit.name!r} ({c.unit.positions}) "
-                f"both edit {hook_name} at example {b}, real token {rel} (padded position {p}) of an input "
-                f"with {int(real.lengths[b])} real tokens.{hint}"
-            )
+        for i, a in enumerate(group):
+            for c in group[i + 1 :]:
+                if may_share_sites(a.unit, c.unit):
+                    continue
+                clash = masks[id(a.unit)] & masks[id(c.unit)]
+                if bool(clash.any()):
+                    _collision(a, c, clash, hook_name, real)
+
+
+def _collision(a: Site, c: Site, clash: Tensor, hook_name: str, real: RealTokens) -> None:
+    b, p = (int(v) for v in clash.nonzero()[0])
+    rel = p - int(real.starts[b])
+    hint = (
+        " These are untied first/last groups that meet on a short input: pass overlap='clamp' "
+        "(pyreft's remedy: first/last n each clamped to half the input) or use longer inputs."
+        if a.unit.origin is c.unit.origin
+        else " Give them disjoint positions or layers, or an explicit order with stack=."
+    )
+    raise CollisionError(
+        f"interventions {a.unit.name!r} ({a.unit.positions}) and {c.unit.name!r} ({c.unit.positions}) "
+        f"both edit {hook_name} at example {b}, real token {rel} (padded position {p}) of an input "
+        f"with {int(real.lengths[b])} real tokens.{hint}"
+    )
 
 
 def flat_index(mask: Tensor) -> Tensor | None:

@@ -32,6 +32,9 @@ class Intervention:
             both. Copies start equal to ``phi`` and train apart.
         overlap: for untied position groups that meet on short inputs: ``"error"`` (default)
             or ``"clamp"`` (pyreft's remedy: first/last n each clamped to half the input).
+        stack: an explicit order for interventions that edit the same site on purpose (e.g. a
+            patch on top of a LoReFT's output). Two interventions may share a site only when
+            both set ``stack`` to different values; the lower one applies first.
         name: a label used in messages and saves.
 
     >>> from reftlens import LoReFT
@@ -49,6 +52,7 @@ class Intervention:
         source_positions: Any = None,
         untied: bool | str = False,
         overlap: str = "error",
+        stack: int | None = None,
         name: str | None = None,
     ):
         self.phi = as_phi(phi)
@@ -65,6 +69,9 @@ class Intervention:
         if overlap not in ("error", "clamp"):
             raise ConfigError(f"overlap must be 'error' or 'clamp'; got {overlap!r}.")
         self.overlap = overlap
+        if stack is not None and (not isinstance(stack, int) or isinstance(stack, bool)):
+            raise ConfigError(f"stack must be an int (the order among interventions sharing a site); got {stack!r}.")
+        self.stack = stack
         if self.source_positions is not None and not self.takes_source:
             raise ConfigError(f"source_positions given for {phi_label(self.phi)}, which takes no source.")
         self.name = name or phi_label(self.phi)
@@ -72,6 +79,7 @@ class Intervention:
     def __repr__(self) -> str:
         layers = self.layers if isinstance(self.layers, str) else list(self.layers)
         extra = f", untied={self.untied!r}" if self.untied else ""
+        extra += f", stack={self.stack}" if self.stack is not None else ""
         return f"Intervention({self.name}, layers={layers}, positions={self.positions}, hook={self.hook}{extra})"
 
     def __eq__(self, other: object) -> bool:
@@ -85,7 +93,7 @@ class Intervention:
 
     def _key(self) -> tuple:
         return (id(self.phi), self.layers, self.positions, self.source_positions, self.hook, self.untied,
-                self.overlap, self.name)
+                self.overlap, self.stack, self.name)
 
     def to(self, *args: Any, **kwargs: Any) -> "Intervention":
         """Move or cast Φ (``nn.Module.to`` arguments); returns the intervention itself."""
@@ -133,6 +141,15 @@ class Unit:
     hook: str
     origin: Intervention = field(repr=False)
 
+    @property
+    def stack(self) -> int | None:
+        return self.origin.stack
+
+
+def may_share_sites(a: "Unit", b: "Unit") -> bool:
+    """Units may edit the same site only when both carry distinct explicit stack orders."""
+    return a.stack is not None and b.stack is not None and a.stack != b.stack
+
 
 def _parse_layers(layers: Any) -> tuple[int, ...] | str:
     if isinstance(layers, str):
@@ -167,10 +184,12 @@ def check_static_disjoint(units: Sequence[tuple[Unit, str, int]]) -> None:
     for hook_name, group in by_site.items():
         for i, a in enumerate(group):
             for b in group[i + 1 :]:
+                if may_share_sites(a, b):
+                    continue
                 where = static_overlap(a.positions, b.positions)
                 if where is not None:
                     raise CollisionError(
                         f"interventions {a.name!r} ({a.positions}) and {b.name!r} ({b.positions}) both edit "
                         f"{hook_name} at {where}. Two Φs may not edit one site: give them disjoint positions "
-                        "or layers, or combine them into one Φ."
+                        "or layers, or, to apply one on top of the other, give both an explicit order with stack=."
                     )

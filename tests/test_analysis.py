@@ -111,3 +111,73 @@ def test_trace_errors_and_plot(model, trace, tmp_path):
         causal_trace(model, PROMPT, SUBJECT, kind="heads")
     trace.plot(tmp_path / "trace.png")
     assert (tmp_path / "trace.png").stat().st_size > 1000
+
+
+# ---- heads, and composition with trained ReFTs --------------------------------------------------
+
+from reftlens import Interchange, Intervention, LoReFT  # noqa: E402
+from reftlens.analysis import patch_heads  # noqa: E402
+
+
+def test_head_patching_equals_transformer_lens(model):
+    ours = patch_heads(model, CLEAN, CORRUPT, logit_diff, max_rows=5)
+    _, cache = model.run_with_cache(CLEAN)
+    ref = patching.get_act_patch_attn_head_out_all_pos(model, CORRUPT, cache, logit_diff)
+    assert ours.values.shape == (model.cfg.n_layers, model.cfg.n_heads)
+    torch.testing.assert_close(ours.values, ref.float().cpu(), atol=1e-5, rtol=1e-5)
+
+
+def edited(model, layer=1):
+    torch.manual_seed(0)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    with torch.no_grad():
+        phi.W.bias.mul_(20)
+    return ReftModel(model, Intervention(phi, layers=layer, positions="l1"))
+
+
+def test_sweep_locates_a_trained_refts_edit(model):
+    """Patch the ReFT run's states into a plain run of the same tokens: only the edited site
+    (and what it feeds) carries the ReFT's effect."""
+    reft = edited(model, layer=1)
+    res = patch_sweep(model, CLEAN, CLEAN, logit_diff, hook="resid_post", clean_with=reft)
+    with torch.no_grad():
+        plain, with_reft = logit_diff(model(CLEAN)).item(), logit_diff(reft(CLEAN)).item()
+    assert res.clean == pytest.approx(with_reft, abs=1e-5) and res.corrupted == pytest.approx(plain, abs=1e-5)
+    assert abs(with_reft - plain) > 1e-3
+    assert res.values[1, -1] == pytest.approx(with_reft, abs=1e-4)  # the edited site carries it all
+    torch.testing.assert_close(res.values[0], torch.full((CLEAN.shape[1],), plain), atol=1e-5, rtol=0)  # below the edit
+    torch.testing.assert_close(res.values[1, :-1], torch.full((CLEAN.shape[1] - 1,), plain), atol=1e-5, rtol=0)
+
+
+def test_sweep_with_a_reft_active_in_the_corrupted_run(model):
+    reft = edited(model, layer=2)
+    res = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="resid_pre", corrupted_with=reft)
+    ref_plain = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="resid_pre")
+    assert not torch.allclose(res.values, ref_plain.values)
+    assert res.corrupted != pytest.approx(ref_plain.corrupted, abs=1e-4)
+    # layer 3's resid_pre at the last position comes after the layer-2 edit there: the patch overrides it
+    assert res.values[3, -1] == pytest.approx(ref_plain.values[3, -1], abs=1e-4)
+
+
+def test_stacked_interventions_apply_in_the_declared_order(model):
+    d = model.cfg.d_model
+    torch.manual_seed(0)
+    lo = LoReFT(d, 4, init="random")
+    base, source = ["the quick brown fox"], ["a lazy dog sat"]
+    with pytest.raises(Exception, match="stack="):
+        ReftModel(model, [Intervention(lo, layers=1, positions="l1"), Intervention(Interchange(), layers=1, positions="l1")])
+    patch_on_top = ReftModel(model, [Intervention(lo, layers=1, positions="l1", stack=0),
+                                     Intervention(Interchange(), layers=1, positions="l1", stack=1)])
+    patch_below = ReftModel(model, [Intervention(lo, layers=1, positions="l1", stack=1),
+                                    Intervention(Interchange(), layers=1, positions="l1", stack=0)])
+    only_patch = ReftModel(model, Intervention(Interchange(), layers=1, positions="l1"))
+    with torch.no_grad():
+        top, below, patch = patch_on_top(base, sources=source), patch_below(base, sources=source), only_patch(base, sources=source)
+        # LoReFT applied to the source's state, by hand
+        toks, _ = only_patch.tokenize(source)
+        _, cache = model.run_with_cache(toks, names_filter="blocks.1.hook_resid_post")
+        expect_state = lo(cache["blocks.1.hook_resid_post"][0, -1])
+        hand = ReftModel(model, Intervention(lambda h: expect_state.expand_as(h), layers=1, positions="l1"))(base)
+    torch.testing.assert_close(top, patch, atol=1e-5, rtol=0)  # the patch overwrites the LoReFT's edit
+    torch.testing.assert_close(below, hand, atol=1e-5, rtol=0)  # LoReFT edits the patched state
+    assert (top - below).abs().max() > 1e-3

@@ -12,8 +12,8 @@ run?" — with the same numbers and far fewer forward passes:
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -95,6 +95,8 @@ def patch_sweep(
     layers: Sequence[int] | None = None,
     batched: bool | None = None,
     max_rows: int = 128,
+    clean_with: Any = None,
+    corrupted_with: Any = None,
 ) -> PatchResult:
     """Patch clean activations into the corrupted run at every (layer, position) of ``hook``.
 
@@ -108,6 +110,11 @@ def patch_sweep(
             ``attn_out``, ``mlp_out``, ``resid_mid``, ...
         layers: which layers (default all).
         max_rows: the most rows in one batched forward.
+        clean_with, corrupted_with: a :class:`~reftlens.ReftModel` active during the clean run
+            (whose activations are patched in) or during the corrupted runs. With
+            ``clean_with=reft`` and the same tokens on both sides, the sweep shows which sites
+            carry a trained ReFT's behaviour. In the corrupted runs the patch is applied on top
+            of (after) the ReFT's own edit at the same site.
 
     Returns a :class:`PatchResult` with ``values [n_layers, pos]``, equal to
     ``transformer_lens.patching`` on the same inputs to fp32 rounding.
@@ -137,50 +144,58 @@ def patch_sweep(
     points = [model.hook_dict[n] for n in names]
 
     batch, seq = corrupt.shape
-    _, cache = model.run_with_cache(clean, names_filter=lambda n: n in set(names) | {p.name for p in points})
+    clean_ctx = clean_with.hooks() if clean_with is not None else contextlib.nullcontext()
+    with clean_ctx:
+        _, cache = model.run_with_cache(clean, names_filter=lambda n: n in set(names) | {p.name for p in points})
+        clean_logits = model(clean)
     clean_acts = [cache[p.name] for p in points]  # [batch, seq, ...] per layer
-    base_logits = model(corrupt)
-    clean_logits = model(clean)
+    corrupt_ctx = (lambda: corrupted_with.hooks()) if corrupted_with is not None else contextlib.nullcontext
+    with corrupt_ctx():
+        base_logits = model(corrupt)
     if batched is None:
         batched = batch == 1 and _accepts_batched(metric, base_logits)
     if batched and batch != 1:
         raise AnalysisError("a batched metric needs batch 1 clean/corrupted inputs; use a TL-style metric for batches.")
+    # an active ReFT resolves its positions over whole sequences, so it needs the full recomputation
+    reuse_prefix = corrupted_with is None
     result = torch.empty(len(layers), seq)
     per_forward = max(1, max_rows // batch)
     with kv_cache_fix(model), _quiet():
         for p in range(seq):
-            prefix = model(corrupt[:, :p], return_type="logits_and_cache")[1] if p > 0 else None
-            for start in range(0, len(layers), per_forward):
-                chunk = list(range(start, min(start + per_forward, len(layers))))
+            start = p if reuse_prefix else 0
+            prefix = model(corrupt[:, :start], return_type="logits_and_cache")[1] if start > 0 else None
+            for first in range(0, len(layers), per_forward):
+                chunk = list(range(first, min(first + per_forward, len(layers))))
                 n = len(chunk)
-                inputs = corrupt[:, p:].repeat_interleave(n, dim=0)  # batch-major: row = b * n + i
+                inputs = corrupt[:, start:].repeat_interleave(n, dim=0)  # batch-major: row = b * n + i
                 past = None
                 if prefix is not None:
                     past = copy.deepcopy(prefix)
                     past.batch_repeat_interleave(n)
                 handles = []
-                try:
-                    for i, li in enumerate(chunk):
-                        rows = torch.arange(batch, device=corrupt.device) * n + i
-                        value = clean_acts[li][:, p]
-                        handles.append((points[li], points[li].add_hook(_patch_rows(rows, value), dir="fwd")))
-                    out = model(inputs, past_key_values=past, return_type="logits") if past is not None else model(inputs)
-                finally:
-                    for point, h in handles:
-                        h.hook.remove()
-                        point.fwd_hooks.remove(h)
-                if p > 0:  # earlier positions are the corrupted run's, unchanged by a later patch
-                    out = torch.cat([base_logits[:, :p].repeat_interleave(n, dim=0), out], 1)
+                with corrupt_ctx():
+                    try:
+                        for i, li in enumerate(chunk):
+                            rows = torch.arange(batch, device=corrupt.device) * n + i
+                            patch = _patch_rows(rows, p - start, clean_acts[li][:, p])
+                            handles.append((points[li], points[li].add_hook(patch, dir="fwd")))
+                        out = model(inputs, past_key_values=past, return_type="logits") if past is not None else model(inputs)
+                    finally:
+                        for point, h in handles:
+                            h.hook.remove()
+                            point.fwd_hooks.remove(h)
+                if start > 0:  # earlier positions are the corrupted run's, unchanged by a later patch
+                    out = torch.cat([base_logits[:, :start].repeat_interleave(n, dim=0), out], 1)
                 result[chunk, p] = _metric_values(metric, out, n, batch, batched).cpu()
     tokens = [model.tokenizer.decode([t]) for t in corrupt[0].tolist()]
     m = lambda lg: float(_metric_values(metric, lg, 1, batch, batched)[0])  # noqa: E731
     return PatchResult(result, layers, tokens, hook, clean=m(clean_logits), corrupted=m(base_logits))
 
 
-def _patch_rows(rows: Tensor, value: Tensor) -> Callable:
+def _patch_rows(rows: Tensor, pos: int, value: Tensor) -> Callable:
     def fn(h: Tensor, hook: Any = None) -> Tensor:
         h = h.clone()
-        h[rows, 0] = value.to(h.dtype)
+        h[rows, pos] = value.to(h.dtype)
         return h
 
     return fn
@@ -204,3 +219,67 @@ class _quiet:
 
     def __exit__(self, *exc: Any) -> None:
         self._w.__exit__(*exc)
+
+
+@torch.no_grad()
+def patch_heads(
+    model: Any,
+    clean_tokens: Any,
+    corrupted_tokens: Any,
+    metric: Callable[[Tensor], Any],
+    hook: str = "attn.hook_z",
+    *,
+    batched: bool | None = None,
+    max_rows: int = 128,
+) -> PatchResult:
+    """Patch each attention head's output (all positions) from the clean run into the corrupted one.
+
+    Returns ``values [n_layers, n_heads]`` (``tokens`` holds the head labels), equal to
+    ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``; every (layer, head)
+    variant runs as one row of a batched forward.
+    """
+    clean = _as_tokens(model, clean_tokens, "clean_tokens")
+    corrupt = _as_tokens(model, corrupted_tokens, "corrupted_tokens")
+    if clean.shape != corrupt.shape:
+        raise AnalysisError(f"clean tokens have shape {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)}; they must match.")
+    n_layers = model.cfg.n_layers
+    names = [hook_name_for(hook, l) for l in range(n_layers)]
+    if any(n not in model.hook_dict for n in names):
+        raise ConfigError(f"hook {hook!r} does not exist at every layer of this model.")
+    points = [model.hook_dict[n] for n in names]
+    _, cache = model.run_with_cache(clean, names_filter=lambda n: n in set(names) | {p.name for p in points})
+    clean_acts = [cache[p.name] for p in points]
+    if clean_acts[0].ndim != 4:
+        raise ConfigError(f"hook {names[0]} has shape {tuple(clean_acts[0].shape)}; head patching needs [batch, pos, head, d_head].")
+    n_heads = clean_acts[0].shape[2]
+    batch = corrupt.shape[0]
+    base_logits = model(corrupt)
+    if batched is None:
+        batched = batch == 1 and _accepts_batched(metric, base_logits)
+    cells = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    values = torch.empty(len(cells))
+    per_forward = max(1, max_rows // batch)
+    for first in range(0, len(cells), per_forward):
+        chunk = cells[first : first + per_forward]
+        n = len(chunk)
+        handles = []
+        try:
+            for l in sorted({l for l, _ in chunk}):
+                idx = [i for i, (ll, _) in enumerate(chunk) if ll == l]
+                rows = (torch.arange(batch)[:, None] * n + torch.tensor(idx)).reshape(-1).to(corrupt.device)
+                heads = torch.tensor([chunk[i][1] for i in idx]).repeat(batch).to(corrupt.device)
+                src = clean_acts[l][torch.arange(batch).repeat_interleave(len(idx)).to(corrupt.device), :, heads]
+
+                def fn(h: Tensor, hook: Any = None, rows=rows, heads=heads, src=src) -> Tensor:
+                    h = h.clone()
+                    h[rows, :, heads] = src.to(h.dtype)
+                    return h
+
+                handles.append((points[l], points[l].add_hook(fn, dir="fwd")))
+            out = model(corrupt.repeat_interleave(n, dim=0))
+        finally:
+            for point, hd in handles:
+                hd.hook.remove()
+                point.fwd_hooks.remove(hd)
+        values[first : first + n] = _metric_values(metric, out, n, batch, batched).cpu()
+    return PatchResult(values.view(n_layers, n_heads), list(range(n_layers)), [f"H{h}" for h in range(n_heads)], hook)
