@@ -181,3 +181,11 @@ def test_stacked_interventions_apply_in_the_declared_order(model):
     torch.testing.assert_close(top, patch, atol=1e-5, rtol=0)  # the patch overwrites the LoReFT's edit
     torch.testing.assert_close(below, hand, atol=1e-5, rtol=0)  # LoReFT edits the patched state
     assert (top - below).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["batch", "prefix"])
+def test_both_sweep_strategies_equal_transformer_lens(model, strategy):
+    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="resid_pre", strategy=strategy, max_rows=7)
+    _, cache = model.run_with_cache(CLEAN)
+    ref = patching.get_act_patch_resid_pre(model, CORRUPT, cache, logit_diff)
+    torch.testing.assert_close(ours.values, ref.float().cpu(), atol=1e-5, rtol=1e-5)

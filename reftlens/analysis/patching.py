@@ -4,10 +4,10 @@
 metric become when the clean activation at (layer, position) is patched into the corrupted
 run?" — with the same numbers and far fewer forward passes:
 
-- every patched variant for one position runs in one batched forward (one row per layer);
-- positions before the patched one are not recomputed: a patch at position p cannot change
-  earlier positions under causal attention, so each variant starts from the corrupted run's
-  KV cache of the first p tokens and only the last S − p tokens are computed.
+- patched variants run as rows of batched forwards (up to ``max_rows`` a forward);
+- for larger models, positions before the patched one are not recomputed: a patch at position p
+  cannot change earlier positions under causal attention, so each variant starts from the
+  corrupted run's KV cache of the first p tokens and only the last S − p tokens are computed.
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ def patch_sweep(
     max_rows: int = 128,
     clean_with: Any = None,
     corrupted_with: Any = None,
+    strategy: str = "auto",
 ) -> PatchResult:
     """Patch clean activations into the corrupted run at every (layer, position) of ``hook``.
 
@@ -115,6 +116,10 @@ def patch_sweep(
             ``clean_with=reft`` and the same tokens on both sides, the sweep shows which sites
             carry a trained ReFT's behaviour. In the corrupted runs the patch is applied on top
             of (after) the ReFT's own edit at the same site.
+        strategy: ``"batch"`` packs (layer, position) variants into as few forwards as
+            ``max_rows`` allows (best when a forward's fixed cost dominates: small models);
+            ``"prefix"`` runs one forward per position over its last S − p tokens only, from the
+            corrupted run's KV cache (best for larger models); ``"auto"`` picks by model size.
 
     Returns a :class:`PatchResult` with ``values [n_layers, pos]``, equal to
     ``transformer_lens.patching`` on the same inputs to fp32 rounding.
@@ -146,8 +151,7 @@ def patch_sweep(
     batch, seq = corrupt.shape
     clean_ctx = clean_with.hooks() if clean_with is not None else contextlib.nullcontext()
     with clean_ctx:
-        _, cache = model.run_with_cache(clean, names_filter=lambda n: n in set(names) | {p.name for p in points})
-        clean_logits = model(clean)
+        clean_logits, cache = model.run_with_cache(clean, names_filter=lambda n: n in set(names) | {p.name for p in points})
     clean_acts = [cache[p.name] for p in points]  # [batch, seq, ...] per layer
     corrupt_ctx = (lambda: corrupted_with.hooks()) if corrupted_with is not None else contextlib.nullcontext
     with corrupt_ctx():
@@ -156,43 +160,65 @@ def patch_sweep(
         batched = batch == 1 and _accepts_batched(metric, base_logits)
     if batched and batch != 1:
         raise AnalysisError("a batched metric needs batch 1 clean/corrupted inputs; use a TL-style metric for batches.")
-    # an active ReFT resolves its positions over whole sequences, so it needs the full recomputation
-    reuse_prefix = corrupted_with is None
     result = torch.empty(len(layers), seq)
     per_forward = max(1, max_rows // batch)
+
+    def run_cells(cells: list[tuple[int, int]], start: int, prefix: Any) -> None:
+        """One batched forward: row i patches (layer index, position) ``cells[i]``; the first
+        ``start`` positions come from the corrupted run's KV cache ``prefix``."""
+        n = len(cells)
+        inputs = corrupt[:, start:].repeat_interleave(n, dim=0)  # batch-major: row = b * n + i
+        past = None
+        if prefix is not None:
+            past = copy.deepcopy(prefix)
+            past.batch_repeat_interleave(n)
+        handles = []
+        with corrupt_ctx():
+            try:
+                for li in sorted({c[0] for c in cells}):
+                    idx = torch.tensor([i for i, c in enumerate(cells) if c[0] == li])
+                    pos = torch.tensor([cells[i][1] for i in idx.tolist()])
+                    b = torch.arange(batch).repeat_interleave(len(idx))
+                    rows = (b * n + idx.repeat(batch)).to(corrupt.device)
+                    at = pos.repeat(batch).to(corrupt.device)
+                    value = clean_acts[li][b.to(corrupt.device), at]
+                    handles.append((points[li], points[li].add_hook(_patch_rows(rows, at - start, value), dir="fwd")))
+                out = model(inputs, past_key_values=past, return_type="logits") if past is not None else model(inputs)
+            finally:
+                for point, h in handles:
+                    h.hook.remove()
+                    point.fwd_hooks.remove(h)
+        if start > 0:  # earlier positions are the corrupted run's, unchanged by a later patch
+            out = torch.cat([base_logits[:, :start].repeat_interleave(n, dim=0), out], 1)
+        for (li, p), v in zip(cells, _metric_values(metric, out, n, batch, batched).cpu()):
+            result[li, p] = v
+
+    if strategy == "auto":
+        # an active ReFT resolves its positions over whole sequences, so it needs full recomputation;
+        # otherwise skipping the prefix pays off once forwards are compute-bound (measured crossover)
+        big = sum(p.numel() for p in model.parameters()) >= 20_000_000
+        strategy = "prefix" if corrupted_with is None and big else "batch"
+    if strategy == "prefix" and corrupted_with is not None:
+        raise AnalysisError("strategy='prefix' cannot run with corrupted_with (a ReFT needs whole sequences); use 'batch'.")
     with kv_cache_fix(model), _quiet():
-        for p in range(seq):
-            start = p if reuse_prefix else 0
-            prefix = model(corrupt[:, :start], return_type="logits_and_cache")[1] if start > 0 else None
-            for first in range(0, len(layers), per_forward):
-                chunk = list(range(first, min(first + per_forward, len(layers))))
-                n = len(chunk)
-                inputs = corrupt[:, start:].repeat_interleave(n, dim=0)  # batch-major: row = b * n + i
-                past = None
-                if prefix is not None:
-                    past = copy.deepcopy(prefix)
-                    past.batch_repeat_interleave(n)
-                handles = []
-                with corrupt_ctx():
-                    try:
-                        for i, li in enumerate(chunk):
-                            rows = torch.arange(batch, device=corrupt.device) * n + i
-                            patch = _patch_rows(rows, p - start, clean_acts[li][:, p])
-                            handles.append((points[li], points[li].add_hook(patch, dir="fwd")))
-                        out = model(inputs, past_key_values=past, return_type="logits") if past is not None else model(inputs)
-                    finally:
-                        for point, h in handles:
-                            h.hook.remove()
-                            point.fwd_hooks.remove(h)
-                if start > 0:  # earlier positions are the corrupted run's, unchanged by a later patch
-                    out = torch.cat([base_logits[:, :start].repeat_interleave(n, dim=0), out], 1)
-                result[chunk, p] = _metric_values(metric, out, n, batch, batched).cpu()
+        if strategy == "prefix":
+            for p in range(seq):
+                prefix = model(corrupt[:, :p], return_type="logits_and_cache")[1] if p > 0 else None
+                cells = [(li, p) for li in range(len(layers))]
+                for first in range(0, len(cells), per_forward):
+                    run_cells(cells[first : first + per_forward], p, prefix)
+        elif strategy == "batch":
+            cells = [(li, p) for p in range(seq) for li in range(len(layers))]
+            for first in range(0, len(cells), per_forward):
+                run_cells(cells[first : first + per_forward], 0, None)
+        else:
+            raise AnalysisError(f"strategy must be 'auto', 'prefix' or 'batch'; got {strategy!r}.")
     tokens = [model.tokenizer.decode([t]) for t in corrupt[0].tolist()]
     m = lambda lg: float(_metric_values(metric, lg, 1, batch, batched)[0])  # noqa: E731
     return PatchResult(result, layers, tokens, hook, clean=m(clean_logits), corrupted=m(base_logits))
 
 
-def _patch_rows(rows: Tensor, pos: int, value: Tensor) -> Callable:
+def _patch_rows(rows: Tensor, pos: Tensor, value: Tensor) -> Callable:
     def fn(h: Tensor, hook: Any = None) -> Tensor:
         h = h.clone()
         h[rows, pos] = value.to(h.dtype)
