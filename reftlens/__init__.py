@@ -46,8 +46,29 @@ def train(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
+def to_hf(*args, **kwargs):
+    """Export a ReftModel to a plain transformers model; see :func:`reftlens.export.to_hf`."""
+    from reftlens.export import to_hf as _to_hf
+
+    return _to_hf(*args, **kwargs)
+
+
+def save_hf(*args, **kwargs):
+    """Save an exported model; see :func:`reftlens.export.save_hf`."""
+    from reftlens.export import save_hf as _save_hf
+
+    return _save_hf(*args, **kwargs)
+
+
+def load_hf(*args, **kwargs):
+    """Load an exported model with transformers alone; see :func:`reftlens.export.load_hf`."""
+    from reftlens.export import load_hf as _load_hf
+
+    return _load_hf(*args, **kwargs)
+
+
 __all__ = [
-    "train",
+    "train", "to_hf", "save_hf", "load_hf",
     "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",

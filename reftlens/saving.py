@@ -108,8 +108,13 @@ def save(reft: "ReftModel", path: str | os.PathLike) -> Path:
     return atomic_dir(path, lambda folder: write(reft, folder))
 
 
-def write(reft: "ReftModel", folder: Path) -> None:
-    """Write the two files of a save into an existing folder (not atomic by itself)."""
+def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write the two files of a save into an existing folder (not atomic by itself).
+
+    ``reft`` is anything with ``phis``, ``units`` and ``cast`` (a ReftModel, or the exported
+    interventions of an HF model); ``base`` is the base-model fingerprint (default: from
+    ``reft.model``); ``extra`` goes into the config as is.
+    """
     from safetensors.torch import save_file
 
     index = {id(phi): i for i, phi in enumerate(reft.phis)}
@@ -124,23 +129,21 @@ def write(reft: "ReftModel", folder: Path) -> None:
         except ValueError as e:
             raise ReftError(f"intervention {u.name!r}: {e}") from None
         units.append({"name": u.name, "phi": index[id(u.phi)], "layers": list(u.layers), "positions": positions,
-                      "source_positions": source, "hook": u.hook})
+                      "source_positions": source, "hook": u.hook, "stack": u.stack})
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
         "format": "reftlens", "schema_version": SCHEMA_VERSION, "reftlens_version": _version(),
-        "phis": records, "units": units, "cast": reft.cast, "base_model": fingerprint(reft.model),
-        "weights_sha256": sha256(folder / WEIGHTS_FILE),
+        "phis": records, "units": units, "cast": reft.cast,
+        "base_model": base if base is not None else fingerprint(reft.model),
+        "weights_sha256": sha256(folder / WEIGHTS_FILE), **(extra or {}),
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
-    """Rebuild a saved set on ``model``. Everything is checked before anything is returned."""
+def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+    """Read and check a save against the base-model fingerprint ``here``: ``(config, phis)``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from reftlens.model import ReftModel
-    from reftlens.sets import Intervention
 
     folder = Path(path)
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
@@ -159,7 +162,7 @@ def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = Non
             f"{folder} was saved with schema version {version} by reftlens {config.get('reftlens_version')}; this "
             f"reftlens ({_version()}) reads up to version {SCHEMA_VERSION}. Upgrade reftlens to load it."
         )
-    saved, here = config["base_model"], fingerprint(model)
+    saved = config["base_model"]
     diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
     if diff:
         raise LoadError(f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on.")
@@ -192,7 +195,23 @@ def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = Non
         if dtype is not None:
             phi.to(dtype)
         phis.append(phi)
+    return config, phis
 
+
+def interventions(config: dict[str, Any], phis: list[torch.nn.Module]) -> list[Any]:
+    """The saved units as Interventions (each holding its saved Φ; tied units share one)."""
+    from reftlens.sets import Intervention
+
+    return [Intervention(phis[u["phi"]], layers=u["layers"], positions=from_json(u["positions"]), hook=u["hook"],
+                         source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
+                         stack=u.get("stack"), name=u["name"]) for u in config["units"]]
+
+
+def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
+    """Rebuild a saved set on ``model``. Everything is checked before anything is returned."""
+    from reftlens.model import ReftModel
+
+    config, phis = read(path, fingerprint(model), dtype=dtype)
     model_dtype = next(model.parameters()).dtype
     use_cast = config.get("cast", False) if cast is None else cast
     phi_dtypes = {t.dtype for p in phis for t in p.state_dict().values() if t.is_floating_point()}
@@ -201,10 +220,7 @@ def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = Non
             f"the saved Φs are {sorted(str(d) for d in phi_dtypes)} but the model is {model_dtype}. Pass "
             f"dtype={model_dtype} to convert them, or cast=True to run them in their own precision."
         )
-    ivs = [Intervention(phis[u["phi"]], layers=u["layers"], positions=from_json(u["positions"]), hook=u["hook"],
-                        source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
-                        name=u["name"]) for u in config["units"]]
-    return ReftModel(model, ivs, cast=use_cast)
+    return ReftModel(model, interventions(config, phis), cast=use_cast)
 
 
 def _version() -> str:

@@ -1,0 +1,5 @@
+"""Export: interventions on plain transformers models (no TransformerLens needed to run them)."""
+
+from reftlens.export.hf import ExportError, HFInterventions, load_hf, pristine_hf, save_hf, to_hf
+
+__all__ = ["to_hf", "save_hf", "load_hf", "pristine_hf", "HFInterventions", "ExportError"]

@@ -1,0 +1,168 @@
+"""Export to plain transformers: same numbers as the TransformerLens path, no TransformerLens needed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+
+import reftlens
+from reftlens import DiReFT, Interchange, Intervention, LoReFT, ReftModel
+from reftlens.export import ExportError, load_hf, save_hf, to_hf
+from reftlens.export.hf import decoder_layers
+from reftlens.models import tiny_hf_model, tiny_tokenizer
+
+PROMPTS = ["the quick brown fox", "a", "over the river and"]
+
+
+def build_set(model):
+    torch.manual_seed(0)
+    d = model.cfg.d_model
+    return ReftModel(model, [
+        Intervention(LoReFT(d, 4, init="random"), layers=[0, 2], positions="f2+l2"),
+        Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l3", hook="attn_out"),
+        Intervention(LoReFT(d, 2, init="random"), layers=model.cfg.n_layers - 1, positions="f1", hook="mlp_out"),
+        Intervention(LoReFT(d, 2, init="random"), layers=1, positions="all", hook="resid_pre"),
+    ])
+
+
+def hf_logits(hf, tokens, mask):
+    # HF computes positions from the mask only in generate; give them explicitly, as TransformerLens does
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return hf(input_ids=tokens, attention_mask=mask, position_ids=pos).logits
+
+
+def assert_same(reft, hf, side):
+    tokens, mask = reft.tokenize(PROMPTS, padding_side=side)
+    with torch.no_grad():
+        ours = reft(tokens, attention_mask=mask)
+    theirs = hf_logits(hf, tokens, mask)
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        plain = reft.model(tokens, attention_mask=mask)
+    assert (ours - plain)[real].abs().max() > 1e-3  # the interventions do something
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_export_matches_the_transformer_lens_path(model, side):
+    reft = build_set(model)
+    hf = to_hf(reft)
+    assert type(hf).__module__.startswith("transformers.") and "Bridge" not in type(hf).__name__
+    assert_same(reft, hf, side)
+
+
+TINY_CONFIGS = {
+    "qwen2": lambda c: T.Qwen2Config(num_key_value_heads=2, **c),
+    "mistral": lambda c: T.MistralConfig(num_key_value_heads=2, **c),
+    "gemma": lambda c: T.GemmaConfig(num_key_value_heads=2, head_dim=16, **c),
+    "gpt-neox": lambda c: T.GPTNeoXConfig(**c),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_more_architectures(arch):
+    tok = tiny_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = reftlens.load_model(T.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](common)).eval(), tokenizer=tok)
+    reft = build_set(model)
+    assert_same(reft, to_hf(reft), "left")
+
+
+def test_base_weights_are_bit_identical_and_the_tree_is_pristine(tiny_models):
+    reft = build_set(tiny_models["tiny-llama"])
+    hf = to_hf(reft)
+    original, _ = tiny_hf_model("tiny-llama", seed=0)
+    exported = {k: v for k, v in hf.state_dict().items() if not k.startswith("reft_interventions.")}
+    assert exported.keys() == original.state_dict().keys()
+    assert all(torch.equal(v, original.state_dict()[k]) for k, v in exported.items())
+    assert not any("_original_component" in n for n, _ in hf.named_modules())
+
+
+@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+def test_generate_gives_the_same_tokens_as_reft_generate(model, intervene_on):
+    reft = build_set(model)
+    hf = to_hf(reft, intervene_on=intervene_on)
+    tokens, mask = reft.tokenize(PROMPTS)
+    ours = reft.generate(tokens, 10, attention_mask=mask, eos_token_id=None, intervene_on=intervene_on)
+    theirs = hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                         pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+
+
+BLOCK_TL = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "transformer_lens" or name.startswith("transformer_lens."):
+            raise ImportError("transformer_lens is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_save_and_load_without_transformer_lens(model, tmp_path):
+    reft = build_set(model)
+    hf = to_hf(reft)
+    path = save_hf(hf, tmp_path / "exported", tokenizer=model.tokenizer)
+    tokens, mask = reft.tokenize(PROMPTS)
+    expected = hf_logits(hf, tokens, mask)
+    torch.save({"tokens": tokens, "mask": mask, "logits": expected}, tmp_path / "expected.pt")
+    code = BLOCK_TL + f"""
+import torch, reftlens
+from reftlens.export import load_hf
+m = load_hf({str(path)!r})
+e = torch.load({str(tmp_path / "expected.pt")!r})
+pos = (e["mask"].cumsum(-1) - 1).clamp(min=0)
+with torch.no_grad():
+    got = m(input_ids=e["tokens"], attention_mask=e["mask"], position_ids=pos).logits
+real = e["mask"].bool()
+print("maxdiff", float((got - e["logits"])[real].abs().max()))
+print("tl loaded", "transformer_lens" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tl loaded False" in out.stdout
+    assert float(out.stdout.split("maxdiff")[1].split()[0]) < 1e-5
+    # in process too, and the reft folder is the usual safetensors + JSON
+    loaded = load_hf(path)
+    torch.testing.assert_close(hf_logits(loaded, tokens, mask)[mask.bool()], expected[mask.bool()], atol=1e-6, rtol=0)
+    assert json.loads((path / "reft" / "reft_config.json").read_text())["intervene_on"] == "prompt"
+
+
+def test_base_by_reference(tiny_models, tmp_path):
+    reft = build_set(tiny_models["tiny-llama"])
+    hf = to_hf(reft)
+    base = tmp_path / "base"
+    original, tok = tiny_hf_model("tiny-llama", seed=0)
+    original.save_pretrained(base)
+    path = save_hf(hf, tmp_path / "small", include_base=False, base_reference=str(base))
+    assert not (path / "model.safetensors").exists()
+    tokens, mask = reft.tokenize(PROMPTS)
+    real = mask.bool()
+    torch.testing.assert_close(hf_logits(load_hf(path), tokens, mask)[real], hf_logits(hf, tokens, mask)[real], atol=1e-6, rtol=0)
+
+
+def test_refusals(model):
+    with pytest.raises(ExportError, match="takes a source"):
+        to_hf(ReftModel(model, Intervention(Interchange(), layers=1, positions="l1")))
+    with pytest.raises(ExportError, match="hook 'attn.hook_z' has no native equivalent"):
+        to_hf(ReftModel(model, Intervention(lambda h: h, layers=1, hook="attn.hook_z")))
+    with pytest.raises(ExportError, match="Linear is not supported for export"):
+        decoder_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ExportError, match="carries no reftlens interventions"):
+        save_hf(tiny_hf_model("tiny-gpt2")[0], "/tmp/never")
+
+
+def test_compatibility_mode_is_refused_not_silently_wrong():
+    hf, tok = tiny_hf_model("tiny-gpt2", seed=3)
+    bridge = reftlens.load_model(hf, tokenizer=tok)
+    bridge.enable_compatibility_mode()
+    reft = ReftModel(bridge, Intervention(LoReFT(bridge.cfg.d_model, 2), layers=1, positions="l1"))
+    with pytest.raises(ExportError, match="compatibility mode.*different basis"):
+        to_hf(reft)
