@@ -1,0 +1,67 @@
+"""Exported model vs plain transformers on SmolLM2-135M-Instruct: forward 8 × 128 and greedy
+generation of 32 tokens (KV cache), with the LoReFT set of the paper's instruction setup
+(rank 4, layers 3;9;18;24, f5+l5). Runs alternate; ratios are medians of per-pair ratios.
+
+    python benchmarks/export_overhead.py --reps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import reftlens
+from reftlens import Intervention, LoReFT, ReftModel
+
+
+def paired(f, g, reps):
+    a, b = [], []
+    for _ in range(reps):
+        t = time.perf_counter(); f(); a.append(time.perf_counter() - t)
+        t = time.perf_counter(); g(); b.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    bridge = reftlens.load_model("smollm2-135m")
+    torch.manual_seed(0)
+    reft = ReftModel(bridge, Intervention(LoReFT(576, 4, init="random"), layers=[3, 9, 18, 24], positions="f5+l5"))
+    exported = reftlens.to_hf(reft)
+    plain = AutoModelForCausalLM.from_pretrained(reftlens.models.smollm2_dir(), dtype=torch.float32).eval()
+    plain.config._attn_implementation = exported.config._attn_implementation  # same attention kernel on both sides
+    tok = bridge.tokenizer
+    g = torch.Generator().manual_seed(0)
+    fwd = torch.randint(20, 49152, (8, 128), generator=g)
+    prompts = [f"<|im_start|>user\nQuestion {i}: name a colour.<|im_end|>\n<|im_start|>assistant\n" for i in range(8)]
+    tokens, mask = reft.tokenize(prompts)
+    kw = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
+    rows = []
+    with torch.no_grad():
+        for _ in range(2):
+            plain(fwd); exported(fwd)
+        rows.append(("forward 8 × 128", *paired(lambda: plain(fwd), lambda: exported(fwd), args.reps)))
+        plain.generate(tokens, **kw); exported.generate(tokens, **kw)
+        rows.append(("greedy generation, 32 tokens, batch 8", *paired(lambda: plain.generate(tokens, **kw),
+                                                                       lambda: exported.generate(tokens, **kw), max(3, args.reps // 2))))
+    print(f"# exported LoReFT set vs plain transformers, SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} threads, "
+          f"{platform.machine()}, torch {torch.__version__}")
+    print("| what | plain HF (s) | exported with LoReFT (s) | median paired ratio |")
+    print("|---|---|---|---|")
+    for name, a, b, r in rows:
+        print(f"| {name} | {a:.3f} | {b:.3f} | {r:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
