@@ -29,8 +29,8 @@ class ReftModel(nn.Module):
     """A frozen TransformerLens model plus a set of interventions ⟨Φ, P, L⟩.
 
     Only the Φs are submodules: ``reft.parameters()`` is what trains, ``reft.to(...)``
-    moves the Φs, and the base model is never modified (its hooks are added per call and
-    removed afterwards).
+    moves the Φs. The base model is frozen (``requires_grad`` off) and otherwise untouched: its
+    hooks are added per call and removed afterwards.
 
     Args:
         model: a TransformerLens ``TransformerBridge`` (see :func:`reftlens.load_model`).
