@@ -17,6 +17,7 @@ from reftlens.interventions import (
     LoReFT,
     MeanAblation,
     Noise,
+    NodiReFT,
     NoReFT,
     OrthonormalRows,
     Phi,
@@ -67,8 +68,22 @@ def load_hf(*args, **kwargs):
     return _load_hf(*args, **kwargs)
 
 
+def from_pyreft(*args, **kwargs):
+    """Load a pyreft/pyvene save folder onto a model; see :func:`reftlens.export.pyreft.from_pyreft`."""
+    from reftlens.export.pyreft import from_pyreft as _from_pyreft
+
+    return _from_pyreft(*args, **kwargs)
+
+
+def to_pyreft(*args, **kwargs):
+    """Write a ReftModel as a pyreft save folder; see :func:`reftlens.export.pyreft.to_pyreft`."""
+    from reftlens.export.pyreft import to_pyreft as _to_pyreft
+
+    return _to_pyreft(*args, **kwargs)
+
+
 __all__ = [
-    "train", "to_hf", "save_hf", "load_hf",
+    "train", "to_hf", "save_hf", "load_hf", "from_pyreft", "to_pyreft", "NodiReFT",
     "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",

@@ -100,6 +100,31 @@ class DiReFT(_LowRank):
         return h + self.dropout(self.W1(h) @ self.W2)
 
 
+@register("nodireft")
+class NodiReFT(_LowRank):
+    """NodiReFT: Φ(h) = h + Pᵀ(Wh + b), P ∈ R^{r×d} free (no orthogonality, no difference).
+
+    pyreft's ``NodireftIntervention`` (``learned_source`` = W and b, ``proj_layer.weight`` = P).
+    Identity init: P = 0 (as DiReFT's W₂ = 0); ``init="random"`` is pyreft's initialisation.
+
+    >>> phi = NodiReFT(16, rank=4)
+    >>> h = torch.randn(3, 16)
+    >>> torch.equal(phi(h), h)
+    True
+    """
+
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+        super().__init__(d_model, rank, init, dropout)
+        self.W = nn.Linear(d_model, rank)  # W and b
+        self.P = nn.Linear(d_model, rank, bias=False)
+        if init == "identity":
+            with torch.no_grad():
+                self.P.weight.zero_()
+
+    def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        return h + self.dropout(self.W(h) @ self.P.weight)
+
+
 @register("consreft")
 class ConsReFT(_LowRank):
     """ConsReFT: Φ(h) = h + Rᵀ(b − Rh), a constant target b in the subspace. Never the identity."""

@@ -1,0 +1,667 @@
+"""pyreft interop: read and write pyreft / pyvene ``ReftModel.save`` folders, no pickle.
+
+pyreft (0.1.0, on pyvene 0.1.8) saves a folder with
+
+``config.json``
+    a pyvene ``IntervenableConfig``: ``representations`` (one list per intervention, the
+    fields of pyvene's ``RepresentationConfig`` in order: layer, component, unit,
+    max_number_of_units, low_rank_dimension, intervention_type, intervention,
+    subspace_partition, group_key, intervention_link_key, moe_key, source_representation,
+    hidden_source_representation, latent_dim), ``intervention_types`` (one
+    ``"<class 'pyreft.interventions.LoreftIntervention'>"`` string per intervention; pyvene
+    imports it by name on load, reftlens only matches it against a fixed table),
+    ``sorted_keys``, ``intervention_dimensions``, ``intervention_constant_sources``.
+``intkey_<key>.bin``
+    ``torch.save`` of each intervention's state dict, for the key
+    ``layer_<L>_comp_<component>_unit_<unit>_nunit_<n>#<k>`` where ``#k`` counts earlier
+    interventions with the same layer/component/unit (so pyreft's untied first/last layout,
+    layers ``[1, 3, 1, 3]``, gives ``layer_1_…#0``, ``layer_3_…#0``, ``layer_1_…#1``,
+    ``layer_3_…#1``).
+
+reftlens reads every ``.bin`` with ``torch.load(..., weights_only=True)``: tensors only, no code.
+
+State dicts (d = hidden size, r = rank)::
+
+    LoreftIntervention    weight [r,d], bias [r], rotate_layer [d,r]           (custom state_dict:
+                          rotate_layer is the materialised orthogonal matrix)
+    NoreftIntervention    proj_layer.weight [r,d] (+ proj_layer.bias [r] if add_bias),
+                          learned_source.weight [r,d], learned_source.bias [r], embed_dim, interchange_dim
+    NodireftIntervention  as Noreft (proj_layer.bias, if any, is unused by the forward)
+    DireftIntervention    learned_source.weight [r,d], learned_source.bias [r],
+                          rotate_layer.parametrizations.weight.original [d,r],
+                          rotate_layer.parametrizations.weight.0.base [d,d], embed_dim, interchange_dim
+    ConsreftIntervention  learned_source [r], rotate_layer.parametrizations.… as Direft, embed_dim, interchange_dim
+    LobireftIntervention  as Consreft
+
+For the last three, ``rotate_layer`` is a ``torch.nn.utils.parametrizations.orthogonal``
+module (householder map for d > r, matrix_exp for d = r, with the dynamic trivialisation
+``base``) and only the parametrisation's inputs are saved; the effective matrix is
+``base @ householder(original)``, recomputed here with exactly torch's operations
+(:func:`orthogonal_weight`, bit-identical to torch's own).
+
+Forward formulas (rows h; ``R`` = rotate_layer.weight [d,r]; W = learned_source; P = proj_layer)::
+
+    Loreft    h + (W h + b − h R) Rᵀ           → reftlens LoReFT  (R rows = Rᵀ, W)
+    Noreft    h + (W h + b − P h − b_P) P      → reftlens NoReFT  (P, W with bias b − b_P)
+    Direft    h + (W h + b) Rᵀ                 → reftlens DiReFT  (W1 = W, W2 = Rᵀ)
+    Nodireft  h + (W h + b) P                  → reftlens NodiReFT (W, P)
+    Consreft  h + (b − h R) Rᵀ                 → reftlens ConsReFT (R rows = Rᵀ, b)
+    Lobireft  h + b Rᵀ                         → reftlens LoBiReFT (R rows = Rᵀ, b)
+
+pyreft's ``act_fn`` (default ``None`` = linear, i.e. identity) wraps ``W h + b`` and its
+``dropout`` wraps the *whole output* ``h + edit`` (Consreft has none); neither is saved, and
+pyreft's own ``ReftModel.load`` rebuilds every intervention with the defaults (linear, no
+dropout), so reftlens does the same. reftlens's dropout acts on the edit only.
+
+pyreft does not save positions: they are chosen at data time. See :func:`from_pyreft`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from reftlens.errors import ConfigError
+from reftlens.interventions.base import register
+from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
+from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
+from reftlens.saving import LoadError, atomic_dir
+
+if TYPE_CHECKING:
+    from reftlens.model import ReftModel
+
+__all__ = ["NodiReFT", "from_pyreft", "to_pyreft", "read_pyreft", "orthogonal_weight", "PYREFT_TYPES"]
+
+CONFIG_FILE = "config.json"
+METADATA_KEY = "reftlens"
+DEFAULT_POSITIONS = "f1+l1"  # pyreft's examples/loreft/train.py --position default
+
+# pyvene's RepresentationConfig fields, in order, with their defaults
+_REPR_FIELDS = (
+    "layer", "component", "unit", "max_number_of_units", "low_rank_dimension", "intervention_type",
+    "intervention", "subspace_partition", "group_key", "intervention_link_key", "moe_key",
+    "source_representation", "hidden_source_representation", "latent_dim",
+)
+_REPR_DEFAULTS = (0, "block_output", "pos", 1) + (None,) * 10
+
+# pyreft class name → reftlens type name
+PYREFT_TYPES = {
+    "LoreftIntervention": "loreft",
+    "NoreftIntervention": "noreft",
+    "DireftIntervention": "direft",
+    "NodireftIntervention": "nodireft",
+    "ConsreftIntervention": "consreft",
+    "LobireftIntervention": "lobireft",
+}
+_TYPE_RE = re.compile(r"^<class '(?P<module>[A-Za-z_][\w.]*)\.(?P<cls>[A-Za-z_]\w*)'>$")
+
+# TransformerLens hooks that are pyvene's "block_output" (the decoder layer's output)
+_BLOCK_OUTPUT_HOOKS = ("hook_resid_post", "hook_out")
+
+# to_pyreft writes the parameter A of an OrthonormalRows as pyreft's R when it differs from
+# the R reftlens computes from it by at most this much (so the round trip keeps A bit for bit)
+_ORTHONORMAL_ATOL = 1e-6
+
+
+# --------------------------------------------------------------------------- NodiReFT
+
+
+# --------------------------------------------------------------------------- the orthogonal map
+
+
+def orthogonal_weight(original: Tensor, base: Tensor | None = None) -> Tensor:
+    """The matrix ``torch.nn.utils.parametrizations.orthogonal`` computes from a saved state.
+
+    ``original`` is ``…parametrizations.weight.original`` and ``base`` the trivialisation buffer
+    ``…parametrizations.weight.0.base``. The map is torch's default: householder for a
+    non-square matrix, matrix_exp for a square one. The operations are torch's own (torch 2.x
+    ``_Orthogonal.forward``), so the result is bit-identical to the parametrised weight,
+    including its quirk of scaling each column by ``int()`` of ``original``'s diagonal
+    (truncation: -1.5 → -1, 0.7 → 0).
+    """
+    X = original
+    n, k = X.size(-2), X.size(-1)
+    transposed = n < k
+    if transposed:
+        X = X.mT
+        n, k = k, n
+    if n == k:  # matrix_exp, torch's default for square matrices
+        A = X.tril()
+        A = A - A.mH
+        Q = torch.matrix_exp(A)
+    else:
+        A = X.tril(diagonal=-1)
+        tau = 2.0 / (1.0 + (A * A).sum(dim=-2))
+        Q = torch.linalg.householder_product(A, tau)
+        Q = Q * X.diagonal(dim1=-2, dim2=-1).int().unsqueeze(-2)
+    if base is not None:
+        Q = base @ Q
+    if transposed:
+        Q = Q.mT
+    return Q
+
+
+def _trivialised_state(rotate: Tensor, seed: int = 0) -> dict[str, Tensor]:
+    """A parametrisation state (``original``, ``base``) whose weight is exactly ``rotate`` [d, r].
+
+    ``original`` = -I (the value torch itself stores at registration: householder(-I) is
+    exactly I[:, :r]) and ``base`` = [rotate | an orthonormal complement], so
+    ``base @ I[:, :r]`` reproduces ``rotate`` bit for bit and further pyreft training keeps
+    the columns orthonormal.
+    """
+    d, r = rotate.shape
+    work = rotate.detach().to(torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.cat([work, torch.randn(d, d - r, generator=gen, dtype=torch.float64)], dim=1)
+    q, _ = torch.linalg.qr(full)
+    base = torch.cat([rotate.detach(), q[:, r:].to(rotate.dtype)], dim=1).contiguous()
+    original = torch.zeros(d, r, dtype=rotate.dtype)
+    original.diagonal().fill_(-1.0)
+    return {
+        "rotate_layer.parametrizations.weight.original": original,
+        "rotate_layer.parametrizations.weight.0.base": base,
+    }
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class PyreftIntervention:
+    """One intervention of a pyreft save, as read from disk (tensors only)."""
+
+    def __init__(self, key: str, type_name: str, layer: int, component: str, state: dict[str, Tensor]):
+        self.key, self.type_name, self.layer, self.component, self.state = key, type_name, layer, component, state
+
+    def __repr__(self) -> str:
+        return f"PyreftIntervention({self.key!r}, {self.type_name}, layer={self.layer})"
+
+
+def _representation(entry: Any, i: int, config_path: Path) -> dict[str, Any]:
+    if isinstance(entry, dict):
+        unknown = set(entry) - set(_REPR_FIELDS)
+        if unknown:
+            raise LoadError(f"{config_path}: representation {i} has unknown fields {sorted(unknown)}.")
+        return {f: entry.get(f, d) for f, d in zip(_REPR_FIELDS, _REPR_DEFAULTS)}
+    if isinstance(entry, (list, tuple)) and len(entry) <= len(_REPR_FIELDS):
+        values = list(entry) + list(_REPR_DEFAULTS[len(entry):])
+        return dict(zip(_REPR_FIELDS, values))
+    raise LoadError(f"{config_path}: representation {i} is not a pyvene RepresentationConfig: {entry!r}.")
+
+
+def _pyvene_key(rep: dict[str, Any], seen: dict[str, int]) -> str:
+    """pyvene's ``_get_representation_key``."""
+    c, u, n = str(rep["component"]), str(rep["unit"]), rep["max_number_of_units"]
+    u = u.replace(".", "_")
+    proposal = f"comp_{c.replace('.', '_')}_unit_{u}_nunit_{n}" if "." in c else f"layer_{rep['layer']}_comp_{c}_unit_{u}_nunit_{n}"
+    seen[proposal] = seen.get(proposal, -1) + 1
+    return f"{proposal}#{seen[proposal]}"
+
+
+def _type_name(type_str: Any, key: str) -> str:
+    m = _TYPE_RE.match(type_str) if isinstance(type_str, str) else None
+    cls = m.group("cls") if m else None
+    if m is None or cls not in PYREFT_TYPES or not m.group("module").startswith("pyreft"):
+        raise LoadError(
+            f"intervention {key}: unsupported intervention type {type_str!r}. Supported pyreft types: "
+            f"{', '.join(PYREFT_TYPES)} (pyreft.interventions)."
+        )
+    return cls
+
+
+def _load_state(path: Path, key: str) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise LoadError(f"intervention {key}: its weights file {path.name} is missing from {path.parent}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code, RuntimeError/EOFError for damaged files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(
+            f"{path} is not a plain tensor state dict: torch.load(weights_only=True) refused it ({first}). "
+            "reftlens never unpickles code; re-save it with pyreft's ReftModel.save or torch.save of a "
+            "dict of tensors."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise LoadError(f"{path} does not hold a state dict of tensors (got {type(state).__name__}).")
+    return dict(state)
+
+
+def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict[str, Any]]:
+    """Read a pyreft save: its interventions (in pyvene's key order) and its raw config.
+
+    Only ``config.json`` (JSON) and the ``intkey_*.bin`` files (``weights_only=True``) are read.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise LoadError(f"{folder} does not exist or is not a folder; expected a pyreft ReftModel.save folder.")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise LoadError(f"{folder} is not a pyreft save: {CONFIG_FILE} is missing.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{config_path} is not valid JSON ({e}).") from None
+    reps = config.get("representations") if isinstance(config, dict) else None
+    types = config.get("intervention_types") if isinstance(config, dict) else None
+    if not isinstance(reps, list) or not reps or types is None:
+        raise LoadError(f"{config_path} is not a pyreft/pyvene config: it needs 'representations' and 'intervention_types'.")
+    if isinstance(types, str):
+        types = [types] * len(reps)
+    if not isinstance(types, list) or len(types) != len(reps):
+        raise LoadError(f"{config_path}: {len(reps)} representations but intervention_types is {types!r}.")
+
+    seen: dict[str, int] = {}
+    out = []
+    for i, (entry, type_str) in enumerate(zip(reps, types)):
+        rep = _representation(entry, i, config_path)
+        key = _pyvene_key(rep, seen)
+        cls = _type_name(type_str, key)
+        if rep["component"] != "block_output":
+            raise LoadError(
+                f"intervention {key}: component {rep['component']!r} is not supported. reftlens maps only pyvene's "
+                "'block_output' (the decoder layer's output, TransformerLens resid_post)."
+            )
+        if rep["unit"] != "pos" or rep["max_number_of_units"] != 1:
+            raise LoadError(
+                f"intervention {key}: unit {rep['unit']!r} with max_number_of_units={rep['max_number_of_units']} is not "
+                "supported; reftlens maps pyreft's token-position interventions (unit 'pos', 1 unit)."
+            )
+        if rep["intervention_link_key"] is not None:
+            raise LoadError(
+                f"intervention {key} has intervention_link_key={rep['intervention_link_key']!r}. pyvene feeds a linked "
+                "intervention the *edited activations* of the first one it is linked to (from that one's layer), not "
+                "its own hidden state, which no reftlens Φ expresses. (To share weights across layers, pyreft passes "
+                "one intervention object to several representations, without a link key; that loads.)"
+            )
+        if rep["subspace_partition"] is not None or rep["hidden_source_representation"]:
+            raise LoadError(f"intervention {key}: subspace partitions and constant source representations are not supported.")
+        layer = rep["layer"]
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise LoadError(f"intervention {key}: layer {layer!r} is not a layer index.")
+        state = _load_state(folder / f"intkey_{key}.bin", key)
+        out.append(PyreftIntervention(key, cls, layer, rep["component"], state))
+    return out, config
+
+
+def _take(state: dict[str, Tensor], name: str, shape: tuple[int, ...], iv: PyreftIntervention, d_model: int) -> Tensor:
+    t = state.get(name)
+    if t is None:
+        raise LoadError(f"intervention {iv.key} ({iv.type_name}): tensor {name!r} is missing; it has {sorted(state)}.")
+    if tuple(t.shape) != shape:
+        if len(t.shape) == len(shape) and t.ndim >= 1 and d_model in shape and d_model not in t.shape:
+            raise LoadError(
+                f"intervention {iv.key} ({iv.type_name}): {name} has shape {tuple(t.shape)}, which does not fit "
+                f"the model's d_model={d_model}. It was trained on a model with another hidden size."
+            )
+        raise LoadError(f"intervention {iv.key} ({iv.type_name}): {name} has shape {tuple(t.shape)}; expected {shape}.")
+    if not t.is_floating_point():
+        raise LoadError(f"intervention {iv.key} ({iv.type_name}): {name} is {t.dtype}, not a float tensor.")
+    return t
+
+
+def _rank_of(iv: PyreftIntervention) -> int:
+    s = iv.state
+    for name, dim in (("learned_source.weight", 0), ("weight", 0), ("proj_layer.weight", 0),
+                      ("rotate_layer", 1), ("rotate_layer.parametrizations.weight.original", 1), ("learned_source", 0)):
+        if name in s and s[name].ndim > dim:
+            return int(s[name].shape[dim])
+    raise LoadError(f"intervention {iv.key} ({iv.type_name}): cannot find its rank in tensors {sorted(s)}.")
+
+
+def _rotate(iv: PyreftIntervention, d: int, r: int) -> Tensor:
+    """The effective rotate_layer.weight [d, r] of a pyreft intervention."""
+    s = iv.state
+    if "rotate_layer" in s:  # LoreftIntervention's custom state_dict: already materialised
+        return _take(s, "rotate_layer", (d, r), iv, d)
+    orig_name = "rotate_layer.parametrizations.weight.original"
+    original = _take(s, orig_name, (d, r), iv, d)
+    base_name = "rotate_layer.parametrizations.weight.0.base"
+    base = _take(s, base_name, (d, d), iv, d) if base_name in s else None
+    with torch.no_grad():
+        return orthogonal_weight(original, base)
+
+
+def _check_orthonormal(rows: Tensor, iv: PyreftIntervention) -> None:
+    err = (rows.double() @ rows.double().T - torch.eye(rows.shape[0], dtype=torch.float64)).abs().max().item()
+    if not err <= 1e-4:
+        raise LoadError(
+            f"intervention {iv.key} ({iv.type_name}): its rotate_layer is not orthonormal (max |R Rᵀ - I| = {err:.2g}; "
+            "e.g. weight decay moved the diagonal of the orthogonal parametrisation's 'original'). reftlens's "
+            f"{iv.type_name.replace('Intervention', '')} keeps R orthonormal and cannot represent it exactly."
+        )
+
+
+def _build_phi(iv: PyreftIntervention, d: int, dtype: torch.dtype) -> nn.Module:
+    r = _rank_of(iv)
+    s = iv.state
+    embed = s.get("embed_dim")
+    if embed is not None and embed.numel() == 1 and int(embed) != d:
+        raise LoadError(
+            f"intervention {iv.key} ({iv.type_name}) was trained on a model with hidden size {int(embed)}, but this model's "
+            f"d_model is {d}. Load it onto the model it was trained on."
+        )
+    with torch.no_grad():
+        if iv.type_name == "LoreftIntervention":
+            phi = LoReFT(d, r, init="random")
+            rotate = _rotate(iv, d, r)
+            _check_orthonormal(rotate.T, iv)
+            phi.R.A.copy_(rotate)  # A = Rᵀ exactly; reftlens's QR of it is R to fp32 rounding
+            phi.W.weight.copy_(_take(s, "weight", (r, d), iv, d))
+            phi.W.bias.copy_(_take(s, "bias", (r,), iv, d))
+        elif iv.type_name == "NoreftIntervention":
+            phi = NoReFT(d, r, init="random")
+            phi.P.weight.copy_(_take(s, "proj_layer.weight", (r, d), iv, d))
+            phi.W.weight.copy_(_take(s, "learned_source.weight", (r, d), iv, d))
+            bias = _take(s, "learned_source.bias", (r,), iv, d)
+            if "proj_layer.bias" in s:  # add_bias=True: (Wh + b) − (Ph + b_P) = Wh + (b − b_P) − Ph
+                bias = bias - _take(s, "proj_layer.bias", (r,), iv, d)
+            phi.W.bias.copy_(bias)
+        elif iv.type_name == "NodireftIntervention":
+            phi = NodiReFT(d, r, init="random")
+            phi.P.weight.copy_(_take(s, "proj_layer.weight", (r, d), iv, d))  # proj_layer.bias is unused by pyreft
+            phi.W.weight.copy_(_take(s, "learned_source.weight", (r, d), iv, d))
+            phi.W.bias.copy_(_take(s, "learned_source.bias", (r,), iv, d))
+        elif iv.type_name == "DireftIntervention":
+            phi = DiReFT(d, r, init="random")
+            phi.W1.weight.copy_(_take(s, "learned_source.weight", (r, d), iv, d))
+            phi.W1.bias.copy_(_take(s, "learned_source.bias", (r,), iv, d))
+            phi.W2.copy_(_rotate(iv, d, r).T)
+        else:  # ConsreftIntervention, LobireftIntervention
+            phi = (ConsReFT if iv.type_name == "ConsreftIntervention" else LoBiReFT)(d, r, init="random")
+            rotate = _rotate(iv, d, r)
+            _check_orthonormal(rotate.T, iv)
+            phi.R.A.copy_(rotate)
+            phi.b.copy_(_take(s, "learned_source", (r,), iv, d))
+    return phi.to(dtype).eval()
+
+
+def _metadata_positions(config: dict[str, Any], ivs: Sequence[PyreftIntervention]) -> list[PositionSpec] | None:
+    meta = config.get(METADATA_KEY)
+    if not isinstance(meta, dict) or not isinstance(meta.get("positions"), dict):
+        return None
+    saved = meta["positions"]
+    if set(saved) != {iv.key for iv in ivs} or any(saved[iv.key] is None for iv in ivs):
+        return None
+    try:
+        return [from_json(saved[iv.key]) for iv in ivs]
+    except ValueError:
+        return None
+
+
+def _metadata_ties(config: dict[str, Any], ivs: Sequence[PyreftIntervention]) -> dict[str, int]:
+    """Keys that were one reftlens Φ (recorded by to_pyreft): key → Φ index."""
+    meta = config.get(METADATA_KEY)
+    phi = meta.get("phi") if isinstance(meta, dict) else None
+    if not isinstance(phi, dict):
+        return {}
+    return {iv.key: phi[iv.key] for iv in ivs if isinstance(phi.get(iv.key), int)}
+
+
+def _same_state(a: PyreftIntervention, b: PyreftIntervention) -> bool:
+    return (a.type_name == b.type_name and a.state.keys() == b.state.keys()
+            and all(a.state[k].dtype == b.state[k].dtype and torch.equal(a.state[k], b.state[k]) for k in a.state))
+
+
+def _untied_layout(layers: Sequence[int]) -> bool:
+    """pyreft's untied first/last layout: the layer list is duplicated (``layers += layers``)."""
+    n = len(layers)
+    return n % 2 == 0 and list(layers[: n // 2]) == list(layers[n // 2 :])
+
+
+def _resolve_positions(positions: Any, ivs: Sequence[PyreftIntervention], config: dict[str, Any],
+                       untied: bool | str, clamp: bool) -> list[PositionSpec]:
+    n = len(ivs)
+    if positions is None:
+        stored = _metadata_positions(config, ivs)
+        if stored is not None:
+            return stored
+        positions = DEFAULT_POSITIONS
+    if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, (str, PositionSpec)) for p in positions):
+        if len(positions) != n:
+            raise ConfigError(
+                f"positions lists {len(positions)} specs, but the save has {n} pyreft interventions; give one spec per "
+                f"intervention, in config order: {[iv.key for iv in ivs]}."
+            )
+        return [_clamped(parse_positions(p), clamp) for p in positions]
+    spec = parse_positions(positions)
+    if untied not in ("auto", True, False):
+        raise ConfigError(f"untied must be 'auto', True or False; got {untied!r}.")
+    splittable = isinstance(spec, FirstLast) and spec.first > 0 and spec.last > 0
+    layout = _untied_layout([iv.layer for iv in ivs])
+    if untied is True and not (splittable and layout):
+        raise ConfigError(
+            f"untied=True needs an 'fN+lM' position spec (got {spec}) and pyreft's untied layout, the layer list "
+            f"duplicated (got layers {[iv.layer for iv in ivs]})."
+        )
+    if splittable and layout and untied in ("auto", True):
+        first, last = FirstLast(spec.first, 0, clamp), FirstLast(0, spec.last, clamp)
+        return [first] * (n // 2) + [last] * (n // 2)
+    return [_clamped(spec, clamp)] * n
+
+
+def _clamped(spec: PositionSpec, clamp: bool) -> PositionSpec:
+    if clamp and isinstance(spec, FirstLast) and spec.first > 0 and spec.last > 0:
+        return FirstLast(spec.first, spec.last, True)
+    return spec
+
+
+def from_pyreft(
+    path: str | os.PathLike,
+    model: Any,
+    *,
+    positions: Any = None,
+    untied: bool | str = "auto",
+    clamp: bool = True,
+    dtype: torch.dtype | None = None,
+) -> "ReftModel":
+    """Load a pyreft ``ReftModel.save`` folder onto a TransformerLens model, as a reftlens ``ReftModel``.
+
+    Each pyreft intervention becomes an :class:`~reftlens.Intervention` named by its pyvene key,
+    with identical weights (see the module docstring for the mapping), at its layer's
+    ``resid_post`` (pyvene's ``block_output``). Only tensors are read (``weights_only=True``).
+    Each key gets its own Φ (pyreft's own load does the same, even where one intervention object
+    served several layers in training), except keys that :func:`to_pyreft` recorded as one Φ and
+    whose tensors are still equal: those share it again. pyvene's ``intervention_link_key`` is
+    refused: a linked intervention reads the first one's edited activations, not its own layer.
+
+    Positions: pyreft does not save them (they are a data-time choice, ``unit_locations``), so
+    say which tokens each intervention edits:
+
+    - ``positions=None`` (default): the positions recorded by :func:`to_pyreft` in config.json if
+      there are any, else ``"f1+l1"``, the default of pyreft's training script
+      (``examples/loreft/train.py --position``).
+    - one spec (``"f5+l5"``, ``"l1"``, ...): with ``untied="auto"`` an ``fN+lM`` spec is split the
+      way pyreft's data pipeline splits it for untied weights (``share_weights=False``, where the
+      script duplicates the layer list, ``layers += layers``): when the saved layers read
+      ``[L1..Lk, L1..Lk]``, the first k interventions edit the first N tokens and the last k the
+      last M tokens. Otherwise (``share_weights=True``, or ``untied=False``) every intervention
+      edits the whole spec. ``untied=True`` insists on the split.
+    - a list with one spec per pyreft intervention, in config order, for anything else.
+
+    ``clamp=True`` (default) clamps N and M of an ``fN+lM`` spec to half of each prompt, as
+    pyreft's ``get_intervention_locations`` does, so first and last groups never meet on short
+    prompts (pyreft then points the missing slots at a pad token; reftlens edits nothing there).
+    Positions count real tokens, whatever the padding (pyreft's datasets prepend one pad token
+    and shift positions by one; reftlens needs no such shift).
+
+    ``dtype``: the Φs' dtype (default: the model's). pyreft builds ``learned_source`` and
+    ``proj_layer`` in bf16 unless told otherwise; the upcast to fp32 is exact.
+
+    Errors (:class:`reftlens.saving.LoadError`) name the file, key or tensor: a missing folder,
+    config or ``intkey_*.bin``, an unknown intervention type or a component other than
+    ``block_output``, a hidden size or layer the model does not have, and a ``.bin`` that is not a
+    plain tensor state dict.
+
+    >>> reft = from_pyreft("my-pyreft-save", bridge, positions="f5+l5")  # doctest: +SKIP
+    """
+    from reftlens.model import ReftModel
+    from reftlens.sets import Intervention
+
+    ivs, config = read_pyreft(path)
+    d, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
+    for iv in ivs:
+        if iv.layer >= n_layers:
+            raise LoadError(f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}.")
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    specs = _resolve_positions(positions, ivs, config, untied, clamp)
+
+    ties = _metadata_ties(config, ivs)
+    phis: list[nn.Module] = []
+    by_group: dict[int, tuple[PyreftIntervention, nn.Module]] = {}
+    for iv in ivs:
+        group = ties.get(iv.key)
+        if group is not None and group in by_group and _same_state(by_group[group][0], iv):
+            phi = by_group[group][1]
+        else:
+            phi = _build_phi(iv, d, dtype)
+            if group is not None and group not in by_group:
+                by_group[group] = (iv, phi)
+        phis.append(phi)
+    interventions = [Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
+                     for iv, phi, spec in zip(ivs, phis, specs)]
+    return ReftModel(model, interventions)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+_PYREFT_CLASS = {
+    LoReFT: "LoreftIntervention", NoReFT: "NoreftIntervention", DiReFT: "DireftIntervention",
+    NodiReFT: "NodireftIntervention", ConsReFT: "ConsreftIntervention", LoBiReFT: "LobireftIntervention",
+}
+
+
+def _rotate_for_pyreft(rows_module: nn.Module) -> Tensor:
+    """pyreft's rotate [d, r] for a reftlens OrthonormalRows: its parameter A when that equals the
+    R reftlens computes from it to ``_ORTHONORMAL_ATOL`` (lossless round trip), else R itself."""
+    A = rows_module.A.detach()
+    R = rows_module.weight.detach()
+    if (R.T.float() - A.float()).abs().max().item() <= _ORTHONORMAL_ATOL:
+        return A.clone()
+    return R.T.contiguous().clone()
+
+
+def _pyreft_state(phi: nn.Module, d: int) -> dict[str, Tensor]:
+    dims = {"embed_dim": torch.tensor(d), "interchange_dim": torch.tensor(d)}
+    with torch.no_grad():
+        if type(phi) is LoReFT:
+            return {"weight": phi.W.weight.detach().clone(), "bias": phi.W.bias.detach().clone(),
+                    "rotate_layer": _rotate_for_pyreft(phi.R)}
+        if type(phi) is NoReFT:
+            return {**dims, "proj_layer.weight": phi.P.weight.detach().clone(),
+                    "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.W.bias.detach().clone()}
+        if type(phi) is NodiReFT:
+            return {**dims, "proj_layer.weight": phi.P.weight.detach().clone(),
+                    "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.W.bias.detach().clone()}
+        if type(phi) is DiReFT:
+            W1, b, W2 = phi.W1.weight.detach(), phi.W1.bias.detach(), phi.W2.detach()
+            gram = W2.double() @ W2.double().T
+            if (gram - torch.eye(W2.shape[0], dtype=torch.float64)).abs().max().item() <= 1e-5:
+                rotate, W1, b = W2.T.contiguous(), W1.clone(), b.clone()
+            else:
+                # pyreft's R must have orthonormal columns: W2ᵀ = Q U, so (W1 h + b) W2 = (U W1 h + U b) Qᵀ
+                q, u = torch.linalg.qr(W2.T.double())
+                rotate = q.to(W2.dtype).contiguous()
+                W1, b = (u @ W1.double()).to(W1.dtype), (u @ b.double()).to(b.dtype)
+            return {**dims, "learned_source.weight": W1, "learned_source.bias": b, **_trivialised_state(rotate)}
+        # ConsReFT, LoBiReFT
+        return {**dims, "learned_source": phi.b.detach().clone(), **_trivialised_state(_rotate_for_pyreft(phi.R))}
+
+
+def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
+    """Write ``reft`` as a pyreft / pyvene ``ReftModel.save`` folder (``config.json`` + ``intkey_*.bin``).
+
+    Supported: LoReFT, NoReFT, DiReFT, NodiReFT, ConsReFT and LoBiReFT at ``resid_post``
+    (pyvene's ``block_output``). One pyreft intervention is written per (Φ, layer, position group),
+    ordered the way pyreft's untied first/last layout expects (all first-token groups, then all
+    last-token groups); a Φ used at several of them (tied) is written once per key with equal
+    tensors (no ``intervention_link_key``, which in pyvene means something else), so pyreft runs
+    the same function but loads the copies untied. Positions and tying are not part of pyreft's
+    format: they are recorded under the config key ``"reftlens"`` (ignored by pyvene), which
+    :func:`from_pyreft` reads back.
+
+    Tensors: NoReFT/NodiReFT are written without ``proj_layer.bias`` (build them in pyreft with
+    ``add_bias=False``); DiReFT's W₂ is written as is when its rows are orthonormal, else
+    re-factored as W₂ᵀ = QU (R = Q, W₁ ← UW₁, b ← Ub: the same function, since pyreft's R must be
+    orthonormal); the parametrised rotate layers are written as ``original`` = -I and ``base`` =
+    [R | orthonormal complement], which pyreft evaluates to R bit for bit.
+
+    Loading the folder in pyreft: ``pyreft.ReftModel.load(path, hf_model)`` works for Loreft, Direft,
+    Consreft and Lobireft, but it rebuilds ``learned_source`` in bf16 (its constructor default,
+    since the config cannot carry a dtype), so Loreft fails on an fp32 model until the
+    interventions are cast, and the weights are rounded to bf16. It cannot build Noreft/Nodireft
+    at all (their constructor needs ``add_bias``, which the config cannot carry). For exact
+    weights, build the interventions yourself (``dtype=torch.float32``, ``add_bias=False``) and
+    ``load_state_dict(torch.load(intkey_<key>.bin))`` each one.
+    """
+    from reftlens import __version__
+
+    entries = []  # (origin index, group index, phi, layer, unit)
+    for oi, iv in enumerate(reft.interventions):
+        groups: dict[str, int] = {}
+        for s in reft.sites:
+            if s.unit.origin is not iv:
+                continue
+            label = str(s.unit.positions)
+            gi = groups.setdefault(label, len(groups))
+            entries.append((oi, gi, s))
+    entries.sort(key=lambda e: (e[0], e[1]))  # stable: layers keep their order within a group
+
+    d = int(reft.model.cfg.d_model)
+    for _, _, s in entries:
+        phi, unit = s.unit.phi, s.unit
+        if type(phi) not in _PYREFT_CLASS:
+            raise ConfigError(
+                f"intervention {unit.name!r}: Φ {type(phi).__name__} has no pyreft counterpart; to_pyreft writes "
+                f"{', '.join(c.__name__ for c in _PYREFT_CLASS)}."
+            )
+        if s.hook_name.split(".", 2)[-1] not in _BLOCK_OUTPUT_HOOKS:
+            raise ConfigError(
+                f"intervention {unit.name!r}: hook {s.hook_name} has no pyreft counterpart; to_pyreft writes "
+                "resid_post interventions only (pyvene's 'block_output')."
+            )
+        if unit.stack is not None:
+            raise ConfigError(f"intervention {unit.name!r} is stacked (stack={unit.stack}); pyreft interventions cannot stack.")
+
+    phi_index = {id(phi): i for i, phi in enumerate(reft.phis)}
+    seen: dict[str, int] = {}
+    reps, types, keys, positions, phi_of, states = [], [], [], {}, {}, {}
+    for _, _, s in entries:
+        phi = s.unit.phi
+        rep = dict(zip(_REPR_FIELDS, _REPR_DEFAULTS))
+        rep.update(layer=s.layer, component="block_output", unit="pos", max_number_of_units=1, low_rank_dimension=phi.rank)
+        key = _pyvene_key(rep, seen)
+        reps.append([rep[f] for f in _REPR_FIELDS])
+        types.append(f"<class 'pyreft.interventions.{_PYREFT_CLASS[type(phi)]}'>")
+        keys.append(key)
+        phi_of[key] = phi_index[id(phi)]
+        try:
+            positions[key] = s.unit.positions.to_json()
+        except ValueError:
+            positions[key] = None
+        states[key] = _pyreft_state(phi, d)
+
+    config = {
+        "intervention_constant_sources": [True] * len(keys),
+        "intervention_dimensions": [d] * len(keys),
+        "intervention_types": types,
+        "mode": "parallel",
+        "representations": reps,
+        "sorted_keys": keys,
+        METADATA_KEY: {"format": "reftlens-pyreft", "version": 1, "reftlens_version": __version__,
+                       "positions": positions, "phi": phi_of},
+    }
+
+    def write(folder: Path) -> None:
+        for key, state in states.items():
+            torch.save({k: v.contiguous() for k, v in state.items()}, folder / f"intkey_{key}.bin")
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    return atomic_dir(path, write)

@@ -1,0 +1,428 @@
+"""pyreft interop: from_pyreft / to_pyreft against pyreft's own saves and logits.
+
+The fixtures in tests/fixtures/pyreft/ were written by pyreft 0.1.0 / pyvene 0.1.8 in their own
+venv (benchmarks/peers/make_pyreft_fixtures.py) on reftlens' tiny-llama, with pyreft's logits for
+a fixed token batch and fixed unit_locations next to them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import reftlens
+from reftlens import ConsReFT, DiReFT, Intervention, LoBiReFT, LoReFT, NoReFT, ReftModel, Steer
+from reftlens.errors import CollisionError, ConfigError
+from reftlens.export.pyreft import NodiReFT, from_pyreft, orthogonal_weight, read_pyreft, to_pyreft
+from reftlens.saving import LoadError
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "pyreft"
+TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"]
+SCRIPT = ROOT / "benchmarks" / "peers" / "make_pyreft_fixtures.py"
+PYREFT_PY = Path(os.environ.get("PYREFT_VENV", "/work/venvs/pyreft")) / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_models):
+    m = tiny_models["tiny-llama"]
+    yield m
+    left = [n for n, hp in m.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+    assert not left, f"hooks left on {left}"
+
+
+def reference(name):
+    folder = FIXTURES / name
+    return folder, json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz", allow_pickle=False)
+
+
+def logits(reft, tokens):
+    with torch.no_grad():
+        return reft(torch.as_tensor(tokens))
+
+
+def phi_states(reft):
+    return [{k: v.clone() for k, v in phi.state_dict().items()} for phi in reft.phis]
+
+
+def states_equal(a, b):
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+    )
+
+
+def bins(folder):
+    return {p.name: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(Path(folder).glob("intkey_*.bin"))}
+
+
+def effective(state):
+    """What pyreft computes with: the parametrised rotate layer evaluated, the rest as saved."""
+    out = {k: v for k, v in state.items() if not k.startswith("rotate_layer.")}
+    if "rotate_layer.parametrizations.weight.original" in state:
+        out["rotate"] = orthogonal_weight(state["rotate_layer.parametrizations.weight.original"],
+                                          state["rotate_layer.parametrizations.weight.0.base"])
+    return out
+
+
+# --------------------------------------------------------------------------- fixtures are what they claim
+
+
+def test_fixture_model_is_tiny_llama():
+    """The fixtures' logits were made on the seeded tiny-llama: its weights must not have changed."""
+    from reftlens.models import tiny_hf_model
+
+    hf, _ = tiny_hf_model("tiny-llama", seed=0)
+    h = hashlib.sha256()
+    for name, t in sorted(hf.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    assert h.hexdigest() == json.loads((FIXTURES / "model.json").read_text())["state_sha256"]
+
+
+def test_fixtures_are_small_and_pickle_free():
+    total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
+    assert total < 1_000_000
+    for name in TYPES:
+        for state in bins(FIXTURES / name).values():  # weights_only=True: tensors only
+            assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+# --------------------------------------------------------------------------- parity with pyreft
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_logits_match_pyreft(llama, name):
+    folder, ref, npz = reference(name)
+    reft = from_pyreft(folder, llama, positions=ref["positions"])
+    assert [iv.name for iv in reft.interventions] == ref["keys"]
+    assert ref["max_abs_logit_change"] > 0.1  # the fixture is far from the identity
+    with torch.no_grad():
+        base = llama(torch.as_tensor(npz["tokens"]))
+    assert np.abs(base.numpy() - npz["base_logits"]).max() <= 1e-5  # TL bridge == transformers 4.45
+    got = logits(reft, npz["tokens"]).numpy()
+    assert np.abs(got - npz["logits"]).max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["direft", "consreft", "lobireft", "loreft"])
+def test_rotate_layer_matches_pyreft_bitwise(name):
+    """The orthogonal parametrisation recomputed from the saved state equals pyreft's weight exactly."""
+    folder, ref, npz = reference(name)
+    ivs, _ = read_pyreft(folder)
+    for i, iv in enumerate(ivs):
+        state = iv.state
+        if "rotate_layer" in state:
+            got = state["rotate_layer"]
+        else:
+            got = orthogonal_weight(state["rotate_layer.parametrizations.weight.original"],
+                                    state["rotate_layer.parametrizations.weight.0.base"])
+        assert np.array_equal(got.numpy(), npz[f"rotate_{i}"])
+
+
+@pytest.mark.parametrize("shape", [(64, 2), (64, 5), (6, 6), (3, 7)])
+def test_orthogonal_weight_equals_torch_parametrization(shape):
+    class Rot(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(*shape))
+            nn.init.orthogonal_(self.weight)
+
+    torch.manual_seed(3)
+    rot = nn.utils.parametrizations.orthogonal(Rot())
+    with torch.no_grad():
+        orig = rot.parametrizations.weight.original
+        orig.add_(0.5 * torch.randn_like(orig))
+        if shape[0] != shape[1]:
+            orig.diagonal()[:2] = torch.tensor([-1.6, 1.3])  # torch truncates with int()
+    state = rot.state_dict()
+    got = orthogonal_weight(state["parametrizations.weight.original"], state["parametrizations.weight.0.base"])
+    assert torch.equal(got, rot.weight.detach())
+
+
+def test_auto_untied_layout(llama):
+    folder, ref, _ = reference("loreft")  # layers [1, 3, 1, 3]: pyreft's share_weights=False layout
+    reft = from_pyreft(folder, llama, positions="f2+l2")
+    assert [str(u.positions) for u in reft.units] == ["f2 (clamped to half)"] * 2 + ["l2 (clamped to half)"] * 2
+    reft = from_pyreft(folder, llama, positions=["f2", "f2", "l2", "l2"])  # the same, spelled out
+    assert [str(u.positions) for u in reft.units] == ["f2", "f2", "l2", "l2"]
+    with pytest.raises(ConfigError, match="one spec per intervention"):
+        from_pyreft(folder, llama, positions=["f2", "l2"])
+    with pytest.raises(CollisionError):  # untied=False: each key edits f2+l2, and layer 1 twice
+        from_pyreft(folder, llama, positions="f2+l2", untied=False)
+    with pytest.raises(ConfigError, match="untied=True"):
+        from_pyreft(FIXTURES / "nodireft", llama, positions="f2+l2", untied=True)
+    # the default when nothing is recorded: pyreft's training default f1+l1
+    assert {str(u.positions) for u in from_pyreft(folder, llama).units} == {"f1 (clamped to half)", "l1 (clamped to half)"}
+    # clamping follows pyreft on short prompts: 3 tokens → f1 and l1 only, no collision
+    short = torch.tensor([[1, 40, 50]])
+    reft = from_pyreft(folder, llama, positions="f2+l2")
+    logits(reft, short)
+    with pytest.raises(CollisionError):
+        logits(from_pyreft(folder, llama, positions="f2+l2", clamp=False), short)
+
+
+def test_upcasts_bf16_pyreft_weights(llama, tmp_path):
+    """pyreft builds learned_source in bf16 unless told otherwise; the fp32 upcast is exact."""
+    folder = tmp_path / "bf16"
+    shutil.copytree(FIXTURES / "loreft", folder)
+    for p in folder.glob("intkey_*.bin"):
+        state = torch.load(p, weights_only=True)
+        state["weight"], state["bias"] = state["weight"].bfloat16(), state["bias"].bfloat16()
+        torch.save(state, p)
+    reft = from_pyreft(folder, llama, positions="f2+l2")
+    phi = reft.phis[0]
+    assert phi.W.weight.dtype == torch.float32
+    assert torch.equal(phi.W.weight, bins(folder)[f"intkey_{reft.interventions[0].name}.bin"]["weight"].float())
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_round_trip_bit_identical(llama, name, tmp_path):
+    folder, ref, npz = reference(name)
+    a = from_pyreft(folder, llama, positions=ref["positions"])
+    to_pyreft(a, tmp_path / "out")
+    b = from_pyreft(tmp_path / "out", llama)  # positions come back from the recorded metadata
+    assert [str(u.positions) for u in b.units] == [str(u.positions) for u in a.units]
+    assert states_equal(phi_states(a), phi_states(b))
+    assert torch.equal(logits(a, npz["tokens"]), logits(b, npz["tokens"]))
+    # what pyreft would compute with is the fixture's own tensors, bit for bit
+    theirs, ours = bins(folder), bins(tmp_path / "out")
+    assert theirs.keys() == ours.keys()
+    for f in theirs:
+        t, o = effective(theirs[f]), effective(ours[f])
+        if name == "noreft":  # written without proj_layer.bias (folded into learned_source.bias)
+            t["learned_source.bias"] = t["learned_source.bias"] - t.pop("proj_layer.bias")
+            assert torch.allclose(t["learned_source.bias"], o["learned_source.bias"], atol=1e-7)
+            t["learned_source.bias"] = o["learned_source.bias"]
+        if name == "nodireft":
+            t.pop("proj_layer.bias")  # unused by pyreft's forward
+        assert t.keys() == o.keys(), f
+        for k in t:
+            assert torch.equal(t[k], o[k]), (f, k)
+
+
+def native_sets(d):
+    torch.manual_seed(7)
+    lo = LoReFT(d, 3, init="random")
+    di = DiReFT(d, 2, init="random")  # W2 free, not orthonormal: exported as W2ᵀ = QU
+    with torch.no_grad():
+        di.W2.mul_(5.0)
+    no = NoReFT(d, 2, init="random")
+    nd = NodiReFT(d, 2, init="random")
+    co = ConsReFT(d, 2)
+    lb = LoBiReFT(d, 2, init="random")
+    return {
+        "loreft-untied": [Intervention(lo, layers=[1, 3], positions="f2+l2", untied=True)],
+        "direft-tied-layers": [Intervention(di, layers=[0, 2], positions="f1+l2")],
+        "mixed": [Intervention(no, layers=1, positions="f2"), Intervention(nd, layers=2, positions="l2"),
+                  Intervention(co, layers=[0, 3], positions="l1"), Intervention(lb, layers=1, positions="l3")],
+    }
+
+
+@pytest.mark.parametrize("case", ["loreft-untied", "direft-tied-layers", "mixed"])
+def test_native_set_round_trip(llama, case, tmp_path):
+    a = ReftModel(llama, native_sets(llama.cfg.d_model)[case])
+    to_pyreft(a, tmp_path / "out")
+    b = from_pyreft(tmp_path / "out", llama)
+    assert len(b.phis) == len(a.phis)  # tying restored from the recorded metadata
+    tokens = torch.tensor([[1, 17, 45, 203, 88, 310, 12, 77, 150], [1, 260, 33, 91, 6, 144, 399, 58, 21]])
+    la, lb = logits(a, tokens), logits(b, tokens)
+    assert (la - lb).abs().max() <= 1e-5
+    assert (la - llama(tokens)).abs().max() > 1e-2
+    if case == "loreft-untied":  # A was orthonormal: written as is, so bit-identical
+        assert states_equal(phi_states(a), phi_states(b)) and torch.equal(la, lb)
+        cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert [r[0] for r in cfg["representations"]] == [1, 3, 1, 3]  # pyreft's untied layout
+        assert from_pyreft(tmp_path / "out", llama, positions="f2+l2").units[2].positions.last == 2
+
+
+def test_trained_loreft_exports_its_effective_R(llama, tmp_path):
+    """After training, OrthonormalRows.A drifts from orthonormal; pyreft gets R = QR(A), not A."""
+    phi = LoReFT(llama.cfg.d_model, 2, init="random")
+    with torch.no_grad():
+        phi.R.A.mul_(1.5).add_(0.1)
+    a = ReftModel(llama, Intervention(phi, layers=2, positions="l2"))
+    to_pyreft(a, tmp_path / "out")
+    (state,) = bins(tmp_path / "out").values()
+    assert torch.allclose(state["rotate_layer"], phi.R.weight.T.detach(), atol=0)
+    b = from_pyreft(tmp_path / "out", llama)
+    tokens = torch.tensor([[1, 17, 45, 203, 88, 310]])
+    assert (logits(a, tokens) - logits(b, tokens)).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- NodiReFT
+
+
+def test_nodireft_phi(llama, tmp_path):
+    d = 16
+    phi = NodiReFT(d, 3)
+    h = torch.randn(4, d)
+    assert torch.equal(phi(h), h)  # identity init: P = 0
+    phi = NodiReFT(d, 3, init="random")
+    assert torch.allclose(phi(h), h + (h @ phi.W.weight.T + phi.W.bias) @ phi.P.weight)
+    assert reftlens.interventions.phi_class("nodireft") is NodiReFT
+    reft = ReftModel(llama, Intervention(NodiReFT(llama.cfg.d_model, 2, init="random"), layers=1, positions="l2"))
+    reft.save(tmp_path / "s")
+    back = ReftModel.load(tmp_path / "s", llama)
+    assert states_equal(phi_states(reft), phi_states(back))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def copy_fixture(tmp_path, name="consreft"):
+    dst = tmp_path / name
+    shutil.copytree(FIXTURES / name, dst)
+    return dst
+
+
+def edit_config(folder, fn):
+    cfg = json.loads((folder / "config.json").read_text())
+    fn(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_files(llama, tmp_path):
+    with pytest.raises(LoadError, match="does not exist"):
+        from_pyreft(tmp_path / "nope", llama)
+    folder = copy_fixture(tmp_path)
+    (folder / "config.json").rename(folder / "other.json")
+    with pytest.raises(LoadError, match="config.json is missing"):
+        from_pyreft(folder, llama)
+    folder = copy_fixture(tmp_path, "lobireft")
+    (folder / "intkey_layer_3_comp_block_output_unit_pos_nunit_1#1.bin").unlink()
+    with pytest.raises(LoadError, match=r"intkey_layer_3_comp_block_output_unit_pos_nunit_1#1.bin is missing"):
+        from_pyreft(folder, llama)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(LoadError, match="not valid JSON"):
+        from_pyreft(folder, llama)
+
+
+def test_unknown_type_and_component(llama, tmp_path):
+    folder = copy_fixture(tmp_path)
+    edit_config(folder, lambda c: c["intervention_types"].__setitem__(0, "<class 'pyvene.models.interventions.VanillaIntervention'>"))
+    with pytest.raises(LoadError, match=r"VanillaIntervention.*Supported pyreft types: LoreftIntervention, NoreftIntervention"):
+        from_pyreft(folder, llama)
+    folder = copy_fixture(tmp_path, "noreft")
+    edit_config(folder, lambda c: c["representations"][0].__setitem__(1, "mlp_output"))
+    with pytest.raises(LoadError, match="component 'mlp_output' is not supported.*block_output"):
+        from_pyreft(folder, llama)
+
+
+def test_link_key_refused(llama, tmp_path):
+    folder = copy_fixture(tmp_path)
+    edit_config(folder, lambda c: [r.__setitem__(9, 0) for r in c["representations"]])
+    with pytest.raises(LoadError, match="intervention_link_key=0.*edited activations"):
+        from_pyreft(folder, llama)
+
+
+def test_model_mismatch(llama, tmp_path):
+    folder = copy_fixture(tmp_path, "noreft")
+    edit_config(folder, lambda c: c["representations"][0].__setitem__(0, 7))
+    old = folder / "intkey_layer_2_comp_block_output_unit_pos_nunit_1#0.bin"
+    old.rename(folder / "intkey_layer_7_comp_block_output_unit_pos_nunit_1#0.bin")
+    with pytest.raises(LoadError, match=r"layer 7, but the model has layers 0..3"):
+        from_pyreft(folder, llama)
+    folder = copy_fixture(tmp_path, "nodireft")
+    for p in folder.glob("intkey_*.bin"):
+        state = torch.load(p, weights_only=True)
+        state = {k: (torch.tensor(128) if v.ndim == 0 else torch.cat([v, v], -1) if v.ndim == 2 else v) for k, v in state.items()}
+        torch.save(state, p)
+    with pytest.raises(LoadError, match="hidden size 128.*d_model is 64"):
+        from_pyreft(folder, llama)
+    for p in folder.glob("intkey_*.bin"):  # without the embed_dim buffer the shapes say it
+        state = torch.load(p, weights_only=True)
+        del state["embed_dim"]
+        torch.save(state, p)
+    with pytest.raises(LoadError, match=r"shape \(3, 128\).*d_model=64"):
+        from_pyreft(folder, llama)
+
+
+class NotATensor:  # pickled by reference: weights_only must refuse it
+    pass
+
+
+def test_bin_that_is_not_plain_tensors(llama, tmp_path):
+    folder = copy_fixture(tmp_path)
+    target = folder / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin"
+    torch.save({"learned_source": NotATensor()}, target)
+    with pytest.raises(LoadError, match="not a plain tensor state dict.*never unpickles code"):
+        from_pyreft(folder, llama)
+    torch.save(nn.Linear(2, 2), target)  # a whole module, as torch.save(model) would write
+    with pytest.raises(LoadError, match="not a plain tensor state dict"):
+        from_pyreft(folder, llama)
+    target.write_bytes(b"garbage")
+    with pytest.raises(LoadError, match="not a plain tensor state dict"):
+        from_pyreft(folder, llama)
+    torch.save([torch.zeros(2)], target)
+    with pytest.raises(LoadError, match="does not hold a state dict of tensors"):
+        from_pyreft(folder, llama)
+
+
+def test_to_pyreft_refusals(llama, tmp_path):
+    d = llama.cfg.d_model
+    with pytest.raises(ConfigError, match="Steer has no pyreft counterpart"):
+        to_pyreft(ReftModel(llama, Intervention(Steer(torch.ones(d)), layers=1, positions="l1")), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"hook blocks\.1\..*resid_post interventions only"):
+        to_pyreft(ReftModel(llama, Intervention(LoReFT(d, 2), layers=1, positions="l1", hook="attn_out")), tmp_path / "b")
+    stacked = [Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=0),
+               Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=1)]
+    with pytest.raises(ConfigError, match="stacked"):
+        to_pyreft(ReftModel(llama, stacked), tmp_path / "c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# --------------------------------------------------------------------------- pyreft itself loads our exports
+
+
+@pytest.mark.skipif(not PYREFT_PY.exists(), reason=f"no pyreft venv at {PYREFT_PY.parent.parent}")
+def test_pyreft_loads_to_pyreft_output(llama, tmp_path):
+    model_dir = tmp_path / "tiny-llama"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(SCRIPT), "model", str(model_dir)], check=True, capture_output=True, env=env)
+    cases = []
+    tokens = None
+    for name in TYPES:
+        folder, ref, npz = reference(name)
+        tokens = npz["tokens"]
+        reft = from_pyreft(folder, llama, positions=ref["positions"])
+        out = tmp_path / name
+        to_pyreft(reft, out)
+        np.save(tmp_path / f"{name}.npy", logits(reft, tokens).numpy())
+        cases.append({"dir": str(out), "unit_locations": ref["unit_locations"], "logits_npy": str(tmp_path / f"{name}.npy")})
+    # a native set: an untied LoReFT and a DiReFT whose W2 had to be re-factored
+    sets = native_sets(llama.cfg.d_model)
+    reft = ReftModel(llama, sets["loreft-untied"] + [Intervention(sets["direft-tied-layers"][0].phi, layers=2, positions="l1")])
+    to_pyreft(reft, tmp_path / "native")
+    np.save(tmp_path / "native.npy", logits(reft, tokens).numpy())
+    f2, l2, l1 = [[0, 1]] * 2, [[7, 8]] * 2, [[8]] * 2
+    cases.append({"dir": str(tmp_path / "native"), "unit_locations": [f2, f2, l2, l2, l1], "logits_npy": str(tmp_path / "native.npy")})
+    (tmp_path / "cases.json").write_text(json.dumps({"tokens": tokens.tolist(), "cases": cases}))
+    venv_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH",)}
+    res = subprocess.run([str(PYREFT_PY), str(SCRIPT), "check", "--model-dir", str(model_dir), "--cases", str(tmp_path / "cases.json")],
+                         capture_output=True, text=True, env=venv_env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, r in report.items():
+        assert r["exact_max_abs_diff"] <= 1e-5, (name, r)
+    # pyreft's own ReftModel.load: Consreft/Lobireft load exactly; Noreft/Nodireft cannot be built by it
+    for name in ("consreft", "lobireft"):
+        assert report[name]["pyreft_load"].startswith("loaded"), report[name]
+        assert report[name]["pyreft_load_max_abs_diff_after_float"] <= 1e-5
+    for name in ("noreft", "nodireft"):
+        assert "add_bias" in report[name]["pyreft_load"], report[name]
+    # Loreft/Direft load with learned_source rebuilt in bf16 (pyreft's default dtype): rounded weights
+    for name in ("loreft", "direft"):
+        assert "bfloat16" in report[name]["pyreft_load"], report[name]
+        assert report[name]["pyreft_load_max_abs_diff_after_float"] < 0.05
