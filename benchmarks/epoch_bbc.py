@@ -200,7 +200,8 @@ def main() -> None:
                load1={}, load_waits=[])
 
     def wait(label: str) -> None:
-        for i in range(5 if args.max_load is not None else 0):
+        # only before the first arm: later, the 1-min load average includes our own previous arm
+        for i in range(5 if args.max_load is not None and not res["load1"] else 0):
             l1 = os.getloadavg()[0]
             res["load_waits"].append(dict(time=time.strftime("%H:%M:%S"), load1=l1))
             if l1 < args.max_load:

@@ -659,9 +659,10 @@ def main() -> None:
     ap.add_argument("--no-bridge-floor", action="store_true", help="skip the floor on the TransformerLens bridge")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-load", type=float, default=None,
-                    help="before each part wait (60 s at a time) until the 1-min load average is below this")
+                    help="before starting, wait (60 s at a time) until the 1-min load average is below this")
     ap.add_argument("--load-tries", type=int, default=5)
     ap.add_argument("--only", choices=PARTS, help=argparse.SUPPRESS)
+    ap.add_argument("--report", default=None, help="print the tables of an earlier JSON and exit")
     args = ap.parse_args()
     wd = Path(args.workdir)
     args.batches = args.batches or str(wd / "batches.json")
@@ -672,6 +673,9 @@ def main() -> None:
         args.steps, args.warmup, args.mem_steps, args.gen_reps, args.bf16_steps, args.bf16_warmup = 2, 1, 2, 1, 2, 1
     torch.set_num_threads(args.threads)
 
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text())))
+        return
     if args.only:
         data = json.load(open(args.batches))
         print(json.dumps(globals()[f"part_{args.only}"](data, args)))
@@ -693,16 +697,18 @@ def main() -> None:
         raise SystemExit("parity needs pyreft's init: include the pyreft part or pass --pyreft-json and --init-weights")
     if args.pyreft_json:
         res["pyreft"] = json.loads(Path(args.pyreft_json).read_text())
+    # once, before the first part: later, the 1-min load average includes our own previous part
+    wait_for_load(args.max_load, args.load_tries, res["load_waits"])
     for part in args.parts:
-        wait_for_load(args.max_load, args.load_tries, res["load_waits"])
         res["load1_before_part"][part] = os.getloadavg()[0]
         t = time.perf_counter()
         res[part] = run_pyreft(args) if part == "pyreft" else run_child(part, args, argv)
         res["part_wall_s"][part] = round(time.perf_counter() - t, 1)
         print(f"# {part}: {res['part_wall_s'][part]:.0f} s (load before {res['load1_before_part'][part]:.2f})", file=sys.stderr, flush=True)
     res["load1_after"] = os.getloadavg()[0]
-    res["markdown"] = report(res)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")  # first, so a report bug loses nothing
+    res["markdown"] = report(res)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(res["markdown"])
     print(f"\n(JSON: {args.out})")
