@@ -91,8 +91,11 @@ def generate(
     top_p: float | None = None,
     seed: int | None = None,
     eos_token_id: int | Sequence[int] | None = -1,
+    backend: str = "auto",
 ) -> list[str] | Tensor:
     """See :meth:`reftlens.ReftModel.generate`."""
+    if backend not in ("auto", "hf", "bridge"):
+        raise ValueError(f"backend must be 'auto', 'hf' or 'bridge'; got {backend!r}.")
     if intervene_on not in ("prompt", "all"):
         raise ValueError(f"intervene_on must be 'prompt' or 'all'; got {intervene_on!r}.")
     if max_new_tokens < 1:
@@ -131,6 +134,31 @@ def generate(
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     seq, seq_mask, cache = tokens, mask, None
+    twin = _twin(reft, backend) if use_cache and sources is None else None
+    if backend == "hf" and twin is None:
+        raise ConfigError("backend='hf' needs use_cache=True, no sources and interventions that can be exported.")
+    if twin is not None:
+        # the same interventions on a plain transformers twin sharing the weights: less Python per step
+        twin._reftlens_module.intervene_on = intervene_on
+        with torch.no_grad():
+            for step in range(max_new_tokens):
+                pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+                if step == 0:
+                    out = twin(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True)
+                else:
+                    out = twin(input_ids=seq[:, -1:], attention_mask=seq_mask, position_ids=pos[:, -1:], cache=cache,
+                               use_cache=True)
+                cache = out.cache
+                new = next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+                new = torch.where(finished, torch.full_like(new, pad), new)
+                generated.append(new)
+                if eos is not None:
+                    finished |= torch.isin(new, eos)
+                if bool(finished.all()):
+                    break
+                seq = torch.cat([seq, new[:, None]], 1)
+                seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+        return _finish(model, tokens, generated, eos, text_in)
     with kv_cache_fix(model), torch.no_grad(), warnings.catch_warnings():
         # the bridge hands HF its cache as past_key_values, which transformers 5 deprecates loudly
         warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
@@ -163,6 +191,23 @@ def generate(
                 break
             seq = torch.cat([seq, new[:, None]], 1)
             seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+    return _finish(model, tokens, generated, eos, text_in)
+
+
+def _twin(reft: "ReftModel", backend: str) -> Any:
+    if backend == "bridge":
+        return None
+    from reftlens.export.hf import ExportError, hf_twin
+
+    try:
+        return hf_twin(reft)
+    except ExportError:
+        if backend == "hf":
+            raise
+        return None
+
+
+def _finish(model: Any, tokens: Tensor, generated: list[Tensor], eos: Tensor | None, text_in: bool) -> list[str] | Tensor:
     new_tokens = torch.stack(generated, 1)
     if not text_in:
         return torch.cat([tokens, new_tokens], 1)

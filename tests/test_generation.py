@@ -104,3 +104,25 @@ def test_the_kv_cache_fix_is_what_makes_cached_decoding_right(model):
             _, cache = model(tokens, return_type="logits_and_cache")
             step, _ = model(tokens[:, -1:], past_key_values=cache, return_type="logits_and_cache")
     torch.testing.assert_close(step[:, -1], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+def test_the_transformers_twin_and_the_bridge_generate_the_same(reft, intervene_on):
+    """reft.generate decodes on a plain-transformers twin (shared weights, native hooks) when it can."""
+    fast = ids(reft, PROMPTS, intervene_on=intervene_on, backend="hf")
+    bridge = ids(reft, PROMPTS, intervene_on=intervene_on, backend="bridge")
+    assert torch.equal(fast, bridge)
+
+
+def test_the_twin_shares_weights_and_follows_training(reft, model):
+    from reftlens.export.hf import hf_twin
+
+    twin = hf_twin(reft)
+    bridge_ptrs = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in bridge_ptrs for p in twin.parameters())  # no copy of the base
+    assert sum(p.numel() for p in reft.parameters()) == sum(p.numel() for p in reft.phis.parameters())
+    before = ids(reft, PROMPTS, backend="hf")
+    with torch.no_grad():
+        reft.phis[0].W.bias.mul_(-1)  # "training" changes Φ: the twin sees it at once
+    assert torch.equal(ids(reft, PROMPTS, backend="hf"), ids(reft, PROMPTS, backend="bridge"))
+    assert not torch.equal(before, ids(reft, PROMPTS, backend="hf"))

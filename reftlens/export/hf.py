@@ -14,6 +14,7 @@ with transformers alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -177,12 +178,13 @@ class HFInterventions(nn.Module):
         return fn
 
 
-def pristine_hf(bridge: Any) -> nn.Module:
+def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
     """A fresh transformers model with the bridge's weights, outside TransformerLens.
 
     TransformerLens 4 wraps the HF model in place (its modules become bridge components, and
     ``save_pretrained`` on it fails); this rebuilds the original class from its config and copies
-    every weight, bit for bit.
+    every weight, bit for bit. With ``share=True`` the new model uses the bridge's own weight
+    tensors (no copy; for a frozen base, e.g. fast generation next to the bridge).
     """
     from transformers import AutoModelForCausalLM
 
@@ -194,18 +196,51 @@ def pristine_hf(bridge: Any) -> nn.Module:
             "enable_compatibility_mode() to export."
         )
     original = bridge.original_model
-    state = {}
-    for k, v in original.state_dict().items():
+    first = next(original.parameters())
+    state: dict[str, Tensor] = {}
+    for k, v in original.state_dict(keep_vars=share).items():
         state.setdefault(k.replace("._original_component", ""), v)
-    fresh = AutoModelForCausalLM.from_config(original.config, dtype=next(original.parameters()).dtype)
+    buffers: dict[str, Tensor] = {}
+    for k, v in original.named_buffers():
+        buffers.setdefault(k.replace("._original_component", ""), v)
+    with torch.device("meta") if share else contextlib.nullcontext():
+        fresh = AutoModelForCausalLM.from_config(original.config, dtype=first.dtype)
     wanted = fresh.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
         raise ExportError(f"cannot rebuild {type(original).__name__}: weights {missing[:3]} not found in the bridge.")
-    fresh.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    if share:
+        fresh.load_state_dict({k: state[k] for k in wanted}, strict=True, assign=True)
+        for name, buf in list(fresh.named_buffers()):
+            if buf.is_meta:  # non-persistent buffers (e.g. RoPE frequencies) are not in the state dict
+                if name not in buffers:
+                    raise ExportError(f"cannot rebuild {type(original).__name__}: buffer {name} not found in the bridge.")
+                owner, _, leaf = name.rpartition(".")
+                fresh.get_submodule(owner).register_buffer(leaf, buffers[name], persistent=False)
+    else:
+        fresh.load_state_dict({k: state[k] for k in wanted}, strict=True)
     if getattr(fresh.config, "tie_word_embeddings", False):
         fresh.tie_weights()
-    return fresh.to(next(original.parameters()).device).eval()
+    return (fresh if share else fresh.to(first.device)).eval()
+
+
+def hf_twin(reft: Any) -> nn.Module:
+    """A plain transformers model sharing ``reft``'s base weights and Φs, with native hooks.
+
+    Cached on the ReftModel (rebuilt when the base moves); used by ``reft.generate`` because a
+    decode step through plain transformers costs less Python than through the bridge.
+    """
+    first = next(reft.model.parameters())
+    key = (first.data_ptr(), first.device, first.dtype, tuple(id(p) for p in reft.phis))
+    twin = reft.__dict__.get("_hf_twin")
+    if twin is not None and reft.__dict__.get("_hf_twin_key") == key:
+        return twin
+    twin = pristine_hf(reft.model, share=True)
+    module = HFInterventions(reft.units, cast=reft.cast)  # the same Φ objects: training shows at once
+    object.__setattr__(twin, "_reftlens_module", module)  # not a submodule: the Φs stay owned by reft
+    module.attach(twin)
+    reft.__dict__["_hf_twin"], reft.__dict__["_hf_twin_key"] = twin, key  # not a submodule of reft either
+    return twin
 
 
 def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
