@@ -141,6 +141,19 @@ def reftlens_epoch(reft, examples, batch: int, seed: int, group_by_length: bool,
                 losses=losses, per_example=per_example, n_batches=len(order))
 
 
+def run_pyreft(args, model_445: str, ex_file: Path, py_out: Path, init_path: Path) -> None:
+    cmd = [str(Path(args.pyreft_venv) / "bin" / "python"), str(HERE / "peers" / "pyreft_epoch.py"), "--model-dir", model_445,
+           "--examples", str(ex_file), "--out", str(py_out), "--init-weights", str(init_path), "--batch", str(args.batch),
+           "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit("pyreft side failed")
+    epoch = json.loads(py_out.read_text())["epoch_s"]
+    print(f"# pyreft epoch: {epoch:.1f} s (process {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+
+
 def machine() -> dict:
     cpu = platform.machine()
     try:
@@ -163,6 +176,9 @@ def main() -> None:
     ap.add_argument("--model-dir-445", default=None, help="default WORKDIR/smollm2-hf445 (made when missing)")
     ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", "/work/venvs/pyreft"))
     ap.add_argument("--out", default=None, help="default WORKDIR/epoch_bbc.json")
+    ap.add_argument("--reuse-pyreft", action="store_true",
+                    help="reuse WORKDIR/epoch_bbc.pyreft.json and its init from an earlier run on the same examples "
+                         "(re-times only the reftlens arms)")
     ap.add_argument("--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -185,8 +201,13 @@ def main() -> None:
         sum(float(p.sum()) for p in model.parameters())  # page the weights in
     examples, truncated = make_examples(model.tokenizer, args.articles, args.seed, args.max_length)
     ex_file = wd / "epoch_bbc.examples.json"
-    ex_file.write_text(json.dumps(dict(pad_token_id=model.tokenizer.pad_token_id, examples=[
-        dict(idx=i, input_ids=list(e.prompt + e.completion), prompt_length=len(e.prompt)) for i, e in examples])))
+    ex_text = json.dumps(dict(pad_token_id=model.tokenizer.pad_token_id, examples=[
+        dict(idx=i, input_ids=list(e.prompt + e.completion), prompt_length=len(e.prompt)) for i, e in examples]))
+    if args.reuse_pyreft:
+        if not ex_file.is_file() or ex_file.read_text() != ex_text:
+            raise SystemExit(f"--reuse-pyreft: {ex_file} does not hold these examples; run without it")
+    else:
+        ex_file.write_text(ex_text)
     init_path = wd / "epoch_bbc.pyreft_init.pt"
     res = dict(command=" ".join(shlex.quote(a) for a in sys.argv), machine=machine(), threads=args.threads,
                versions={"python": platform.python_version(), "torch": torch.__version__,
@@ -211,18 +232,13 @@ def main() -> None:
         res["load1"][label] = os.getloadavg()[0]
 
     # pyreft first: it writes the init that reftlens loads
-    wait("pyreft")
     py_out = wd / "epoch_bbc.pyreft.json"
-    cmd = [str(Path(args.pyreft_venv) / "bin" / "python"), str(HERE / "peers" / "pyreft_epoch.py"), "--model-dir", model_445,
-           "--examples", str(ex_file), "--out", str(py_out), "--init-weights", str(init_path), "--batch", str(args.batch),
-           "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-6000:])
-        raise SystemExit("pyreft side failed")
+    if args.reuse_pyreft:
+        res["pyreft_reused_from"] = dict(file=str(py_out), mtime=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(py_out.stat().st_mtime)))
+    else:
+        wait("pyreft")
+        run_pyreft(args, model_445, ex_file, py_out, init_path)
     res["pyreft"] = json.loads(py_out.read_text())
-    print(f"# pyreft epoch: {res['pyreft']['epoch_s']:.1f} s (process {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
 
     reft = ReftModel(model, load_init(str(init_path), model.cfg.d_model))
     arms = [("reftlens", True)] + ([("reftlens_random", False)] if args.random_arm else [])
@@ -247,7 +263,8 @@ def main() -> None:
          f"# machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['threads']} torch threads; "
          + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
          "# pyreft venv: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
-         "# load average (1 min) before each arm: " + ", ".join(f"{k} {v:.2f}" for k, v in res["load1"].items()),
+         "# load average (1 min) before each arm: " + ", ".join(f"{k} {v:.2f}" for k, v in res["load1"].items())
+         + (f"; pyreft's epoch reused from the run of {res['pyreft_reused_from']['mtime']}" if "pyreft_reused_from" in res else ""),
          "",
          "| implementation | batches | padded tokens computed | real tokens | epoch (s) | median s/step | vs reftlens |",
          "|---|---|---|---|---|---|---|"]

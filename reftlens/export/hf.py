@@ -15,6 +15,7 @@ with transformers alone.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from pathlib import Path
@@ -203,8 +204,9 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
     buffers: dict[str, Tensor] = {}
     for k, v in original.named_buffers():
         buffers.setdefault(k.replace("._original_component", ""), v)
+    config = copy.deepcopy(original.config)  # the new model's settings never leak back into the bridge's
     with torch.device("meta") if share else contextlib.nullcontext():
-        fresh = AutoModelForCausalLM.from_config(original.config, dtype=first.dtype)
+        fresh = AutoModelForCausalLM.from_config(config, dtype=first.dtype)
     wanted = fresh.state_dict()
     missing = [k for k in wanted if k not in state]
     if missing:
@@ -219,6 +221,8 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
                 fresh.get_submodule(owner).register_buffer(leaf, buffers[name], persistent=False)
     else:
         fresh.load_state_dict({k: state[k] for k in wanted}, strict=True)
+    if not getattr(fresh.config, "architectures", None):
+        fresh.config.architectures = [type(fresh).__name__]
     if getattr(fresh.config, "tie_word_embeddings", False):
         fresh.tie_weights()
     return (fresh if share else fresh.to(first.device)).eval()
@@ -236,6 +240,12 @@ def hf_twin(reft: Any) -> nn.Module:
     if twin is not None and reft.__dict__.get("_hf_twin_key") == key:
         return twin
     twin = pristine_hf(reft.model, share=True)
+    # TransformerLens switched the wrapped model to eager attention; the twin may use the fast kernel
+    if twin.config._attn_implementation == "eager":
+        try:
+            twin.set_attn_implementation("sdpa")
+        except (AttributeError, ValueError, ImportError):
+            pass
     module = HFInterventions(reft.units, cast=reft.cast)  # the same Φ objects: training shows at once
     object.__setattr__(twin, "_reftlens_module", module)  # not a submodule: the Φs stay owned by reft
     module.attach(twin)
