@@ -143,11 +143,12 @@ def generate(
         with torch.no_grad():
             for step in range(max_new_tokens):
                 pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
+                # logits_to_keep=1: only the last position's logits are read (HF generate does the same)
                 if step == 0:
-                    out = twin(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True)
+                    out = twin(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
                 else:
                     out = twin(input_ids=seq[:, -1:], attention_mask=seq_mask, position_ids=pos[:, -1:], cache=cache,
-                               use_cache=True)
+                               use_cache=True, logits_to_keep=1)
                 cache = out.cache
                 new = next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
                 new = torch.where(finished, torch.full_like(new, pad), new)
