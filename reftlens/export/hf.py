@@ -228,6 +228,16 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
     return (fresh if share else fresh.to(first.device)).eval()
 
 
+def _fast_attention(model: nn.Module) -> None:
+    """TransformerLens switched the wrapped model to eager attention; a rebuilt model (with its own
+    config) goes back to transformers' default fused kernel, as a freshly loaded model would."""
+    if getattr(model.config, "_attn_implementation", None) == "eager":
+        try:
+            model.set_attn_implementation("sdpa")
+        except (AttributeError, ValueError, ImportError):
+            pass
+
+
 def hf_twin(reft: Any) -> nn.Module:
     """A plain transformers model sharing ``reft``'s base weights and Φs, with native hooks.
 
@@ -240,12 +250,7 @@ def hf_twin(reft: Any) -> nn.Module:
     if twin is not None and reft.__dict__.get("_hf_twin_key") == key:
         return twin
     twin = pristine_hf(reft.model, share=True)
-    # TransformerLens switched the wrapped model to eager attention; the twin may use the fast kernel
-    if twin.config._attn_implementation == "eager":
-        try:
-            twin.set_attn_implementation("sdpa")
-        except (AttributeError, ValueError, ImportError):
-            pass
+    _fast_attention(twin)
     module = HFInterventions(reft.units, cast=reft.cast)  # the same Φ objects: training shows at once
     object.__setattr__(twin, "_reftlens_module", module)  # not a submodule: the Φs stay owned by reft
     module.attach(twin)
@@ -262,6 +267,7 @@ def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
     import copy
 
     hf = pristine_hf(reft.model)
+    _fast_attention(hf)
     units = []
     phis = {id(p): copy.deepcopy(p) for p in reft.phis}  # the export owns its Φs
     for u in reft.units:
