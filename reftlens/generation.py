@@ -134,6 +134,21 @@ def generate(
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     seq, seq_mask, cache = tokens, mask, None
+
+    def advance(last_logits: Tensor) -> bool:
+        """Pick the next tokens, append them; True when every row has finished."""
+        nonlocal seq, seq_mask, finished
+        new = next_token(last_logits, do_sample, temperature, top_k, top_p, generator)
+        new = torch.where(finished, torch.full_like(new, pad), new)
+        generated.append(new)
+        if eos is not None:
+            finished = finished | torch.isin(new, eos)
+        if bool(finished.all()):
+            return True
+        seq = torch.cat([seq, new[:, None]], 1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
+        return False
+
     twin = _twin(reft, backend) if use_cache and sources is None else None
     if backend == "hf" and twin is None:
         raise ConfigError("backend='hf' needs use_cache=True, no sources and interventions that can be exported.")
@@ -150,15 +165,8 @@ def generate(
                     out = twin(input_ids=seq[:, -1:], attention_mask=seq_mask, position_ids=pos[:, -1:], cache=cache,
                                use_cache=True, logits_to_keep=1)
                 cache = out.cache
-                new = next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-                new = torch.where(finished, torch.full_like(new, pad), new)
-                generated.append(new)
-                if eos is not None:
-                    finished |= torch.isin(new, eos)
-                if bool(finished.all()):
+                if advance(out.logits[:, -1]):
                     break
-                seq = torch.cat([seq, new[:, None]], 1)
-                seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
         return _finish(model, tokens, generated, eos, text_in)
     with kv_cache_fix(model), torch.no_grad(), warnings.catch_warnings():
         # the bridge hands HF its cache as past_key_values, which transformers 5 deprecates loudly
@@ -183,15 +191,8 @@ def generate(
                     logits = model(inputs, attention_mask=seq_mask)
             finally:
                 detach(handles)
-            new = next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-            new = torch.where(finished, torch.full_like(new, pad), new)
-            generated.append(new)
-            if eos is not None:
-                finished |= torch.isin(new, eos)
-            if bool(finished.all()):
+            if advance(logits[:, -1]):
                 break
-            seq = torch.cat([seq, new[:, None]], 1)
-            seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
     return _finish(model, tokens, generated, eos, text_in)
 
 

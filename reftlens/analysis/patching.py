@@ -23,7 +23,7 @@ from torch import Tensor
 
 from reftlens.errors import ConfigError, ReftError
 from reftlens.generation import kv_cache_fix
-from reftlens.runtime import _NO_POSITION_AXIS, hook_name_for
+from reftlens.runtime import _NO_POSITION_AXIS, detach, hook_name_for
 
 
 class AnalysisError(ReftError):
@@ -185,9 +185,7 @@ def patch_sweep(
                     handles.append((points[li], points[li].add_hook(_patch_rows(rows, at - start, value), dir="fwd")))
                 out = model(inputs, past_key_values=past, return_type="logits") if past is not None else model(inputs)
             finally:
-                for point, h in handles:
-                    h.hook.remove()
-                    point.fwd_hooks.remove(h)
+                detach(handles)
         if start > 0:  # earlier positions are the corrupted run's, unchanged by a later patch
             out = torch.cat([base_logits[:, :start].repeat_interleave(n, dim=0), out], 1)
         for (li, p), v in zip(cells, _metric_values(metric, out, n, batch, batched).cpu()):
@@ -304,8 +302,6 @@ def patch_heads(
                 handles.append((points[l], points[l].add_hook(fn, dir="fwd")))
             out = model(corrupt.repeat_interleave(n, dim=0))
         finally:
-            for point, hd in handles:
-                hd.hook.remove()
-                point.fwd_hooks.remove(hd)
+            detach(handles)
         values[first : first + n] = _metric_values(metric, out, n, batch, batched).cpu()
     return PatchResult(values.view(n_layers, n_heads), list(range(n_layers)), [f"H{h}" for h in range(n_heads)], hook)

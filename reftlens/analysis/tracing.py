@@ -24,7 +24,7 @@ from torch import Tensor
 
 from reftlens.analysis.patching import AnalysisError, _quiet
 from reftlens.interventions.patching import Interchange, Noise
-from reftlens.runtime import hook_name_for
+from reftlens.runtime import detach, hook_name_for
 from reftlens.sets import Intervention
 
 _KINDS = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -158,9 +158,7 @@ def causal_trace(
                     handles.append((points[layer], points[layer].add_hook(restore(layer, vrows, pos), dir="fwd")))
             logits = model(tokens.expand(rows, -1))
         finally:
-            for point, h in handles:
-                h.hook.remove()
-                point.fwd_hooks.remove(h)
+            detach(handles)
         probs = logits[:, -1].float().softmax(-1)[:, target]
         return probs.view(n_variants, samples).mean(1).cpu()
 
