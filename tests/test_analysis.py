@@ -156,7 +156,7 @@ def test_sweep_with_a_reft_active_in_the_corrupted_run(model):
     assert not torch.allclose(res.values, ref_plain.values)
     assert res.corrupted != pytest.approx(ref_plain.corrupted, abs=1e-4)
     # layer 3's resid_pre at the last position comes after the layer-2 edit there: the patch overrides it
-    assert res.values[3, -1] == pytest.approx(ref_plain.values[3, -1], abs=1e-4)
+    assert float(res.values[3, -1]) == pytest.approx(float(ref_plain.values[3, -1]), abs=1e-4)
 
 
 def test_stacked_interventions_apply_in_the_declared_order(model):
