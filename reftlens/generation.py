@@ -42,7 +42,10 @@ def kv_cache_fix(model: Any) -> Iterator[None]:
     handles = [b.attn.register_forward_pre_hook(pass_cache, with_kwargs=True)
                for b in getattr(model, "blocks", []) if hasattr(b, "attn")]
     try:
-        yield
+        with warnings.catch_warnings():
+            # the bridge hands HF its cache as past_key_values, which transformers 5 deprecates loudly
+            warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+            yield
     finally:
         for h in handles:
             h.remove()
@@ -168,9 +171,7 @@ def generate(
                 if advance(out.logits[:, -1]):
                     break
         return _finish(model, tokens, generated, eos, text_in)
-    with kv_cache_fix(model), torch.no_grad(), warnings.catch_warnings():
-        # the bridge hands HF its cache as past_key_values, which transformers 5 deprecates loudly
-        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
+    with kv_cache_fix(model), torch.no_grad():
         for step in range(max_new_tokens):
             if not use_cache or step == 0:
                 plans = prompt_plans if step == 0 else plans_for(seq.shape[1])

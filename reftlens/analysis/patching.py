@@ -60,6 +60,17 @@ def _as_tokens(model: Any, x: Any, what: str) -> Tensor:
     raise AnalysisError(f"{what} must be token ids or a string; got {type(x).__name__}.")
 
 
+def _token_pair(model: Any, clean_tokens: Any, corrupted_tokens: Any) -> tuple[Tensor, Tensor]:
+    clean = _as_tokens(model, clean_tokens, "clean_tokens")
+    corrupt = _as_tokens(model, corrupted_tokens, "corrupted_tokens")
+    if clean.shape != corrupt.shape:
+        raise AnalysisError(
+            f"clean tokens have shape {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)}; patching "
+            "swaps activations site by site, so both need the same batch size and length (pad or trim the prompts)."
+        )
+    return clean, corrupt
+
+
 def _metric_values(metric: Callable[[Tensor], Any], logits: Tensor, n: int, batch: int, batched: bool) -> Tensor:
     """Metric per variant; ``logits`` is ``[batch * n, S, V]`` in batch-major order."""
     if batched:
@@ -127,13 +138,7 @@ def patch_sweep(
     >>> res = patch_sweep(model, clean, corrupted, lambda logits: logits[0, -1, tok] - logits[0, -1, other])  # doctest: +SKIP
     >>> res.plot("patching.png")  # doctest: +SKIP
     """
-    clean = _as_tokens(model, clean_tokens, "clean_tokens")
-    corrupt = _as_tokens(model, corrupted_tokens, "corrupted_tokens")
-    if clean.shape != corrupt.shape:
-        raise AnalysisError(
-            f"clean tokens have shape {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)}; the sweep "
-            "patches position by position, so both need the same batch size and length (pad or trim the prompts)."
-        )
+    clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
     n_layers = model.cfg.n_layers
     layers = list(range(n_layers)) if layers is None else list(layers)
     bad = [l for l in layers if not 0 <= l < n_layers]
@@ -198,7 +203,7 @@ def patch_sweep(
         strategy = "prefix" if corrupted_with is None and big else "batch"
     if strategy == "prefix" and corrupted_with is not None:
         raise AnalysisError("strategy='prefix' cannot run with corrupted_with (a ReFT needs whole sequences); use 'batch'.")
-    with kv_cache_fix(model), _quiet():
+    with kv_cache_fix(model):
         if strategy == "prefix":
             for p in range(seq):
                 prefix = model(corrupt[:, :p], return_type="logits_and_cache")[1] if p > 0 else None
@@ -233,18 +238,6 @@ def _accepts_batched(metric: Callable, logits: Tensor) -> bool:
     return isinstance(out, Tensor) and out.shape == (2,)
 
 
-class _quiet:
-    def __enter__(self) -> None:
-        import warnings
-
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._w.__exit__(*exc)
-
-
 @torch.no_grad()
 def patch_heads(
     model: Any,
@@ -262,10 +255,7 @@ def patch_heads(
     ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``; every (layer, head)
     variant runs as one row of a batched forward.
     """
-    clean = _as_tokens(model, clean_tokens, "clean_tokens")
-    corrupt = _as_tokens(model, corrupted_tokens, "corrupted_tokens")
-    if clean.shape != corrupt.shape:
-        raise AnalysisError(f"clean tokens have shape {tuple(clean.shape)} and corrupted tokens {tuple(corrupt.shape)}; they must match.")
+    clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
     n_layers = model.cfg.n_layers
     names = [hook_name_for(hook, l) for l in range(n_layers)]
     if any(n not in model.hook_dict for n in names):

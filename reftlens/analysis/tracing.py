@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from reftlens.analysis.patching import AnalysisError, _quiet
+from reftlens.analysis.patching import AnalysisError
 from reftlens.interventions.patching import Interchange, Noise
 from reftlens.runtime import detach, hook_name_for
 from reftlens.sets import Intervention
@@ -162,15 +162,14 @@ def causal_trace(
         probs = logits[:, -1].float().softmax(-1)[:, target]
         return probs.view(n_variants, samples).mean(1).cpu()
 
-    with _quiet():
-        corrupted = float(run(1, [])[0])
-        values = torch.empty(n_layers, seq)
-        per_forward = max(1, max_rows // samples)
-        for pos in range(seq):
-            for start in range(0, n_layers, per_forward):
-                chunk = list(range(start, min(start + per_forward, n_layers)))
-                restores = [([i], pos, _window(l, kind, window, n_layers)) for i, l in enumerate(chunk)]
-                values[chunk, pos] = run(len(chunk), restores)
+    corrupted = float(run(1, [])[0])
+    values = torch.empty(n_layers, seq)
+    per_forward = max(1, max_rows // samples)
+    for pos in range(seq):
+        for start in range(0, n_layers, per_forward):
+            chunk = list(range(start, min(start + per_forward, n_layers)))
+            restores = [([i], pos, _window(l, kind, window, n_layers)) for i, l in enumerate(chunk)]
+            values[chunk, pos] = run(len(chunk), restores)
     clean_p = float(clean_logits[0, -1].float().softmax(-1)[target])
     tok_strs = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
     return TraceResult(values, clean_p, corrupted, tok_strs, span, answer, target, kind)
