@@ -157,7 +157,7 @@ def train(
             epoch, k = divmod(step, steps_per_epoch)
             order = batch_order(examples, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length)
             group = order[k * grad_accum : (k + 1) * grad_accum]
-            n_tokens = sum(collate([examples[i] for i in ids], pad).n_target_tokens for ids in group)
+            n_tokens = sum(len(examples[i].completion) for ids in group for i in ids)  # the loss's target tokens
             loss_sum = torch.zeros((), device=reft.device)
             for j, ids in enumerate(group):
                 share = math.ceil(len(ids) / world)  # a short last batch is split evenly across processes
