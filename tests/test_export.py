@@ -166,3 +166,16 @@ def test_compatibility_mode_is_refused_not_silently_wrong():
     reft = ReftModel(bridge, Intervention(LoReFT(bridge.cfg.d_model, 2), layers=1, positions="l1"))
     with pytest.raises(ExportError, match="compatibility mode.*different basis"):
         to_hf(reft)
+
+
+def test_exported_sets_keep_the_stack_order_and_the_collision_check(model):
+    d = model.cfg.d_model
+    torch.manual_seed(0)
+    stacked = ReftModel(model, [Intervention(reftlens.Steer(torch.randn(d)), layers=1, positions="l2", stack=1),
+                                Intervention(LoReFT(d, 2, init="random"), layers=1, positions="l2", stack=0)])
+    assert_same(stacked, to_hf(stacked), "left")  # LoReFT first, then the steer, on both paths
+    untied = ReftModel(model, Intervention(LoReFT(d, 2), layers=1, positions="f3+l3", untied="positions"))
+    hf = to_hf(untied)
+    short = torch.tensor([[1, 5, 6, 7]])
+    with pytest.raises(reftlens.CollisionError, match="both edit layers.1.layer.output"):
+        hf(input_ids=short, attention_mask=torch.ones_like(short))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from reftlens.errors import ReftError
 from reftlens.positions import RealTokens
-from reftlens.runtime import Site, SitePlan, flat_index, make_hook, site_masks
+from reftlens.runtime import Site, SitePlan, check_disjoint, flat_index, make_hook, site_masks
 
 REFT_DIR = "reft"
 EXPORT_FILE = "reftlens_export.json"
@@ -107,7 +107,7 @@ class HFInterventions(nn.Module):
         arch = type(model).__name__
         layers = decoder_layers(model)
         self.sites: list[Site] = []
-        for u in self.units:
+        for u in sorted(self.units, key=lambda u: u.stack or 0):  # hooks run in registration order
             tail = u.hook if u.hook.startswith("hook_") or "." in u.hook else f"hook_{u.hook}"
             if tail not in _SITES:
                 raise ExportError(f"intervention {u.name!r}: hook {u.hook!r} has no native equivalent in {arch}; "
@@ -152,6 +152,7 @@ class HFInterventions(nn.Module):
             return
         real = RealTokens.from_mask(mask.bool(), ids if not ids.is_floating_point() else None)
         masks = site_masks(self.units, real)
+        check_disjoint(self.sites, masks, real)  # relative positions can collide on a short prompt
         self._plans = {id(s): SitePlan(s, flat_index(masks[id(s.unit)])) for s in self.sites}
 
     def _edit(self, site: Site, h: Tensor) -> Tensor | None:
