@@ -15,7 +15,6 @@ def real_from_lengths(lengths, side):
     width = max(lengths)
     mask = torch.zeros(len(lengths), width, dtype=torch.bool)
     for i, n in enumerate(lengths):
-        mask[i, width - n :] if side == "left" else None
         if side == "left":
             mask[i, width - n :] = True
         else:

@@ -69,7 +69,6 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from reftlens.errors import ConfigError
-from reftlens.interventions.base import register
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
 from reftlens.saving import LoadError, atomic_dir
