@@ -1,9 +1,11 @@
 """Activation patching sweep: reftlens.analysis.patch_sweep vs transformer_lens.patching.
 
 The same (layer × position) sweep of resid_pre on the same clean/corrupted prompts, in one run:
-TL's get_act_patch_resid_pre (one forward per cell) against reftlens's batched sweep (one
-forward per position over all layers, reusing the corrupted run's KV cache for the prefix).
-Reports wall time, the speed-up and the largest difference between the two results.
+TL's get_act_patch_resid_pre (one forward per cell) against reftlens's sweep with each strategy:
+"batch" (variants packed into whole forwards) and "replay" (each variant recomputes only the
+blocks at and above its layer and the positions from its own on, from a recording of the
+corrupted run, and unembeds only the position the metric reads). "auto" (the default) picks
+replay from 20M parameters on. Reports wall time, speed-ups and the largest difference from TL.
 
     python benchmarks/patching_vs_tl.py --models tiny-llama tiny-gpt2 smollm2-135m
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +25,7 @@ from transformer_lens import patching
 
 import reftlens
 from reftlens.analysis import patch_sweep
+from reftlens.analysis.patching import REPLAY_MIN_PARAMS
 
 PROMPTS = {
     "smollm2-135m": ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome"),
@@ -43,14 +47,27 @@ def pair(model, name):
     return tc, tr, 5, 7
 
 
+def timed(fn):
+    """(median seconds, result): one run, repeated up to 9 times while runs are short."""
+    t = time.perf_counter()
+    out = fn()
+    times = [time.perf_counter() - t]
+    while sum(times) < 2.0 and len(times) < 9:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-llama", "tiny-gpt2", "smollm2-135m"])
     args = ap.parse_args()
     print(f"# resid_pre patching sweep, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformer-lens {__import__('importlib.metadata').metadata.version('transformer-lens')}")
-    print("| model | layers × positions | transformer_lens.patching (s) | reftlens patch_sweep (s) | speed-up | max abs diff |")
-    print("|---|---|---|---|---|---|")
+    print("| model | layers × positions | transformer_lens.patching (s) | reftlens batch (s) | reftlens replay (s) "
+          "| speed-up batch | speed-up replay | default | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = reftlens.load_model(name)
         clean, corrupt, a, b = pair(model, name)
@@ -61,18 +78,20 @@ def main() -> None:
         def batched(logits):
             return logits[:, -1, a] - logits[:, -1, b]
 
+        times, values = {}, {}
         with torch.no_grad():
-            patch_sweep(model, clean, corrupt, batched, batched=True)  # warm up
-            t = time.perf_counter()
-            ours = patch_sweep(model, clean, corrupt, batched, batched=True)
-            t_ours = time.perf_counter() - t
-            _, cache = model.run_with_cache(clean)
-            t = time.perf_counter()
-            ref = patching.get_act_patch_resid_pre(model, corrupt, cache, metric)
-            t_tl = time.perf_counter() - t
-        diff = (ours.values - ref.float().cpu()).abs().max().item()
+            for strategy in ("batch", "replay"):
+                patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy)  # warm up
+                times[strategy], res = timed(lambda: patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy))
+                values[strategy] = res.values
+            _, cache = model.run_with_cache(clean)  # outside TL's timing (ours includes its clean run)
+            t_tl, ref = timed(lambda: patching.get_act_patch_resid_pre(model, corrupt, cache, metric))
+        diff = max((v - ref.float().cpu()).abs().max().item() for v in values.values())
+        big = sum(p.numel() for p in model.parameters()) >= REPLAY_MIN_PARAMS
         shape = f"{model.cfg.n_layers} × {clean.shape[1]}"
-        print(f"| {name} | {shape} | {t_tl:.2f} | {t_ours:.2f} | {t_tl / t_ours:.1f}× | {diff:.1e} |", flush=True)
+        print(f"| {name} | {shape} | {t_tl:.3f} | {times['batch']:.3f} | {times['replay']:.3f} | "
+              f"{t_tl / times['batch']:.1f}× | {t_tl / times['replay']:.1f}× | {'replay' if big else 'batch'} | {diff:.1e} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from transformer_lens import patching
 
 from reftlens import ConfigError
 from reftlens.analysis import AnalysisError, patch_sweep
+from reftlens.analysis import patching as patching_module
 
 CLEAN = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110]])
 CORRUPT = torch.tensor([[1, 51, 60, 71, 80, 90, 100, 110]])
@@ -183,9 +184,48 @@ def test_stacked_interventions_apply_in_the_declared_order(model):
     assert (top - below).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["batch", "prefix"])
-def test_both_sweep_strategies_equal_transformer_lens(model, strategy):
-    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="resid_pre", strategy=strategy, max_rows=7)
+@pytest.mark.parametrize("strategy", ["batch", "replay"])
+@pytest.mark.parametrize("hook", sorted(REFERENCE))
+def test_both_sweep_strategies_equal_transformer_lens(model, strategy, hook):
+    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, strategy=strategy, max_rows=7)
     _, cache = model.run_with_cache(CLEAN)
-    ref = patching.get_act_patch_resid_pre(model, CORRUPT, cache, logit_diff)
+    ref = REFERENCE[hook](model, CORRUPT, cache, logit_diff)
     torch.testing.assert_close(ours.values, ref.float().cpu(), atol=1e-5, rtol=1e-5)
+    assert (ours.values.abs() > 1e-4).any()
+
+
+def test_replay_reads_only_the_logits_the_metric_needs(model):
+    def spread(lg):  # reads every position: "auto" must notice and unembed them all
+        return lg[:, :, 5].mean(-1) - lg[:, 2, 7]
+
+    def two(lg):  # reads positions 2 and the last
+        return lg[:, -1, 5] - lg[:, 2, 7]
+
+    for metric, at in [(spread, "auto"), (two, [2, -1]), (two, "all"), (logit_diff_batched, -1)]:
+        ref = patch_sweep(model, CLEAN, CORRUPT, metric, hook="resid_pre", strategy="batch", batched=True)
+        ours = patch_sweep(model, CLEAN, CORRUPT, metric, hook="resid_pre", strategy="replay", batched=True,
+                           logits_at=at, layers=[3, 1], max_rows=1)
+        torch.testing.assert_close(ours.values, ref.values[[3, 1]], atol=1e-5, rtol=1e-5)
+    with pytest.raises(AnalysisError, match=r"reads logits outside logits_at=\[-1\]"):
+        patch_sweep(model, CLEAN, CORRUPT, two, strategy="replay", batched=True, logits_at=[-1])
+    with pytest.raises(ConfigError, match="logits_at must be"):
+        patch_sweep(model, CLEAN, CORRUPT, two, strategy="replay", batched=True, logits_at=[99])
+
+
+def logit_diff_batched(lg):
+    return lg[:, -1, 5] - lg[:, -1, 7]
+
+
+def test_replay_refuses_a_model_it_cannot_reproduce(model, monkeypatch):
+    """A hook on the whole model changes its forward in a way block replay cannot see: an explicit
+    strategy='replay' is refused, and 'auto' falls back to whole forwards with the same numbers."""
+    handle = model.register_forward_hook(lambda mod, args, out: out * 2)
+    try:
+        with pytest.raises(AnalysisError, match=r"strategy='replay' is not available here \(replaying the blocks does not reproduce"):
+            patch_sweep(model, CLEAN, CORRUPT, logit_diff, strategy="replay")
+        monkeypatch.setattr(patching_module, "REPLAY_MIN_PARAMS", 0)
+        auto = patch_sweep(model, CLEAN, CORRUPT, logit_diff)
+        ref = patch_sweep(model, CLEAN, CORRUPT, logit_diff, strategy="batch")
+        torch.testing.assert_close(auto.values, ref.values, atol=0, rtol=0)
+    finally:
+        handle.remove()

@@ -263,3 +263,21 @@ def test_import_is_light():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_smollm2_patch_sweep_replay_equals_whole_forwards(smollm2):
+    """The default sweep on SmolLM2 (block replay, last-position logits) against packed whole forwards."""
+    from reftlens.analysis import patch_sweep
+
+    clean = smollm2.to_tokens("The Eiffel Tower is located in the city of")
+    corrupt = smollm2.to_tokens("The Colosseum is located in the city of")
+    paris, rome = (smollm2.tokenizer(w, add_special_tokens=False).input_ids[0] for w in (" Paris", " Rome"))
+
+    def metric(lg):
+        return lg[:, -1, paris] - lg[:, -1, rome]
+
+    kw = dict(hook="resid_pre", layers=[0, 14, 29], batched=True)
+    replay = patch_sweep(smollm2, clean, corrupt, metric, **kw)
+    whole = patch_sweep(smollm2, clean, corrupt, metric, strategy="batch", **kw)
+    torch.testing.assert_close(replay.values, whole.values, atol=2e-4, rtol=1e-4)
+    assert replay.values[0].max() - replay.values[0].min() > 1.0  # the subject tokens matter at layer 0
