@@ -110,14 +110,14 @@ def reftlens_epoch(reft, examples, batch: int, seed: int, group_by_length: bool,
     reft.train()
 
     def step(b):
-        logits = forward(reft, b)
-        n = int((b.labels != -100).sum())
-        loss_sum = token_losses(logits, b.labels)
+        logits, labels = forward(reft, b)  # logits only where some row has a target
+        n = int((labels != -100).sum())
+        loss_sum = token_losses(logits, labels)
         (loss_sum / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        nll = F.cross_entropy(logits.detach().float().transpose(1, 2), b.labels, ignore_index=-100, reduction="none")
-        m = (b.labels != -100).float()
+        nll = F.cross_entropy(logits.detach().float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        m = (labels != -100).float()
         return loss_sum.item() / n, (nll * m).sum(1) / m.sum(1)
 
     step(collate(exs[:batch], pad))  # warm-up, untimed (as on the pyreft side)

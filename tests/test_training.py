@@ -52,6 +52,31 @@ def test_loss_is_on_completion_tokens_only(model):
         assert batch.prompt_mask[i].sum() == len(e.prompt)
 
 
+def test_logits_are_computed_only_where_the_loss_reads_them(model):
+    """forward() unembeds only positions with a target in some row: same logits there, same
+    loss and same gradient as unembedding every position."""
+    from reftlens.training.loop import forward
+
+    reft = fresh(model, positions="l1")
+    torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
+    examples = encode(model, [{"prompt": d["prompt"] + " and the", "completion": " end"} for d in DATA[:3]] + [DATA[4]])
+    batch = collate(examples, reft._pad_id())
+    logits, labels = forward(reft, batch)
+    keep = (batch.labels != -100).any(0)
+    assert logits.shape[1] == int(keep.sum()) < batch.tokens.shape[1]
+    loss = token_losses(logits, labels)
+    loss.backward()
+    grad = [p.grad.clone() for p in reft.parameters() if p.requires_grad]
+    reft.zero_grad()
+    full = reft(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    torch.testing.assert_close(logits, full[:, keep], atol=1e-6, rtol=1e-6)
+    ref = token_losses(full, batch.labels)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    for g, p in zip(grad, [p for p in reft.parameters() if p.requires_grad]):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_positions_follow_the_prompt_not_the_completion(model):
     """'l1' during training is the last prompt token, whatever the completion."""
     from reftlens import Collect

@@ -201,10 +201,3 @@ def _has_position_axis(value: Any, seq: int) -> bool:
         return any(_has_position_axis(v, seq) for v in value)
     return False
 
-
-def group_rows(cells: Sequence[tuple[int, int]]) -> dict[int, list[int]]:
-    """Indices of ``cells`` (block, ...) by the block they start at, in block order."""
-    out: dict[int, list[int]] = {}
-    for i, (layer, *_rest) in enumerate(cells):
-        out.setdefault(layer, []).append(i)
-    return dict(sorted(out.items()))
