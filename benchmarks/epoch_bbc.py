@@ -50,6 +50,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import torch.nn.functional as F
 
+from common import headline
+
 HERE = Path(__file__).resolve().parent
 LAYERS = [3, 9, 18, 24]
 RANK = 4
@@ -285,6 +287,9 @@ def main() -> None:
     res["markdown"] = "\n".join(L)
     Path(out_path).write_text(json.dumps(res, indent=1) + "\n")
     print(res["markdown"])
+    sp = res["speedup_pyreft_over_reftlens"]
+    headline("epoch_bbc", "epoch on BBC News: pyreft time / reftlens time", sp, target="≥ 1.25×", met=sp >= 1.25,
+             peer="pyreft 0.1.0 default pipeline", note=f"per-example losses within {diffs['reftlens']:.1e}")
     print(f"\n(JSON: {out_path})")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -18,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import reftlens
+from common import environment_line, headline
 from reftlens import Intervention, LoReFT, ReftModel
 
 
@@ -55,12 +55,14 @@ def main() -> None:
         plain.generate(tokens, **kw); exported.generate(tokens, **kw)
         rows.append(("greedy generation, 32 tokens, batch 8", *paired(lambda: plain.generate(tokens, **kw),
                                                                        lambda: exported.generate(tokens, **kw), max(3, args.reps // 2))))
-    print(f"# exported LoReFT set vs plain transformers, SmolLM2-135M-Instruct, fp32, {torch.get_num_threads()} threads, "
-          f"{platform.machine()}, torch {torch.__version__}")
+    print("# exported LoReFT set vs plain transformers, SmolLM2-135M-Instruct, fp32")
+    print(environment_line())
     print("| what | plain HF (s) | exported with LoReFT (s) | median paired ratio |")
     print("|---|---|---|---|")
     for name, a, b, r in rows:
         print(f"| {name} | {a:.3f} | {b:.3f} | {r:.3f} |")
+        headline("export_overhead", f"to_hf model / plain transformers, {name}", r, target="≤ 1.02×", met=r <= 1.02,
+                 peer="plain transformers")
 
 
 if __name__ == "__main__":

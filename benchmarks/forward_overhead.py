@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import reftlens
+from common import environment_line, headline
 from reftlens import Intervention, LoReFT, ReftModel
 
 
@@ -63,9 +64,17 @@ def main() -> None:
           f"reftlens {reftlens.__version__}")
     print("| model | layers | plain bridge (ms) | with LoReFT set (ms) | median paired ratio | median paired overhead (ms) |")
     print("|---|---|---|---|---|---|")
+    print(environment_line())
+    rows = []
     for name in args.models:
         r = bench(name, args.batch, args.seq, args.reps)
         print(f"| {r['model']} | {r['layers']} | {r['plain_ms']:.1f} | {r['reft_ms']:.1f} | {r['ratio']:.3f} | {r['overhead_ms']:.2f} |", flush=True)
+        rows.append(r)
+    for r in rows:
+        real = r["model"] == "smollm2-135m"
+        headline("forward_overhead", f"forward with a LoReFT set / plain bridge, {r['model']} {args.batch}×{args.seq}",
+                 r["ratio"], target="≤ 1.02×" if real else "", met=r["ratio"] <= 1.02 if real else None,
+                 peer="plain TransformerLens bridge (pyreft: 1.001–1.008× plain HF)")
 
 
 if __name__ == "__main__":

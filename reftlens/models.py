@@ -293,7 +293,8 @@ def load_model(
         tokenizer: the tokenizer of an in-memory model; for a name or folder it overrides the
             default one. A tokenizer with a BOS token is made to prepend it (on a copy), so that
             TransformerLens never reloads it from the hub.
-        device, dtype: where and in what precision the weights live (float buffers such as RoPE
+        device: where the weights live.
+        dtype: the precision of the floating-point weights (float buffers such as RoPE
             frequencies stay float32).
         seed: weight seed for the tiny models (ignored otherwise).
         cache_dir: where the SmolLM2 fp32 folder lives (default ``$REFTLENS_CACHE`` or

@@ -22,6 +22,9 @@ from reftlens.sets import Intervention
 
 @dataclass
 class DASResult:
+    """What :func:`train_das` returns: the ``ReftModel`` holding the trained DII, the DII itself
+    (its subspace is ``dii.R.weight``), the loss of every step, and the IIA on the training pairs."""
+
     reft: Any  # the ReftModel holding the trained DII
     dii: DII
     losses: list[float] = field(default_factory=list)

@@ -121,7 +121,8 @@ def patch_sweep(
 
     Args:
         model: a TransformerLens ``TransformerBridge``.
-        clean_tokens, corrupted_tokens: token ids ``[batch, pos]`` of equal shape (or strings).
+        clean_tokens: token ids ``[batch, pos]`` (or strings): the run whose activations are patched in.
+        corrupted_tokens: token ids (or strings) of the same shape as ``clean_tokens``: the run patched into.
         metric: TL style, one run's logits ``[batch, pos, vocab]`` → a number; or batched,
             logits ``[n, pos, vocab]`` → ``[n]`` (the fast path; batch 1 only). ``batched=None``
             tries the batched form and falls back.
@@ -129,11 +130,11 @@ def patch_sweep(
             ``attn_out``, ``mlp_out``, ``resid_mid``, ...
         layers: which layers (default all).
         max_rows: the most rows in one batched forward.
-        clean_with, corrupted_with: a :class:`~reftlens.ReftModel` active during the clean run
-            (whose activations are patched in) or during the corrupted runs. With
-            ``clean_with=reft`` and the same tokens on both sides, the sweep shows which sites
-            carry a trained ReFT's behaviour. In the corrupted runs the patch is applied on top
-            of (after) the ReFT's own edit at the same site.
+        clean_with: a :class:`~reftlens.ReftModel` active during the clean run (whose
+            activations are patched in). With ``clean_with=reft`` and the same tokens on both
+            sides, the sweep shows which sites carry a trained ReFT's behaviour.
+        corrupted_with: a :class:`~reftlens.ReftModel` active during the corrupted runs; the
+            patch is applied on top of (after) the ReFT's own edit at the same site.
         logits_at: the positions whose logits ``metric`` reads (``"replay"`` only unembeds those;
             the metric sees NaN elsewhere). ``"auto"`` (default) uses the last position when the
             metric's value on the corrupted run does not change with every other position hidden,

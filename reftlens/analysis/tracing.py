@@ -46,9 +46,12 @@ class TraceResult:
 
     @property
     def indirect_effect(self) -> Tensor:
+        """``values − corrupted``: what restoring each (layer, position) recovers."""
         return self.values - self.corrupted
 
     def plot(self, path: str | None = None, **kwargs: Any) -> Any:
+        """A layers × tokens heatmap of ``values`` (matplotlib), subject tokens starred; saved as PNG
+        when ``path`` is given."""
         from reftlens.analysis.plots import heatmap
 
         tokens = [t + ("*" if self.subject[0] <= i < self.subject[1] else "") for i, t in enumerate(self.tokens)]

@@ -17,6 +17,9 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Example:
+    """One tokenized example: prompt and completion token ids, and for classification the
+    index of its label among the label names."""
+
     prompt: tuple[int, ...]
     completion: tuple[int, ...]
     label: int | None = None  # index into the label set, for classification
@@ -27,6 +30,9 @@ class Example:
 
 @dataclass
 class Batch:
+    """Right-padded examples: tokens, attention mask, prompt mask (1 on prompt tokens), next-token
+    labels (-100 where there is no loss) and, for classification, each example's label index."""
+
     tokens: Tensor  # [batch, seq], right padded
     attention_mask: Tensor  # [batch, seq]
     prompt_mask: Tensor  # [batch, seq], 1 on prompt tokens
