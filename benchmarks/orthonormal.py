@@ -6,10 +6,12 @@ For each: microseconds per forward+backward of LoReFT's projection at ReFT sizes
 max |R Rᵀ − I| after 500 Adam steps at a large learning rate.
 
     python benchmarks/orthonormal.py
+    python benchmarks/orthonormal.py --reps 5 --steps 5     # a smoke run
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -63,15 +65,19 @@ def drift(m: nn.Module, d: int, r: int, steps: int = 500) -> float:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=200, help="timed forward+backward passes per parametrisation")
+    ap.add_argument("--steps", type=int, default=500, help="Adam steps for the drift measurement")
+    args = ap.parse_args()
     kinds = ["qr (reftlens)", "torch householder", "torch matrix_exp", "torch cayley"]
     print(environment_line())
-    print("| parametrisation | d_model | rank | µs / fwd+bwd | max abs(R Rᵀ − I) after 500 Adam steps |")
+    print(f"| parametrisation | d_model | rank | µs / fwd+bwd | max abs(R Rᵀ − I) after {args.steps} Adam steps |")
     print("|---|---|---|---|---|")
     for d, r in [(576, 4), (576, 32), (64, 4)]:
         times = {}
         for kind in kinds:
-            us = time_step(make(kind, d, r), d)
-            err = drift(make(kind, d, r), d, r)
+            us = time_step(make(kind, d, r), d, args.reps)
+            err = drift(make(kind, d, r), d, r, args.steps)
             print(f"| {kind} | {d} | {r} | {us:.0f} | {err:.1e} |", flush=True)
             times[kind] = us
         headline("orthonormal", f"speed-up of QR over torch householder (pyreft's), fwd+bwd, d={d} r={r}",

@@ -32,7 +32,7 @@ from common import environment, parse_headlines  # noqa: E402
 SUITE = [
     ("forward_overhead", ["--models", "smollm2-135m", "tiny-llama", "tiny-gpt2", "--reps", "40"],
      ["--models", "tiny-llama", "--reps", "2"], 4),
-    ("orthonormal", [], [], 1),
+    ("orthonormal", [], ["--reps", "5", "--steps", "5"], 4),
     ("patching_vs_tl", ["--models", "tiny-llama", "tiny-gpt2", "smollm2-135m"], ["--models", "tiny-llama", "tiny-gpt2"], 2),
     ("export_overhead", ["--reps", "8"], ["--reps", "1"], 2),
     ("train_vs_pyreft", ["--max-load", "1.2"], ["--quick"], 6),
@@ -94,13 +94,19 @@ def render(runs: list[dict], env: dict, quick: bool, plot: str | None) -> str:
     for r in runs:
         _, text = parse_headlines(r["stdout"])
         L += ["", f"## {r['name']}", "", f"`{r['command']}` — {r['wall_s']:.0f} s, exit status {r['returncode']}", ""]
+        quoted = False
         for line in text.strip().splitlines():
             if line.startswith("## "):
                 L.append("#" * 2 + line)  # the benchmark's own sections sit one level down
-            elif line.startswith("#"):
-                L.append("> " + line.lstrip("# "))
+            elif line.startswith("#"):  # a benchmark's comment lines: quoted, one paragraph each
+                L += ["> " + line.lstrip("# "), ">"]
             else:
+                if quoted:
+                    L[-1] = ""  # end the quote before a table or text
                 L.append(line)
+            quoted = line.startswith("#") and not line.startswith("## ")
+        if quoted:
+            L[-1] = ""
         if r["returncode"] != 0:
             L += ["", "```", r["stderr_tail"].strip(), "```"]
     return "\n".join(L) + "\n"
