@@ -64,6 +64,15 @@ def test_heatmap_is_saved(model, tmp_path):
     fig = res.plot(tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert len(fig.axes[0].get_xticklabels()) == CLEAN.shape[1]
+    small = res.plot(tmp_path / "small.png", figsize=(3, 2), dpi=50)
+    assert tuple(small.get_size_inches()) == (3, 2)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "small.png").size == (150, 100)
+    import matplotlib.pyplot as plt
+
+    outer, axes = plt.subplots(1, 2)
+    assert res.plot(ax=axes[1]) is outer and axes[1].images  # drawn into the given subplot
 
 
 # ---- causal tracing ---------------------------------------------------------------------------

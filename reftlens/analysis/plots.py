@@ -8,8 +8,12 @@ from torch import Tensor
 
 
 def heatmap(values: Tensor, layers: Sequence[int], tokens: Sequence[str], *, title: str = "", path: str | None = None,
-            cmap: str = "RdBu_r", center: float | None = 0.0, label: str = "metric") -> Any:
-    """Layers (rows) × tokens (columns); returns the matplotlib Figure, saved as PNG when ``path`` is given."""
+            cmap: str = "RdBu_r", center: float | None = 0.0, label: str = "metric",
+            figsize: tuple[float, float] | None = None, dpi: int = 120, ax: Any = None) -> Any:
+    """Layers (rows) × tokens (columns); returns the matplotlib Figure, saved as PNG when ``path`` is given.
+
+    ``figsize`` defaults to a size that fits the grid; ``dpi`` applies to the saved PNG; ``ax`` draws
+    into an existing axes (a subplot of your own figure) instead of a new figure."""
     try:
         import matplotlib
 
@@ -19,7 +23,11 @@ def heatmap(values: Tensor, layers: Sequence[int], tokens: Sequence[str], *, tit
     except ImportError:
         raise ImportError("plots need matplotlib: pip install matplotlib") from None
     v = values.detach().float().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(tokens) + 2), max(3.0, 0.25 * len(layers) + 1.5)))
+    if ax is None:
+        size = figsize or (max(4.0, 0.6 * len(tokens) + 2), max(3.0, 0.25 * len(layers) + 1.5))
+        fig, ax = plt.subplots(figsize=size)
+    else:
+        fig = ax.figure
     kw: dict[str, Any] = {}
     if center is not None:
         span = max(abs(float(v.max()) - center), abs(float(v.min()) - center)) or 1.0
@@ -32,5 +40,5 @@ def heatmap(values: Tensor, layers: Sequence[int], tokens: Sequence[str], *, tit
     fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=dpi)
     return fig

@@ -128,10 +128,12 @@ def causal_trace(
             raise AnalysisError(f"answer {answer!r} has no tokens.")
         target = ids[0]
     hooks = [hook_name_for(_KINDS[kind], l) for l in range(n_layers)]
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in set(hooks) | {model.hook_dict[h].name for h in hooks})
-    clean_acts = [cache[model.hook_dict[h].name][0] for h in hooks]  # [seq, d] per layer
-    points = [model.hook_dict[h] for h in hooks]
-    embed_point = model.hook_dict[hook_name_for("resid_pre", 0)]
+    hook_dict = model.hook_dict  # TL 4.3 rebuilds it (with aliases) on every access: read it once
+    points = [hook_dict[h] for h in hooks]
+    wanted = set(hooks) | {p.name for p in points}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
+    clean_acts = [cache[p.name][0] for p in points]  # [seq, d] per layer
+    embed_point = hook_dict[hook_name_for("resid_pre", 0)]
     sigma = noise * embedding_std(model)
     gen = torch.Generator().manual_seed(seed)
     eps = (sigma * torch.randn(samples, span[1] - span[0], model.cfg.d_model, generator=gen)).to(tokens.device)
