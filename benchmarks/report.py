@@ -34,7 +34,7 @@ SUITE = [
      ["--models", "tiny-llama", "--reps", "2"], 4),
     ("orthonormal", [], ["--reps", "5", "--steps", "5"], 4),
     ("patching_vs_tl", ["--models", "tiny-llama", "tiny-gpt2", "smollm2-135m"], ["--models", "tiny-llama", "tiny-gpt2"], 2),
-    ("export_overhead", ["--reps", "8"], ["--reps", "1"], 2),
+    ("export_overhead", ["--reps", "16"], ["--reps", "1"], 3),
     ("train_vs_pyreft", ["--max-load", "1.2"], ["--quick"], 6),
     ("epoch_bbc", ["--articles", "80", "--random-arm", "--max-load", "1.2"], ["--articles", "16"], 10),
     ("quality_bbc", ["--train", "400", "--test", "200", "--steps", "60", "--batch", "8"],
@@ -80,11 +80,12 @@ def render(runs: list[dict], env: dict, quick: bool, plot: str | None) -> str:
          "benchmark below gives its full table and the command that reproduces it.", "",
          "## Headline ratios", "",
          "| benchmark | metric | measured | target | met | against | command |", "|---|---|---|---|---|---|---|"]
+    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731 (a pipe would end the table cell)
     for h in heads:
         met = "" if h.get("met") is None else ("yes" if h["met"] else "**no**")
         note = f" ({h['note']})" if h.get("note") else ""
-        L.append(f"| {h['benchmark']} | {h['metric']}{note} | {fmt(h['value'])} | {h.get('target', '')} | {met} | "
-                 f"{h.get('peer', '')} | `{h['command']}` |")
+        L.append(f"| {cell(h['benchmark'])} | {cell(h['metric'] + note)} | {fmt(h['value'])} | {cell(h.get('target', ''))} | "
+                 f"{met} | {cell(h.get('peer', ''))} | `{cell(h['command'])}` |")
     failed = [r for r in runs if r["returncode"] != 0]
     if failed:
         L += ["", "Benchmarks that failed (exit status ≠ 0): " + ", ".join(f"`{r['name']}`" for r in failed)
@@ -127,7 +128,8 @@ def draw(runs: list[dict], path: Path) -> bool:
             if h.get("target") and h.get("met") is not None:
                 digits = "".join(c for c in h["target"] if c.isdigit() or c == ".").rstrip(".")
                 try:
-                    rows.append((h["metric"][:70], h["value"], float(digits), h["met"]))
+                    label = h["metric"] if len(h["metric"]) <= 70 else "…" + h["metric"][-69:]  # the tail tells rows apart
+                    rows.append((label, h["value"], float(digits), h["met"]))
                 except ValueError:
                     continue
     if not rows:
