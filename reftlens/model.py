@@ -249,7 +249,7 @@ class ReftModel(nn.Module):
         prompt+completion sequences) makes positions resolve against the prompt only.
         """
         plans, shape, tokens, mask = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
-        handles = attach([(p.site.hook_point, make_hook(p, shape, self.cast)) for p in plans])
+        handles = attach([(p.site.hook_point, make_hook(p, shape, self.cast)) for p in plans] + _pad_row_guard(self.model, mask))
         try:
             return self.model(tokens, attention_mask=mask, return_type=return_type, **kwargs)
         finally:
@@ -310,3 +310,29 @@ def _pad(rows: Sequence[Tensor], pad_id: int, side: str, device: torch.device) -
         tokens[i, sl] = r.to(torch.long).cpu()
         mask[i, sl] = 1
     return tokens.to(device), mask.to(device)
+
+
+def _zero_nan_rows(pattern: Tensor, hook: Any = None) -> Tensor:
+    return torch.nan_to_num(pattern, nan=0.0)
+
+
+def _pad_row_guard(model: Any, mask: Tensor | None) -> list[tuple[Any, Any]]:
+    """Hooks that keep left padding finite under reduced-precision autocast.
+
+    TransformerLens 4.3's attention casts transformers' fp32 mask sentinel to the autocast dtype,
+    where it overflows to -inf; a pad query with every key masked then softmaxes to NaN, and
+    0 × NaN carries it into real tokens. A pad row's attention is never read, so setting its
+    NaN pattern to 0 changes nothing else. Attached only when autocast is on and some row is padded.
+    """
+    if mask is None or bool(mask.all()):
+        return []
+    device_type = mask.device.type
+    try:
+        on = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        on = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not on:
+        return []
+    hook_dict = model.hook_dict
+    points = [hook_dict.get(f"blocks.{i}.attn.hook_pattern") for i in range(model.cfg.n_layers)]
+    return [(p, _zero_nan_rows) for p in points if p is not None]

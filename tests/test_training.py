@@ -178,3 +178,19 @@ def test_a_datasets_dataset_works(model):
     reft = fresh(model)
     h = reftlens.train(reft, datasets.Dataset.from_list(DATA), max_steps=2, progress=False)
     assert len(h.losses) == 2
+
+
+def test_bf16_autocast_keeps_left_padded_rows_finite(model):
+    """TL 4.3 overflows the fp32 mask sentinel to -inf under bf16 autocast, so a left pad's fully
+    masked attention row would softmax to NaN and reach real tokens; reft(...) guards it."""
+    torch.manual_seed(0)
+    reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2, init="random"), layers=[1], positions="l1"))
+    tokens, mask = reft.tokenize(["the quick brown fox jumps over", "a dog"])  # left padded
+    assert not mask.bool().all()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = reft(tokens, attention_mask=mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = reft(tokens, attention_mask=mask)
+    assert torch.isfinite(low[real]).all()
+    torch.testing.assert_close(low[real].float(), ref[real], atol=0.1 * float(ref.abs().max()), rtol=0)
