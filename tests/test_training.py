@@ -156,6 +156,28 @@ def test_classification_reports_label_accuracy(model):
     assert ev["accuracy"] > 0.5  # 12 examples, 2 classes: the edit learns the prompt → label map
 
 
+def test_one_token_labels_are_scored_in_one_forward(model):
+    """Classification eval: with one-token labels, one forward scores every label, equal to
+    scoring each label in a forward of its own."""
+    from reftlens.training.loop import _score, _score_first_tokens
+
+    reft = fresh(model, positions="l1")
+    torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
+    chunk = encode(model, [{"prompt": d["prompt"] + " x" * i, "completion": " y"} for i, d in enumerate(DATA[:5])])
+    cands, pad = [(5,), (7,), (11,)], reft._pad_id()
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            one = _score_first_tokens(reft, chunk, cands, pad)
+            assert len(calls) == 1
+            each = torch.stack([_score(reft, chunk, c, pad) for c in cands], 1)
+    finally:
+        handle.remove()
+    assert one.shape == (5, 3)
+    torch.testing.assert_close(one, each, atol=1e-5, rtol=1e-5)
+
+
 def test_options_and_errors(model):
     reft = fresh(model)
     with pytest.raises(TrainingError, match="schedule must be"):

@@ -267,11 +267,22 @@ def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8,
         n_tok += int(target.sum())
         correct_tok += int(((logits.argmax(-1) == labels) & target).sum())
         if task == "classification":
-            scores = torch.stack([_score(reft, chunk, c, pad) for c in cands], 1)
+            scores = (_score_first_tokens(reft, chunk, cands, pad) if all(len(c) == 1 for c in cands)
+                      else torch.stack([_score(reft, chunk, c, pad) for c in cands], 1))
             correct_ex += int((scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).sum())
     reft.train(was_training)
     acc = correct_ex / len(examples) if task == "classification" else correct_tok / max(n_tok, 1)
     return {"loss": loss_sum / max(n_tok, 1), "accuracy": acc}
+
+
+def _score_first_tokens(reft: "ReftModel", chunk: Sequence[Example], cands: Sequence[tuple[int, ...]], pad: int) -> Tensor:
+    """``_score`` for every one-token label at once: the logits after the prompt score them all
+    (causal attention: they do not depend on which label follows), so one forward, not one per label."""
+    batch = collate([Example(e.prompt, cands[0]) for e in chunk], pad).to(reft.device)
+    logits, labels = forward(reft, batch)
+    at = (labels != -100).float().argmax(1)  # each row's one target position
+    logp = logits[torch.arange(len(chunk), device=logits.device), at].float().log_softmax(-1)
+    return logp[:, [c[0] for c in cands]]
 
 
 def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, ...], pad: int) -> Tensor:
