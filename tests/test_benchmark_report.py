@@ -1,7 +1,9 @@
 """benchmarks/report.py: headline lines from each benchmark become one table, with targets."""
 
 import importlib.util
+import io
 import sys
+from contextlib import redirect_stdout
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -19,22 +21,14 @@ def load(name):
 
 
 def fake_run(name, records, table, rc=0):
+    """A benchmark's captured run: its table plus the headline lines common.headline prints."""
     common = load("common")
-    lines = []
-    for r in records:
-        sys_argv, sys.argv = sys.argv, ["benchmarks/x.py"]
-        try:
-            from contextlib import redirect_stdout
-            from io import StringIO
-
-            buf = StringIO()
-            with redirect_stdout(buf):
-                common.headline(name, **r)
-            lines.append(buf.getvalue().strip())
-        finally:
-            sys.argv = sys_argv
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        for r in records:
+            common.headline(name, **r)
     return {"name": name, "command": f"python benchmarks/{name}.py --x", "wall_s": 1.0, "returncode": rc,
-            "stdout": "# a comment line\n## a section\n" + table + "\n" + "\n".join(lines), "stderr_tail": "boom"}
+            "stdout": "# a comment line\n## a section\n" + table + "\n" + buf.getvalue(), "stderr_tail": "boom"}
 
 
 def test_report_gathers_headlines_targets_and_failures(tmp_path):
