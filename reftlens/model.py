@@ -295,7 +295,8 @@ class ReftModel(nn.Module):
         """Load a saved set onto ``model`` (which must match the one it was saved from)."""
         from reftlens.saving import load
 
-        return load(path, model, dtype=dtype, cast=cast)
+        interventions, use_cast = load(path, model, dtype=dtype, cast=cast)
+        return cls(model, interventions, cast=use_cast)
 
     def extra_repr(self) -> str:
         return "\n".join(repr(iv) for iv in self.interventions)

@@ -28,7 +28,7 @@ from reftlens.interventions.base import FunctionPhi, phi_class
 from reftlens.positions import from_json
 
 if TYPE_CHECKING:
-    from reftlens.model import ReftModel
+    from reftlens.sets import Intervention
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "reft_config.json"
@@ -103,8 +103,9 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
     return {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
 
 
-def save(reft: "ReftModel", path: str | os.PathLike) -> Path:
-    """Write ``reft``'s interventions to the folder ``path`` (atomically)."""
+def save(reft: Any, path: str | os.PathLike) -> Path:
+    """Write the interventions of ``reft`` (anything with ``phis``, ``units``, ``cast`` and
+    ``model``, e.g. a ReftModel) to the folder ``path`` (atomically)."""
     return atomic_dir(path, lambda folder: write(reft, folder))
 
 
@@ -207,10 +208,10 @@ def interventions(config: dict[str, Any], phis: list[torch.nn.Module]) -> list[A
                          stack=u.get("stack"), name=u["name"]) for u in config["units"]]
 
 
-def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
-    """Rebuild a saved set on ``model``. Everything is checked before anything is returned."""
-    from reftlens.model import ReftModel
-
+def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None,
+         cast: bool | None = None) -> tuple[list["Intervention"], bool]:
+    """Read a saved set for ``model``: ``(interventions, cast)``. Everything is checked before
+    anything is returned; :meth:`reftlens.ReftModel.load` wraps the result."""
     config, phis = read(path, fingerprint(model), dtype=dtype)
     model_dtype = next(model.parameters()).dtype
     use_cast = config.get("cast", False) if cast is None else cast
@@ -220,7 +221,7 @@ def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = Non
             f"the saved Φs are {sorted(str(d) for d in phi_dtypes)} but the model is {model_dtype}. Pass "
             f"dtype={model_dtype} to convert them, or cast=True to run them in their own precision."
         )
-    return ReftModel(model, interventions(config, phis), cast=use_cast)
+    return interventions(config, phis), use_cast
 
 
 def _version() -> str:

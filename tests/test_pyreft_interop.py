@@ -114,8 +114,10 @@ def test_logits_match_pyreft(llama, name):
 
 
 @pytest.mark.parametrize("name", ["direft", "consreft", "lobireft", "loreft"])
-def test_rotate_layer_matches_pyreft_bitwise(name):
-    """The orthogonal parametrisation recomputed from the saved state equals pyreft's weight exactly."""
+def test_rotate_layer_matches_pyreft(name):
+    """The orthogonal parametrisation recomputed from the saved state equals pyreft's weight to
+    float32 rounding (it goes through a matrix exponential / QR, whose last bit depends on the CPU's
+    BLAS kernels: the fixture was made on an Intel Xeon, CI may be an AMD EPYC)."""
     folder, ref, npz = reference(name)
     ivs, _ = read_pyreft(folder)
     for i, iv in enumerate(ivs):
@@ -125,7 +127,10 @@ def test_rotate_layer_matches_pyreft_bitwise(name):
         else:
             got = orthogonal_weight(state["rotate_layer.parametrizations.weight.original"],
                                     state["rotate_layer.parametrizations.weight.0.base"])
-        assert np.array_equal(got.numpy(), npz[f"rotate_{i}"])
+        want = npz[f"rotate_{i}"]
+        assert got.shape == want.shape
+        # a few float32 ulps of the largest entry; a wrong parametrisation is off by ≥ 1e-2
+        assert np.abs(got.numpy() - want).max() <= 8 * np.finfo(np.float32).eps * np.abs(want).max()
 
 
 @pytest.mark.parametrize("shape", [(64, 2), (64, 5), (6, 6), (3, 7)])

@@ -357,11 +357,12 @@ def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
 
     from reftlens.saving import load
 
-    loaded = load(folder / "reft", reft.model, cast=reft.cast)
-    if len(loaded.phis) != len(reft.phis):
-        raise TrainingError(f"checkpoint {folder} holds {len(loaded.phis)} Φs but this set has {len(reft.phis)}.")
+    saved_set, _ = load(folder / "reft", reft.model, cast=reft.cast)
+    saved_phis = list({id(iv.phi): iv.phi for iv in saved_set}.values())
+    if len(saved_phis) != len(reft.phis):
+        raise TrainingError(f"checkpoint {folder} holds {len(saved_phis)} Φs but this set has {len(reft.phis)}.")
     with torch.no_grad():
-        for mine, saved in zip(reft.phis, loaded.phis):
+        for mine, saved in zip(reft.phis, saved_phis):
             mine.load_state_dict(saved.state_dict())
     meta = json.loads((folder / "trainer_state.json").read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
