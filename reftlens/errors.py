@@ -15,3 +15,19 @@ class CollisionError(ReftError):
 
 class ConfigError(ReftError):
     """An intervention does not fit the model (layer, hook, width, device, dtype)."""
+
+
+class ExportError(ReftError):
+    """The interventions cannot be exported to (or run on) a plain transformers model."""
+
+
+class LoadError(ReftError):
+    """A saved set cannot be loaded (missing, corrupt, mismatched or from a newer reftlens)."""
+
+
+class TrainingError(ReftError):
+    """Training cannot go on (a non-finite loss, a bad option, no data)."""
+
+
+class AnalysisError(ReftError):
+    """An analysis cannot run on these inputs."""

@@ -9,46 +9,19 @@ decoding gives the same tokens either way (tested), unlike pyreft's no-cache pat
 
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
-from reftlens.errors import ConfigError
-from reftlens.runtime import SitePlan, attach, check_disjoint, detach, flat_index, make_hook, site_masks
+from reftlens.errors import ConfigError, ExportError
 from reftlens.positions import RealTokens
+from reftlens.runtime.compat import kv_cache_fix
+from reftlens.runtime.plan import Plan, SitePlan, check_disjoint, widen
+from reftlens.runtime.tl import plan_hooks, hooked
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
-
-
-@contextmanager
-def kv_cache_fix(model: Any) -> Iterator[None]:
-    """Make TransformerLens 4.3 attention read the KV cache under transformers 5.
-
-    transformers 5 hands each attention layer its cache as ``cache=``; TL 4.3's attention
-    bridges read only ``past_key_values`` (or ``layer_past``), so without this each decoded
-    token attends to itself alone and generation silently ignores the prompt. For the span
-    of the ``with`` block a forward pre-hook passes the cache under the name TL reads.
-    """
-
-    def pass_cache(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if kwargs.get("cache") is not None and kwargs.get("past_key_values") is None:
-            return args, {**kwargs, "past_key_values": kwargs["cache"]}
-        return None
-
-    handles = [b.attn.register_forward_pre_hook(pass_cache, with_kwargs=True)
-               for b in getattr(model, "blocks", []) if hasattr(b, "attn")]
-    try:
-        with warnings.catch_warnings():
-            # the bridge hands HF its cache as past_key_values, which transformers 5 deprecates loudly
-            warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)
-            yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -105,10 +78,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     model = reft.model
     text_in = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str))
-    tokens, real = reft._encode(prompts, attention_mask)
-    tokens, mask = to_left_padding(tokens, real.mask, reft._pad_id())
-    real = RealTokens.from_mask(mask, tokens)
-    batch, prompt_len = tokens.shape
+    tokens, real = reft.encode(prompts, attention_mask)
+    pad = reft.pad_token_id
+    tokens, mask = to_left_padding(tokens, real.mask, pad)
+    batch = tokens.shape[0]
     if intervene_on == "all":
         with_source = [s.unit.name for s in reft.sites if s.unit.takes_source]
         if with_source:
@@ -117,22 +90,8 @@ def generate(
                 "takes one. Use intervene_on='prompt'."
             )
     eos = _eos_ids(model, eos_token_id, tokens.device)
-    pad = reft._pad_id()
     generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
-
-    reft._check_devices()
-    prompt_masks = site_masks(reft.units, real)
-    prompt_plans = reft._resolve(tokens, real, prompt_masks, sources, source_attention_mask)
-    source_rows = {id(p.site): p.source_rows for p in prompt_plans}
-
-    def plans_for(width: int) -> list[SitePlan]:
-        """Plans over prompt + generated columns (for the no-cache path)."""
-        extra = width - prompt_len
-        gen = torch.zeros(batch, extra, dtype=torch.bool, device=tokens.device)
-        masks = {k: torch.cat([m, gen | (intervene_on == "all")], 1) for k, m in prompt_masks.items()}
-        if intervene_on == "all":
-            check_disjoint(reft.sites, masks, RealTokens.from_mask(torch.cat([mask.bool(), ~gen], 1)))
-        return [SitePlan(s, flat_index(masks[id(s.unit)]), source_rows[id(s)]) for s in reft.sites]
+    prompt_plan = reft.plan(tokens, sources, attention_mask=mask, source_attention_mask=source_attention_mask)
 
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
@@ -152,58 +111,59 @@ def generate(
         seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
         return False
 
-    twin = _twin(reft, backend) if use_cache and sources is None else None
-    if backend == "hf" and twin is None:
+    hf = _hf_backend(reft, backend) if use_cache and sources is None else None
+    if backend == "hf" and hf is None:
         raise ConfigError("backend='hf' needs use_cache=True, no sources and interventions that can be exported.")
-    if twin is not None:
+    if hf is not None:
         # the same interventions on a plain transformers twin sharing the weights: less Python per step
-        twin._reftlens_module.intervene_on = intervene_on
+        hf._reftlens_module.intervene_on = intervene_on
         with torch.no_grad():
             for step in range(max_new_tokens):
                 pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
                 # logits_to_keep=1: only the last position's logits are read (HF generate does the same)
                 if step == 0:
-                    out = twin(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+                    out = hf(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
                 else:
-                    out = twin(input_ids=seq[:, -1:], attention_mask=seq_mask, position_ids=pos[:, -1:], cache=cache,
-                               use_cache=True, logits_to_keep=1)
+                    out = hf(input_ids=seq[:, -1:], attention_mask=seq_mask, position_ids=pos[:, -1:], cache=cache,
+                             use_cache=True, logits_to_keep=1)
                 cache = out.cache
                 if advance(out.logits[:, -1]):
                     break
         return _finish(model, tokens, generated, eos, text_in)
     with kv_cache_fix(model), torch.no_grad():
         for step in range(max_new_tokens):
-            if not use_cache or step == 0:
-                plans = prompt_plans if step == 0 else plans_for(seq.shape[1])
-                hooks = [(p.site.hook_point, make_hook(p, tuple(seq.shape), reft.cast)) for p in plans]
+            if step == 0:
+                hooks = plan_hooks(prompt_plan, reft.cast)
                 inputs = seq
-            else:
+            elif not use_cache:  # the whole sequence again: prompt edits, and generated columns if intervene_on="all"
+                hooks = plan_hooks(widen(prompt_plan, reft.sites, seq.shape[1], intervene_on == "all"), reft.cast)
+                inputs = seq
+            else:  # one new token a row: every row of it, or nothing
                 hooks = []
                 if intervene_on == "all":
+                    step_plan = Plan([SitePlan(s, None, None, (batch, 1)) for s in reft.sites])
                     check_disjoint(reft.sites, {id(u): torch.ones(batch, 1, dtype=torch.bool) for u in reft.units},
                                    RealTokens.unpadded(batch, 1))
-                    hooks = [(s.hook_point, make_hook(SitePlan(s, None), (batch, 1), reft.cast)) for s in reft.sites]
+                    hooks = plan_hooks(step_plan, reft.cast)
                 inputs = seq[:, -1:]
-            handles = attach(hooks)
-            try:
+            with hooked(model, hooks):
                 if use_cache:
                     logits, cache = model(inputs, attention_mask=seq_mask, past_key_values=cache, return_type="logits_and_cache")
                 else:
                     logits = model(inputs, attention_mask=seq_mask)
-            finally:
-                detach(handles)
             if advance(logits[:, -1]):
                 break
     return _finish(model, tokens, generated, eos, text_in)
 
 
-def _twin(reft: "ReftModel", backend: str) -> Any:
+def _hf_backend(reft: "ReftModel", backend: str) -> Any:
+    """The plain-transformers twin of the bridge with this set attached (None: use the bridge)."""
     if backend == "bridge":
         return None
-    from reftlens.export.hf import ExportError, hf_twin
+    from reftlens.runtime.hf import twin
 
     try:
-        return hf_twin(reft)
+        return twin(reft.model, reft.units, reft.cast)
     except ExportError:
         if backend == "hf":
             raise

@@ -11,17 +11,8 @@ from torch import Tensor, nn
 from reftlens.errors import ConfigError, PositionError
 from reftlens.interventions.base import phi_label
 from reftlens.positions import RealTokens
-from reftlens.runtime import (
-    SitePlan,
-    attach,
-    bind,
-    check_disjoint,
-    detach,
-    flat_index,
-    gather_sources,
-    make_hook,
-    site_masks,
-)
+from reftlens.runtime.plan import Plan, SitePlan, resolve
+from reftlens.runtime.tl import bind, execute, gather_sources, hooked, plan_hooks
 from reftlens.sets import Intervention, check_static_disjoint
 
 
@@ -84,9 +75,11 @@ class ReftModel(nn.Module):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
         rows = [self.model.to_tokens(t, prepend_bos=prepend_bos)[0] for t in texts]
-        return _pad(rows, self._pad_id(), padding_side, self.device)
+        return _pad(rows, self.pad_token_id, padding_side, self.device)
 
-    def _pad_id(self) -> int:
+    @property
+    def pad_token_id(self) -> int:
+        """The id strings are padded with: the tokenizer's pad token, else its EOS, else 0."""
         tok = self.model.tokenizer
         for attr in ("pad_token_id", "eos_token_id"):
             v = getattr(tok, attr, None)
@@ -94,7 +87,9 @@ class ReftModel(nn.Module):
                 return int(v)
         return 0
 
-    def _encode(self, inputs: Any, attention_mask: Tensor | None, what: str = "inputs") -> tuple[Tensor, RealTokens]:
+    def encode(self, inputs: Any, attention_mask: Tensor | None = None, what: str = "inputs") -> tuple[Tensor, RealTokens]:
+        """Token ids ``[batch, seq]`` on the model's device and where their real tokens lie, from any
+        input ``reft(...)`` takes (strings are tokenized and left padded)."""
         if hasattr(inputs, "keys") and "input_ids" in inputs:  # a dict or a BatchEncoding
             attention_mask = inputs.get("attention_mask", attention_mask)
             inputs = inputs["input_ids"]
@@ -103,7 +98,7 @@ class ReftModel(nn.Module):
                 raise ValueError(f"attention_mask given with string {what}; strings are padded by reftlens.")
             tokens, mask = self.tokenize(inputs)
         elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):
-            tokens, mask = _pad([torch.tensor(r, dtype=torch.long) for r in inputs], self._pad_id(), "left", self.device)
+            tokens, mask = _pad([torch.tensor(r, dtype=torch.long) for r in inputs], self.pad_token_id, "left", self.device)
         elif isinstance(inputs, Tensor):
             tokens = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
             if tokens.ndim != 2 or tokens.is_floating_point():
@@ -138,15 +133,20 @@ class ReftModel(nn.Module):
 
     # ---- planning -----------------------------------------------------------------------
 
-    def _plans(self, inputs: Any = None, attention_mask: Tensor | None = None, sources: Any = None,
-               source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
-               ) -> tuple[list[SitePlan], tuple[int, int] | None, Tensor | None, Tensor | None]:
-        """Resolve the set for a batch: ``(plans, (batch, seq), tokens, model_mask)``.
+    def plan(self, inputs: Any = None, sources: Any = None, *, attention_mask: Tensor | None = None,
+             source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None) -> Plan:
+        """Resolve the set for one batch: per site the hook, layer, row indices and source rows.
 
-        Positions are resolved against ``prompt_mask`` when given (the prompt part of a
-        prompt+completion sequence), else against the real tokens.
+        Positions are resolved against each example's real tokens (against the prompt part only
+        when ``prompt_mask`` is given, 1 on the prompt of prompt+completion sequences) and checked
+        for collisions; sources are run in one batched forward. Without inputs the plan is lazy:
+        every token counts as real and rows are resolved from the shape each hook sees. Both
+        backends execute the result (see :mod:`reftlens.runtime`).
+
+        >>> plan = reft.plan(["the quick brown fox", "a dog"])  # doctest: +SKIP
+        >>> plan.sites[0].index                                   # flat rows of [batch * seq, d]  # doctest: +SKIP
         """
-        self._check_devices()
+        self.check_devices()
         if inputs is None:
             needs_source = [s for s in self.sites if s.unit.takes_source]
             if needs_source or sources is not None:
@@ -154,49 +154,47 @@ class ReftModel(nn.Module):
                     f"intervention {needs_source[0].label if needs_source else ''} takes a source: pass the "
                     "base inputs and sources= to reft.hooks(inputs, sources=...)."
                 )
-            return [SitePlan(s, None) for s in self.sites], None, None, None
-        tokens, real = self._encode(inputs, attention_mask)
+            return Plan([SitePlan(s, None) for s in self.sites])
+        tokens, real = self.encode(inputs, attention_mask)
         frame = real
         if prompt_mask is not None:
             frame = RealTokens.from_mask(prompt_mask.to(real.mask.device).bool() & real.mask, tokens)
-        plans = self._resolve(tokens, frame, site_masks(self.units, frame), sources, source_attention_mask)
-        mask = None if bool(real.mask.all()) else real.mask.long()
-        return plans, (tokens.shape[0], tokens.shape[1]), tokens, mask
+        sites, masks = resolve(self.sites, self.units, frame)
+        plan = Plan(sites, tokens, None if bool(real.mask.all()) else real.mask.long(), real, masks)
+        self._add_sources(plan, sources, source_attention_mask)
+        return plan
 
-    def _resolve(self, tokens: Tensor, frame: RealTokens, masks: dict[int, Tensor], sources: Any = None,
-                 source_attention_mask: Tensor | None = None) -> list[SitePlan]:
-        """Site masks → per-site row indices (checked for collisions), plus source rows."""
-        check_disjoint(self.sites, masks, frame)
-        plans = [SitePlan(s, flat_index(masks[id(s.unit)])) for s in self.sites]
+    def _add_sources(self, plan: Plan, sources: Any, source_attention_mask: Tensor | None) -> None:
         needs_source = [s for s in self.sites if s.unit.takes_source]
         if needs_source and sources is None:
             raise ValueError(f"intervention {needs_source[0].label} takes a source; pass sources= (one per input example).")
-        if sources is not None:
-            if not needs_source:
-                raise ValueError("sources= given but no intervention in this set takes a source.")
-            src_tokens, src_real = self._encode(sources, source_attention_mask, what="sources")
-            if src_tokens.shape[0] != tokens.shape[0]:
-                raise ValueError(
-                    f"sources have {src_tokens.shape[0]} examples but the inputs have {tokens.shape[0]}; "
-                    f"intervention {needs_source[0].label} pairs source example i with input example i."
+        if sources is None:
+            return
+        if not needs_source:
+            raise ValueError("sources= given but no intervention in this set takes a source.")
+        src_tokens, src_real = self.encode(sources, source_attention_mask, what="sources")
+        if src_tokens.shape[0] != plan.tokens.shape[0]:
+            raise ValueError(
+                f"sources have {src_tokens.shape[0]} examples but the inputs have {plan.tokens.shape[0]}; "
+                f"intervention {needs_source[0].label} pairs source example i with input example i."
+            )
+        src_masks = {}
+        for u in {id(s.unit): s.unit for s in needs_source}.values():
+            spec = u.source_positions or u.positions
+            m = spec.site_mask(src_real)
+            n_base, n_src = plan.masks[id(u)].sum(1), m.sum(1)
+            if not torch.equal(n_base, n_src):
+                b = int((n_base != n_src).nonzero()[0])
+                raise PositionError(
+                    f"intervention {u.name!r}: example {b} selects {int(n_base[b])} input positions "
+                    f"({u.positions}) but {int(n_src[b])} source positions ({spec}); each base row needs one "
+                    "source row. Use equal-length inputs, a spec with fixed counts such as 'l3', or source_positions=."
                 )
-            src_masks = {}
-            for u in {id(s.unit): s.unit for s in needs_source}.values():
-                spec = u.source_positions or u.positions
-                m = spec.site_mask(src_real)
-                n_base, n_src = masks[id(u)].sum(1), m.sum(1)
-                if not torch.equal(n_base, n_src):
-                    b = int((n_base != n_src).nonzero()[0])
-                    raise PositionError(
-                        f"intervention {u.name!r}: example {b} selects {int(n_base[b])} input positions "
-                        f"({u.positions}) but {int(n_src[b])} source positions ({spec}); each base row needs one "
-                        "source row. Use equal-length inputs, a spec with fixed counts such as 'l3', or source_positions=."
-                    )
-                src_masks[id(u)] = m
-            gather_sources(self.model, plans, src_masks, src_tokens, src_real)
-        return plans
+            src_masks[id(u)] = m
+        gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real)
 
-    def _check_devices(self) -> None:
+    def check_devices(self) -> None:
+        """Raise unless every Φ sits on the model's device."""
         for phi in self.phis:
             for t in list(phi.parameters()) + list(phi.buffers()):
                 if t.device != self.device:
@@ -216,8 +214,9 @@ class ReftModel(nn.Module):
 
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=reft.fwd_hooks(tokens) + my_hooks)  # doctest: +SKIP
         """
-        plans, shape, _, _ = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
-        return [(p.site.hook_name, make_hook(p, shape, self.cast)) for p in plans]
+        plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
+                         prompt_mask=prompt_mask)
+        return [(p.site.hook_name, fn) for p, (_, fn) in zip(plan.sites, plan_hooks(plan, self.cast))]
 
     @contextmanager
     def hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
@@ -229,12 +228,10 @@ class ReftModel(nn.Module):
         >>> with reft.hooks():                                      # doctest: +SKIP
         ...     logits, cache = model.run_with_cache(tokens)
         """
-        plans, shape, _, _ = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
-        handles = attach([(p.site.hook_point, make_hook(p, shape, self.cast)) for p in plans])
-        try:
-            yield self.model
-        finally:
-            detach(handles)
+        plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
+                         prompt_mask=prompt_mask)
+        with hooked(self.model, plan_hooks(plan, self.cast)) as model:
+            yield model
 
     def forward(self, inputs: Any, sources: Any = None, *, attention_mask: Tensor | None = None,
                 source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
@@ -248,12 +245,9 @@ class ReftModel(nn.Module):
         model (``return_type``, ``stop_at_layer``, ...). ``prompt_mask`` (1 on the prompt part of
         prompt+completion sequences) makes positions resolve against the prompt only.
         """
-        plans, shape, tokens, mask = self._plans(inputs, attention_mask, sources, source_attention_mask, prompt_mask)
-        handles = attach([(p.site.hook_point, make_hook(p, shape, self.cast)) for p in plans] + _pad_row_guard(self.model, mask))
-        try:
-            return self.model(tokens, attention_mask=mask, return_type=return_type, **kwargs)
-        finally:
-            detach(handles)
+        plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
+                         prompt_mask=prompt_mask)
+        return execute(self.model, plan, self.cast, return_type=return_type, **kwargs)
 
     def generate(self, prompts: Any, max_new_tokens: int = 32, **kwargs: Any) -> list[str] | Tensor:
         """Generate with the interventions applied: batched, left padded, KV cached.
@@ -311,29 +305,3 @@ def _pad(rows: Sequence[Tensor], pad_id: int, side: str, device: torch.device) -
         tokens[i, sl] = r.to(torch.long).cpu()
         mask[i, sl] = 1
     return tokens.to(device), mask.to(device)
-
-
-def _zero_nan_rows(pattern: Tensor, hook: Any = None) -> Tensor:
-    return torch.nan_to_num(pattern, nan=0.0)
-
-
-def _pad_row_guard(model: Any, mask: Tensor | None) -> list[tuple[Any, Any]]:
-    """Hooks that keep left padding finite under reduced-precision autocast.
-
-    TransformerLens 4.3's attention casts transformers' fp32 mask sentinel to the autocast dtype,
-    where it overflows to -inf; a pad query with every key masked then softmaxes to NaN, and
-    0 × NaN carries it into real tokens. A pad row's attention is never read, so setting its
-    NaN pattern to 0 changes nothing else. Attached only when autocast is on and some row is padded.
-    """
-    if mask is None or bool(mask.all()):
-        return []
-    device_type = mask.device.type
-    try:
-        on = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        on = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-    if not on:
-        return []
-    hook_dict = model.hook_dict
-    points = [hook_dict.get(f"blocks.{i}.attn.hook_pattern") for i in range(model.cfg.n_layers)]
-    return [(p, _zero_nan_rows) for p in points if p is not None]

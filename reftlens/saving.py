@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from reftlens.errors import ReftError
+from reftlens.errors import LoadError, ReftError
 from reftlens.interventions.base import FunctionPhi, phi_class
 from reftlens.positions import from_json
 
@@ -34,10 +34,6 @@ SCHEMA_VERSION = 1
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "reft_weights.safetensors"
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-class LoadError(ReftError):
-    """A saved set cannot be loaded (missing, corrupt, mismatched or from a newer reftlens)."""
 
 
 def fingerprint(model: Any) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def test_sweep_equals_transformer_lens_patching(model, hook):
 
 
 def test_batched_metric_and_small_batches_agree(model):
-    slow = patch_sweep(model, CLEAN, CORRUPT, logit_diff, batched=False, max_rows=1)
+    slow = patch_sweep(model, CLEAN, CORRUPT, logit_diff, batched=False, batch_size=1)
     fast = patch_sweep(model, CLEAN, CORRUPT, lambda lg: lg[:, -1, 5] - lg[:, -1, 7], batched=True)
     torch.testing.assert_close(slow.values, fast.values, atol=1e-5, rtol=1e-5)
 
@@ -130,7 +130,7 @@ from reftlens.analysis import patch_heads  # noqa: E402
 
 
 def test_head_patching_equals_transformer_lens(model):
-    ours = patch_heads(model, CLEAN, CORRUPT, logit_diff, max_rows=5)
+    ours = patch_heads(model, CLEAN, CORRUPT, logit_diff, batch_size=5)
     _, cache = model.run_with_cache(CLEAN)
     ref = patching.get_act_patch_attn_head_out_all_pos(model, CORRUPT, cache, logit_diff)
     assert ours.values.shape == (model.cfg.n_layers, model.cfg.n_heads)
@@ -196,7 +196,7 @@ def test_stacked_interventions_apply_in_the_declared_order(model):
 @pytest.mark.parametrize("strategy", ["batch", "replay"])
 @pytest.mark.parametrize("hook", sorted(REFERENCE))
 def test_both_sweep_strategies_equal_transformer_lens(model, strategy, hook):
-    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, strategy=strategy, max_rows=7)
+    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, strategy=strategy, batch_size=7)
     _, cache = model.run_with_cache(CLEAN)
     ref = REFERENCE[hook](model, CORRUPT, cache, logit_diff)
     torch.testing.assert_close(ours.values, ref.float().cpu(), atol=1e-5, rtol=1e-5)
@@ -213,7 +213,7 @@ def test_replay_reads_only_the_logits_the_metric_needs(model):
     for metric, at in [(spread, "auto"), (two, [2, -1]), (two, "all"), (logit_diff_batched, -1)]:
         ref = patch_sweep(model, CLEAN, CORRUPT, metric, hook="resid_pre", strategy="batch", batched=True)
         ours = patch_sweep(model, CLEAN, CORRUPT, metric, hook="resid_pre", strategy="replay", batched=True,
-                           logits_at=at, layers=[3, 1], max_rows=1)
+                           logits_at=at, layers=[3, 1], batch_size=1)
         torch.testing.assert_close(ours.values, ref.values[[3, 1]], atol=1e-5, rtol=1e-5)
     with pytest.raises(AnalysisError, match=r"reads logits outside logits_at=\[-1\]"):
         patch_sweep(model, CLEAN, CORRUPT, two, strategy="replay", batched=True, logits_at=[-1])

@@ -11,7 +11,7 @@ import transformers as T
 import reftlens
 from reftlens import DiReFT, Interchange, Intervention, LoReFT, ReftModel
 from reftlens.export import ExportError, load_hf, save_hf, to_hf
-from reftlens.export.hf import decoder_layers
+from reftlens.runtime.hf import decoder_layers
 from reftlens.models import tiny_hf_model, tiny_tokenizer
 
 PROMPTS = ["the quick brown fox", "a", "over the river and"]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from reftlens import ConfigError, Interchange, Intervention, LoReFT, ReftModel
-from reftlens.generation import kv_cache_fix, to_left_padding
+from reftlens.generation import to_left_padding
+from reftlens.runtime.compat import kv_cache_fix
 
 PROMPTS = ["the quick brown fox", "a", "over the river and through the wood"]
 
@@ -115,9 +116,9 @@ def test_the_transformers_twin_and_the_bridge_generate_the_same(reft, intervene_
 
 
 def test_the_twin_shares_weights_and_follows_training(reft, model):
-    from reftlens.export.hf import hf_twin
+    from reftlens.runtime.hf import twin as hf_twin
 
-    twin = hf_twin(reft)
+    twin = hf_twin(reft.model, reft.units, reft.cast)
     bridge_ptrs = {p.data_ptr() for p in model.parameters()}
     assert all(p.data_ptr() in bridge_ptrs for p in twin.parameters())  # no copy of the base
     assert sum(p.numel() for p in reft.parameters()) == sum(p.numel() for p in reft.phis.parameters())

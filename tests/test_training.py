@@ -35,7 +35,7 @@ def test_training_lowers_the_loss_and_only_phi_changes(model):
 def test_identity_init_starts_from_the_base_models_loss(model):
     reft = fresh(model)
     examples = encode(model, DATA[:4])
-    batch = collate(examples, reft._pad_id())
+    batch = collate(examples, reft.pad_token_id)
     with torch.no_grad():
         plain = token_losses(model(batch.tokens, attention_mask=batch.attention_mask), batch.labels) / batch.n_target_tokens
     history = reftlens.train(reft, DATA[:4], max_steps=1, batch_size=4, lr=0.0, progress=False, group_by_length=False)
@@ -60,7 +60,7 @@ def test_logits_are_computed_only_where_the_loss_reads_them(model):
     reft = fresh(model, positions="l1")
     torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
     examples = encode(model, [{"prompt": d["prompt"] + " and the", "completion": " end"} for d in DATA[:3]] + [DATA[4]])
-    batch = collate(examples, reft._pad_id())
+    batch = collate(examples, reft.pad_token_id)
     logits, labels = forward(reft, batch)
     keep = (batch.labels != -100).any(0)
     assert logits.shape[1] == int(keep.sum()) < batch.tokens.shape[1]
@@ -84,7 +84,7 @@ def test_positions_follow_the_prompt_not_the_completion(model):
     collect = Collect()
     reft = ReftModel(model, Intervention(collect, layers=1, positions="l1"))
     ex = encode(model, DATA[:2])
-    batch = collate(ex, reft._pad_id())
+    batch = collate(ex, reft.pad_token_id)
     reft(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
     _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter="blocks.1.hook_resid_post")
     last_prompt = [len(e.prompt) - 1 for e in ex]
@@ -164,7 +164,7 @@ def test_one_token_labels_are_scored_in_one_forward(model):
     reft = fresh(model, positions="l1")
     torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
     chunk = encode(model, [{"prompt": d["prompt"] + " x" * i, "completion": " y"} for i, d in enumerate(DATA[:5])])
-    cands, pad = [(5,), (7,), (11,)], reft._pad_id()
+    cands, pad = [(5,), (7,), (11,)], reft.pad_token_id
     calls = []
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     try:

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from reftlens.analysis.patching import AnalysisError
 from reftlens.interventions.patching import Interchange, Noise
-from reftlens.runtime import detach, hook_name_for
+from reftlens.runtime.plan import hook_name_for
+from reftlens.runtime.tl import detach
 from reftlens.sets import Intervention
 
 _KINDS = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}

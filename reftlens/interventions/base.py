@@ -63,10 +63,12 @@ class Phi(nn.Module):
     ``takes_source``: whether ``forward`` is ``(base, source)`` instead of ``(h)``.
     ``read_only``: the Φ never changes its input (collect), so the runtime skips the scatter.
     ``d_model``: the width of the hidden vectors it expects (checked against the hook).
+    ``row_wise``: each output row depends on its input row alone (False for noise drawn per call).
     """
 
     takes_source: ClassVar[bool] = False
     read_only: ClassVar[bool] = False
+    row_wise: ClassVar[bool] = True
     type_name: ClassVar[str] = ""
     d_model: int | None = None
 

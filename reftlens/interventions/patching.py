@@ -15,18 +15,31 @@ from reftlens.interventions.base import Phi, register
 class Interchange(Phi):
     """Activation patching: Φ(b, s) = s.
 
+    With ``heads``, for hooks shaped ``[..., head, d_head]`` (``attn.hook_z``, ...): Φ(b, s) = s on
+    those heads and b elsewhere (head patching).
+
     >>> Interchange()(torch.zeros(2, 4), torch.ones(2, 4)).sum().item()
     8.0
+    >>> Interchange(heads=[1])(torch.zeros(1, 3, 2), torch.ones(1, 3, 2))[0, :, 0].tolist()
+    [0.0, 1.0, 0.0]
     """
 
     takes_source = True
 
-    def __init__(self, d_model: int | None = None):
+    def __init__(self, d_model: int | None = None, heads: list[int] | None = None):
         super().__init__()
         self.d_model = d_model
+        self.heads = None if heads is None else [int(h) for h in heads]
+
+    def config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "heads": self.heads}
 
     def forward(self, base: Float[Tensor, "... d"], source: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-        return source
+        if self.heads is None:
+            return source
+        on = torch.zeros(base.shape[-2], 1, dtype=torch.bool, device=base.device)
+        on[self.heads] = True
+        return torch.where(on, source, base)
 
 
 @register("zero_ablation")
@@ -96,8 +109,11 @@ class Noise(Phi):
     With ``seed`` set, every call draws the same noise for the same number of rows (one
     fixed corruption, as in ROME's tracing); with ``seed=None`` each call draws afresh
     from torch's global generator. Noise is drawn on the CPU and moved, so a seed gives
-    the same corruption on every device.
+    the same corruption on every device. The noise depends on how many rows a call sees, not on
+    each row alone (``row_wise = False``): a sweep keeps it in the recorded base run.
     """
+
+    row_wise = False
 
     def __init__(self, std: float, seed: int | None = 0, d_model: int | None = None):
         super().__init__()
@@ -119,10 +135,11 @@ class Collect(Phi):
     """Read-only: records the selected rows and leaves the run unchanged.
 
     After a run, ``activations`` holds one ``[n_sites, ...]`` tensor per call, rows in
-    example-major order and, within an example, in increasing position.
+    example-major order and, within an example, in increasing position. With ``detach=False``
+    the recorded rows are the very tensors the rest of the forward reads, so
+    ``torch.autograd.grad(loss, collect.activations)`` gives the gradient at each site
+    (attribution patching uses this).
     """
-
-    read_only = True
 
     def __init__(self, d_model: int | None = None, detach: bool = True):
         super().__init__()
@@ -132,6 +149,10 @@ class Collect(Phi):
 
     def config(self) -> dict[str, Any]:
         return {"d_model": self.d_model, "detach": self.detach}
+
+    @property
+    def read_only(self) -> bool:  # kept rows must flow on for their gradients to exist
+        return self.detach
 
     def clear(self) -> None:
         self.activations = []

@@ -21,15 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reftlens.errors import ReftError
+from reftlens.errors import TrainingError, ReftError
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
-
-
-class TrainingError(ReftError):
-    """Training cannot go on (a non-finite loss, a bad option)."""
 
 
 @dataclass
@@ -153,7 +149,7 @@ def train(
                       label_names=label_names if task == "classification" else None)
     eval_examples = encode(model, eval_data, max_length=max_length, chat_template=chat_template,
                            label_names=label_names if task == "classification" else None) if eval_data is not None else None
-    pad = reft._pad_id()
+    pad = reft.pad_token_id
     global_batch = batch_size * world
     micro_per_epoch = math.ceil(len(examples) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
@@ -255,7 +251,7 @@ def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8,
     (``classification``: the label whose tokens score highest given the prompt)."""
     was_training = reft.training
     reft.eval()
-    pad = reft._pad_id()
+    pad = reft.pad_token_id
     loss_sum, n_tok, correct_tok, correct_ex = 0.0, 0, 0, 0
     cands = [tuple(reft.model.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in (label_names or [])]
     for s in range(0, len(examples), batch_size):
@@ -309,17 +305,11 @@ def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: floa
                 first.append(f"intervention {site.unit.name!r} at {site.hook_name}")
         return fn
 
-    from reftlens.runtime import attach, detach, make_hook
+    from reftlens.runtime.tl import execute
 
-    plans, shape, _, _ = reft._plans(batch.tokens, batch.attention_mask, prompt_mask=batch.prompt_mask)
-    hooks = [(p.site.hook_point, make_hook(p, shape, reft.cast)) for p in plans]
-    hooks += [(p.site.hook_point, check(p.site)) for p in plans]
-    handles = attach(hooks)
-    try:
-        with torch.no_grad():
-            reft.model(batch.tokens, attention_mask=batch.attention_mask)
-    finally:
-        detach(handles)
+    plan = reft.plan(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    with torch.no_grad():
+        execute(reft.model, plan, reft.cast, extra=[(p.site.hook_point, check(p.site)) for p in plan.sites])
     if first:
         return f"{where}: {first[0]} produced non-finite hidden states. Lower lr or set max_grad_norm."
     return f"{where}: the base model's own outputs are non-finite for this batch (no intervention produced them)."

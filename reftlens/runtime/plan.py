@@ -1,0 +1,235 @@
+"""The plan: a set of interventions resolved for one batch.
+
+A :class:`Plan` says, per site (one unit at one layer's hook), which rows of the flattened
+``[batch * seq, ...]`` activation the Φ edits and, for Φs with a source, the source rows that
+pair with them. Positions are resolved against each example's real tokens and checked for
+collisions here, once per batch; a backend (:mod:`reftlens.runtime.tl` for TransformerLens hook
+points, :mod:`reftlens.runtime.hf` for plain transformers modules) only executes it: gather the
+rows, apply Φ, scatter them back (:func:`site_hook`). Nothing here knows about either backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from reftlens.errors import CollisionError, ConfigError
+from reftlens.interventions.base import phi_d_model
+from reftlens.positions import RealTokens
+from reftlens.sets import Unit, may_share_sites
+
+HookFn = Callable[..., Any]
+# hook names whose tensors have no position axis at dim 1
+NO_POSITION_AXIS = ("hook_pattern", "hook_attn_scores", "hook_cos", "hook_sin")
+
+
+def hook_name_for(hook: str, layer: int) -> str:
+    """``"resid_post"`` → ``blocks.3.hook_resid_post``; ``"attn.hook_z"`` → ``blocks.3.attn.hook_z``."""
+    if "{layer}" in hook:
+        return hook.format(layer=layer)
+    if hook.startswith("blocks."):
+        raise ConfigError(
+            f"hook {hook!r} names one layer; give the name within a block ('resid_post', "
+            "'attn.hook_z') or a template with '{layer}', and choose layers with layers=."
+        )
+    if hook.startswith("hook_") or "." in hook:
+        return f"blocks.{layer}.{hook}"
+    return f"blocks.{layer}.hook_{hook}"
+
+
+@dataclass(eq=False)
+class Site:
+    """A unit bound to one layer's hook (``hook_point``: the module a backend hooks)."""
+
+    unit: Unit
+    layer: int
+    hook_name: str  # canonical name on its backend
+    hook_point: Any = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.unit.name!r} at {self.hook_name}"
+
+
+@dataclass
+class SitePlan:
+    """A site's rows for one batch: flat row indices (None = every row) and source rows.
+
+    ``shape`` is the ``(batch, seq)`` the indices were made for (None: resolve lazily from the
+    tensor the hook sees, every token real)."""
+
+    site: Site
+    index: Tensor | None
+    source_rows: Tensor | None = None
+    shape: tuple[int, int] | None = None
+
+
+@dataclass
+class Plan:
+    """A set resolved for one batch: what every backend executes.
+
+    ``sites``: one :class:`SitePlan` per site, in the order their hooks run; ``tokens`` and
+    ``attention_mask`` (None when unpadded) are the model inputs; ``real`` the real tokens and
+    ``masks`` each unit's boolean site mask ``[batch, seq]`` (keyed by ``id(unit)``).
+    """
+
+    sites: list[SitePlan]
+    tokens: Tensor | None = None
+    attention_mask: Tensor | None = None
+    real: RealTokens | None = None
+    masks: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int] | None:
+        return None if self.tokens is None else (self.tokens.shape[0], self.tokens.shape[1])
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{p.site.hook_name}: {'all' if p.index is None else p.index.numel()} rows"
+                         for p in self.sites)
+        return f"Plan(shape={self.shape}, sites=[{rows}])"
+
+
+def site_masks(units: Sequence[Unit], real: RealTokens) -> dict[int, Tensor]:
+    """One boolean site mask ``[batch, seq]`` per unit (keyed by ``id(unit)``)."""
+    return {id(u): u.positions.site_mask(real) for u in units}
+
+
+def flat_index(mask: Tensor) -> Tensor | None:
+    """Row indices into ``[batch*seq, ...]`` for a site mask; None when it selects every row."""
+    if bool(mask.all()):
+        return None
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def resolve(sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens) -> tuple[list[SitePlan], dict[int, Tensor]]:
+    """Site masks → per-site row indices, checked for collisions: ``(site plans, masks)``."""
+    masks = site_masks(units, frame)
+    check_disjoint(sites, masks, frame)
+    shape = (frame.mask.shape[0], frame.mask.shape[1])
+    return [SitePlan(s, flat_index(masks[id(s.unit)]), None, shape) for s in sites], masks
+
+
+def widen(plan: Plan, sites: Sequence[Site], width: int, generated: bool) -> list[SitePlan]:
+    """The plan's sites over ``width`` columns: the planned ones, then appended columns that are
+    edited everywhere (``generated=True``, checked for collisions) or nowhere."""
+    batch, seq = plan.shape
+    extra = torch.full((batch, width - seq), generated, dtype=torch.bool, device=plan.tokens.device)
+    masks = {k: torch.cat([m, extra], 1) for k, m in plan.masks.items()}
+    if generated:
+        check_disjoint(sites, masks, RealTokens.from_mask(torch.cat([plan.real.mask, extra], 1)))
+    source = {id(p.site): p.source_rows for p in plan.sites}
+    return [SitePlan(s, flat_index(masks[id(s.unit)]), source[id(s)], (batch, width)) for s in sites]
+
+
+def check_disjoint(sites: Sequence[Site], masks: dict[int, Tensor], real: RealTokens) -> None:
+    """Raise if two sites on one hook select the same position of one example."""
+    by_hook: dict[str, list[Site]] = {}
+    for s in sites:
+        by_hook.setdefault(s.hook_name, []).append(s)
+    for hook_name, group in by_hook.items():
+        for i, a in enumerate(group):
+            for c in group[i + 1 :]:
+                if may_share_sites(a.unit, c.unit):
+                    continue
+                clash = masks[id(a.unit)] & masks[id(c.unit)]
+                if bool(clash.any()):
+                    _collision(a, c, clash, hook_name, real)
+
+
+def _collision(a: Site, c: Site, clash: Tensor, hook_name: str, real: RealTokens) -> None:
+    b, p = (int(v) for v in clash.nonzero()[0])
+    rel = p - int(real.starts[b])
+    hint = (
+        " These are untied first/last groups that meet on a short input: pass overlap='clamp' "
+        "(pyreft's remedy: first/last n each clamped to half the input) or use longer inputs."
+        if a.unit.origin is c.unit.origin
+        else " Give them disjoint positions or layers, or an explicit order with stack=."
+    )
+    raise CollisionError(
+        f"interventions {a.unit.name!r} ({a.unit.positions}) and {c.unit.name!r} ({c.unit.positions}) "
+        f"both edit {hook_name} at example {b}, real token {rel} (padded position {p}) of an input "
+        f"with {int(real.lengths[b])} real tokens.{hint}"
+    )
+
+
+def phi_dtype(phi: nn.Module) -> torch.dtype | None:
+    """The floating dtype of a Φ's tensors (None for a Φ without any)."""
+    for t in list(phi.parameters()) + list(phi.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
+    """The hook ``(tensor, hook=None) -> tensor`` that executes one site of a plan: gather the
+    planned rows, apply Φ, scatter the result back. Both backends call it."""
+    site = plan.site
+    phi = site.unit.phi
+    read_only = bool(getattr(phi, "read_only", False))
+    with_source = site.unit.takes_source
+    d_expected = phi_d_model(phi)
+    dtype = phi_dtype(phi)
+    lazy: dict[tuple, Tensor | None] = {}
+
+    def hook(h: Tensor, hook: Any = None) -> Tensor | None:
+        batch, seq = h.shape[0], h.shape[1]
+        if plan.shape is None:
+            key = (batch, seq, h.device)
+            if key not in lazy:
+                lazy[key] = flat_index(site.unit.positions.site_mask(RealTokens.unpadded(batch, seq, h.device)))
+            index = lazy[key]
+        else:
+            if (batch, seq) != plan.shape:
+                raise ConfigError(
+                    f"intervention {site.label}: positions were resolved for inputs of shape {plan.shape} but the "
+                    f"hook sees {tuple(h.shape)}. Pass the same inputs to reft.hooks(...) as to the model."
+                )
+            index = plan.index
+        if d_expected is not None and h.shape[-1] != d_expected:
+            raise ConfigError(
+                f"intervention {site.label}: Φ expects width {d_expected}, the hook carries {tuple(h.shape)}."
+            )
+        flat = h.reshape(batch * seq, *h.shape[2:])
+        rows = flat if index is None else flat.index_select(0, index)
+        if dtype is not None and rows.dtype != dtype:
+            if not cast and not autocast_on(rows.device.type):  # autocast casts per op
+                raise ConfigError(
+                    f"intervention {site.label}: Φ is {dtype} but the hidden states are {rows.dtype}. Call "
+                    f"reft.to({rows.dtype}) or build ReftModel(..., cast=True) to run Φ in its own precision."
+                )
+            rows = rows.to(dtype)
+        out = phi(rows, plan.source_rows.to(rows.dtype)) if with_source else phi(rows)
+        if read_only:
+            return None
+        _check_output(site, out, rows)
+        out = out.to(h.dtype)
+        if index is None:
+            return out.reshape(h.shape)
+        return flat.index_copy(0, index, out).reshape(h.shape)
+
+    hook.__name__ = f"reftlens[{site.unit.name}]"
+    return hook
+
+
+def _check_output(site: Site, out: Any, rows: Tensor) -> None:
+    """A Φ must return one floating row per input row, of the same shape: a transposed output
+    whose element count happens to match would otherwise scramble values across positions."""
+    if not isinstance(out, Tensor):
+        raise ConfigError(f"intervention {site.label}: Φ returned {type(out).__name__}; it must return a tensor "
+                          f"shaped like its input {tuple(rows.shape)}.")
+    if out.shape != rows.shape:
+        raise ConfigError(f"intervention {site.label}: Φ returned shape {tuple(out.shape)} for input rows of shape "
+                          f"{tuple(rows.shape)}; a Φ maps [..., d] -> [..., d] row by row, so both must be equal.")
+    if not out.is_floating_point():
+        raise ConfigError(f"intervention {site.label}: Φ returned {out.dtype} values; it must return floating "
+                          f"hidden states ({rows.dtype}).")

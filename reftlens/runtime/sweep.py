@@ -1,0 +1,327 @@
+"""Many variants of one run, batched: the engine under every analysis.
+
+A sweep holds a *base* run (token ids, optionally with a base set of interventions active on
+every row, e.g. a causal-tracing corruption or a trained ReFT) and an optional *source* run (for
+Φs with a source, e.g. the clean run of activation patching). Each *variant* is a list of
+:class:`~reftlens.Intervention` applied on top of the base run; every variant's metric comes from
+its own rows of a batched forward. Variants are ⟨Φ, P, L⟩ like any other, so a user-defined Φ swept
+over layers × positions gets every trick the built-in patching gets:
+
+- variants run as rows of one batch (up to ``batch_size`` rows a forward), the rows that share a
+  hook and a Φ as one gather → Φ → scatter;
+- ``strategy="replay"``: an edit at (block l, position p) leaves the blocks below l, and under
+  causal attention the positions before p, as they were in the base run, so each variant starts
+  at its first edited block from the recorded base run, covers positions p.. with the recorded keys
+  and values of the earlier ones (:mod:`reftlens.runtime.replay`);
+- ``read``: only the positions whose logits a metric reads are unembedded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from reftlens.errors import AnalysisError, ConfigError
+from reftlens.positions import RealTokens
+from reftlens.runtime.plan import Site, SitePlan, flat_index, site_hook
+from reftlens.runtime.replay import BlockReplay, UnsupportedReplay, block_of
+from reftlens.runtime.tl import bind, hook_points, hooked
+from reftlens.sets import Intervention, Unit
+
+# "auto" replays from this model size on (measured: a 0.3M-parameter model sweeps ~4x faster in
+# packed whole forwards, SmolLM2-135M ~2x faster replayed)
+REPLAY_MIN_PARAMS = 20_000_000
+
+Consume = Callable[[list[int], Tensor], None]
+
+
+@dataclass(eq=False)
+class _Bound:
+    """One unit of a variant (or of the base set) bound to one layer's hook, with its site mask
+    over the base examples ``[B, S]`` and, for Φs with a source, its source rows (example-major)."""
+
+    site: Site
+    mask: Tensor
+    slot: int = 0
+    source_rows: list[Tensor] | None = None
+
+
+class Sweep:
+    """A base run (and a source run) to evaluate many variants against.
+
+    Args:
+        model: a TransformerLens bridge.
+        tokens: the base run's token ids ``[B, S]`` (unpadded).
+        base: interventions active on every row of every variant (Φs without a source).
+        sources: token ids of the source run (``[B, S']`` or ``[1, S']``, broadcast), for Φs with a source.
+        source_base: interventions active in the source run.
+        strategy: ``"replay"``, ``"batch"`` (whole forwards) or ``"auto"`` (replay from
+            ``REPLAY_MIN_PARAMS`` parameters on, or whenever the base set needs it).
+        batch_size: the most rows in one forward.
+
+    ``base_logits`` and ``source_logits`` hold the two reference runs.
+    """
+
+    def __init__(self, model: Any, tokens: Tensor, *, base: Sequence[Intervention] = (), sources: Tensor | None = None,
+                 source_base: Sequence[Intervention] = (), strategy: str = "auto", batch_size: int = 128,
+                 cast: bool = False) -> None:
+        if strategy not in ("auto", "replay", "batch"):
+            raise AnalysisError(f"strategy must be 'auto', 'replay' or 'batch'; got {strategy!r}.")
+        self.model = model
+        self.tokens = tokens
+        self.batch, self.seq = tokens.shape
+        self.batch_size = max(batch_size, self.batch)
+        self.cast = cast
+        self.n_layers = model.cfg.n_layers
+        self.real = RealTokens.unpadded(self.batch, self.seq, tokens.device)
+        self.base = [b for u in _units(base, self.n_layers) for b in self._bind_unit(u)]
+        if any(b.site.unit.takes_source for b in self.base):
+            raise ConfigError("a sweep's base interventions must not take a source; put Φs with a source in the variants.")
+        stochastic = [b.site.unit.name for b in self.base if not getattr(b.site.unit.phi, "row_wise", True)]
+        self._acts: dict[str, Tensor] = {}
+        self._source_tokens = sources
+        self._source_base = list(source_base)
+        self.source_logits: Tensor | None = None
+
+        auto = strategy == "auto"
+        if auto:
+            big = sum(p.numel() for p in model.parameters()) >= REPLAY_MIN_PARAMS
+            strategy = "replay" if big or stochastic else "batch"
+        self.replay: BlockReplay | None = None
+        if strategy == "replay":
+            try:
+                self.replay = BlockReplay(model, tokens, self._base_hooks(self.batch, self.seq, None, 0))
+                self.replay.verify(self.seq // 2, self._base_hooks(self.batch, self.seq // 2 + self.seq % 2,
+                                                                   torch.arange(self.batch), self.seq // 2, exclude_in=self.n_layers // 2))
+            except UnsupportedReplay as e:
+                if not auto or stochastic:
+                    raise AnalysisError(f"strategy='replay' is not available here ({e}); use strategy='batch'"
+                                        + (f" (and no {stochastic[0]!r} in the base set)" if stochastic else "") + ".") from e
+                strategy = "batch"
+        if strategy == "batch" and stochastic:
+            raise AnalysisError(f"base intervention {stochastic[0]!r} draws fresh values per call, so the variants of one "
+                                "example would see different values in whole forwards; use strategy='replay'.")
+        self.strategy = strategy
+        if self.replay is not None:
+            self.base_logits = self.replay.logits
+        else:
+            with hooked(model, self._base_hooks(self.batch, self.seq, None, 0)), torch.no_grad():
+                self.base_logits = model(tokens)
+
+    # ---- binding -----------------------------------------------------------------------
+
+    def _bind_unit(self, unit: Unit, slot: int = 0) -> list[_Bound]:
+        mask = unit.positions.site_mask(self.real)
+        return [_Bound(site, mask, slot) for site in bind(self.model, [unit])]
+
+    def _base_hooks(self, rows: int, width: int, base_rows: Tensor | None, start: int, *,
+                    entering_at: dict[int, int] | None = None, exclude_in: int | None = None) -> list[tuple[Any, Callable]]:
+        """Hooks of the base set over ``rows`` rows continuing ``base_rows`` (None: the base examples
+        themselves), on positions ``start..``. Rows that join at block k skip the base set's
+        ``hook_in`` edits of block k: their recorded input already carries them."""
+        hooks = []
+        for b in self.base:
+            mask = b.mask if base_rows is None else b.mask[base_rows]
+            mask = mask[:, start:].clone()
+            k = block_of(b.site.hook_name)
+            if k is not None and b.site.hook_name == f"blocks.{k}.hook_in":
+                if exclude_in == k:
+                    continue
+                if entering_at and k in entering_at:
+                    mask[entering_at[k]:] = False
+            plan = SitePlan(b.site, flat_index(mask), None, (rows, width))
+            if plan.index is None or plan.index.numel():
+                hooks.append((b.site.hook_point, site_hook(plan, self.cast)))
+        return hooks
+
+    # ---- the source run ----------------------------------------------------------------
+
+    def _source_acts(self, names: set[str]) -> None:
+        """Run the source once (again only for hooks not kept yet) and keep the full activation at
+        every hook in ``names``; the first run also keeps the source logits."""
+        missing = sorted(names - set(self._acts))
+        if not missing and self.source_logits is not None:
+            return
+        if self._source_tokens is None:
+            raise ConfigError("a variant holds a Φ that takes a source, but the sweep has no sources=.")
+        kept: dict[str, Tensor] = {}
+
+        def keep(name: str) -> Callable:
+            def fn(h: Tensor, hook: Any = None) -> None:
+                kept[name] = h.detach()
+
+            return fn
+
+        src_real = RealTokens.unpadded(*self._source_tokens.shape, self._source_tokens.device)
+        src_hooks = [(s.hook_point, site_hook(SitePlan(s, flat_index(s.unit.positions.site_mask(src_real)), None,
+                                                        tuple(self._source_tokens.shape)), self.cast))
+                     for s in bind(self.model, _units(self._source_base, self.n_layers))]
+        points = hook_points(self.model, missing)
+        with hooked(self.model, src_hooks + [(p, keep(n)) for p, n in zip(points, missing)]), torch.no_grad():
+            logits = self.model(self._source_tokens)
+        if self.source_logits is None:
+            self.source_logits = logits
+        self._acts.update(kept)
+
+    def source_run(self) -> Tensor:
+        """The source run's logits."""
+        self._source_acts(set())
+        return self.source_logits
+
+    def activation(self, name: str) -> Tensor:
+        """The source run's activation at hook ``name`` ``[B, S', ...]``."""
+        self._source_acts({name})
+        return self._acts[name]
+
+    # ---- variants ----------------------------------------------------------------------
+
+    def _variant_units(self, variant: Sequence[Intervention]) -> list[_Bound]:
+        bound: list[_Bound] = []
+        seen: dict[tuple[str, int], int] = {}
+        for unit in _units(variant, self.n_layers):
+            for b in self._bind_unit(unit):
+                key = (b.site.hook_name, id(unit.phi))
+                b.slot = seen.get(key, 0)
+                seen[key] = b.slot + 1
+                bound.append(b)
+        if any(b.site.unit.takes_source for b in bound):
+            self._source_acts({b.site.hook_name for b in bound if b.site.unit.takes_source})
+            for b in bound:
+                if b.site.unit.takes_source:
+                    b.source_rows = self._source_rows(b)
+        return bound
+
+    def _source_rows(self, b: _Bound) -> list[Tensor]:
+        """Per base example, the source rows that pair with its selected positions."""
+        unit = b.site.unit
+        act = self._acts[b.site.hook_name]
+        spec = unit.source_positions or unit.positions
+        src_real = RealTokens.unpadded(act.shape[0], act.shape[1], act.device)
+        src_mask = spec.site_mask(src_real)
+        out = []
+        for i in range(self.batch):
+            j = i if act.shape[0] == self.batch else 0
+            rows = act[j][src_mask[j]]
+            if rows.shape[0] != int(b.mask[i].sum()):
+                raise ConfigError(
+                    f"intervention {unit.name!r}: example {i} selects {int(b.mask[i].sum())} base positions but "
+                    f"{rows.shape[0]} source positions; give source_positions= with as many positions.")
+            out.append(rows)
+        return out
+
+    def run(self, variants: Sequence[Sequence[Intervention]], consume: Consume, *, read: Sequence[int] | None = None) -> None:
+        """Run every variant; ``consume(indices, logits)`` gets each chunk's variant indices and their
+        logits ``[len(indices) * B, S, vocab]`` (row ``i * B + b``: variant ``indices[i]``, example
+        ``b``). With ``read``, positions outside it hold NaN."""
+        bound = [self._variant_units(v) for v in variants]
+        per = max(1, self.batch_size // self.batch)
+        if self.replay is None:
+            order = list(range(len(variants)))
+            for first in range(0, len(order), per):
+                chunk = order[first : first + per]
+                consume(chunk, self._whole(chunk, bound))
+            return
+        starts = {}
+        for i, bs in enumerate(bound):
+            start, block = self.seq, self.n_layers
+            for b in bs:
+                cols = b.mask.any(0).nonzero()
+                if cols.numel():
+                    start = min(start, int(cols[0]))
+                k = block_of(b.site.hook_name)
+                if k is None:
+                    raise AnalysisError(f"intervention {b.site.label} is not inside a block, so it cannot be replayed; "
+                                        "use strategy='batch'.")
+                block = min(block, k)
+            starts.setdefault(min(start, self.seq - 1), []).append((block, i))
+        for start, items in sorted(starts.items()):
+            items.sort()
+            for first in range(0, len(items), per):
+                chunk = items[first : first + per]
+                consume([i for _, i in chunk], self._replayed(chunk, bound, start, read))
+
+    def _edits(self, chunk: Sequence[int], bound: list[list[_Bound]], rows: int, width: int, start: int,
+               present: Callable[[int], int] | None = None) -> list[tuple[Any, Callable]]:
+        """Hooks for the variants of ``chunk`` (variant c at rows ``c * B ..``): one site plan per
+        (hook, Φ, slot), rows in order."""
+        groups: dict[tuple[str, int, int], list[tuple[int, _Bound]]] = {}
+        for c, v in enumerate(chunk):
+            for b in bound[v]:
+                groups.setdefault((b.site.hook_name, id(b.site.unit.phi), b.slot), []).append((c, b))
+        hooks = []
+        for members in groups.values():
+            site = members[0][1].site
+            k = block_of(site.hook_name)
+            n = rows if present is None else present(k)
+            mask = torch.zeros(n, width, dtype=torch.bool, device=self.tokens.device)
+            sources = []
+            for c, b in members:
+                mask[c * self.batch : (c + 1) * self.batch] = b.mask[:, start:]
+                if b.source_rows is not None:
+                    sources += [r[int(b.mask[i, :start].sum()):] for i, r in enumerate(b.source_rows)]
+            plan = SitePlan(site, flat_index(mask), torch.cat(sources) if sources else None, (n, width))
+            hooks.append((site.hook_point, site_hook(plan, self.cast)))
+        return hooks
+
+    def _whole(self, chunk: Sequence[int], bound: list[list[_Bound]]) -> Tensor:
+        n = len(chunk) * self.batch
+        base_rows = torch.arange(self.batch, device=self.tokens.device).repeat(len(chunk))
+        hooks = self._base_hooks(n, self.seq, base_rows, 0) + self._edits(chunk, bound, n, self.seq, 0)
+        with hooked(self.model, hooks), torch.no_grad():
+            return self.model(self.tokens[base_rows])
+
+    def _replayed(self, chunk: Sequence[tuple[int, int]], bound: list[list[_Bound]], start: int,
+                  read: Sequence[int] | None) -> Tensor:
+        replay = self.replay
+        B, width = self.batch, self.seq - start
+        n = len(chunk) * B
+        base_rows = torch.arange(B, device=self.tokens.device).repeat(len(chunk))
+        entering: dict[int, Tensor] = {}
+        first_row: dict[int, int] = {}
+        for c, (block, _) in enumerate(chunk):
+            first_row.setdefault(block, c * B)
+        blocks = sorted(first_row)
+        for j, k in enumerate(blocks):
+            lo, hi = first_row[k], first_row[blocks[j + 1]] if j + 1 < len(blocks) else n
+            entering[k] = replay.entering(k, start, base_rows[lo:hi])
+
+        def present(k: int | None) -> int:
+            """Rows running at block k: those that joined at or before it."""
+            later = [first_row[b] for b in blocks if b > (k if k is not None else -1)]
+            return min(later) if later else n
+
+        hooks = self._base_hooks_replay(n, width, base_rows, start, first_row, present)
+        hooks += self._edits([v for _, v in chunk], bound, n, width, start, present)
+        live = None if read is None else [q for q in read if q >= start]
+        with hooked(self.model, hooks), torch.no_grad():
+            out = replay.run(entering, start, base_rows, live)
+        base = self.base_logits[base_rows]
+        if read is not None:
+            full = torch.full((n, self.seq, out.shape[-1]), float("nan"), dtype=out.dtype, device=out.device)
+            for j, q in enumerate(read):
+                full[:, q] = out[:, live.index(q)] if q >= start else base[:, q]
+            return full
+        return torch.cat([base[:, :start], out], 1) if start else out
+
+    def _base_hooks_replay(self, n: int, width: int, base_rows: Tensor, start: int, first_row: dict[int, int],
+                           present: Callable[[int | None], int]) -> list[tuple[Any, Callable]]:
+        hooks = []
+        for b in self.base:
+            k = block_of(b.site.hook_name)
+            if k is None:  # outside the blocks (embeddings): already in the recorded block inputs
+                continue
+            rows = present(k)
+            mask = b.mask[base_rows[:rows], start:].clone()
+            if k is not None and b.site.hook_name == f"blocks.{k}.hook_in" and k in first_row:
+                mask[first_row[k]:] = False  # their recorded input already carries this edit
+            plan = SitePlan(b.site, flat_index(mask), None, (rows, width))
+            if plan.index is None or plan.index.numel():
+                hooks.append((b.site.hook_point, site_hook(plan, self.cast)))
+        return hooks
+
+
+def _units(interventions: Sequence[Intervention], n_layers: int) -> list[Unit]:
+    return [u for iv in interventions for u in iv.expand(n_layers)]
