@@ -30,6 +30,10 @@ from torch import Tensor
 from reftlens.errors import PositionError
 
 _FIRST_LAST = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+_NOTHING = (
+    "position spec {spec} selects no position: its first and last counts are all zero, so it would edit "
+    "no token on any input. Ask for at least one token, e.g. 'l1' (the last real token) or 'f1+l1'."
+)
 
 
 @dataclass(frozen=True)
@@ -290,7 +294,10 @@ def parse_positions(spec: Any) -> PositionSpec:
                 f"unknown position spec {spec!r}; use 'all', 'fN+lM' (first N / last M real tokens), "
                 "indices, a slice, per-example indices or a token predicate."
             )
-        return FirstLast(int(m.group(1) or 0), int(m.group(2) or 0))
+        first, last = int(m.group(1) or 0), int(m.group(2) or 0)
+        if not (first or last):
+            raise PositionError(_NOTHING.format(spec=repr(spec)))
+        return FirstLast(first, last)
     if isinstance(spec, bool):
         raise PositionError(f"position spec {spec!r} is a bool; use 'all' or indices.")
     if isinstance(spec, int):
@@ -322,7 +329,10 @@ def from_json(data: Any) -> PositionSpec:
     if data == "all":
         return All()
     if isinstance(data, dict) and "first" in data:
-        return FirstLast(int(data["first"]), int(data["last"]), bool(data.get("clamp_half", False)))
+        spec = FirstLast(int(data["first"]), int(data["last"]), bool(data.get("clamp_half", False)))
+        if not (spec.first or spec.last):
+            raise PositionError(_NOTHING.format(spec=repr(data)))
+        return spec
     if isinstance(data, dict) and "indices" in data:
         return Indices(tuple(int(i) for i in data["indices"]))
     if isinstance(data, dict) and "slice" in data:
