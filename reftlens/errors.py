@@ -15,3 +15,7 @@ class CollisionError(ReftError):
 
 class ConfigError(ReftError):
     """An intervention does not fit the model (layer, hook, width, device, dtype)."""
+
+
+class SaveError(ReftError):
+    """A save would overwrite something that is not an earlier save of the same kind."""

@@ -19,11 +19,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 
-from reftlens.errors import ReftError
+from reftlens.errors import ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
 from reftlens.positions import from_json
 
@@ -47,12 +47,29 @@ def fingerprint(model: Any) -> dict[str, Any]:
             "n_layers": int(cfg.n_layers), "d_vocab": int(cfg.d_vocab)}
 
 
-def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+#: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
+#: tuple of patterns that must all match, for files at the top of the folder. The default
+#: recognises every kind reftlens writes, so each writer can replace its own earlier output.
+EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
+    (CONFIG_FILE,),                    # ReftModel.save
+    ("reftlens_export.json",),         # export.save_hf
+    ("trainer_state.json",),           # training checkpoints
+    ("config.json", "intkey_*.bin"),   # export.to_pyreft (pyreft/pyvene layout)
+)
+
+
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
+               markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS) -> Path:
     """Write a folder atomically: fill a temporary sibling, then swap it in by rename.
 
     A crash at any point leaves either the previous folder or the new one, never a mix.
+    ``path`` may be new, an empty folder, or an earlier save recognised by ``markers`` (see
+    :data:`EARLIER_SAVE_MARKERS`), which is replaced whole. A file, or a folder holding anything
+    else, raises :class:`~reftlens.errors.SaveError` before anything is written.
     """
     path = Path(path).absolute()
+    groups = [(m,) if isinstance(m, str) else tuple(m) for m in markers]
+    _check_target(path, groups)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -61,6 +78,7 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        _check_target(path, groups)  # again: something may have appeared there while writing
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -72,6 +90,28 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_target(path: Path, groups: list[tuple[str, ...]]) -> None:
+    """Refuse to replace anything but a missing path, an empty folder or an earlier save."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        what = "a file" if path.is_file() else "not a folder (a broken link or a special file)"
+        raise SaveError(
+            f"cannot save to {path}: it is {what}, and a save is a folder. Choose a new folder path (or an "
+            "empty folder); the file was left untouched."
+        )
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or any(all(any(f.is_file() for f in path.glob(pattern)) for pattern in group) for group in groups):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    kinds = " or ".join(" with ".join(group) for group in groups)
+    raise SaveError(
+        f"cannot save to {path}: the folder holds other files ({shown}) and is not an earlier save to replace "
+        f"(it has no {kinds}). Save to a new or empty folder, or move those files away first; nothing in the "
+        "folder was touched."
+    )
 
 
 def sha256(path: Path) -> str:
@@ -105,8 +145,9 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
 
 def save(reft: Any, path: str | os.PathLike) -> Path:
     """Write the interventions of ``reft`` (anything with ``phis``, ``units``, ``cast`` and
-    ``model``, e.g. a ReftModel) to the folder ``path`` (atomically)."""
-    return atomic_dir(path, lambda folder: write(reft, folder))
+    ``model``, e.g. a ReftModel) to the folder ``path`` (atomically). ``path`` must be new, an
+    empty folder or an earlier save (it holds ``reft_config.json``), which is replaced."""
+    return atomic_dir(path, lambda folder: write(reft, folder), markers=[CONFIG_FILE])
 
 
 def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:

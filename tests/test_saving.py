@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import torch
 import reftlens
 from reftlens import DII, Intervention, LoReFT, MeanAblation, ReftModel, Steer
 from reftlens.interventions import Phi, register
+from reftlens.errors import SaveError
 from reftlens.saving import CONFIG_FILE, WEIGHTS_FILE, LoadError, atomic_dir
 
 
@@ -146,3 +148,67 @@ def test_a_crash_mid_save_leaves_the_previous_save(model, tmp_path):
     assert (path / WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folders left
     ReftModel.load(path, model)
+
+
+def test_saving_onto_a_file_leaves_it_untouched(model, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(SaveError, match=rf"cannot save to {re.escape(str(notes))}: it is a file.*Choose a new folder"):
+        trained_set(model).save(notes)
+    assert notes.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary folders left
+    with pytest.raises(reftlens.ReftError):  # one error family, and still a ValueError
+        atomic_dir(notes, lambda folder: None)
+
+
+def test_saving_onto_a_folder_of_other_files_leaves_them(model, tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "data.csv").write_text("a,b\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.txt").write_text("x")
+    with pytest.raises(SaveError, match=r"holds other files \(data.csv, sub\) and is not an earlier save.*"
+                                        r"has no reft_config.json\).*new or empty folder"):
+        trained_set(model).save(folder)
+    assert (folder / "data.csv").read_text() == "a,b\n" and (folder / "sub" / "x.txt").read_text() == "x"
+    assert sorted(p.name for p in folder.iterdir()) == ["data.csv", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_saving_onto_an_earlier_save_or_an_empty_folder_replaces_it(model, tmp_path):
+    path = tmp_path / "r"
+    path.mkdir()  # an empty folder is fine
+    ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1)).save(path)
+    reft = trained_set(model)
+    reft.save(path)  # its own earlier save: replaced whole
+    loaded = ReftModel.load(path, model)
+    assert len(loaded.phis) == len(reft.phis)
+    assert sorted(os.listdir(path)) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
+    # the default markers recognise every kind reftlens writes (save_hf, to_pyreft and training
+    # checkpoints call atomic_dir without markers=); ReftModel.save recognises only its own
+    kinds = {"reft": [CONFIG_FILE], "export": ["reftlens_export.json", "config.json"],
+             "checkpoint": ["trainer_state.json", "optimizer.safetensors"], "pyreft": ["config.json", "intkey_a.bin"]}
+    for kind, files in kinds.items():
+        folder = tmp_path / kind
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("{}")
+        if kind != "reft":
+            with pytest.raises(SaveError, match="not an earlier save"):
+                trained_set(model).save(folder)
+            assert sorted(os.listdir(folder)) == sorted(files)
+        atomic_dir(folder, lambda tmp: (tmp / "new.txt").write_text("new"))
+        assert os.listdir(folder) == ["new.txt"]
+    hf_model_folder = tmp_path / "hf"  # a plain save_pretrained folder is not a pyreft save
+    hf_model_folder.mkdir()
+    (hf_model_folder / "config.json").write_text("{}")
+    with pytest.raises(SaveError, match=r"has no reft_config.json or reftlens_export.json or trainer_state.json "
+                                        r"or config.json with intkey_\*.bin"):
+        atomic_dir(hf_model_folder, lambda tmp: None)
+    assert os.listdir(hf_model_folder) == ["config.json"]
+    atomic_dir(hf_model_folder, lambda tmp: None, markers=["config.json"])  # a caller can name its own marker
+    assert os.listdir(hf_model_folder) == []
