@@ -66,6 +66,26 @@ def test_a_zero_count_beside_a_nonzero_one_is_fine(spec, expected):
     assert parse_positions(spec) == expected
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"first": "2", "last": 0}, r"must be \{'first': N, 'last': M, 'clamp_half': bool\} with counts N, M >= 0"),
+    ({"first": 2}, r"must be \{'first': N, 'last': M"),
+    ({"first": -1, "last": 2}, r"counts N, M >= 0"),
+    ({"indices": [0, "1"]}, r"must be \{'indices': \[...\]\}, a non-empty list of ints"),
+    ({"slice": [0, 2]}, r"must be \{'slice': \[start, stop, step\]\}: ints or null, and a step > 0"),
+    ({"slice": [0, 2, 0]}, r"a step > 0"),
+    ("middle", r"cannot read saved positions 'middle'; expected 'all' or an object"),
+])
+def test_malformed_saved_positions_are_position_errors(data, message):
+    with pytest.raises(PositionError, match=message):
+        from_json(data)
+
+
+def test_saved_positions_round_trip():
+    for spec in ["all", "f2+l3", "l1", FirstLast(2, 2, clamp_half=True), [0, -1], slice(1, None), slice(0, 4, 2)]:
+        p = parse_positions(spec)
+        assert from_json(p.to_json()) == p
+
+
 def test_per_example_and_predicate_specs():
     assert selected([[0, 2], [1]], [3, 4], "left") == [[0, 2], [1]]
     assert selected(torch.tensor([[0, -1], [1, 2]]), [3, 4], "right") == [[0, 2], [1, 2]]
