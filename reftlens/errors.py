@@ -31,3 +31,7 @@ class TrainingError(ReftError):
 
 class AnalysisError(ReftError):
     """An analysis cannot run on these inputs."""
+
+
+class SaveError(ReftError):
+    """A save would overwrite something that is not an earlier save of the same kind."""

@@ -9,7 +9,8 @@ Specs (``parse_positions`` accepts all of these):
 
 ===================  =====================================================================
 ``"all"``            every real token
-``"f5+l5"``          the first 5 and the last 5 real tokens (one set: overlap merges)
+``"f5+l5"``          the first 5 and the last 5 real tokens (one set: overlap merges);
+                     ``"f0"``, ``"l0"``, ``"f0+l0"`` select nothing and are refused
 ``3`` / ``[0, -1]``  explicit indices into the real tokens (negative counts from the end)
 ``slice(1, None)``   a slice of the real tokens
 tensor ``[B, K]``    per-example indices (a ragged list of lists also works)
@@ -30,6 +31,10 @@ from torch import Tensor
 from reftlens.errors import PositionError
 
 _FIRST_LAST = re.compile(r"^(?:f(\d+))?\+?(?:l(\d+))?$")
+_NOTHING = (
+    "position spec {spec} selects no position: its first and last counts are all zero, so it would edit "
+    "no token on any input. Ask for at least one token, e.g. 'l1' (the last real token) or 'f1+l1'."
+)
 
 
 @dataclass(frozen=True)
@@ -290,7 +295,10 @@ def parse_positions(spec: Any) -> PositionSpec:
                 f"unknown position spec {spec!r}; use 'all', 'fN+lM' (first N / last M real tokens), "
                 "indices, a slice, per-example indices or a token predicate."
             )
-        return FirstLast(int(m.group(1) or 0), int(m.group(2) or 0))
+        first, last = int(m.group(1) or 0), int(m.group(2) or 0)
+        if not (first or last):
+            raise PositionError(_NOTHING.format(spec=repr(spec)))
+        return FirstLast(first, last)
     if isinstance(spec, bool):
         raise PositionError(f"position spec {spec!r} is a bool; use 'all' or indices.")
     if isinstance(spec, int):
@@ -318,17 +326,42 @@ def parse_positions(spec: Any) -> PositionSpec:
 
 
 def from_json(data: Any) -> PositionSpec:
-    """Inverse of ``PositionSpec.to_json``."""
+    """Inverse of ``PositionSpec.to_json``; anything else raises :class:`PositionError`."""
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    def index(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     if data == "all":
         return All()
     if isinstance(data, dict) and "first" in data:
-        return FirstLast(int(data["first"]), int(data["last"]), bool(data.get("clamp_half", False)))
+        first, last, clamp = data.get("first"), data.get("last"), data.get("clamp_half", False)
+        if not (count(first) and count(last) and isinstance(clamp, bool)):
+            raise PositionError(
+                f"saved positions {data!r} must be {{'first': N, 'last': M, 'clamp_half': bool}} with counts "
+                "N, M >= 0."
+            )
+        if not (first or last):
+            raise PositionError(_NOTHING.format(spec=repr(data)))
+        return FirstLast(first, last, clamp)
     if isinstance(data, dict) and "indices" in data:
-        return Indices(tuple(int(i) for i in data["indices"]))
+        indices = data["indices"]
+        if not isinstance(indices, (list, tuple)) or not indices or not all(index(i) for i in indices):
+            raise PositionError(f"saved positions {data!r} must be {{'indices': [...]}}, a non-empty list of ints.")
+        return Indices(tuple(indices))
     if isinstance(data, dict) and "slice" in data:
-        start, stop, step = data["slice"]
-        return Slice(start, stop, step)
-    raise PositionError(f"cannot read saved positions {data!r}.")
+        bounds = data["slice"]
+        if not (isinstance(bounds, (list, tuple)) and len(bounds) == 3 and all(b is None or index(b) for b in bounds[:2])
+                and index(bounds[2]) and bounds[2] > 0):
+            raise PositionError(
+                f"saved positions {data!r} must be {{'slice': [start, stop, step]}}: ints or null, and a step > 0."
+            )
+        return Slice(*bounds)
+    raise PositionError(
+        f"cannot read saved positions {data!r}; expected 'all' or an object with 'first'/'last', 'indices' or 'slice'."
+    )
 
 
 def static_overlap(a: PositionSpec, b: PositionSpec) -> str | None:

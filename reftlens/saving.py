@@ -14,16 +14,17 @@ Folder layout::
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 
-from reftlens.errors import LoadError, ReftError
+from reftlens.errors import LoadError, ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
 from reftlens.positions import from_json
 
@@ -43,12 +44,29 @@ def fingerprint(model: Any) -> dict[str, Any]:
             "n_layers": int(cfg.n_layers), "d_vocab": int(cfg.d_vocab)}
 
 
-def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+#: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
+#: tuple of patterns that must all match, for files at the top of the folder. The default
+#: recognises every kind reftlens writes, so each writer can replace its own earlier output.
+EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
+    (CONFIG_FILE,),                    # ReftModel.save
+    ("reftlens_export.json",),         # export.save_hf
+    ("trainer_state.json",),           # training checkpoints
+    ("config.json", "intkey_*.bin"),   # export.to_pyreft (pyreft/pyvene layout)
+)
+
+
+def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
+               markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS) -> Path:
     """Write a folder atomically: fill a temporary sibling, then swap it in by rename.
 
     A crash at any point leaves either the previous folder or the new one, never a mix.
+    ``path`` may be new, an empty folder, or an earlier save recognised by ``markers`` (see
+    :data:`EARLIER_SAVE_MARKERS`), which is replaced whole. A file, or a folder holding anything
+    else, raises :class:`~reftlens.errors.SaveError` before anything is written.
     """
     path = Path(path).absolute()
+    groups = [(m,) if isinstance(m, str) else tuple(m) for m in markers]
+    _check_target(path, groups)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -57,6 +75,7 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        _check_target(path, groups)  # again: something may have appeared there while writing
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -68,6 +87,28 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _check_target(path: Path, groups: list[tuple[str, ...]]) -> None:
+    """Refuse to replace anything but a missing path, an empty folder or an earlier save."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        what = "a file" if path.is_file() else "not a folder (a broken link or a special file)"
+        raise SaveError(
+            f"cannot save to {path}: it is {what}, and a save is a folder. Choose a new folder path (or an "
+            "empty folder); the file was left untouched."
+        )
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries or any(all(any(f.is_file() for f in path.glob(pattern)) for pattern in group) for group in groups):
+        return
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    kinds = " or ".join(" with ".join(group) for group in groups)
+    raise SaveError(
+        f"cannot save to {path}: the folder holds other files ({shown}) and is not an earlier save to replace "
+        f"(it has no {kinds}). Save to a new or empty folder, or move those files away first; nothing in the "
+        "folder was touched."
+    )
 
 
 def sha256(path: Path) -> str:
@@ -101,8 +142,9 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
 
 def save(reft: Any, path: str | os.PathLike) -> Path:
     """Write the interventions of ``reft`` (anything with ``phis``, ``units``, ``cast`` and
-    ``model``, e.g. a ReftModel) to the folder ``path`` (atomically)."""
-    return atomic_dir(path, lambda folder: write(reft, folder))
+    ``model``, e.g. a ReftModel) to the folder ``path`` (atomically). ``path`` must be new, an
+    empty folder or an earlier save (it holds ``reft_config.json``), which is replaced."""
+    return atomic_dir(path, lambda folder: write(reft, folder), markers=[CONFIG_FILE])
 
 
 def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
@@ -138,7 +180,11 @@ def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: di
 
 
 def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[torch.nn.Module]]:
-    """Read and check a save against the base-model fingerprint ``here``: ``(config, phis)``."""
+    """Read and check a save against the base-model fingerprint ``here``: ``(config, phis)``.
+
+    Every field of the config is checked (a wrong one raises :class:`LoadError` naming the file
+    and the field, e.g. ``phis[0].type``) before any tensor is read.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -151,6 +197,10 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise LoadError(f"{config_path} is not valid JSON ({e}); the save is damaged.") from None
+    except UnicodeDecodeError as e:
+        raise LoadError(f"{config_path} is not UTF-8 text ({e}); the save is damaged.") from None
+    if not isinstance(config, dict):
+        raise LoadError(f"{config_path} must hold a JSON object (the reftlens config); got {_kind(config)}. The save is damaged.")
     if config.get("format") != "reftlens":
         raise LoadError(f"{config_path} is not a reftlens config (format={config.get('format')!r}).")
     version = config.get("schema_version")
@@ -159,10 +209,17 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
             f"{folder} was saved with schema version {version} by reftlens {config.get('reftlens_version')}; this "
             f"reftlens ({_version()}) reads up to version {SCHEMA_VERSION}. Upgrade reftlens to load it."
         )
-    saved = config["base_model"]
+    saved = config.get("base_model")
+    if not isinstance(saved, dict):
+        raise LoadError(
+            f"{config_path}: base_model must be an object with the base model's {', '.join(here)}; got {_kind(saved)}. "
+            "The save is damaged."
+        )
     diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
     if diff:
         raise LoadError(f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on.")
+    classes = _check_phis(config, config_path)
+    _check_units(config, str(config_path), len(classes), here.get("n_layers"))
     if sha256(weights_path) != config.get("weights_sha256"):
         raise LoadError(f"{weights_path} does not match the checksum in {CONFIG_FILE}: the file is truncated or was modified.")
     try:
@@ -171,15 +228,9 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
         raise LoadError(f"{weights_path} cannot be read ({e}).") from None
 
     phis = []
-    for i, rec in enumerate(config["phis"]):
-        try:
-            cls = phi_class(rec["type"])
-        except KeyError as e:
-            raise LoadError(str(e.args[0])) from None
-        phi = cls(**rec["config"])
+    for i, (rec, cls) in enumerate(zip(config["phis"], classes)):
+        phi = _build_phi(cls, rec["config"], f"{config_path}: phis[{i}].config")
         if rec["dtype"] is not None:  # load_state_dict copies into the existing dtype: match the saved one first
-            if rec["dtype"] not in _FLOAT_DTYPES:
-                raise LoadError(f"Φ {i} ({rec['type']}): unknown dtype {rec['dtype']!r}; expected one of {sorted(_FLOAT_DTYPES)}.")
             phi.to(_FLOAT_DTYPES[rec["dtype"]])
         state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"phis.{i}.")}
         for k, v in state.items():
@@ -195,13 +246,133 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
     return config, phis
 
 
+def _kind(value: Any) -> str:
+    """A short description of a JSON value for messages: ``a list ["loreft"]``, ``null``."""
+    if value is None:
+        return "null"
+    name = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+    text = json.dumps(value, default=repr, ensure_ascii=False)
+    return f"{name} {text}" if len(text) <= 60 else name
+
+
+def _check_phis(config: dict[str, Any], config_path: Path) -> list[type[torch.nn.Module]]:
+    """Check the ``phis`` records; return each one's registered class."""
+    records = config.get("phis")
+    if not isinstance(records, list):
+        raise LoadError(f"{config_path}: phis must be a list of Φ records; got {_kind(records)}. The save is damaged.")
+    classes = []
+    for i, rec in enumerate(records):
+        where = f"{config_path}: phis[{i}]"
+        if not isinstance(rec, dict):
+            raise LoadError(f"{where} must be an object with type, config and dtype; got {_kind(rec)}. The save is damaged.")
+        missing = [k for k in ("type", "config", "dtype") if k not in rec]
+        if missing:
+            raise LoadError(f"{where} lacks {', '.join(missing)}; a Φ record needs type, config and dtype. The save is damaged.")
+        if not isinstance(rec["type"], str):
+            raise LoadError(f"{where}.type must be a string naming a registered Φ type; got {_kind(rec['type'])}.")
+        try:
+            classes.append(phi_class(rec["type"]))
+        except KeyError as e:
+            raise LoadError(f"{where}.type: {e.args[0]}") from None
+        if not isinstance(rec["config"], dict):
+            raise LoadError(
+                f"{where}.config must be an object of {rec['type']!r}'s constructor arguments; got {_kind(rec['config'])}."
+            )
+        if rec["dtype"] is not None and rec["dtype"] not in _FLOAT_DTYPES:
+            raise LoadError(
+                f"{where}.dtype must be null or one of {sorted(_FLOAT_DTYPES)}; got {_kind(rec['dtype'])}."
+            )
+    return classes
+
+
+def _build_phi(cls: type[torch.nn.Module], config: dict[str, Any], where: str) -> torch.nn.Module:
+    """``cls(**config)``, with a wrong argument set reported by name."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
+        named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        required = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+        unknown, missing = sorted(set(config) - set(named)), [n for n in required if n not in config]
+        if unknown or missing:
+            problems = ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])
+            raise LoadError(
+                f"{where} has {' and '.join(problems)} for Φ type {getattr(cls, 'type_name', cls.__name__)!r}, "
+                f"whose constructor takes {named}. The save is damaged or was written for another version of this Φ."
+            )
+    try:
+        return cls(**config)
+    except Exception as e:
+        raise LoadError(
+            f"{where} cannot build Φ type {getattr(cls, 'type_name', cls.__name__)!r}: {type(e).__name__}: {str(e).rstrip('.')}. "
+            "The save is damaged or was written for another version of this Φ."
+        ) from e
+
+
+_UNIT_FIELDS = ("name", "phi", "layers", "positions", "source_positions", "hook")
+
+
+def _check_units(config: dict[str, Any], file: str, n_phis: int, n_layers: int | None) -> None:
+    """Check the ``units`` records of a config (``file`` names it in messages)."""
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    units = config.get("units")
+    if not isinstance(units, list):
+        raise LoadError(f"{file}: units must be a list of intervention records; got {_kind(units)}. The save is damaged.")
+    if "cast" in config and not isinstance(config["cast"], bool):
+        raise LoadError(f"{file}: cast must be true or false; got {_kind(config['cast'])}.")
+    for i, u in enumerate(units):
+        where = f"{file}: units[{i}]"
+        if not isinstance(u, dict):
+            raise LoadError(f"{where} must be an object with {', '.join(_UNIT_FIELDS)}; got {_kind(u)}. The save is damaged.")
+        missing = [k for k in _UNIT_FIELDS if k not in u]
+        if missing:
+            raise LoadError(
+                f"{where} lacks {', '.join(missing)}; a unit needs {', '.join(_UNIT_FIELDS)}. The save is damaged."
+            )
+        if not isinstance(u["name"], str):
+            raise LoadError(f"{where}.name must be a string; got {_kind(u['name'])}.")
+        if not is_int(u["phi"]) or not 0 <= u["phi"] < n_phis:
+            raise LoadError(f"{where}.phi must be the index of one of the {n_phis} saved Φs (0..{n_phis - 1}); got {_kind(u['phi'])}.")
+        layers = u["layers"]
+        if not isinstance(layers, list) or not layers or not all(is_int(l) for l in layers) or len(set(layers)) != len(layers):
+            raise LoadError(f"{where}.layers must be a non-empty list of distinct layer indices; got {_kind(layers)}.")
+        if n_layers is not None and not all(0 <= l < n_layers for l in layers):
+            raise LoadError(f"{where}.layers {layers} name a layer the model lacks; the model has layers 0..{n_layers - 1}.")
+        for key in ("positions", "source_positions"):
+            if key == "source_positions" and u[key] is None:
+                continue
+            try:
+                from_json(u[key])
+            except ValueError as e:
+                raise LoadError(f"{where}.{key}: {e}") from None
+        if not isinstance(u["hook"], str) or not u["hook"]:
+            raise LoadError(f"{where}.hook must be a TransformerLens hook name such as 'resid_post'; got {_kind(u['hook'])}.")
+        if u.get("stack") is not None and not is_int(u["stack"]):
+            raise LoadError(f"{where}.stack must be null or an int; got {_kind(u['stack'])}.")
+
+
 def interventions(config: dict[str, Any], phis: list[torch.nn.Module]) -> list[Any]:
-    """The saved units as Interventions (each holding its saved Φ; tied units share one)."""
+    """The saved units as Interventions (each holding its saved Φ; tied units share one).
+
+    A bad unit record raises :class:`LoadError` naming ``units[i]`` and the field."""
     from reftlens.sets import Intervention
 
-    return [Intervention(phis[u["phi"]], layers=u["layers"], positions=from_json(u["positions"]), hook=u["hook"],
-                         source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
-                         stack=u.get("stack"), name=u["name"]) for u in config["units"]]
+    base = config.get("base_model")
+    _check_units(config, CONFIG_FILE, len(phis), base.get("n_layers") if isinstance(base, dict) else None)
+    out = []
+    for i, u in enumerate(config["units"]):
+        try:
+            out.append(Intervention(phis[u["phi"]], layers=u["layers"], positions=from_json(u["positions"]), hook=u["hook"],
+                                    source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
+                                    stack=u.get("stack"), name=u["name"]))
+        except ReftError as e:
+            raise LoadError(f"{CONFIG_FILE}: units[{i}] ({u['name']!r}): {e}") from None
+    return out
 
 
 def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None,

@@ -5,8 +5,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from reftlens import Collect, Intervention, LoReFT, ReftModel, parse_positions
-from reftlens.positions import FirstLast, RealTokens
+from reftlens import Collect, Intervention, LoReFT, PositionError, ReftModel, parse_positions
+from reftlens.positions import FirstLast, RealTokens, from_json
 
 SPECS = ["all", "f2+l2", "f1", "l3", "f3+l1", [0], [-1], [0, -2], slice(1, None), slice(0, 3), slice(None, None, 2)]
 
@@ -46,6 +46,44 @@ def selected(spec, lengths, side):
 def test_spec_semantics(spec, length, expected):
     for side in ("left", "right"):
         assert selected(spec, [length, length + 3], side)[0] == expected
+
+
+@pytest.mark.parametrize("spec", ["l0", "f0", "f0+l0", "f00", "f0l0", " f0 + l0 "])
+def test_specs_that_select_nothing_are_refused(spec):
+    # like an empty index list: refused at parse time, not silently a no-op on every input
+    with pytest.raises(PositionError, match=r"selects no position.*counts are all zero.*e\.g\. 'l1'"):
+        parse_positions(spec)
+    with pytest.raises(PositionError, match="selects no position"):
+        Intervention(LoReFT(8, 2), layers=0, positions=spec)
+    with pytest.raises(PositionError, match="selects no position"):
+        from_json({"first": 0, "last": 0})
+    with pytest.raises(PositionError, match="empty list of positions selects nothing"):
+        parse_positions([])
+
+
+@pytest.mark.parametrize("spec, expected", [("f0+l2", FirstLast(0, 2)), ("f3+l0", FirstLast(3, 0)), ("l1", FirstLast(0, 1))])
+def test_a_zero_count_beside_a_nonzero_one_is_fine(spec, expected):
+    assert parse_positions(spec) == expected
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"first": "2", "last": 0}, r"must be \{'first': N, 'last': M, 'clamp_half': bool\} with counts N, M >= 0"),
+    ({"first": 2}, r"must be \{'first': N, 'last': M"),
+    ({"first": -1, "last": 2}, r"counts N, M >= 0"),
+    ({"indices": [0, "1"]}, r"must be \{'indices': \[...\]\}, a non-empty list of ints"),
+    ({"slice": [0, 2]}, r"must be \{'slice': \[start, stop, step\]\}: ints or null, and a step > 0"),
+    ({"slice": [0, 2, 0]}, r"a step > 0"),
+    ("middle", r"cannot read saved positions 'middle'; expected 'all' or an object"),
+])
+def test_malformed_saved_positions_are_position_errors(data, message):
+    with pytest.raises(PositionError, match=message):
+        from_json(data)
+
+
+def test_saved_positions_round_trip():
+    for spec in ["all", "f2+l3", "l1", FirstLast(2, 2, clamp_half=True), [0, -1], slice(1, None), slice(0, 4, 2)]:
+        p = parse_positions(spec)
+        assert from_json(p.to_json()) == p
 
 
 def test_per_example_and_predicate_specs():

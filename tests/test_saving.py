@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
 
 import reftlens
+import reftlens.saving as saving
 from reftlens import DII, Intervention, LoReFT, MeanAblation, ReftModel, Steer
 from reftlens.interventions import Phi, register
+from reftlens.errors import SaveError
 from reftlens.saving import CONFIG_FILE, WEIGHTS_FILE, LoadError, atomic_dir
 
 
@@ -146,3 +149,139 @@ def test_a_crash_mid_save_leaves_the_previous_save(model, tmp_path):
     assert (path / WEIGHTS_FILE).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folders left
     ReftModel.load(path, model)
+
+
+def test_saving_onto_a_file_leaves_it_untouched(model, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(SaveError, match=rf"cannot save to {re.escape(str(notes))}: it is a file.*Choose a new folder"):
+        trained_set(model).save(notes)
+    assert notes.read_text() == "my notes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no temporary folders left
+    with pytest.raises(reftlens.ReftError):  # one error family, and still a ValueError
+        atomic_dir(notes, lambda folder: None)
+
+
+def test_saving_onto_a_folder_of_other_files_leaves_them(model, tmp_path):
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "data.csv").write_text("a,b\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "x.txt").write_text("x")
+    with pytest.raises(SaveError, match=r"holds other files \(data.csv, sub\) and is not an earlier save.*"
+                                        r"has no reft_config.json\).*new or empty folder"):
+        trained_set(model).save(folder)
+    assert (folder / "data.csv").read_text() == "a,b\n" and (folder / "sub" / "x.txt").read_text() == "x"
+    assert sorted(p.name for p in folder.iterdir()) == ["data.csv", "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+
+
+def test_saving_onto_an_earlier_save_or_an_empty_folder_replaces_it(model, tmp_path):
+    path = tmp_path / "r"
+    path.mkdir()  # an empty folder is fine
+    ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1)).save(path)
+    reft = trained_set(model)
+    reft.save(path)  # its own earlier save: replaced whole
+    loaded = ReftModel.load(path, model)
+    assert len(loaded.phis) == len(reft.phis)
+    assert sorted(os.listdir(path)) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
+    # the default markers recognise every kind reftlens writes (save_hf, to_pyreft and training
+    # checkpoints call atomic_dir without markers=); ReftModel.save recognises only its own
+    kinds = {"reft": [CONFIG_FILE], "export": ["reftlens_export.json", "config.json"],
+             "checkpoint": ["trainer_state.json", "optimizer.safetensors"], "pyreft": ["config.json", "intkey_a.bin"]}
+    for kind, files in kinds.items():
+        folder = tmp_path / kind
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_text("{}")
+        if kind != "reft":
+            with pytest.raises(SaveError, match="not an earlier save"):
+                trained_set(model).save(folder)
+            assert sorted(os.listdir(folder)) == sorted(files)
+        atomic_dir(folder, lambda tmp: (tmp / "new.txt").write_text("new"))
+        assert os.listdir(folder) == ["new.txt"]
+    hf_model_folder = tmp_path / "hf"  # a plain save_pretrained folder is not a pyreft save
+    hf_model_folder.mkdir()
+    (hf_model_folder / "config.json").write_text("{}")
+    with pytest.raises(SaveError, match=r"has no reft_config.json or reftlens_export.json or trainer_state.json "
+                                        r"or config.json with intkey_\*.bin"):
+        atomic_dir(hf_model_folder, lambda tmp: None)
+    assert os.listdir(hf_model_folder) == ["config.json"]
+    atomic_dir(hf_model_folder, lambda tmp: None, markers=["config.json"])  # a caller can name its own marker
+    assert os.listdir(hf_model_folder) == []
+
+
+def set_unit(i, **fields):
+    return lambda c: c["units"][i].update(fields)
+
+
+CORRUPTIONS = {
+    "phis[0].type a list": (lambda c: c["phis"][0].update(type=["loreft"]),
+                            r"phis\[0\].type must be a string naming a registered Φ type; got a list \[\"loreft\"\]"),
+    "phis[0].config unknown key": (lambda c: c["phis"][0]["config"].update(bogus=1),
+                                   r"phis\[0\].config has unknown key\(s\) \['bogus'\] for Φ type 'loreft', whose constructor takes \['d_model', 'rank'"),
+    "phis[0].config missing key": (lambda c: c["phis"][0]["config"].pop("rank"),
+                                   r"phis\[0\].config has missing key\(s\) \['rank'\] for Φ type 'loreft'.*damaged or was written for another version"),
+    "phis[0].config bad value": (lambda c: c["phis"][0]["config"].update(rank="four"),
+                                 r"phis\[0\].config cannot build Φ type 'loreft': TypeError"),
+    "phis[0].config not an object": (lambda c: c["phis"][0].update(config=[64, 4]),
+                                     r"phis\[0\].config must be an object of 'loreft''s constructor arguments; got a list"),
+    "phis[0].dtype": (lambda c: c["phis"][0].update(dtype="int8"),
+                      r"phis\[0\].dtype must be null or one of \['bfloat16', 'float16', 'float32', 'float64'\]; got a string \"int8\""),
+    "phis[0] lacks dtype": (lambda c: c["phis"][0].pop("dtype"), r"phis\[0\] lacks dtype; a Φ record needs type, config and dtype"),
+    "phis[0] not an object": (lambda c: c.update(phis=["loreft"]), r"phis\[0\] must be an object with type, config and dtype"),
+    "phis not a list": (lambda c: c.update(phis={"0": {}}), r"phis must be a list of Φ records; got an object"),
+    "base_model not an object": (lambda c: c.update(base_model="gpt2"), r"base_model must be an object with the base model's architecture"),
+    "units not a list": (lambda c: c.update(units=None), r"units must be a list of intervention records; got null"),
+    "units[0] lacks layers": (lambda c: c["units"][0].pop("layers"), r"units\[0\] lacks layers; a unit needs name, phi, layers"),
+    "units[0].layers out of range": (set_unit(0, layers=[1, 9]), r"units\[0\].layers \[1, 9\] name a layer the model lacks; the model has layers 0..3"),
+    "units[0].layers a string": (set_unit(0, layers="1"), r"units\[0\].layers must be a non-empty list of distinct layer indices; got a string \"1\""),
+    "units[0].phi out of range": (set_unit(0, phi=3), r"units\[0\].phi must be the index of one of the 1 saved Φs \(0..0\); got a number 3"),
+    "units[0].positions selects nothing": (set_unit(0, positions={"first": 0, "last": 0}), r"units\[0\].positions: position spec .* selects no position"),
+    "units[0].positions unknown": (set_unit(0, positions="middle"), r"units\[0\].positions: cannot read saved positions 'middle'; expected 'all'"),
+    "units[0].positions bad slice": (set_unit(0, positions={"slice": [0, 2]}), r"units\[0\].positions: saved positions .* must be \{'slice': \[start, stop, step\]\}"),
+    "units[0].hook": (set_unit(0, hook=3), r"units\[0\].hook must be a TransformerLens hook name such as 'resid_post'; got a number 3"),
+    "units[0].stack": (set_unit(0, stack="first"), r"units\[0\].stack must be null or an int"),
+    "cast": (lambda c: c.update(cast="yes"), r"cast must be true or false; got a string \"yes\""),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_a_config_field_of_the_wrong_type_names_the_file_and_the_field(tiny_models, tmp_path, case):
+    model = tiny_models["tiny-gpt2"]
+    path = tmp_path / "r"
+    ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1, positions="l1")).save(path)
+    corrupt, message = CORRUPTIONS[case]
+    edit_config(path, corrupt)  # the weights checksum covers only the weights file: the config loads this far
+    with pytest.raises(LoadError, match=re.escape(str(path / CONFIG_FILE)) + ": " + message):
+        ReftModel.load(path, model)
+
+
+def test_a_config_that_is_not_an_object(model, tmp_path):
+    path = tmp_path / "r"
+    ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1)).save(path)
+    (path / CONFIG_FILE).write_text('["reftlens"]')
+    with pytest.raises(LoadError, match=re.escape(str(path / CONFIG_FILE)) + r" must hold a JSON object .*got a list"):
+        ReftModel.load(path, model)
+
+
+def test_interventions_checks_the_units_it_is_given(tiny_models, tmp_path):
+    model = tiny_models["tiny-gpt2"]
+    path = tmp_path / "r"
+    ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1, positions="l1")).save(path)
+    config, phis = saving.read(path, saving.fingerprint(model))
+    assert [iv.layers for iv in saving.interventions(config, phis)] == [(1,)]
+    bad = json.loads(json.dumps(config))
+    bad["units"][0]["layers"] = [7]
+    with pytest.raises(LoadError, match=r"reft_config.json: units\[0\].layers \[7\] name a layer the model lacks"):
+        saving.interventions(bad, phis)
+    bad["units"][0].update(layers=[1], positions={"indices": []})
+    with pytest.raises(LoadError, match=r"reft_config.json: units\[0\].positions: saved positions .* non-empty list of ints"):
+        saving.interventions(bad, phis)
+    bad["units"][0].update(positions="all", source_positions="all")  # LoReFT takes no source
+    with pytest.raises(LoadError, match=r"reft_config.json: units\[0\] \('loreft\(rank=4\)'\): source_positions given for"):
+        saving.interventions(bad, phis)
