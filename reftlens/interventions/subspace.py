@@ -57,7 +57,10 @@ class OrthonormalRows(nn.Module):
         q, r = torch.linalg.qr(self.A.float())
         sign = torch.sign(torch.diagonal(r))
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        return (q * sign).T.to(self.A.dtype)
+        # R is returned as the transpose of a row-major [d, r] matrix, like A.T (and like
+        # pyreft's rotate_layer.weight [d, r]): held or not, R has one memory layout, so the
+        # same matmul kernels (and bits) follow from the same values
+        return (q * sign).to(self.A.dtype).contiguous().T
 
     @property
     def is_held(self) -> bool:
@@ -70,7 +73,7 @@ class OrthonormalRows(nn.Module):
     def weight(self) -> Float[Tensor, "r d"]:
         if not self.is_held:
             return self._qr()
-        exact = self.A.detach().T.clone(memory_format=torch.contiguous_format)  # the QR path's layout: same kernels
+        exact = self.A.detach().T.clone()  # a copy with A.T's layout, as the QR path returns
         if not (torch.is_grad_enabled() and self.A.requires_grad):
             return exact
         qr = self._qr()
