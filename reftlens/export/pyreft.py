@@ -53,7 +53,11 @@ pyreft's ``act_fn`` (default ``None`` = linear, i.e. identity) wraps ``W h + b``
 pyreft's own ``ReftModel.load`` rebuilds every intervention with the defaults (linear, no
 dropout), so reftlens does the same. reftlens's dropout acts on the edit only.
 
-pyreft does not save positions: they are chosen at data time. See :func:`from_pyreft`.
+pyreft does not save positions: they are chosen at data time, so :func:`from_pyreft` asks for
+them (see there).
+
+Per-type knowledge lives in one place: a :class:`Codec` per Φ type (pyreft class name, reftlens
+Φ, rank, ``to_phi``, ``from_phi``), all listed in :data:`CODECS`.
 """
 
 from __future__ import annotations
@@ -65,22 +69,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from jaxtyping import Float
 from torch import Tensor, nn
 
 from reftlens.errors import ConfigError
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
+from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
-from reftlens.saving import LoadError, atomic_dir
+from reftlens.saving import LoadError, atomic_dir, fingerprint
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
 
-__all__ = ["NodiReFT", "from_pyreft", "to_pyreft", "read_pyreft", "orthogonal_weight", "PYREFT_TYPES"]
+__all__ = ["NodiReFT", "from_pyreft", "to_pyreft", "read_pyreft", "orthogonal_weight", "PYREFT_TYPES", "CODECS", "Codec"]
 
 CONFIG_FILE = "config.json"
 METADATA_KEY = "reftlens"
-DEFAULT_POSITIONS = "f1+l1"  # pyreft's examples/loreft/train.py --position default
 
 # pyvene's RepresentationConfig fields, in order, with their defaults
 _REPR_FIELDS = (
@@ -90,26 +93,13 @@ _REPR_FIELDS = (
 )
 _REPR_DEFAULTS = (0, "block_output", "pos", 1) + (None,) * 10
 
-# pyreft class name → reftlens type name
-PYREFT_TYPES = {
-    "LoreftIntervention": "loreft",
-    "NoreftIntervention": "noreft",
-    "DireftIntervention": "direft",
-    "NodireftIntervention": "nodireft",
-    "ConsreftIntervention": "consreft",
-    "LobireftIntervention": "lobireft",
-}
 _TYPE_RE = re.compile(r"^<class '(?P<module>[A-Za-z_][\w.]*)\.(?P<cls>[A-Za-z_]\w*)'>$")
 
 # TransformerLens hooks that are pyvene's "block_output" (the decoder layer's output)
 _BLOCK_OUTPUT_HOOKS = ("hook_resid_post", "hook_out")
 
-# to_pyreft writes the parameter A of an OrthonormalRows as pyreft's R when it differs from
-# the R reftlens computes from it by at most this much (so the round trip keeps A bit for bit)
-_ORTHONORMAL_ATOL = 1e-6
-
-
-# --------------------------------------------------------------------------- NodiReFT
+# from_pyreft refuses a rotate layer further than this from orthonormal (max |R Rᵀ − I|)
+_ROTATE_CHECK_ATOL = 1e-4
 
 
 # --------------------------------------------------------------------------- the orthogonal map
@@ -169,6 +159,223 @@ def _trivialised_state(rotate: Tensor, seed: int = 0) -> dict[str, Tensor]:
     }
 
 
+# --------------------------------------------------------------------------- one codec per Φ type
+
+
+class StateError(LoadError):
+    """A pyreft state dict that does not fit its codec; :func:`from_pyreft` adds the key to the message."""
+
+
+def _take(state: dict[str, Tensor], name: str, shape: tuple[int, ...], d_model: int) -> Tensor:
+    t = state.get(name)
+    if t is None:
+        raise StateError(f"tensor {name!r} is missing; it has {sorted(state)}.")
+    if tuple(t.shape) != shape:
+        if len(t.shape) == len(shape) and t.ndim >= 1 and d_model in shape and d_model not in t.shape:
+            raise StateError(
+                f"{name} has shape {tuple(t.shape)}, which does not fit the model's d_model={d_model}. It was trained "
+                "on a model with another hidden size."
+            )
+        raise StateError(f"{name} has shape {tuple(t.shape)}; expected {shape}.")
+    if not t.is_floating_point():
+        raise StateError(f"{name} is {t.dtype}, not a float tensor.")
+    return t
+
+
+def _rotate(state: dict[str, Tensor], d: int, r: int) -> Tensor:
+    """The effective rotate_layer.weight [d, r] of a pyreft intervention."""
+    if "rotate_layer" in state:  # LoreftIntervention's custom state_dict: already materialised
+        return _take(state, "rotate_layer", (d, r), d)
+    original = _take(state, "rotate_layer.parametrizations.weight.original", (d, r), d)
+    base_name = "rotate_layer.parametrizations.weight.0.base"
+    base = _take(state, base_name, (d, d), d) if base_name in state else None
+    with torch.no_grad():
+        return orthogonal_weight(original, base)
+
+
+def _rotate_for_pyreft(rows_module: OrthonormalRows) -> Tensor:
+    """pyreft's rotate [d, r] for a reftlens OrthonormalRows: the R reftlens computes with (its
+    held rows, or QR(A)), so pyreft computes with the same R bit for bit."""
+    return rows_module.weight.detach().T.contiguous().clone()
+
+
+def _dims(phi: nn.Module) -> dict[str, Tensor]:
+    return {"embed_dim": torch.tensor(phi.d_model), "interchange_dim": torch.tensor(phi.d_model)}
+
+
+class Codec:
+    """How one reftlens Φ type and one pyreft intervention class map onto each other.
+
+    ``pyreft_class`` is the class name in ``pyreft.interventions`` (its config's
+    ``intervention_types``), ``phi_type`` the reftlens Φ, ``rank_from`` the tensors that carry
+    the rank (name, dim; the first present wins). :meth:`to_phi` builds the Φ from a pyreft
+    state dict (tensors as ``torch.load`` returns them), :meth:`from_phi` writes one.
+    Every codec is in :data:`CODECS`; nothing else in this module knows a type by name.
+    """
+
+    name: str
+    pyreft_class: str
+    phi_type: type[nn.Module]
+    rank_from: tuple[tuple[str, int], ...]
+
+    def rank(self, state: dict[str, Tensor]) -> int:
+        for tensor, dim in self.rank_from:
+            if tensor in state and state[tensor].ndim > dim:
+                return int(state[tensor].shape[dim])
+        raise StateError(f"cannot find its rank in tensors {sorted(state)}.")
+
+    def to_phi(self, state: dict[str, Tensor], d: int, dtype: torch.dtype) -> nn.Module:
+        """The reftlens Φ (eval mode, ``dtype``) computing what pyreft computes with ``state``."""
+        embed = state.get("embed_dim")
+        if embed is not None and embed.numel() == 1 and int(embed) != d:
+            raise StateError(
+                f"it was trained on a model with hidden size {int(embed)}, but this model's d_model is {d}. "
+                "Load it onto the model it was trained on."
+            )
+        r = self.rank(state)
+        phi = self.phi_type(d, r, init="random")
+        with torch.no_grad():
+            self._fill(phi, state, d, r)
+        return phi.to(dtype).eval()  # a held R stays held: .to casts A and its held value alike
+
+    def _fill(self, phi: nn.Module, state: dict[str, Tensor], d: int, r: int) -> None:
+        raise NotImplementedError
+
+    def from_phi(self, phi: nn.Module) -> dict[str, Tensor]:
+        """The pyreft state dict (what pyreft's ``ReftModel.save`` writes) for ``phi``."""
+        raise NotImplementedError
+
+    def _hold_rotate(self, rows: OrthonormalRows, state: dict[str, Tensor], d: int, r: int) -> None:
+        """Set an OrthonormalRows to the saved rotate layer, bit for bit (held: see OrthonormalRows)."""
+        rotate = _rotate(state, d, r)
+        err = (rotate.double().T @ rotate.double() - torch.eye(r, dtype=torch.float64)).abs().max().item()
+        if not err <= _ROTATE_CHECK_ATOL:
+            raise StateError(
+                f"its rotate_layer is not orthonormal (max |R Rᵀ - I| = {err:.2g}; e.g. weight decay moved the "
+                "diagonal of the orthogonal parametrisation's 'original'). reftlens's "
+                f"{self.pyreft_class.replace('Intervention', '')} keeps R orthonormal and cannot represent it exactly."
+            )
+        rows.set_(rotate.T, atol=_ROTATE_CHECK_ATOL)  # A = Rᵀ exactly, and R = Aᵀ until trained
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.pyreft_class} <-> {self.phi_type.__name__})"
+
+
+class LoReFTCodec(Codec):
+    """LoreftIntervention: ``weight``, ``bias``, ``rotate_layer`` (materialised) ↔ LoReFT W, b, Rᵀ."""
+
+    name, pyreft_class, phi_type = "loreft", "LoreftIntervention", LoReFT
+    rank_from = (("weight", 0), ("rotate_layer", 1))
+
+    def _fill(self, phi, state, d, r):
+        self._hold_rotate(phi.R, state, d, r)
+        phi.W.weight.copy_(_take(state, "weight", (r, d), d))
+        phi.W.bias.copy_(_take(state, "bias", (r,), d))
+
+    def from_phi(self, phi):
+        return {"weight": phi.W.weight.detach().clone(), "bias": phi.W.bias.detach().clone(),
+                "rotate_layer": _rotate_for_pyreft(phi.R)}
+
+
+class NoReFTCodec(Codec):
+    """NoreftIntervention: ``proj_layer`` = P, ``learned_source`` = W, b (b − b_P with add_bias)."""
+
+    name, pyreft_class, phi_type = "noreft", "NoreftIntervention", NoReFT
+    rank_from = (("learned_source.weight", 0), ("proj_layer.weight", 0))
+
+    def _fill(self, phi, state, d, r):
+        phi.P.weight.copy_(_take(state, "proj_layer.weight", (r, d), d))
+        phi.W.weight.copy_(_take(state, "learned_source.weight", (r, d), d))
+        bias = _take(state, "learned_source.bias", (r,), d)
+        if "proj_layer.bias" in state:  # add_bias=True: (Wh + b) − (Ph + b_P) = Wh + (b − b_P) − Ph
+            bias = bias - _take(state, "proj_layer.bias", (r,), d)
+        phi.W.bias.copy_(bias)
+
+    def from_phi(self, phi):  # written without proj_layer.bias: build it in pyreft with add_bias=False
+        return {**_dims(phi), "proj_layer.weight": phi.P.weight.detach().clone(),
+                "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.W.bias.detach().clone()}
+
+
+class NodiReFTCodec(NoReFTCodec):
+    """NodireftIntervention: as Noreft, but pyreft's forward never uses ``proj_layer.bias``."""
+
+    name, pyreft_class, phi_type = "nodireft", "NodireftIntervention", NodiReFT
+
+    def _fill(self, phi, state, d, r):
+        phi.P.weight.copy_(_take(state, "proj_layer.weight", (r, d), d))
+        phi.W.weight.copy_(_take(state, "learned_source.weight", (r, d), d))
+        phi.W.bias.copy_(_take(state, "learned_source.bias", (r,), d))
+
+
+class DiReFTCodec(Codec):
+    """DireftIntervention: ``learned_source`` = W₁, b and the parametrised rotate layer = W₂ᵀ.
+
+    pyreft's R is orthonormal, reftlens's W₂ free: a W₂ with non-orthonormal rows is written as
+    W₂ᵀ = QU (R = Q, W₁ ← UW₁, b ← Ub), the same function.
+    """
+
+    name, pyreft_class, phi_type = "direft", "DireftIntervention", DiReFT
+    rank_from = (("learned_source.weight", 0), ("rotate_layer.parametrizations.weight.original", 1))
+
+    def _fill(self, phi, state, d, r):
+        phi.W1.weight.copy_(_take(state, "learned_source.weight", (r, d), d))
+        phi.W1.bias.copy_(_take(state, "learned_source.bias", (r,), d))
+        phi.W2.copy_(_rotate(state, d, r).T)
+
+    def from_phi(self, phi):
+        with torch.no_grad():
+            W1, b, W2 = phi.W1.weight.detach(), phi.W1.bias.detach(), phi.W2.detach()
+            gram = W2.double() @ W2.double().T
+            if (gram - torch.eye(W2.shape[0], dtype=torch.float64)).abs().max().item() <= 1e-5:
+                rotate, W1, b = W2.T.contiguous(), W1.clone(), b.clone()
+            else:
+                q, u = torch.linalg.qr(W2.T.double())
+                rotate = q.to(W2.dtype).contiguous()
+                W1, b = (u @ W1.double()).to(W1.dtype), (u @ b.double()).to(b.dtype)
+        return {**_dims(phi), "learned_source.weight": W1, "learned_source.bias": b, **_trivialised_state(rotate)}
+
+
+class SubspaceBiasCodec(Codec):
+    """ConsreftIntervention / LobireftIntervention: ``learned_source`` = b [r] and the parametrised
+    rotate layer = Rᵀ (the two differ only in their forward)."""
+
+    rank_from = (("rotate_layer.parametrizations.weight.original", 1), ("learned_source", 0))
+
+    def __init__(self, name: str, pyreft_class: str, phi_type: type[nn.Module]):
+        self.name, self.pyreft_class, self.phi_type = name, pyreft_class, phi_type
+
+    def _fill(self, phi, state, d, r):
+        self._hold_rotate(phi.R, state, d, r)
+        phi.b.copy_(_take(state, "learned_source", (r,), d))
+
+    def from_phi(self, phi):
+        return {**_dims(phi), "learned_source": phi.b.detach().clone(), **_trivialised_state(_rotate_for_pyreft(phi.R))}
+
+
+# the one table: pyreft class ↔ reftlens Φ type
+CODECS: tuple[Codec, ...] = (
+    LoReFTCodec(),
+    NoReFTCodec(),
+    DiReFTCodec(),
+    NodiReFTCodec(),
+    SubspaceBiasCodec("consreft", "ConsreftIntervention", ConsReFT),
+    SubspaceBiasCodec("lobireft", "LobireftIntervention", LoBiReFT),
+)
+# pyreft class name → reftlens type name
+PYREFT_TYPES = {c.pyreft_class: c.name for c in CODECS}
+
+
+def codec_for_pyreft(pyreft_class: str) -> Codec:
+    for c in CODECS:
+        if c.pyreft_class == pyreft_class:
+            return c
+    raise KeyError(pyreft_class)
+
+
+def codec_for_phi(phi: nn.Module) -> Codec | None:
+    return next((c for c in CODECS if type(phi) is c.phi_type), None)
+
+
 # --------------------------------------------------------------------------- reading
 
 
@@ -177,6 +384,10 @@ class PyreftIntervention:
 
     def __init__(self, key: str, type_name: str, layer: int, component: str, state: dict[str, Tensor]):
         self.key, self.type_name, self.layer, self.component, self.state = key, type_name, layer, component, state
+
+    @property
+    def codec(self) -> Codec:
+        return codec_for_pyreft(self.type_name)
 
     def __repr__(self) -> str:
         return f"PyreftIntervention({self.key!r}, {self.type_name}, layer={self.layer})"
@@ -288,98 +499,6 @@ def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict
     return out, config
 
 
-def _take(state: dict[str, Tensor], name: str, shape: tuple[int, ...], iv: PyreftIntervention, d_model: int) -> Tensor:
-    t = state.get(name)
-    if t is None:
-        raise LoadError(f"intervention {iv.key} ({iv.type_name}): tensor {name!r} is missing; it has {sorted(state)}.")
-    if tuple(t.shape) != shape:
-        if len(t.shape) == len(shape) and t.ndim >= 1 and d_model in shape and d_model not in t.shape:
-            raise LoadError(
-                f"intervention {iv.key} ({iv.type_name}): {name} has shape {tuple(t.shape)}, which does not fit "
-                f"the model's d_model={d_model}. It was trained on a model with another hidden size."
-            )
-        raise LoadError(f"intervention {iv.key} ({iv.type_name}): {name} has shape {tuple(t.shape)}; expected {shape}.")
-    if not t.is_floating_point():
-        raise LoadError(f"intervention {iv.key} ({iv.type_name}): {name} is {t.dtype}, not a float tensor.")
-    return t
-
-
-def _rank_of(iv: PyreftIntervention) -> int:
-    s = iv.state
-    for name, dim in (("learned_source.weight", 0), ("weight", 0), ("proj_layer.weight", 0),
-                      ("rotate_layer", 1), ("rotate_layer.parametrizations.weight.original", 1), ("learned_source", 0)):
-        if name in s and s[name].ndim > dim:
-            return int(s[name].shape[dim])
-    raise LoadError(f"intervention {iv.key} ({iv.type_name}): cannot find its rank in tensors {sorted(s)}.")
-
-
-def _rotate(iv: PyreftIntervention, d: int, r: int) -> Tensor:
-    """The effective rotate_layer.weight [d, r] of a pyreft intervention."""
-    s = iv.state
-    if "rotate_layer" in s:  # LoreftIntervention's custom state_dict: already materialised
-        return _take(s, "rotate_layer", (d, r), iv, d)
-    orig_name = "rotate_layer.parametrizations.weight.original"
-    original = _take(s, orig_name, (d, r), iv, d)
-    base_name = "rotate_layer.parametrizations.weight.0.base"
-    base = _take(s, base_name, (d, d), iv, d) if base_name in s else None
-    with torch.no_grad():
-        return orthogonal_weight(original, base)
-
-
-def _check_orthonormal(rows: Tensor, iv: PyreftIntervention) -> None:
-    err = (rows.double() @ rows.double().T - torch.eye(rows.shape[0], dtype=torch.float64)).abs().max().item()
-    if not err <= 1e-4:
-        raise LoadError(
-            f"intervention {iv.key} ({iv.type_name}): its rotate_layer is not orthonormal (max |R Rᵀ - I| = {err:.2g}; "
-            "e.g. weight decay moved the diagonal of the orthogonal parametrisation's 'original'). reftlens's "
-            f"{iv.type_name.replace('Intervention', '')} keeps R orthonormal and cannot represent it exactly."
-        )
-
-
-def _build_phi(iv: PyreftIntervention, d: int, dtype: torch.dtype) -> nn.Module:
-    r = _rank_of(iv)
-    s = iv.state
-    embed = s.get("embed_dim")
-    if embed is not None and embed.numel() == 1 and int(embed) != d:
-        raise LoadError(
-            f"intervention {iv.key} ({iv.type_name}) was trained on a model with hidden size {int(embed)}, but this model's "
-            f"d_model is {d}. Load it onto the model it was trained on."
-        )
-    with torch.no_grad():
-        if iv.type_name == "LoreftIntervention":
-            phi = LoReFT(d, r, init="random")
-            rotate = _rotate(iv, d, r)
-            _check_orthonormal(rotate.T, iv)
-            phi.R.A.copy_(rotate)  # A = Rᵀ exactly; reftlens's QR of it is R to fp32 rounding
-            phi.W.weight.copy_(_take(s, "weight", (r, d), iv, d))
-            phi.W.bias.copy_(_take(s, "bias", (r,), iv, d))
-        elif iv.type_name == "NoreftIntervention":
-            phi = NoReFT(d, r, init="random")
-            phi.P.weight.copy_(_take(s, "proj_layer.weight", (r, d), iv, d))
-            phi.W.weight.copy_(_take(s, "learned_source.weight", (r, d), iv, d))
-            bias = _take(s, "learned_source.bias", (r,), iv, d)
-            if "proj_layer.bias" in s:  # add_bias=True: (Wh + b) − (Ph + b_P) = Wh + (b − b_P) − Ph
-                bias = bias - _take(s, "proj_layer.bias", (r,), iv, d)
-            phi.W.bias.copy_(bias)
-        elif iv.type_name == "NodireftIntervention":
-            phi = NodiReFT(d, r, init="random")
-            phi.P.weight.copy_(_take(s, "proj_layer.weight", (r, d), iv, d))  # proj_layer.bias is unused by pyreft
-            phi.W.weight.copy_(_take(s, "learned_source.weight", (r, d), iv, d))
-            phi.W.bias.copy_(_take(s, "learned_source.bias", (r,), iv, d))
-        elif iv.type_name == "DireftIntervention":
-            phi = DiReFT(d, r, init="random")
-            phi.W1.weight.copy_(_take(s, "learned_source.weight", (r, d), iv, d))
-            phi.W1.bias.copy_(_take(s, "learned_source.bias", (r,), iv, d))
-            phi.W2.copy_(_rotate(iv, d, r).T)
-        else:  # ConsreftIntervention, LobireftIntervention
-            phi = (ConsReFT if iv.type_name == "ConsreftIntervention" else LoBiReFT)(d, r, init="random")
-            rotate = _rotate(iv, d, r)
-            _check_orthonormal(rotate.T, iv)
-            phi.R.A.copy_(rotate)
-            phi.b.copy_(_take(s, "learned_source", (r,), iv, d))
-    return phi.to(dtype).eval()
-
-
 def _metadata_positions(config: dict[str, Any], ivs: Sequence[PyreftIntervention]) -> list[PositionSpec] | None:
     meta = config.get(METADATA_KEY)
     if not isinstance(meta, dict) or not isinstance(meta.get("positions"), dict):
@@ -414,13 +533,20 @@ def _untied_layout(layers: Sequence[int]) -> bool:
 
 
 def _resolve_positions(positions: Any, ivs: Sequence[PyreftIntervention], config: dict[str, Any],
-                       untied: bool | str, clamp: bool) -> list[PositionSpec]:
+                       untied: bool | str, clamp: bool, folder: Path) -> list[PositionSpec]:
     n = len(ivs)
     if positions is None:
         stored = _metadata_positions(config, ivs)
         if stored is not None:
             return stored
-        positions = DEFAULT_POSITIONS
+        raise ConfigError(
+            f"{folder}: pyreft does not save which tokens its interventions edit, and this folder records none "
+            "(only to_pyreft writes them), so say which ones the checkpoint was trained on: positions=\"l1\" for "
+            "pyreft's README example (the last token), positions=\"f1+l1\" for its training script's default "
+            "(examples/loreft/train.py --position f1+l1), \"f5+l5\" etc. for other --position values, or a list with "
+            f"one spec per intervention ({n} here, in config order). A wrong guess loads without error but gives "
+            "other logits."
+        )
     if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, (str, PositionSpec)) for p in positions):
         if len(positions) != n:
             raise ConfigError(
@@ -444,6 +570,21 @@ def _resolve_positions(positions: Any, ivs: Sequence[PyreftIntervention], config
     return [_clamped(spec, clamp)] * n
 
 
+def _check_base_model(config: dict[str, Any], model: Any, folder: Path) -> None:
+    """The base-model fingerprint to_pyreft recorded, if any, against ``model``'s (as ReftModel.load)."""
+    meta = config.get(METADATA_KEY)
+    saved = meta.get("base_model") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        return  # pyreft's own saves record no base model
+    here = fingerprint(model)
+    diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
+    if diff:
+        raise LoadError(
+            f"{folder} was trained on a different base model ({'; '.join(diff)}): saved fingerprint {saved}, this "
+            f"model's {here}. Load it onto the model it was trained on."
+        )
+
+
 def _clamped(spec: PositionSpec, clamp: bool) -> PositionSpec:
     if clamp and isinstance(spec, FirstLast) and spec.first > 0 and spec.last > 0:
         return FirstLast(spec.first, spec.last, True)
@@ -456,7 +597,7 @@ def from_pyreft(
     *,
     positions: Any = None,
     untied: bool | str = "auto",
-    clamp: bool = True,
+    overlap: str = "clamp",
     dtype: torch.dtype | None = None,
 ) -> "ReftModel":
     """Load a pyreft ``ReftModel.save`` folder onto a TransformerLens model, as a reftlens ``ReftModel``.
@@ -470,11 +611,13 @@ def from_pyreft(
     refused: a linked intervention reads the first one's edited activations, not its own layer.
 
     Positions: pyreft does not save them (they are a data-time choice, ``unit_locations``), so
-    say which tokens each intervention edits:
+    say which tokens each intervention edits; a wrong guess loads without error and gives other
+    logits, so there is no default:
 
-    - ``positions=None`` (default): the positions recorded by :func:`to_pyreft` in config.json if
-      there are any, else ``"f1+l1"``, the default of pyreft's training script
-      (``examples/loreft/train.py --position``).
+    - ``positions=None`` (default): the positions recorded by :func:`to_pyreft` in config.json;
+      a folder without them (any save made by pyreft itself) raises a ConfigError that says what
+      to pass: ``"l1"`` for pyreft's README example (last token), ``"f1+l1"`` for the default of
+      its training script (``examples/loreft/train.py --position``).
     - one spec (``"f5+l5"``, ``"l1"``, ...): with ``untied="auto"`` an ``fN+lM`` spec is split the
       way pyreft's data pipeline splits it for untied weights (``share_weights=False``, where the
       script duplicates the layer list, ``layers += layers``): when the saved layers read
@@ -483,9 +626,11 @@ def from_pyreft(
       edits the whole spec. ``untied=True`` insists on the split.
     - a list with one spec per pyreft intervention, in config order, for anything else.
 
-    ``clamp=True`` (default) clamps N and M of an ``fN+lM`` spec to half of each prompt, as
-    pyreft's ``get_intervention_locations`` does, so first and last groups never meet on short
-    prompts (pyreft then points the missing slots at a pad token; reftlens edits nothing there).
+    ``overlap="clamp"`` (default; as :class:`~reftlens.Intervention`'s ``overlap``) clamps N and M
+    of an ``fN+lM`` spec to half of each prompt, as pyreft's ``get_intervention_locations`` does,
+    so first and last groups never meet on short prompts (pyreft then points the missing slots at
+    a pad token; reftlens edits nothing there). ``overlap="error"`` keeps N and M as given, and
+    first/last groups that meet raise an error.
     Positions count real tokens, whatever the padding (pyreft's datasets prepend one pad token
     and shift positions by one; reftlens needs no such shift).
 
@@ -494,22 +639,30 @@ def from_pyreft(
 
     Errors (:class:`reftlens.saving.LoadError`) name the file, key or tensor: a missing folder,
     config or ``intkey_*.bin``, an unknown intervention type or a component other than
-    ``block_output``, a hidden size or layer the model does not have, and a ``.bin`` that is not a
-    plain tensor state dict.
+    ``block_output``, a hidden size or layer the model does not have, a ``.bin`` that is not a
+    plain tensor state dict, and (for folders written by :func:`to_pyreft`, which records the
+    base model's fingerprint as :meth:`reftlens.ReftModel.save` does) another base model.
+
+    Weights are loaded bit for bit; rotations are held as saved (see
+    :class:`~reftlens.OrthonormalRows`), so a loaded LoReFT, ConsReFT or LoBiReFT computes with
+    pyreft's own R rather than a re-orthonormalised one.
 
     >>> reft = from_pyreft("my-pyreft-save", bridge, positions="f5+l5")  # doctest: +SKIP
     """
     from reftlens.model import ReftModel
     from reftlens.sets import Intervention
 
+    if overlap not in ("clamp", "error"):
+        raise ConfigError(f"overlap must be 'clamp' or 'error'; got {overlap!r}.")
     ivs, config = read_pyreft(path)
+    folder = Path(path)
+    _check_base_model(config, model, folder)
     d, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
     for iv in ivs:
         if iv.layer >= n_layers:
             raise LoadError(f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}.")
     if dtype is None:
         dtype = next(model.parameters()).dtype
-    specs = _resolve_positions(positions, ivs, config, untied, clamp)
 
     ties = _metadata_ties(config, ivs)
     phis: list[nn.Module] = []
@@ -519,59 +672,20 @@ def from_pyreft(
         if group is not None and group in by_group and _same_state(by_group[group][0], iv):
             phi = by_group[group][1]
         else:
-            phi = _build_phi(iv, d, dtype)
+            try:
+                phi = iv.codec.to_phi(iv.state, d, dtype)
+            except StateError as e:
+                raise LoadError(f"intervention {iv.key} ({iv.type_name}): {e}") from None
             if group is not None and group not in by_group:
                 by_group[group] = (iv, phi)
         phis.append(phi)
+    specs = _resolve_positions(positions, ivs, config, untied, overlap == "clamp", folder)
     interventions = [Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
                      for iv, phi, spec in zip(ivs, phis, specs)]
     return ReftModel(model, interventions)
 
 
 # --------------------------------------------------------------------------- writing
-
-
-_PYREFT_CLASS = {
-    LoReFT: "LoreftIntervention", NoReFT: "NoreftIntervention", DiReFT: "DireftIntervention",
-    NodiReFT: "NodireftIntervention", ConsReFT: "ConsreftIntervention", LoBiReFT: "LobireftIntervention",
-}
-
-
-def _rotate_for_pyreft(rows_module: nn.Module) -> Tensor:
-    """pyreft's rotate [d, r] for a reftlens OrthonormalRows: its parameter A when that equals the
-    R reftlens computes from it to ``_ORTHONORMAL_ATOL`` (lossless round trip), else R itself."""
-    A = rows_module.A.detach()
-    R = rows_module.weight.detach()
-    if (R.T.float() - A.float()).abs().max().item() <= _ORTHONORMAL_ATOL:
-        return A.clone()
-    return R.T.contiguous().clone()
-
-
-def _pyreft_state(phi: nn.Module, d: int) -> dict[str, Tensor]:
-    dims = {"embed_dim": torch.tensor(d), "interchange_dim": torch.tensor(d)}
-    with torch.no_grad():
-        if type(phi) is LoReFT:
-            return {"weight": phi.W.weight.detach().clone(), "bias": phi.W.bias.detach().clone(),
-                    "rotate_layer": _rotate_for_pyreft(phi.R)}
-        if type(phi) is NoReFT:
-            return {**dims, "proj_layer.weight": phi.P.weight.detach().clone(),
-                    "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.W.bias.detach().clone()}
-        if type(phi) is NodiReFT:
-            return {**dims, "proj_layer.weight": phi.P.weight.detach().clone(),
-                    "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.W.bias.detach().clone()}
-        if type(phi) is DiReFT:
-            W1, b, W2 = phi.W1.weight.detach(), phi.W1.bias.detach(), phi.W2.detach()
-            gram = W2.double() @ W2.double().T
-            if (gram - torch.eye(W2.shape[0], dtype=torch.float64)).abs().max().item() <= 1e-5:
-                rotate, W1, b = W2.T.contiguous(), W1.clone(), b.clone()
-            else:
-                # pyreft's R must have orthonormal columns: W2ᵀ = Q U, so (W1 h + b) W2 = (U W1 h + U b) Qᵀ
-                q, u = torch.linalg.qr(W2.T.double())
-                rotate = q.to(W2.dtype).contiguous()
-                W1, b = (u @ W1.double()).to(W1.dtype), (u @ b.double()).to(b.dtype)
-            return {**dims, "learned_source.weight": W1, "learned_source.bias": b, **_trivialised_state(rotate)}
-        # ConsReFT, LoBiReFT
-        return {**dims, "learned_source": phi.b.detach().clone(), **_trivialised_state(_rotate_for_pyreft(phi.R))}
 
 
 def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
@@ -582,14 +696,17 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     ordered the way pyreft's untied first/last layout expects (all first-token groups, then all
     last-token groups); a Φ used at several of them (tied) is written once per key with equal
     tensors (no ``intervention_link_key``, which in pyvene means something else), so pyreft runs
-    the same function but loads the copies untied. Positions and tying are not part of pyreft's
-    format: they are recorded under the config key ``"reftlens"`` (ignored by pyvene), which
-    :func:`from_pyreft` reads back.
+    the same function but loads the copies untied. Positions, tying and the base model's
+    fingerprint (:func:`reftlens.saving.fingerprint`) are not part of pyreft's format: they are
+    recorded under the config key ``"reftlens"`` (ignored by pyvene), which :func:`from_pyreft`
+    reads back and checks.
 
     Tensors: NoReFT/NodiReFT are written without ``proj_layer.bias`` (build them in pyreft with
     ``add_bias=False``); DiReFT's W₂ is written as is when its rows are orthonormal, else
     re-factored as W₂ᵀ = QU (R = Q, W₁ ← UW₁, b ← Ub: the same function, since pyreft's R must be
-    orthonormal); the parametrised rotate layers are written as ``original`` = -I and ``base`` =
+    orthonormal); LoReFT's, ConsReFT's and LoBiReFT's R is written as reftlens computes it (the
+    held rows of a Φ loaded from pyreft, else QR(A)), so pyreft computes with the same R bit for
+    bit; the parametrised rotate layers are written as ``original`` = -I and ``base`` =
     [R | orthonormal complement], which pyreft evaluates to R bit for bit.
 
     Loading the folder in pyreft: ``pyreft.ReftModel.load(path, hf_model)`` works for Loreft, Direft,
@@ -616,10 +733,10 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     d = int(reft.model.cfg.d_model)
     for _, _, s in entries:
         phi, unit = s.unit.phi, s.unit
-        if type(phi) not in _PYREFT_CLASS:
+        if codec_for_phi(phi) is None:
             raise ConfigError(
                 f"intervention {unit.name!r}: Φ {type(phi).__name__} has no pyreft counterpart; to_pyreft writes "
-                f"{', '.join(c.__name__ for c in _PYREFT_CLASS)}."
+                f"{', '.join(c.phi_type.__name__ for c in CODECS)}."
             )
         if s.hook_name.split(".", 2)[-1] not in _BLOCK_OUTPUT_HOOKS:
             raise ConfigError(
@@ -638,14 +755,16 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
         rep.update(layer=s.layer, component="block_output", unit="pos", max_number_of_units=1, low_rank_dimension=phi.rank)
         key = _pyvene_key(rep, seen)
         reps.append([rep[f] for f in _REPR_FIELDS])
-        types.append(f"<class 'pyreft.interventions.{_PYREFT_CLASS[type(phi)]}'>")
+        codec = codec_for_phi(phi)
+        types.append(f"<class 'pyreft.interventions.{codec.pyreft_class}'>")
         keys.append(key)
         phi_of[key] = phi_index[id(phi)]
         try:
             positions[key] = s.unit.positions.to_json()
         except ValueError:
             positions[key] = None
-        states[key] = _pyreft_state(phi, d)
+        with torch.no_grad():
+            states[key] = codec.from_phi(phi)
 
     config = {
         "intervention_constant_sources": [True] * len(keys),
@@ -655,7 +774,7 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
         "representations": reps,
         "sorted_keys": keys,
         METADATA_KEY: {"format": "reftlens-pyreft", "version": 1, "reftlens_version": __version__,
-                       "positions": positions, "phi": phi_of},
+                       "base_model": fingerprint(reft.model), "positions": positions, "phi": phi_of},
     }
 
     def write(folder: Path) -> None:
