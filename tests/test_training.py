@@ -338,8 +338,8 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_and_warns_once(model, fake_
     assert dtypes == {torch.float32} and len(warned) == 1
     assert str(warned[0].message) == (
         "precision='bf16', but this CPU (torch capability 'AVX2') has no native bfloat16 (no AVX512-BF16 or "
-        "AMX-BF16): bf16 would be emulated, tens of times slower than fp32, so training runs in fp32. Pass "
-        "precision='bf16-force' to use bf16 autocast anyway.")
+        "AMX-BF16): bf16 would be emulated, up to tens of times slower than fp32, so training runs in fp32. "
+        "Pass precision='bf16-force' to use bf16 autocast anyway.")
     assert issubclass(EmulatedBF16Warning, UserWarning)
     dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16")  # once per process
     assert dtypes == {torch.float32} and warned == []

@@ -246,9 +246,9 @@ def _setup_model(reft: "ReftModel", world: int) -> Any:
 def _setup_precision(precision: str, device: torch.device) -> Any:
     """The context each forward runs in: nothing (fp32) or bfloat16 autocast.
 
-    ``"bf16"`` on a CPU without native bfloat16 would be emulated, tens of times slower than fp32
-    (38x on an AVX2 AMD EPYC), so it falls back to fp32 and warns once; ``"bf16-force"`` does not
-    ask the CPU."""
+    ``"bf16"`` on a CPU without native bfloat16 would be emulated, up to tens of times slower
+    than fp32 (38x reported on an AVX2 AMD EPYC), so it falls back to fp32 and warns once;
+    ``"bf16-force"`` does not ask the CPU."""
     if precision == "fp32":
         return contextlib.nullcontext()
     if precision == "bf16" and device.type == "cpu":
@@ -290,8 +290,8 @@ def _warn_emulated_bf16(capability: str) -> None:
     _warned_bf16 = True
     warnings.warn(
         f"precision='bf16', but this CPU (torch capability {capability!r}) has no native bfloat16 "
-        "(no AVX512-BF16 or AMX-BF16): bf16 would be emulated, tens of times slower than fp32, so "
-        "training runs in fp32. Pass precision='bf16-force' to use bf16 autocast anyway.",
+        "(no AVX512-BF16 or AMX-BF16): bf16 would be emulated, up to tens of times slower than fp32, "
+        "so training runs in fp32. Pass precision='bf16-force' to use bf16 autocast anyway.",
         EmulatedBF16Warning, stacklevel=4)
 
 
