@@ -21,7 +21,7 @@ callable             a token predicate ``tokens [B, S] -> bool [B, S]``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch

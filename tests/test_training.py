@@ -1,14 +1,15 @@
 """Training: only Φ learns, the loss is on completion tokens, and runs are reproducible."""
 
 import math
+import warnings
 
 import pytest
 import torch
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel, Steer
-from reftlens.training import TrainingError, collate, encode
-from reftlens.training.loop import token_losses
+from reftlens.training import TrainingError, collate, encode, loop
+from reftlens.training.loop import EmulatedBF16Warning, token_losses
 
 WORDS = ["quick", "lazy", "brown", "red", "old", "new", "big", "small", "dark", "cold", "warm", "slow"]
 DATA = [{"prompt": f"the {w} fox", "completion": f" jumps over the {w} dog"} for w in WORDS]
@@ -182,8 +183,9 @@ def test_options_and_errors(model):
     reft = fresh(model)
     with pytest.raises(TrainingError, match="schedule must be"):
         reftlens.train(reft, DATA, max_steps=1, schedule="step", progress=False)
-    with pytest.raises(TrainingError, match="precision must be"):
+    with pytest.raises(TrainingError) as err:
         reftlens.train(reft, DATA, max_steps=1, precision="fp8", progress=False)
+    assert str(err.value) == "precision must be 'fp32', 'bf16' or 'bf16-force'; got 'fp8'."
     with pytest.raises(KeyError, match="each needs 'prompt' and 'completion'"):
         reftlens.train(reft, [{"text": "x"}], max_steps=1, progress=False)
     with pytest.raises(ValueError, match="no chat template"):
@@ -216,3 +218,134 @@ def test_bf16_autocast_keeps_left_padded_rows_finite(model):
             low = reft(tokens, attention_mask=mask)
     assert torch.isfinite(low[real]).all()
     torch.testing.assert_close(low[real].float(), ref[real], atol=0.1 * float(ref.abs().max()), rtol=0)
+
+
+def test_train_step_is_the_step_of_train(model):
+    """The recipe's pieces, run by hand as a notebook would, reproduce train(): same losses, same Φs."""
+    from reftlens.training.loop import TrainConfig, _count_steps, _setup_optimizer, _step_batches, train_step
+
+    kw = dict(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, seed=5, schedule="cosine", warmup_steps=1,
+              max_grad_norm=1.0)
+    a, b = fresh(model), fresh(model)
+    history = reftlens.train(a, DATA, progress=False, **kw)
+    cfg = TrainConfig(**kw)
+    examples = encode(model, DATA)
+    steps_per_epoch, total = _count_steps(len(examples), cfg, world=1)
+    assert (steps_per_epoch, total) == (2, 4)  # 12 examples, 3 micro-batches of 4, 2 per step
+    torch.manual_seed(cfg.seed)
+    optimizer, scheduler = _setup_optimizer(b, cfg, total)
+    b.train()
+    records = []
+    for step in range(total):
+        epoch, group = _step_batches(examples, cfg, 1, step, steps_per_epoch)
+        records.append(train_step(b, optimizer, scheduler, examples, group, step=step, epoch=epoch,
+                                  max_grad_norm=cfg.max_grad_norm))
+    b.eval()
+    assert records == history.steps
+    assert sum(r["tokens"] for r in records) == 2 * sum(len(e.completion) for e in examples)  # two epochs, each example once
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
+
+
+def test_training_on_nothing_is_an_error(model):
+    reft = fresh(model)
+    before = weights(reft)
+    for kw in ({}, {"max_steps": 5}, {"epochs": 3, "task": "classification"}):
+        with pytest.raises(TrainingError) as err:
+            reftlens.train(reft, [], progress=False, **kw)
+        assert str(err.value).startswith("data is empty: there is nothing to train on. Pass a list of "
+                                         "{'prompt': ..., 'completion': ...} dicts")
+        assert "datasets.Dataset" in str(err.value)
+    datasets = pytest.importorskip("datasets")
+    with pytest.raises(TrainingError, match="^data is empty"):
+        reftlens.train(reft, datasets.Dataset.from_list([]), max_steps=2, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))  # nothing ran
+
+
+def test_evaluating_on_nothing_is_an_error(model):
+    from reftlens.training import evaluate
+
+    reft = fresh(model)
+    with pytest.raises(TrainingError) as err:
+        reftlens.train(reft, DATA, eval_data=[], max_steps=1, progress=False)
+    assert str(err.value) == ("eval_data is empty: there is nothing to evaluate on. Pass examples of the same "
+                              "form as data, or leave eval_data=None to skip evaluation.")
+    with pytest.raises(TrainingError) as err:
+        evaluate(reft, [])
+    assert str(err.value) == "evaluate got no examples: pass at least one encoded example."
+
+
+# ---- bf16 on CPUs without native bfloat16 ----------------------------------------------------------
+
+NO_BF16 = {"architecture": "x86_64", "avx2": True, "avx512_f": False, "avx512_bf16": False, "amx_bf16": False}
+AVX512_BF16 = {**NO_BF16, "avx512_f": True, "avx512_bf16": True}
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch):
+    """Pretend to be a CPU with the given torch capability and flags; reset the warn-once flag."""
+    def fake(capability, flags):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+
+    monkeypatch.setattr(loop, "_warned_bf16", False)
+    return fake
+
+
+def logits_dtypes(model, reft, **kw):
+    """The dtypes of the base model's outputs during train(..., **kw), and the warnings raised."""
+    seen = []
+    handle = model.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            reftlens.train(reft, DATA[:4], max_steps=1, batch_size=4, progress=False, **kw)
+    finally:
+        handle.remove()
+    return set(seen), [w for w in caught if issubclass(w.category, EmulatedBF16Warning)]
+
+
+def test_cpu_bf16_support_reads_torch_capabilities(fake_cpu, monkeypatch):
+    fake_cpu("AVX2", NO_BF16)
+    assert loop.cpu_bf16_support() == (False, "AVX2")
+    fake_cpu("AVX512", AVX512_BF16)
+    assert loop.cpu_bf16_support() == (True, "AVX512")
+    fake_cpu("AVX512", {**NO_BF16, "avx512_f": True, "amx_tile": True, "amx_bf16": True})
+    assert loop.cpu_bf16_support() == (True, "AVX512")
+    fake_cpu("DEFAULT", {"architecture": "arm64", "neon": True, "bf16": True})
+    assert loop.cpu_bf16_support() == (True, "DEFAULT")
+    fake_cpu("DEFAULT", {"architecture": "arm64", "neon": True, "bf16": False})
+    assert loop.cpu_bf16_support() == (False, "DEFAULT")
+    # a torch without get_capabilities: the x86 probes answer
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    monkeypatch.setattr(loop.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert loop.cpu_bf16_support() == (False, "DEFAULT")
+
+
+def test_bf16_on_a_cpu_with_native_bf16_uses_autocast(model, fake_cpu):
+    fake_cpu("AVX512", AVX512_BF16)
+    dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16")
+    assert dtypes == {torch.bfloat16} and warned == []
+    dtypes, warned = logits_dtypes(model, fresh(model), precision="fp32")
+    assert dtypes == {torch.float32} and warned == []
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_and_warns_once(model, fake_cpu):
+    fake_cpu("AVX2", NO_BF16)
+    a = fresh(model)
+    dtypes, warned = logits_dtypes(model, a, precision="bf16")
+    assert dtypes == {torch.float32} and len(warned) == 1
+    assert str(warned[0].message) == (
+        "precision='bf16', but this CPU (torch capability 'AVX2') has no native bfloat16 (no AVX512-BF16 or "
+        "AMX-BF16): bf16 would be emulated, up to tens of times slower than fp32, so training runs in fp32. "
+        "Pass precision='bf16-force' to use bf16 autocast anyway.")
+    assert issubclass(EmulatedBF16Warning, UserWarning)
+    dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16")  # once per process
+    assert dtypes == {torch.float32} and warned == []
+    # the fallback is plain fp32: the same run as precision="fp32"
+    b = fresh(model)
+    reftlens.train(b, DATA[:4], max_steps=1, batch_size=4, progress=False, precision="fp32")
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
+    dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16-force")
+    assert dtypes == {torch.bfloat16} and warned == []

@@ -1,9 +1,14 @@
 """The training loop: a plain loop over a frozen model where only the Φs learn.
 
-Read it top to bottom; copy it into a notebook and change what you need. One optimizer step
-takes ``grad_accum`` micro-batches of ``batch_size`` examples on each of ``world`` processes;
-the loss is the mean over every completion token of that global batch, so one process, gradient
-accumulation and data-parallel processes give the same updates.
+Read it top to bottom; copy it into a notebook and change what you need. :func:`train` is the
+recipe: it checks the options, sets up the data, the optimizer and scheduler, the checkpoint to
+resume from, the model (wrapped for data parallelism) and the precision, then runs
+:func:`train_step` until the last step, with :func:`evaluate` and :func:`save_checkpoint` on the
+way. The pieces follow in the order the recipe calls them.
+
+One optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples on each of
+``world`` processes; the loss is the mean over every completion token of that global batch, so
+one process, gradient accumulation and data-parallel processes give the same updates.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import inspect
 import json
 import math
 import os
+import platform
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -21,11 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reftlens.errors import TrainingError, ReftError
+from reftlens.errors import TrainingError
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
+
+
+class EmulatedBF16Warning(UserWarning):
+    """``precision="bf16"`` on a CPU without native bfloat16: the run trains in fp32 instead."""
 
 
 @dataclass
@@ -38,6 +49,417 @@ class History:
     @property
     def losses(self) -> list[float]:
         return [s["loss"] for s in self.steps]
+
+
+PRECISIONS = ("fp32", "bf16", "bf16-force")
+
+
+@dataclass
+class TrainConfig:
+    """The options of :func:`train` (see there), checked when built."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 4e-3
+    weight_decay: float = 0.0
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = None
+    max_length: int = 512
+    seed: int = 0
+    precision: str = "fp32"
+    group_by_length: bool = True
+    chat_template: bool = False
+    task: str = "lm"
+    label_names: Sequence[str] | None = None
+    eval_every: int | None = None
+    progress: bool = True
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.task not in ("lm", "classification"):
+            raise TrainingError(f"task must be 'lm' or 'classification'; got {self.task!r}.")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision must be 'fp32', 'bf16' or 'bf16-force'; got {self.precision!r}.")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainingError(f"batch_size and grad_accum must be positive; got {self.batch_size} and {self.grad_accum}.")
+        if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
+            raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
+        schedule_fn(self.schedule, self.warmup_steps, 1)  # names a bad schedule before any work
+
+
+# ---- the recipe ---------------------------------------------------------------------------------
+
+
+def train(
+    reft: "ReftModel",
+    data: Any,
+    *,
+    eval_data: Any = None,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 4e-3,
+    weight_decay: float = 0.0,
+    schedule: str = "linear",
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = None,
+    max_length: int = 512,
+    seed: int = 0,
+    precision: str = "fp32",
+    group_by_length: bool = True,
+    chat_template: bool = False,
+    task: str = "lm",
+    label_names: Sequence[str] | None = None,
+    eval_every: int | None = None,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], Any] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+) -> History:
+    """Train the Φs of ``reft`` on ``data`` and return the :class:`History`.
+
+    ``data``: dicts (or a ``datasets.Dataset``) with ``prompt`` and ``completion``; for
+    ``task="classification"``, ``prompt`` and ``label`` (the loss is on the label's tokens and
+    accuracy picks the best-scoring label among ``label_names``). Empty ``data`` or ``eval_data``
+    is an error. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
+    native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
+    ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
+    save the full training state every so many steps; ``resume=True`` continues from it and ends
+    where an uninterrupted run would. ``callback(record)`` sees every step and evaluation record.
+
+    >>> history = reftlens.train(reft, [{"prompt": "2+2=", "completion": "4"}], max_steps=10)  # doctest: +SKIP
+    """
+    cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                      weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
+                      max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
+                      group_by_length=group_by_length, chat_template=chat_template, task=task,
+                      label_names=label_names, eval_every=eval_every, progress=progress,
+                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    world, rank = _dist()
+    examples, eval_examples, label_names = _setup_data(reft, data, eval_data, cfg)
+    steps_per_epoch, total = _count_steps(len(examples), cfg, world)
+    torch.manual_seed(cfg.seed)
+    optimizer, scheduler = _setup_optimizer(reft, cfg, total)
+    step, history = _setup_resume(reft, cfg, optimizer, scheduler)
+    module = _setup_model(reft, world)
+    autocast = _setup_precision(cfg.precision, reft.device)
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+
+    bar = _progress(total, step, enabled=cfg.progress and rank == 0)
+    reft.train()
+    try:
+        while step < total:
+            epoch, group = _step_batches(examples, cfg, world, step, steps_per_epoch)
+            record = train_step(module, optimizer, scheduler, examples, group, step=step, epoch=epoch,
+                                autocast=autocast, max_grad_norm=cfg.max_grad_norm)
+            step += 1
+            history.steps.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if callback is not None:
+                callback(record)
+            if eval_examples is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                _record_eval(reft, eval_examples, cfg.batch_size, cfg.task, label_names, step, history, callback)
+                reft.train()
+            if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
+                save_checkpoint(ckpt, reft, optimizer, scheduler, step, history)
+        if eval_examples is not None:
+            _record_eval(reft, eval_examples, cfg.batch_size, cfg.task, label_names, step, history, callback)
+    finally:
+        bar.close()
+        reft.eval()
+    return history
+
+
+# ---- setup ---------------------------------------------------------------------------------------
+
+
+def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
+                cfg: TrainConfig) -> tuple[list[Example], list[Example] | None, Sequence[str] | None]:
+    """Tokenized training and evaluation examples, and the label names of a classification task."""
+    model, label_names = reft.model, cfg.label_names
+    train_rows = _rows(data)
+    if not train_rows:
+        raise TrainingError("data is empty: there is nothing to train on. Pass a list of "
+                            "{'prompt': ..., 'completion': ...} dicts ({'prompt': ..., 'label': ...} with "
+                            "task='classification'), or a datasets.Dataset with those columns.")
+    if cfg.task == "classification" and label_names is None:
+        label_names = sorted({str(r["label"]) for r in train_rows})
+    names = label_names if cfg.task == "classification" else None
+    examples = encode(model, train_rows, max_length=cfg.max_length, chat_template=cfg.chat_template, label_names=names)
+    eval_examples = None
+    if eval_data is not None:
+        eval_rows = _rows(eval_data)
+        if not eval_rows:
+            raise TrainingError("eval_data is empty: there is nothing to evaluate on. Pass examples of the "
+                                "same form as data, or leave eval_data=None to skip evaluation.")
+        eval_examples = encode(model, eval_rows, max_length=cfg.max_length, chat_template=cfg.chat_template,
+                               label_names=names)
+    return examples, eval_examples, label_names
+
+
+def _count_steps(n_examples: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """Optimizer steps per epoch, and in the whole run."""
+    micro_per_epoch = math.ceil(n_examples / (cfg.batch_size * world))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    return steps_per_epoch, total
+
+
+def _setup_optimizer(reft: "ReftModel", cfg: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable Φ parameters, and the learning-rate schedule over ``total`` steps."""
+    params = [p for p in reft.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("no trainable Φ parameters: every intervention in this set is fixed.")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(cfg.schedule, cfg.warmup_steps, total))
+    return optimizer, scheduler
+
+
+def _setup_resume(reft: "ReftModel", cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+                  scheduler: Any) -> tuple[int, History]:
+    """The step to start from and the history so far: from the checkpoint with ``resume=True``."""
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    if cfg.resume and ckpt is not None and (ckpt / "trainer_state.json").is_file():
+        return load_checkpoint(ckpt, reft, optimizer, scheduler)
+    return 0, History()
+
+
+def _setup_model(reft: "ReftModel", world: int) -> Any:
+    """The module to run: ``reft``, or its ``DistributedDataParallel`` wrapper on several processes."""
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(reft)
+    return reft
+
+
+def _setup_precision(precision: str, device: torch.device) -> Any:
+    """The context each forward runs in: nothing (fp32) or bfloat16 autocast.
+
+    ``"bf16"`` on a CPU without native bfloat16 would be emulated, up to tens of times slower
+    than fp32 (38x reported on an AVX2 AMD EPYC), so it falls back to fp32 and warns once;
+    ``"bf16-force"`` does not ask the CPU."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16" and device.type == "cpu":
+        native, capability = cpu_bf16_support()
+        if not native:
+            _warn_emulated_bf16(capability)
+            return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+_NATIVE_BF16 = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # x86 AVX512-BF16 / AMX-BF16, Arm BF16 / SVE-BF16
+
+
+def cpu_bf16_support() -> tuple[bool, str]:
+    """Whether this CPU computes bfloat16 natively, and torch's name for its vector capability
+    (``torch.backends.cpu.get_cpu_capability()``: ``"AVX2"``, ``"AVX512"``, ...).
+
+    Native means AVX512-BF16 or AMX-BF16 on x86, BF16 or SVE-BF16 on Arm, as
+    ``torch.cpu.get_capabilities()`` reports them. A torch without that function is asked for
+    AVX512-BF16 and AMX on x86; elsewhere it cannot tell, and bfloat16 is taken as native."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if get_capabilities is not None:
+        flags = get_capabilities()
+        return any(bool(flags.get(f, False)) for f in _NATIVE_BF16), capability
+    probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if platform.machine().lower() in ("x86_64", "amd64") and all(probes):
+        return any(p() for p in probes), capability
+    return True, capability
+
+
+_warned_bf16 = False
+
+
+def _warn_emulated_bf16(capability: str) -> None:
+    global _warned_bf16
+    if _warned_bf16:
+        return
+    _warned_bf16 = True
+    warnings.warn(
+        f"precision='bf16', but this CPU (torch capability {capability!r}) has no native bfloat16 "
+        "(no AVX512-BF16 or AMX-BF16): bf16 would be emulated, up to tens of times slower than fp32, "
+        "so training runs in fp32. Pass precision='bf16-force' to use bf16 autocast anyway.",
+        EmulatedBF16Warning, stacklevel=4)
+
+
+def _step_batches(examples: Sequence[Example], cfg: TrainConfig, world: int, step: int,
+                  steps_per_epoch: int) -> tuple[int, list[list[int]]]:
+    """The epoch of optimizer step ``step`` and its ``grad_accum`` global batches (example indices).
+    The order depends only on (seed, epoch), so a resumed run sees the batches it would have seen."""
+    epoch, k = divmod(step, steps_per_epoch)
+    order = batch_order(examples, cfg.batch_size * world, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length)
+    return epoch, order[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
+
+
+# ---- one optimizer step --------------------------------------------------------------------------
+
+
+def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, examples: Sequence[Example],
+               group: Sequence[Sequence[int]], *, step: int, epoch: int, autocast: Any = None,
+               max_grad_norm: float | None = None) -> dict[str, Any]:
+    """One optimizer step over ``group``, the step's micro-batches (indices into ``examples``).
+
+    Each process runs its share of every micro-batch; the loss is the mean over the target tokens
+    of the whole group on all processes. Returns the step's record (``step`` counts from 1)."""
+    world, rank = _dist()
+    reft = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+    autocast = contextlib.nullcontext() if autocast is None else autocast
+    pad = reft.pad_token_id
+    n_tokens = sum(len(examples[i].completion) for ids in group for i in ids)  # the loss's target tokens
+    loss_sum = torch.zeros((), device=reft.device)
+    for j, ids in enumerate(group):
+        share = math.ceil(len(ids) / world)  # a short last batch is split evenly across processes
+        local = ids[rank * share : (rank + 1) * share]
+        # every process must run forward and backward (DDP all-reduces inside backward):
+        # one left without examples runs one with weight zero
+        weight = 1.0 if local else 0.0
+        batch = collate([examples[i] for i in local or ids[:1]], pad).to(reft.device)
+        sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                logits, labels = forward(module, batch)
+            total_loss = weight * token_losses(logits, labels)
+            (total_loss * world / max(n_tokens, 1)).backward()
+        loss_sum += total_loss.detach()
+    if world > 1:
+        torch.distributed.all_reduce(loss_sum)
+    loss = (loss_sum / max(n_tokens, 1)).item()
+    if not math.isfinite(loss):
+        raise TrainingError(_diagnose(reft, collate([examples[i] for i in group[0]], pad).to(reft.device), step, epoch, loss))
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+    record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens}
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return record
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+
+def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, task: str, label_names: Sequence[str] | None,
+                 step: int, history: History, callback: Callable | None) -> None:
+    metrics = evaluate(reft, examples, batch_size=batch_size, task=task, label_names=label_names)
+    record = {"step": step, **metrics}
+    history.evals.append(record)
+    if callback is not None:
+        callback({"eval": True, **record})
+
+
+@torch.no_grad()
+def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
+             label_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
+    (``classification``: the label whose tokens score highest given the prompt)."""
+    if not examples:
+        raise TrainingError("evaluate got no examples: pass at least one encoded example.")
+    was_training = reft.training
+    reft.eval()
+    pad = reft.pad_token_id
+    loss_sum, n_tok, correct_tok, correct_ex = 0.0, 0, 0, 0
+    cands = [tuple(reft.model.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in (label_names or [])]
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s : s + batch_size]
+        batch = collate(chunk, pad).to(reft.device)
+        logits, labels = forward(reft, batch)
+        loss_sum += token_losses(logits, labels).item()
+        target = labels != -100
+        n_tok += int(target.sum())
+        correct_tok += int(((logits.argmax(-1) == labels) & target).sum())
+        if task == "classification":
+            scores = (_score_first_tokens(reft, chunk, cands, pad) if all(len(c) == 1 for c in cands)
+                      else torch.stack([_score(reft, chunk, c, pad) for c in cands], 1))
+            correct_ex += int((scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).sum())
+    reft.train(was_training)
+    acc = correct_ex / len(examples) if task == "classification" else correct_tok / max(n_tok, 1)
+    return {"loss": loss_sum / max(n_tok, 1), "accuracy": acc}
+
+
+def _score_first_tokens(reft: "ReftModel", chunk: Sequence[Example], cands: Sequence[tuple[int, ...]], pad: int) -> Tensor:
+    """``_score`` for every one-token label at once: the logits after the prompt score them all
+    (causal attention: they do not depend on which label follows), so one forward, not one per label."""
+    batch = collate([Example(e.prompt, cands[0]) for e in chunk], pad).to(reft.device)
+    logits, labels = forward(reft, batch)
+    at = (labels != -100).float().argmax(1)  # each row's one target position
+    logp = logits[torch.arange(len(chunk), device=logits.device), at].float().log_softmax(-1)
+    return logp[:, [c[0] for c in cands]]
+
+
+def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, ...], pad: int) -> Tensor:
+    """Sum of log-probabilities of ``completion`` after each example's prompt."""
+    batch = collate([Example(e.prompt, completion) for e in chunk], pad).to(reft.device)
+    logits, labels = forward(reft, batch)
+    logp = logits.float().log_softmax(-1)
+    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * (labels != -100)).sum(1)
+
+
+# ---- checkpoints: safetensors + JSON, written atomically -------------------------------------
+
+
+def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+                    history: History) -> None:
+    from safetensors.torch import save_file
+
+    from reftlens.saving import atomic_dir, write
+
+    state = optimizer.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+
+    def write_all(tmp: Path) -> None:
+        (tmp / "reft").mkdir()
+        write(reft, tmp / "reft")
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
+        (tmp / "trainer_state.json").write_text(json.dumps(meta))
+
+    atomic_dir(folder, write_all)
+
+
+def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, History]:
+    from safetensors.torch import load_file
+
+    from reftlens.saving import load
+
+    saved_set, _ = load(folder / "reft", reft.model, cast=reft.cast)
+    saved_phis = list({id(iv.phi): iv.phi for iv in saved_set}.values())
+    if len(saved_phis) != len(reft.phis):
+        raise TrainingError(f"checkpoint {folder} holds {len(saved_phis)} Φs but this set has {len(reft.phis)}.")
+    with torch.no_grad():
+        for mine, saved in zip(reft.phis, saved_phis):
+            mine.load_state_dict(saved.state_dict())
+    meta = json.loads((folder / "trainer_state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors])
+    h = meta["history"]
+    return int(meta["step"]), History(h["steps"], h["evals"])
+
+
+# ---- the pieces of a step: forward, loss, schedule, diagnosis ---------------------------------
 
 
 def _dist() -> tuple[int, int]:
@@ -94,202 +516,6 @@ def _takes_logits_to_keep(module: Any) -> bool:
         return False
 
 
-def train(
-    reft: "ReftModel",
-    data: Any,
-    *,
-    eval_data: Any = None,
-    epochs: int = 1,
-    max_steps: int | None = None,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 4e-3,
-    weight_decay: float = 0.0,
-    schedule: str = "linear",
-    warmup_steps: int = 0,
-    max_grad_norm: float | None = None,
-    max_length: int = 512,
-    seed: int = 0,
-    precision: str = "fp32",
-    group_by_length: bool = True,
-    chat_template: bool = False,
-    task: str = "lm",
-    label_names: Sequence[str] | None = None,
-    eval_every: int | None = None,
-    progress: bool = True,
-    callback: Callable[[dict[str, Any]], Any] | None = None,
-    checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None,
-    resume: bool = False,
-) -> History:
-    """Train the Φs of ``reft`` on ``data`` and return the :class:`History`.
-
-    ``data``: dicts (or a ``datasets.Dataset``) with ``prompt`` and ``completion``; for
-    ``task="classification"``, ``prompt`` and ``label`` (the loss is on the label's tokens and
-    accuracy picks the best-scoring label among ``label_names``). ``precision="bf16"`` runs the
-    forward under bfloat16 autocast. ``checkpoint_dir`` + ``checkpoint_every`` save the full
-    training state every so many steps; ``resume=True`` continues from it and ends where an
-    uninterrupted run would. ``callback(record)`` sees every step and evaluation record.
-
-    >>> history = reftlens.train(reft, [{"prompt": "2+2=", "completion": "4"}], max_steps=10)  # doctest: +SKIP
-    """
-    if task not in ("lm", "classification"):
-        raise TrainingError(f"task must be 'lm' or 'classification'; got {task!r}.")
-    if precision not in ("fp32", "bf16"):
-        raise TrainingError(f"precision must be 'fp32' or 'bf16'; got {precision!r}.")
-    if batch_size < 1 or grad_accum < 1:
-        raise TrainingError(f"batch_size and grad_accum must be positive; got {batch_size} and {grad_accum}.")
-    if (checkpoint_every or resume) and checkpoint_dir is None:
-        raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
-    world, rank = _dist()
-    model = reft.model
-    if task == "classification" and label_names is None:
-        label_names = sorted({str(r["label"]) for r in _rows(data)})
-    examples = encode(model, data, max_length=max_length, chat_template=chat_template,
-                      label_names=label_names if task == "classification" else None)
-    eval_examples = encode(model, eval_data, max_length=max_length, chat_template=chat_template,
-                           label_names=label_names if task == "classification" else None) if eval_data is not None else None
-    pad = reft.pad_token_id
-    global_batch = batch_size * world
-    micro_per_epoch = math.ceil(len(examples) / global_batch)
-    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
-    total = max_steps if max_steps is not None else epochs * steps_per_epoch
-
-    torch.manual_seed(seed)
-    params = [p for p in reft.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("no trainable Φ parameters: every intervention in this set is fixed.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(schedule, warmup_steps, total))
-    history, step = History(), 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if resume and ckpt is not None and (ckpt / "trainer_state.json").is_file():
-        step, history = load_checkpoint(ckpt, reft, optimizer, scheduler)
-
-    module: Any = reft
-    if world > 1:
-        module = torch.nn.parallel.DistributedDataParallel(reft)
-    autocast = (torch.autocast(reft.device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext())
-    bar = _progress(total, step, enabled=progress and rank == 0)
-    reft.train()
-    try:
-        while step < total:
-            epoch, k = divmod(step, steps_per_epoch)
-            order = batch_order(examples, global_batch, seed=seed, epoch=epoch, group_by_length=group_by_length)
-            group = order[k * grad_accum : (k + 1) * grad_accum]
-            n_tokens = sum(len(examples[i].completion) for ids in group for i in ids)  # the loss's target tokens
-            loss_sum = torch.zeros((), device=reft.device)
-            for j, ids in enumerate(group):
-                share = math.ceil(len(ids) / world)  # a short last batch is split evenly across processes
-                local = ids[rank * share : (rank + 1) * share]
-                # every process must run forward and backward (DDP all-reduces inside backward):
-                # one left without examples runs one with weight zero
-                weight = 1.0 if local else 0.0
-                batch = collate([examples[i] for i in local or ids[:1]], pad).to(reft.device)
-                sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast:
-                        logits, labels = forward(module, batch)
-                    total_loss = weight * token_losses(logits, labels)
-                    (total_loss * world / max(n_tokens, 1)).backward()
-                loss_sum += total_loss.detach()
-            if world > 1:
-                torch.distributed.all_reduce(loss_sum)
-            loss = (loss_sum / max(n_tokens, 1)).item()
-            if not math.isfinite(loss):
-                raise TrainingError(_diagnose(reft, collate([examples[i] for i in group[0]], pad).to(reft.device), step, epoch, loss))
-            if max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens}
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            history.steps.append(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if callback is not None:
-                callback(record)
-            if eval_examples is not None and eval_every and step % eval_every == 0 and step < total:
-                _record_eval(reft, eval_examples, batch_size, task, label_names, step, history, callback)
-                reft.train()
-            if ckpt is not None and checkpoint_every and step % checkpoint_every == 0 and rank == 0:
-                save_checkpoint(ckpt, reft, optimizer, scheduler, step, history)
-        if eval_examples is not None:
-            _record_eval(reft, eval_examples, batch_size, task, label_names, step, history, callback)
-    finally:
-        bar.close()
-        reft.eval()
-    return history
-
-
-def _rows(data: Any) -> list[dict]:
-    from reftlens.training.data import rows
-
-    return rows(data)
-
-
-def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
-
-
-def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, task: str, label_names: Sequence[str] | None,
-                 step: int, history: History, callback: Callable | None) -> None:
-    metrics = evaluate(reft, examples, batch_size=batch_size, task=task, label_names=label_names)
-    record = {"step": step, **metrics}
-    history.evals.append(record)
-    if callback is not None:
-        callback({"eval": True, **record})
-
-
-@torch.no_grad()
-def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
-             label_names: Sequence[str] | None = None) -> dict[str, float]:
-    """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
-    (``classification``: the label whose tokens score highest given the prompt)."""
-    was_training = reft.training
-    reft.eval()
-    pad = reft.pad_token_id
-    loss_sum, n_tok, correct_tok, correct_ex = 0.0, 0, 0, 0
-    cands = [tuple(reft.model.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in (label_names or [])]
-    for s in range(0, len(examples), batch_size):
-        chunk = examples[s : s + batch_size]
-        batch = collate(chunk, pad).to(reft.device)
-        logits, labels = forward(reft, batch)
-        loss_sum += token_losses(logits, labels).item()
-        target = labels != -100
-        n_tok += int(target.sum())
-        correct_tok += int(((logits.argmax(-1) == labels) & target).sum())
-        if task == "classification":
-            scores = (_score_first_tokens(reft, chunk, cands, pad) if all(len(c) == 1 for c in cands)
-                      else torch.stack([_score(reft, chunk, c, pad) for c in cands], 1))
-            correct_ex += int((scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).sum())
-    reft.train(was_training)
-    acc = correct_ex / len(examples) if task == "classification" else correct_tok / max(n_tok, 1)
-    return {"loss": loss_sum / max(n_tok, 1), "accuracy": acc}
-
-
-def _score_first_tokens(reft: "ReftModel", chunk: Sequence[Example], cands: Sequence[tuple[int, ...]], pad: int) -> Tensor:
-    """``_score`` for every one-token label at once: the logits after the prompt score them all
-    (causal attention: they do not depend on which label follows), so one forward, not one per label."""
-    batch = collate([Example(e.prompt, cands[0]) for e in chunk], pad).to(reft.device)
-    logits, labels = forward(reft, batch)
-    at = (labels != -100).float().argmax(1)  # each row's one target position
-    logp = logits[torch.arange(len(chunk), device=logits.device), at].float().log_softmax(-1)
-    return logp[:, [c[0] for c in cands]]
-
-
-def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, ...], pad: int) -> Tensor:
-    """Sum of log-probabilities of ``completion`` after each example's prompt."""
-    batch = collate([Example(e.prompt, completion) for e in chunk], pad).to(reft.device)
-    logits, labels = forward(reft, batch)
-    logp = logits.float().log_softmax(-1)
-    picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    return (picked * (labels != -100)).sum(1)
-
-
 def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: float) -> str:
     """Name the intervention that first produced a non-finite value."""
     where = f"loss is {loss} at step {step + 1} (epoch {epoch})"
@@ -315,56 +541,13 @@ def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: floa
     return f"{where}: the base model's own outputs are non-finite for this batch (no intervention produced them)."
 
 
-# ---- checkpoints: safetensors + JSON, written atomically -------------------------------------
+def _rows(data: Any) -> list[dict]:
+    from reftlens.training.data import rows
+
+    return rows(data)
 
 
-def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-                    history: History) -> None:
-    from safetensors.torch import save_file
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
 
-    from reftlens.saving import atomic_dir, write
-
-    state = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-
-    def write_all(tmp: Path) -> None:
-        (tmp / "reft").mkdir()
-        write(reft, tmp / "reft")
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta))
-
-    atomic_dir(folder, write_all)
-
-
-def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, History]:
-    from safetensors.torch import load_file
-
-    from reftlens.saving import load
-
-    saved_set, _ = load(folder / "reft", reft.model, cast=reft.cast)
-    saved_phis = list({id(iv.phi): iv.phi for iv in saved_set}.values())
-    if len(saved_phis) != len(reft.phis):
-        raise TrainingError(f"checkpoint {folder} holds {len(saved_phis)} Φs but this set has {len(reft.phis)}.")
-    with torch.no_grad():
-        for mine, saved in zip(reft.phis, saved_phis):
-            mine.load_state_dict(saved.state_dict())
-    meta = json.loads((folder / "trainer_state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    opt_state: dict[int, dict[str, Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("state."):
-            _, i, name = key.split(".", 2)
-            opt_state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors])
-    h = meta["history"]
-    return int(meta["step"]), History(h["steps"], h["evals"])
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)

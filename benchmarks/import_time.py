@@ -1,0 +1,54 @@
+"""``import reftlens`` as a ratio to ``import torch``, each in fresh processes.
+
+reftlens imports torch and its own modules; TransformerLens and transformers load only when a
+model is loaded (a test checks that property). What is left to measure is what reftlens adds to
+torch's own import: a ratio, so it means the same on a fast and a slow machine. Each run is a
+fresh interpreter that times its one import; the two arms alternate, and the medians are
+compared.
+
+    python3 benchmarks/import_time.py            # --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import cpu_name, headline
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMED = "import time; t = time.perf_counter(); import {0}; print(time.perf_counter() - t)"
+
+
+def import_seconds(module: str) -> float:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", TIMED.format(module)], capture_output=True, text=True, check=True,
+                         cwd=ROOT, env=env)
+    return float(out.stdout.strip())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=5, help="fresh processes per arm (median)")
+    args = ap.parse_args()
+    import_seconds("reftlens")  # warm the file cache once, for both arms
+    times: dict[str, list[float]] = {"torch": [], "reftlens": []}
+    for _ in range(args.runs):
+        for module in times:
+            times[module].append(import_seconds(module))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["reftlens"] / med["torch"]
+    print(f"# CPU: {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores); python {platform.python_version()}")
+    for k, v in times.items():
+        print(f"import {k:<9} median {med[k]:.3f} s  ({', '.join(f'{x:.3f}' for x in v)})")
+    print(f"import reftlens / import torch: {ratio:.2f}x (median of {args.runs} fresh processes each)")
+    headline("import_time", "import reftlens / import torch", ratio, note=f"median of {args.runs} fresh processes")
+
+
+if __name__ == "__main__":
+    main()
