@@ -238,3 +238,14 @@ def test_replay_refuses_a_model_it_cannot_reproduce(model, monkeypatch):
         torch.testing.assert_close(auto.values, ref.values, atol=0, rtol=0)
     finally:
         handle.remove()
+
+
+def test_restoration_window_is_romes_at_both_edges():
+    """ROME restores layers max(0, i − w/2) … min(L, i + w/2) − 1 around layer i."""
+    assert _window(0, "mlp", 10, 30) == list(range(0, 5))
+    assert _window(3, "attn", 10, 30) == list(range(0, 8))
+    assert _window(15, "mlp", 10, 30) == list(range(10, 20))
+    assert _window(29, "mlp", 10, 30) == list(range(24, 30))
+    assert _window(27, "mlp", 10, 30) == list(range(22, 30))
+    assert _window(5, "mlp", 3, 30) == [4, 5, 6]  # odd windows: ⌈w/2⌉ above
+    assert _window(7, "resid", 10, 30) == [7]

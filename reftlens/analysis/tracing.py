@@ -8,9 +8,10 @@
 3. Report the probability per (layer, position), averaged over noise samples, beside the clean
    and corrupted probabilities; the indirect effect is ``values - corrupted``.
 
-All restorations of one position run in one batched forward (rows = samples × layers), and every
-variant of one sample sees the same noise, as in ROME. :func:`corruption` and :func:`restoration`
-give the two pieces as ordinary interventions for building variants.
+:func:`corruption` and :func:`restoration` are the two pieces as ordinary interventions; the trace
+is a sweep of restorations over the corrupted run (the engine batches them, replays only the
+blocks and positions a restoration can change, and every variant of one sample sees the same
+noise, as in ROME).
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from reftlens.analysis.patching import AnalysisError
+from reftlens.errors import AnalysisError
 from reftlens.interventions.patching import Interchange, Noise
-from reftlens.runtime.plan import hook_name_for
-from reftlens.runtime.tl import detach
+from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
 _KINDS = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
@@ -106,9 +106,16 @@ def causal_trace(
     noise: float = 3.0,
     samples: int = 10,
     seed: int = 0,
-    max_rows: int = 256,
+    batch_size: int = 256,
 ) -> TraceResult:
     """Trace where ``model`` recalls ``answer`` for ``prompt`` (default answer: its own greedy prediction).
+
+    The corrupted run is the base of an engine sweep (:class:`reftlens.runtime.sweep.Sweep`) with
+    :func:`corruption` active on its ``samples`` rows; every cell is one :func:`restoration`
+    variant with the clean run as source. Each variant is replayed from the recorded corrupted run:
+    from the first restored block, on positions from the restored one on. Positions before the
+    subject are not run: the noise enters at the subject and attention is causal, so their clean
+    and corrupted states are the same and restoring them gives the corrupted probability.
 
     >>> res = causal_trace(model, "The Space Needle is in downtown", "The Space Needle", " Seattle")  # doctest: +SKIP
     >>> res.plot("trace.png")  # doctest: +SKIP
@@ -117,9 +124,13 @@ def causal_trace(
         raise AnalysisError(f"kind must be one of {sorted(_KINDS)}; got {kind!r}.")
     if samples < 1:
         raise AnalysisError(f"samples must be at least 1; got {samples}.")
+    if window < 1:
+        raise AnalysisError(f"window must be at least 1 layer; got {window}.")
     tokens, span = subject_span(model, prompt, subject)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
-    clean_logits = model(tokens)
+    sweep = Sweep(model, tokens.expand(samples, -1), base=[corruption(model, span, noise, seed)], sources=tokens,
+                  strategy="replay", batch_size=batch_size)
+    clean_logits = sweep.source_run()
     if answer is None:
         target = int(clean_logits[0, -1].argmax())
         answer = model.tokenizer.decode([target])
@@ -128,61 +139,28 @@ def causal_trace(
         if not ids:
             raise AnalysisError(f"answer {answer!r} has no tokens.")
         target = ids[0]
-    hooks = [hook_name_for(_KINDS[kind], l) for l in range(n_layers)]
-    hook_dict = model.hook_dict  # TL 4.3 rebuilds it (with aliases) on every access: read it once
-    points = [hook_dict[h] for h in hooks]
-    wanted = set(hooks) | {p.name for p in points}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in wanted)
-    clean_acts = [cache[p.name][0] for p in points]  # [seq, d] per layer
-    embed_point = hook_dict[hook_name_for("resid_pre", 0)]
-    sigma = noise * embedding_std(model)
-    gen = torch.Generator().manual_seed(seed)
-    eps = (sigma * torch.randn(samples, span[1] - span[0], model.cfg.d_model, generator=gen)).to(tokens.device)
 
-    def run(n_variants: int, restores: list[tuple[list[int], int, list[int]]]) -> Tensor:
-        """p(answer) for ``n_variants`` × ``samples`` noisy rows (variant-major); each restore is
-        (variant indices, position, layers) with the clean state written there."""
-        rows = n_variants * samples
+    def p_answer(logits: Tensor, n: int) -> Tensor:
+        return logits[:, -1].float().softmax(-1)[:, target].view(n, samples).mean(1).cpu()
 
-        def corrupt(h: Tensor, hook: Any = None) -> Tensor:
-            h = h.clone()
-            h[:, span[0] : span[1]] += eps.repeat(n_variants, 1, 1).to(h.dtype)
-            return h
+    corrupted = float(p_answer(sweep.base_logits, 1)[0])
+    values = torch.full((n_layers, seq), corrupted)
+    cells = [(layer, pos) for pos in range(span[0], seq) for layer in range(n_layers)]
+    variants = [[restoration(_window(layer, kind, window, n_layers), pos, kind)] for layer, pos in cells]
 
-        def restore(layer: int, variant_rows: Tensor, pos: int):
-            def fn(h: Tensor, hook: Any = None) -> Tensor:
-                h = h.clone()
-                h[variant_rows, pos] = clean_acts[layer][pos].to(h.dtype)
-                return h
-            return fn
+    def consume(indices: list[int], logits: Tensor) -> None:
+        for i, v in zip(indices, p_answer(logits, len(indices))):
+            values[cells[i]] = v
 
-        handles = [(embed_point, embed_point.add_hook(corrupt, dir="fwd"))]
-        try:
-            for variants, pos, layers in restores:
-                for layer in layers:
-                    vrows = (torch.tensor(variants)[:, None] * samples + torch.arange(samples)).reshape(-1).to(tokens.device)
-                    handles.append((points[layer], points[layer].add_hook(restore(layer, vrows, pos), dir="fwd")))
-            logits = model(tokens.expand(rows, -1))
-        finally:
-            detach(handles)
-        probs = logits[:, -1].float().softmax(-1)[:, target]
-        return probs.view(n_variants, samples).mean(1).cpu()
-
-    corrupted = float(run(1, [])[0])
-    values = torch.empty(n_layers, seq)
-    per_forward = max(1, max_rows // samples)
-    for pos in range(seq):
-        for start in range(0, n_layers, per_forward):
-            chunk = list(range(start, min(start + per_forward, n_layers)))
-            restores = [([i], pos, _window(l, kind, window, n_layers)) for i, l in enumerate(chunk)]
-            values[chunk, pos] = run(len(chunk), restores)
+    sweep.run(variants, consume, read=[seq - 1])
     clean_p = float(clean_logits[0, -1].float().softmax(-1)[target])
     tok_strs = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
     return TraceResult(values, clean_p, corrupted, tok_strs, span, answer, target, kind)
 
 
 def _window(layer: int, kind: str, window: int, n_layers: int) -> list[int]:
+    """The layers restored for the cell at ``layer``: itself (resid), or ROME's window around it
+    (mlp/attn), ``max(0, layer − w//2) … min(L, layer + ⌈w/2⌉) − 1``, narrower at both edges."""
     if kind == "resid":
         return [layer]
-    lo = max(0, layer - window // 2)
-    return list(range(lo, min(n_layers, lo + window)))
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
