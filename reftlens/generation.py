@@ -9,7 +9,7 @@ decoding gives the same tokens either way (tested), unlike pyreft's no-cache pat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -19,9 +19,6 @@ from reftlens.positions import RealTokens
 from reftlens.runtime.compat import kv_cache_fix
 from reftlens.runtime.plan import Plan, SitePlan, check_disjoint, widen
 from reftlens.runtime.tl import plan_hooks, hooked
-
-if TYPE_CHECKING:
-    from reftlens.model import ReftModel
 
 
 def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -52,7 +49,7 @@ def next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: int |
 
 
 def generate(
-    reft: "ReftModel",
+    reft: Any,
     prompts: Any,
     max_new_tokens: int = 32,
     *,
@@ -156,7 +153,7 @@ def generate(
     return _finish(model, tokens, generated, eos, text_in)
 
 
-def _hf_backend(reft: "ReftModel", backend: str) -> Any:
+def _hf_backend(reft: Any, backend: str) -> Any:
     """The plain-transformers twin of the bridge with this set attached (None: use the bridge)."""
     if backend == "bridge":
         return None

@@ -392,6 +392,6 @@ def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = Non
 
 
 def _version() -> str:
-    from reftlens import __version__
+    from reftlens.version import __version__
 
     return __version__

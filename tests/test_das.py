@@ -28,7 +28,7 @@ def test_the_planted_model_computes_the_variable(planted):
 
 def test_das_recovers_the_planted_subspace(planted):
     model, u, _ = planted
-    result = train_das(model, planted_pairs(256, seed=1), layer=2, rank=1, steps=300, lr=2e-2)
+    result = train_das(model, planted_pairs(256, seed=1), layers=2, rank=1, max_steps=300, lr=2e-2)
     held_out = planted_pairs(200, seed=2)
     assert iia(result.reft, held_out) >= 0.95
     # the mean direction is invisible to LayerNorm (no gradient reaches it): compare in its complement
@@ -45,10 +45,10 @@ def test_das_recovers_the_planted_subspace(planted):
 def test_das_input_errors(planted):
     model, _, _ = planted
     with pytest.raises(AnalysisError, match="needs 'base', 'source' and 'label'"):
-        train_das(model, [{"base": [1, 2], "label": 4}], layer=1, steps=1)
+        train_das(model, [{"base": [1, 2], "label": 4}], layers=1, max_steps=1)
     with pytest.raises(AnalysisError, match="same length"):
         train_das(model, [{"base": [11, 12], "source": [11, 12], "label": 4},
-                          {"base": [11, 12, 13], "source": [11, 12], "label": 4}], layer=1, steps=1)
+                          {"base": [11, 12, 13], "source": [11, 12], "label": 4}], layers=1, max_steps=1)
 
 
 def test_principal_angles():

@@ -27,3 +27,24 @@ def test_readme_names_the_ci_test_command():
     command = ("bash scripts/install.sh && HF_HUB_OFFLINE=1 python3 -m pytest -q "
                "&& python3 -m mkdocs build --strict --quiet")
     assert command in readme.splitlines() and command in ci.splitlines()  # whole lines, identical
+
+
+def test_analyses_register_no_hooks_of_their_own():
+    """Analyses are strategies over the engine: they build interventions, never hooks."""
+    for path in sorted((ROOT / "reftlens" / "analysis").glob("*.py")):
+        text = path.read_text()
+        for call in ("add_hook(", "register_forward_hook(", "register_forward_pre_hook(", ".hooks(", "run_with_hooks("):
+            assert call not in text, f"{path.name} calls {call}"
+
+
+def test_public_names_are_the_real_functions():
+    import inspect
+
+    import reftlens
+    from reftlens import errors
+
+    for name in ("train", "to_hf", "save_hf", "load_hf", "from_pyreft", "to_pyreft", "load_model"):
+        params = inspect.signature(getattr(reftlens, name)).parameters
+        assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()), name
+    family = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ReftError)]
+    assert len(family) >= 9 and all(getattr(reftlens, c.__name__) is c for c in family)

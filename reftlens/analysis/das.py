@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from reftlens.analysis.patching import AnalysisError
+from reftlens.errors import AnalysisError
 from reftlens.interventions.subspace import DII
 from reftlens.sets import Intervention
 
@@ -70,16 +70,16 @@ def train_das(
     model: Any,
     data: Sequence[dict],
     *,
-    layer: int | Sequence[int],
+    layers: int | Sequence[int],
     rank: int = 1,
     positions: Any = "l1",
     hook: str = "resid_post",
-    steps: int = 200,
+    max_steps: int = 200,
     batch_size: int = 32,
     lr: float = 1e-2,
     seed: int = 0,
 ) -> DASResult:
-    """Train a rank-``rank`` DII at ``layer``/``positions`` so the intervened base outputs ``label``.
+    """Train a rank-``rank`` DII at ``layers``/``positions`` so the intervened base outputs ``label``.
 
     ``data``: dicts with ``base`` and ``source`` (strings or token ids, all the same length) and
     ``label`` (the counterfactual next token, an id or a string). Returns the trained set; read
@@ -89,13 +89,13 @@ def train_das(
 
     torch.manual_seed(seed)
     dii = DII(model.cfg.d_model, rank)
-    reft = ReftModel(model, Intervention(dii, layers=layer, positions=positions, hook=hook, name=f"DAS rank {rank}"))
+    reft = ReftModel(model, Intervention(dii, layers=layers, positions=positions, hook=hook, name=f"DAS rank {rank}"))
     base, source, labels = _pairs(model, data)
     opt = torch.optim.Adam(reft.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     reft.train()
-    for _ in range(steps):
+    for _ in range(max_steps):
         idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=gen).to(labels.device)
         logits = reft(base[idx], sources=source[idx])
         loss = F.cross_entropy(logits[:, -1].float(), labels[idx])

@@ -3,7 +3,8 @@
 1. Corrupt: add Gaussian noise (σ = ``noise`` × the std of the token embeddings, seeded) to the
    subject tokens' embeddings, once per noise sample.
 2. Restore: for each (layer, position), put back the clean run's state — the residual stream
-   (``kind="resid"``), or the MLP / attention outputs of a window of layers (``"mlp"``, ``"attn"``)
+   (``hook="resid_post"``), or the MLP / attention outputs of a window of layers (``"mlp_out"``,
+   ``"attn_out"``; ROME's short names ``"resid"``, ``"mlp"``, ``"attn"`` work too)
    — in every noisy sample, and read the probability of the answer.
 3. Report the probability per (layer, position), averaged over noise samples, beside the clean
    and corrupted probabilities; the indirect effect is ``values - corrupted``.
@@ -28,7 +29,15 @@ from reftlens.interventions.patching import Interchange, Noise
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
-_KINDS = {"resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+# the hooks a trace restores; "resid", "mlp" and "attn" are ROME's short names for them
+_HOOKS = {"resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_out",
+          "resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+
+
+def _hook(hook: str) -> str:
+    if hook not in _HOOKS:
+        raise AnalysisError(f"hook must be one of {sorted(_HOOKS)}; got {hook!r}.")
+    return _HOOKS[hook]
 
 
 @dataclass
@@ -43,7 +52,7 @@ class TraceResult:
     subject: tuple[int, int]  # [start, end) token positions
     answer: str
     answer_id: int
-    kind: str
+    hook: str
 
     @property
     def indirect_effect(self) -> Tensor:
@@ -56,7 +65,7 @@ class TraceResult:
         from reftlens.analysis.plots import heatmap
 
         tokens = [t + ("*" if self.subject[0] <= i < self.subject[1] else "") for i, t in enumerate(self.tokens)]
-        title = f"causal trace ({self.kind}): p({self.answer!r}) clean {self.clean:.3f}, corrupted {self.corrupted:.3f}"
+        title = f"causal trace ({self.hook}): p({self.answer!r}) clean {self.clean:.3f}, corrupted {self.corrupted:.3f}"
         return heatmap(self.values, list(range(self.values.shape[0])), tokens, title=title, path=path, cmap="Purples",
                        center=None, label="p(answer)", **kwargs)
 
@@ -86,12 +95,11 @@ def corruption(model: Any, span: tuple[int, int], noise: float = 3.0, seed: int 
                         hook="resid_pre", name="corrupt subject")
 
 
-def restoration(layers: int | Sequence[int], position: int, kind: str = "resid") -> Intervention:
+def restoration(layers: int | Sequence[int], position: int, hook: str = "resid_post") -> Intervention:
     """The restoration as an intervention: the clean run's state at one position of ``layers``
     (pass the clean run as the source)."""
-    if kind not in _KINDS:
-        raise AnalysisError(f"kind must be one of {sorted(_KINDS)}; got {kind!r}.")
-    return Intervention(Interchange(), layers=layers, positions=[position], hook=_KINDS[kind], name=f"restore {kind}")
+    hook = _hook(hook)
+    return Intervention(Interchange(), layers=layers, positions=[position], hook=hook, name=f"restore {hook}")
 
 
 @torch.no_grad()
@@ -101,7 +109,7 @@ def causal_trace(
     subject: str,
     answer: str | None = None,
     *,
-    kind: str = "resid",
+    hook: str = "resid_post",
     window: int = 10,
     noise: float = 3.0,
     samples: int = 10,
@@ -120,8 +128,7 @@ def causal_trace(
     >>> res = causal_trace(model, "The Space Needle is in downtown", "The Space Needle", " Seattle")  # doctest: +SKIP
     >>> res.plot("trace.png")  # doctest: +SKIP
     """
-    if kind not in _KINDS:
-        raise AnalysisError(f"kind must be one of {sorted(_KINDS)}; got {kind!r}.")
+    hook = _hook(hook)
     if samples < 1:
         raise AnalysisError(f"samples must be at least 1; got {samples}.")
     if window < 1:
@@ -146,7 +153,7 @@ def causal_trace(
     corrupted = float(p_answer(sweep.base_logits, 1)[0])
     values = torch.full((n_layers, seq), corrupted)
     cells = [(layer, pos) for pos in range(span[0], seq) for layer in range(n_layers)]
-    variants = [[restoration(_window(layer, kind, window, n_layers), pos, kind)] for layer, pos in cells]
+    variants = [[restoration(_window(layer, hook, window, n_layers), pos, hook)] for layer, pos in cells]
 
     def consume(indices: list[int], logits: Tensor) -> None:
         for i, v in zip(indices, p_answer(logits, len(indices))):
@@ -155,12 +162,12 @@ def causal_trace(
     sweep.run(variants, consume, read=[seq - 1])
     clean_p = float(clean_logits[0, -1].float().softmax(-1)[target])
     tok_strs = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
-    return TraceResult(values, clean_p, corrupted, tok_strs, span, answer, target, kind)
+    return TraceResult(values, clean_p, corrupted, tok_strs, span, answer, target, hook)
 
 
-def _window(layer: int, kind: str, window: int, n_layers: int) -> list[int]:
-    """The layers restored for the cell at ``layer``: itself (resid), or ROME's window around it
-    (mlp/attn), ``max(0, layer − w//2) … min(L, layer + ⌈w/2⌉) − 1``, narrower at both edges."""
-    if kind == "resid":
+def _window(layer: int, hook: str, window: int, n_layers: int) -> list[int]:
+    """The layers restored for the cell at ``layer``: itself (resid_post), or ROME's window around it
+    (mlp_out/attn_out), ``max(0, layer − w//2) … min(L, layer + ⌈w/2⌉) − 1``, narrower at both edges."""
+    if _hook(hook) == "resid_post":
         return [layer]
     return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))

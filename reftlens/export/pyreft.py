@@ -717,7 +717,7 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     weights, build the interventions yourself (``dtype=torch.float32``, ``add_bias=False``) and
     ``load_state_dict(torch.load(intkey_<key>.bin))`` each one.
     """
-    from reftlens import __version__
+    from reftlens.version import __version__
 
     entries = []  # (origin index, group index, phi, layer, unit)
     for oi, iv in enumerate(reft.interventions):

@@ -158,5 +158,7 @@ class Collect(Phi):
         self.activations = []
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
+        if not self.detach and not h.requires_grad:  # a frozen model builds no graph: start one here
+            h = h + h.new_zeros(()).requires_grad_()
         self.activations.append(h.detach() if self.detach else h)
         return h
