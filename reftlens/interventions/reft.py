@@ -45,8 +45,8 @@ class LoReFT(_LowRank):
 
     >>> phi = LoReFT(16, rank=4)                    # init="identity": W = R, b = 0
     >>> h = torch.randn(3, 16)
-    >>> torch.allclose(phi(h), h)
-    True
+    >>> (phi(h) - h).abs().max() < 1e-5             # Wh and Rh: two matmuls, float32 rounding apart
+    tensor(True)
     """
 
     def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
