@@ -29,6 +29,11 @@ class ReftModel(nn.Module):
         cast: run each Φ in its own dtype (rows are cast in and out), e.g. fp32 Φs on a bf16
             model. By default a dtype mismatch is an error.
         move: move the Φs to the model's device (default True).
+        check_finite: refuse source activations that hold NaN or inf (default True): a Φ that takes
+            a source (interchange, DII) would copy them into the base run, so a
+            :class:`~reftlens.errors.NonFiniteError` names the intervention, the source example and
+            the position instead. ``False`` lets them through. The check is one ``isfinite`` over
+            the gathered source rows per batch; ``reft.check_finite`` can be changed at any time.
 
     >>> import reftlens
     >>> model = reftlens.load_model("tiny-llama")
@@ -37,7 +42,8 @@ class ReftModel(nn.Module):
     torch.Size([2, 13])
     """
 
-    def __init__(self, model: Any, interventions: Intervention | Sequence[Intervention], *, cast: bool = False, move: bool = True):
+    def __init__(self, model: Any, interventions: Intervention | Sequence[Intervention], *, cast: bool = False,
+                 move: bool = True, check_finite: bool = True):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: its weights are not ours
         if isinstance(interventions, Intervention):
@@ -47,6 +53,7 @@ class ReftModel(nn.Module):
             raise ConfigError("ReftModel needs one Intervention or a non-empty list of them.")
         self.interventions = interventions
         self.cast = cast
+        self.check_finite = check_finite
         self.units = [u for iv in interventions for u in iv.expand(model.cfg.n_layers)]
         # hooks run in registration order: explicitly stacked interventions go by their stack value
         self.sites = sorted(bind(model, self.units), key=lambda s: s.unit.stack or 0)
@@ -191,7 +198,7 @@ class ReftModel(nn.Module):
                     "source row. Use equal-length inputs, a spec with fixed counts such as 'l3', or source_positions=."
                 )
             src_masks[id(u)] = m
-        gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real)
+        gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real, self.check_finite)
 
     def check_devices(self) -> None:
         """Raise unless every Φ sits on the model's device."""
@@ -285,12 +292,13 @@ class ReftModel(nn.Module):
         return save(self, path)
 
     @classmethod
-    def load(cls, path: str, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
+    def load(cls, path: str, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None,
+             check_finite: bool = True) -> "ReftModel":
         """Load a saved set onto ``model`` (which must match the one it was saved from)."""
         from reftlens.saving import load
 
         interventions, use_cast = load(path, model, dtype=dtype, cast=cast)
-        return cls(model, interventions, cast=use_cast)
+        return cls(model, interventions, cast=use_cast, check_finite=check_finite)
 
     def extra_repr(self) -> str:
         return "\n".join(repr(iv) for iv in self.interventions)

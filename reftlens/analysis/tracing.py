@@ -115,6 +115,7 @@ def causal_trace(
     samples: int = 10,
     seed: int = 0,
     batch_size: int = 256,
+    check_finite: bool = True,
 ) -> TraceResult:
     """Trace where ``model`` recalls ``answer`` for ``prompt`` (default answer: its own greedy prediction).
 
@@ -124,6 +125,7 @@ def causal_trace(
     from the first restored block, on positions from the restored one on. Positions before the
     subject are not run: the noise enters at the subject and attention is causal, so their clean
     and corrupted states are the same and restoring them gives the corrupted probability.
+    ``check_finite`` as in :func:`~reftlens.analysis.patching.patch_sweep` (for the restored clean states).
 
     >>> res = causal_trace(model, "The Space Needle is in downtown", "The Space Needle", " Seattle")  # doctest: +SKIP
     >>> res.plot("trace.png")  # doctest: +SKIP
@@ -136,7 +138,7 @@ def causal_trace(
     tokens, span = subject_span(model, prompt, subject)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
     sweep = Sweep(model, tokens.expand(samples, -1), base=[corruption(model, span, noise, seed)], sources=tokens,
-                  strategy="replay", batch_size=batch_size)
+                  strategy="replay", batch_size=batch_size, check_finite=check_finite)
     clean_logits = sweep.source_run()
     if answer is None:
         target = int(clean_logits[0, -1].argmax())
