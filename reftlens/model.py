@@ -28,7 +28,9 @@ class ReftModel(nn.Module):
         interventions: one :class:`Intervention` or a list of them.
         cast: run each Φ in its own dtype (rows are cast in and out), e.g. fp32 Φs on a bf16
             model. By default a dtype mismatch is an error.
-        move: move the Φs to the model's device (default True).
+        move: move the Φs to the model's device (default True). A Φ on the ``meta`` device (built
+            under ``torch.device("meta")``) is refused either way with a ConfigError: materialise
+            it first (``phi.to_empty(device=...)``, then load or initialise its values).
         check_finite: refuse source activations that hold NaN or inf (default True): a Φ that takes
             a source (interchange, DII) would copy them into the base run, so a
             :class:`~reftlens.errors.NonFiniteError` names the intervention, the source example and
@@ -62,6 +64,7 @@ class ReftModel(nn.Module):
         for u in self.units:
             unique.setdefault(id(u.phi), u.phi)
         self.phis = nn.ModuleList(unique.values())
+        self.check_materialised()
         for p in model.parameters():
             p.requires_grad_(False)
         if move:
@@ -200,8 +203,24 @@ class ReftModel(nn.Module):
             src_masks[id(u)] = m
         gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real, self.check_finite)
 
+    def check_materialised(self) -> None:
+        """Raise if a Φ has tensors on the ``meta`` device: they hold no values, so the Φ can
+        neither run nor be moved (``.to()`` cannot copy out of a meta tensor)."""
+        for phi in self.phis:
+            meta = [n for n, t in [*phi.named_parameters(), *phi.named_buffers()] if t.is_meta]
+            if meta:
+                user = next(u.name for u in self.units if u.phi is phi)
+                raise ConfigError(
+                    f"Φ {phi_label(phi)} of intervention {user!r} is on the meta device: its tensors "
+                    f"({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}) have shapes but no values, so it can "
+                    f"neither run nor be moved. Materialise it first: phi.to_empty(device={str(self.device)!r}), then "
+                    "give it values (phi.load_state_dict(...) or your own initialisation); or build it off the meta "
+                    "device."
+                )
+
     def check_devices(self) -> None:
         """Raise unless every Φ sits on the model's device."""
+        self.check_materialised()
         for phi in self.phis:
             for t in list(phi.parameters()) + list(phi.buffers()):
                 if t.device != self.device:

@@ -48,10 +48,28 @@ def test_dtype_mismatch_and_the_cast_option(model):
     assert out.dtype == torch.float32
 
 
-def test_device_mismatch(model):
-    phi = lo(model).to("meta")
-    reft = ReftModel(model, Intervention(phi, layers=1), move=False)
-    with pytest.raises(ConfigError, match=r"has tensors on meta but the model is on cpu; call reft.to\('cpu'\)"):
+def test_device_mismatch(model, monkeypatch):
+    reft = ReftModel(model, Intervention(lo(model), layers=1), move=False)
+    monkeypatch.setattr(ReftModel, "device", property(lambda self: torch.device("cuda", 0)))  # no GPU needed
+    with pytest.raises(ConfigError, match=r"has tensors on cpu but the model is on cuda:0; call reft.to\('cuda:0'\)"):
+        reft.plan("the quick brown fox")
+
+
+@pytest.mark.parametrize("move", [True, False])
+def test_a_phi_on_the_meta_device_must_be_materialised_first(model, move):
+    with torch.device("meta"):
+        phi = lo(model)
+    words = (r"Φ loreft\(rank=4\) of intervention 'steer' is on the meta device: its tensors \(R.A, W.weight, W.bias\) "
+             r"have shapes but no values.*phi.to_empty\(device='cpu'\), then give it values \(phi.load_state_dict")
+    with pytest.raises(ConfigError, match=words):
+        ReftModel(model, Intervention(phi, layers=1, name="steer"), move=move)
+    # the advice works
+    phi.to_empty(device="cpu")
+    phi.load_state_dict(lo(model).state_dict())
+    reft = ReftModel(model, Intervention(phi, layers=1, positions="l1", name="steer"), move=move)
+    assert torch.allclose(reft("the quick brown fox"), model(reft.tokenize("the quick brown fox")[0]), atol=1e-5)
+    reft.to("meta")  # moved there later: refused when it runs, with the same advice
+    with pytest.raises(ConfigError, match=words):
         reft("the quick brown fox")
 
 
