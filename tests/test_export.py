@@ -135,6 +135,22 @@ print("tl loaded", "transformer_lens" in sys.modules)
     assert json.loads((path / "reft" / "reft_config.json").read_text())["intervene_on"] == "prompt"
 
 
+def test_pickled_base_weights_are_refused_never_unpickled(tiny_models, tmp_path):
+    hf = to_hf(build_set(tiny_models["tiny-llama"]))
+    path = save_hf(hf, tmp_path / "exported")
+    (path / "model.safetensors").unlink()
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("reft_interventions.")}
+    torch.save(state, path / "pytorch_model.bin")  # what save_pretrained(safe_serialization=False) wrote
+    with pytest.raises(reftlens.LoadError, match=rf"{path / 'pytorch_model.bin'}: the base model's weights are a "
+                                                 r"pickled checkpoint.*reftlens loads safetensors only.*"
+                                                 r"model.save_pretrained\(folder\) writes model.safetensors") as err:
+        load_hf(path)
+    assert "weights_only" not in str(err.value) and "unpickl" not in str(err.value).lower()
+    (path / "pytorch_model.bin").unlink()
+    with pytest.raises(reftlens.LoadError, match=r"holds no base-model weights \(model.safetensors\)"):
+        load_hf(path)
+
+
 def test_base_by_reference(tiny_models, tmp_path):
     reft = build_set(tiny_models["tiny-llama"])
     hf = to_hf(reft)
