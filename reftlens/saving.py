@@ -45,8 +45,9 @@ def fingerprint(model: Any) -> dict[str, Any]:
 
 
 #: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
-#: tuple of patterns that must all match, for files at the top of the folder. The default
-#: recognises every kind reftlens writes, so each writer can replace its own earlier output.
+#: tuple of patterns that must all match, for files at the top of the folder. This default
+#: recognises every kind reftlens writes; each writer passes its own kind alone (``markers=``), so
+#: it replaces its own earlier output and refuses another writer's.
 EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
     (CONFIG_FILE,),                    # ReftModel.save
     ("reftlens_export.json",),         # export.save_hf
@@ -64,9 +65,8 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
     :data:`EARLIER_SAVE_MARKERS`), which is replaced whole. A file, or a folder holding anything
     else, raises :class:`~reftlens.errors.SaveError` before anything is written.
     """
-    path = Path(path).absolute()
-    groups = [(m,) if isinstance(m, str) else tuple(m) for m in markers]
-    _check_target(path, groups)
+    path, markers = Path(path).absolute(), list(markers)
+    check_save_target(path, markers=markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -75,7 +75,7 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        _check_target(path, groups)  # again: something may have appeared there while writing
+        check_save_target(path, markers=markers)  # again: something may have appeared there while writing
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -89,8 +89,12 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
     return path
 
 
-def _check_target(path: Path, groups: list[tuple[str, ...]]) -> None:
-    """Refuse to replace anything but a missing path, an empty folder or an earlier save."""
+def check_save_target(path: str | os.PathLike, *, markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS) -> None:
+    """Raise :class:`~reftlens.errors.SaveError` unless ``path`` is missing, an empty folder or an
+    earlier save recognised by ``markers`` (as :func:`atomic_dir` takes them). Writes nothing, so a
+    long job (training) can check where it will save before it starts."""
+    path = Path(path).absolute()
+    groups = [(m,) if isinstance(m, str) else tuple(m) for m in markers]
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():

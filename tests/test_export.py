@@ -1,6 +1,7 @@
 """Export to plain transformers: same numbers as the TransformerLens path, no TransformerLens needed."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -149,6 +150,33 @@ def test_pickled_base_weights_are_refused_never_unpickled(tiny_models, tmp_path)
     (path / "pytorch_model.bin").unlink()
     with pytest.raises(reftlens.LoadError, match=r"holds no base-model weights \(model.safetensors\)"):
         load_hf(path)
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_save_hf_replaces_only_its_own_earlier_export(tiny_models, tmp_path):
+    reft = build_set(tiny_models["tiny-llama"])
+    hf = to_hf(reft)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(reftlens.SaveError, match=rf"cannot save to {re.escape(str(notes))}: it is a file"):
+        save_hf(hf, notes)
+    assert notes.read_text() == "mine"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    reft.save(tmp_path / "reft")  # another writer's save is foreign here too
+    for folder in (work, tmp_path / "reft"):
+        before = files(folder)
+        with pytest.raises(reftlens.SaveError, match=r"is not an earlier save to replace \(it has no reftlens_export.json\)"):
+            save_hf(hf, folder)
+        assert files(folder) == before
+    path = save_hf(hf, tmp_path / "exported")
+    save_hf(hf, path, include_base=False, base_reference="elsewhere")  # its own earlier export: replaced whole
+    assert not (path / "model.safetensors").exists() and (path / "reftlens_export.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "notes.txt", "reft", "work"]  # no temporaries
 
 
 def test_base_by_reference(tiny_models, tmp_path):

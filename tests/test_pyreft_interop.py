@@ -503,6 +503,36 @@ def test_to_pyreft_refusals(llama, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_to_pyreft_replaces_only_a_pyreft_save(llama, tmp_path):
+    reft = ReftModel(llama, native_sets(llama.cfg.d_model)["loreft-untied"])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(reftlens.SaveError, match=r"notes.txt: it is a file"):
+        to_pyreft(reft, notes)
+    assert notes.read_text() == "mine"
+    work, hf_folder = tmp_path / "work", tmp_path / "hf"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")  # a save_pretrained folder: config.json but no intkey_*.bin
+    reft.save(tmp_path / "reft")
+    for folder in (work, hf_folder, tmp_path / "reft"):
+        before = files(folder)
+        with pytest.raises(reftlens.SaveError, match=r"not an earlier save to replace \(it has no config.json with intkey_\*.bin\)"):
+            to_pyreft(reft, folder)
+        assert files(folder) == before
+    theirs = tmp_path / "theirs"
+    shutil.copytree(FIXTURES / "loreft", theirs)  # a pyreft save (pyreft's own) is replaced whole
+    to_pyreft(reft, theirs)
+    to_pyreft(reft, theirs)  # and so is our own
+    assert not (theirs / "reference.json").exists() and len(list(theirs.glob("intkey_*.bin"))) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes.txt", "reft", "theirs", "work"]
+
+
 # --------------------------------------------------------------------------- pyreft itself loads our exports
 
 

@@ -62,7 +62,11 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
             base_reference: str | None = None) -> Path:
     """Save an exported model: the base (``save_pretrained``, without the Φs) and the
     interventions (safetensors + JSON) in ``path/reft``. With ``include_base=False`` only a
-    reference to the base (``base_reference``: a hub id or a folder) is written."""
+    reference to the base (``base_reference``: a hub id or a folder) is written.
+
+    ``path`` must be new, an empty folder or an earlier ``save_hf`` output (it holds
+    ``reftlens_export.json``), which is replaced whole; anything else raises
+    :class:`~reftlens.errors.SaveError` and is left untouched."""
     from reftlens.saving import atomic_dir, write
 
     module = getattr(model, "reft_interventions", None)
@@ -82,7 +86,7 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    return atomic_dir(path, write_all)
+    return atomic_dir(path, write_all, markers=[EXPORT_FILE])
 
 
 _PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import TrainingError
+from reftlens.saving import check_save_target
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class History:
 
 
 PRECISIONS = ("fp32", "bf16", "bf16-force")
+STATE_FILE = "trainer_state.json"  # marks a checkpoint folder: the one kind a checkpoint may replace
 
 
 @dataclass
@@ -132,7 +134,9 @@ def train(
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
     ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
     save the full training state every so many steps; ``resume=True`` continues from it and ends
-    where an uninterrupted run would. ``callback(record)`` sees every step and evaluation record.
+    where an uninterrupted run would. ``checkpoint_dir`` must be new, an empty folder or an
+    earlier checkpoint (it holds ``trainer_state.json``), else a
+    :class:`~reftlens.errors.SaveError` is raised before training starts. ``callback(record)`` sees every step and evaluation record.
 
     >>> history = reftlens.train(reft, [{"prompt": "2+2=", "completion": "4"}], max_steps=10)  # doctest: +SKIP
     """
@@ -142,6 +146,8 @@ def train(
                       group_by_length=group_by_length, chat_template=chat_template, task=task,
                       label_names=label_names, eval_every=eval_every, progress=progress,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    if cfg.checkpoint_dir is not None and cfg.checkpoint_every:  # refuse a foreign folder before any work
+        check_save_target(cfg.checkpoint_dir, markers=[STATE_FILE])
     world, rank = _dist()
     examples, eval_examples, label_names = _setup_data(reft, data, eval_data, cfg)
     steps_per_epoch, total = _count_steps(len(examples), cfg, world)
@@ -227,7 +233,7 @@ def _setup_resume(reft: "ReftModel", cfg: TrainConfig, optimizer: torch.optim.Op
                   scheduler: Any) -> tuple[int, History]:
     """The step to start from and the history so far: from the checkpoint with ``resume=True``."""
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
-    if cfg.resume and ckpt is not None and (ckpt / "trainer_state.json").is_file():
+    if cfg.resume and ckpt is not None and (ckpt / STATE_FILE).is_file():
         return load_checkpoint(ckpt, reft, optimizer, scheduler)
     return 0, History()
 
@@ -409,6 +415,8 @@ def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, .
 
 def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
                     history: History) -> None:
+    """Write the whole training state (Φs, optimizer, scheduler, RNG, history) to ``folder``, atomically.
+    ``folder`` must be new, empty or an earlier checkpoint (it holds ``trainer_state.json``)."""
     from safetensors.torch import save_file
 
     from reftlens.saving import atomic_dir, write
@@ -426,9 +434,9 @@ def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
         write(reft, tmp / "reft")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta))
+        (tmp / STATE_FILE).write_text(json.dumps(meta))
 
-    atomic_dir(folder, write_all)
+    atomic_dir(folder, write_all, markers=[STATE_FILE])
 
 
 def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, History]:
@@ -443,7 +451,7 @@ def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     with torch.no_grad():
         for mine, saved in zip(reft.phis, saved_phis):
             mine.load_state_dict(saved.state_dict())
-    meta = json.loads((folder / "trainer_state.json").read_text())
+    meta = json.loads((folder / STATE_FILE).read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
     opt_state: dict[int, dict[str, Tensor]] = {}
     for key, v in tensors.items():
