@@ -6,8 +6,8 @@ No pickle anywhere, so loading an untrusted folder never runs code: a saved set 
 Folder layout::
 
     reft_config.json          schema version, Φ types and constructor arguments, units
-                              (layers, positions, hook), dtypes, base-model fingerprint,
-                              and the SHA-256 of the weights file
+                              (layers, positions, hook), dtypes, held rotations, base-model
+                              fingerprint, and the SHA-256 of the weights file
     reft_weights.safetensors  every Φ tensor, keyed phis.<i>.<name>
 """
 
@@ -26,6 +26,7 @@ import torch
 
 from reftlens.errors import LoadError, ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
+from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import from_json
 
 if TYPE_CHECKING:
@@ -141,7 +142,10 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
         )
     config = phi.config() if hasattr(phi, "config") else {}
     dtypes = {t.dtype for t in phi.state_dict().values() if t.is_floating_point()}
-    return {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
+    record = {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
+    # rows held at exactly their saved value (e.g. pyreft's R, see OrthonormalRows): held again on load
+    held = [name for name, m in phi.named_modules() if isinstance(m, OrthonormalRows) and m.is_held]
+    return {**record, "held": held} if held else record
 
 
 def save(reft: Any, path: str | os.PathLike) -> Path:
@@ -244,10 +248,22 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
             phi.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise LoadError(f"Φ {i} ({rec['type']}) does not match its saved tensors: {e}") from None
-        if dtype is not None:
+        _hold(phi, rec.get("held", []), f"{config_path}: phis[{i}].held")
+        if dtype is not None:  # after the hold: .to casts A and its held value alike
             phi.to(dtype)
         phis.append(phi)
     return config, phis
+
+
+def _hold(phi: torch.nn.Module, names: Any, where: str) -> None:
+    """Hold the OrthonormalRows submodules ``names`` of a loaded Φ at their saved value."""
+    modules = dict(phi.named_modules())
+    if not isinstance(names, list) or not all(isinstance(modules.get(n), OrthonormalRows) for n in names):
+        rows = [n for n, m in modules.items() if isinstance(m, OrthonormalRows)]
+        raise LoadError(f"{where} must list submodules with orthonormal rows of this Φ (out of {rows}); got {_kind(names)}. "
+                        "The save is damaged.")
+    for n in names:
+        modules[n].hold()
 
 
 def _kind(value: Any) -> str:

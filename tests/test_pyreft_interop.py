@@ -368,6 +368,37 @@ def test_held_rows_exact_until_trained():
     assert OrthonormalRows(32, 4).set_(q.T).double().is_held
 
 
+@pytest.mark.parametrize("name", ["loreft", "consreft", "lobireft"])
+def test_held_R_survives_reftlens_save_and_load(llama, name, tmp_path):
+    folder, ref, npz = reference(name)
+    a = from_pyreft(folder, llama, positions=ref["positions"])
+    rows = [m for phi in a.phis for m in phi.modules() if isinstance(m, OrthonormalRows)]
+    assert rows and all(r.is_held for r in rows)
+    assert any(not torch.equal(r.weight, r._qr()) for r in rows)  # without the hold R would differ: not vacuous
+    a.save(tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "reft_config.json").read_text())["phis"][0]["held"] == ["R"]
+    b = ReftModel.load(tmp_path / "r", llama)
+    assert all(m.is_held for phi in b.phis for m in phi.modules() if isinstance(m, OrthonormalRows))
+    assert torch.equal(logits(a, npz["tokens"]), logits(b, npz["tokens"]))
+    assert torch.equal(ReftModel.load(tmp_path / "r", llama, dtype=torch.float64, cast=True).phis[0].R.weight,
+                       a.phis[0].R.weight.double())  # a dtype change on load keeps the hold
+    # a save of Φs that hold nothing records nothing
+    ReftModel(llama, Intervention(LoReFT(llama.cfg.d_model, 2), layers=1, positions="l1")).save(tmp_path / "plain")
+    assert "held" not in json.loads((tmp_path / "plain" / "reft_config.json").read_text())["phis"][0]
+
+
+def test_a_bad_held_record_is_a_load_error(llama, tmp_path):
+    folder, ref, _ = reference("loreft")
+    from_pyreft(folder, llama, positions=ref["positions"]).save(tmp_path / "r")
+    config_path = tmp_path / "r" / "reft_config.json"
+    config = json.loads(config_path.read_text())
+    config["phis"][0]["held"] = ["W"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"phis\[0\].held must list submodules with orthonormal rows of this Φ "
+                                        r"\(out of \['R'\]\); got a list \[\"W\"\]"):
+        ReftModel.load(tmp_path / "r", llama)
+
+
 # --------------------------------------------------------------------------- NodiReFT
 
 
