@@ -23,6 +23,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError
 from reftlens.interventions.patching import Collect, Interchange
+from reftlens.model import text_tokens
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, hook_name_for, resolve
 from reftlens.runtime.sweep import REPLAY_MIN_PARAMS, Sweep  # noqa: F401  (re-exported)
@@ -51,7 +52,7 @@ class PatchResult:
 
 def _as_tokens(model: Any, x: Any, what: str) -> Tensor:
     if isinstance(x, str):
-        return model.to_tokens(x)
+        return text_tokens(model, x)[None]
     if isinstance(x, Tensor):
         x = x.unsqueeze(0) if x.ndim == 1 else x
         if x.ndim != 2 or x.is_floating_point():

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError
 from reftlens.interventions.patching import Interchange, Noise
+from reftlens.model import text_tokens
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
@@ -76,9 +77,9 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[Tensor, tuple[i
     start_char = prompt.find(subject)
     if not subject or start_char < 0:
         raise AnalysisError(f"subject {subject!r} is not in the prompt {prompt!r}; pass the subject exactly as it appears.")
-    tokens = model.to_tokens(prompt)
+    tokens = text_tokens(model, prompt)[None]
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    shift = tokens.shape[1] - len(enc["input_ids"])  # the start token TransformerLens prepends
+    shift = tokens.shape[1] - len(enc["input_ids"])  # the start token prepended (if the prompt had none)
     end_char = start_char + len(subject)
     hit = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end_char and b > start_char]
     return tokens, (hit[0] + shift, hit[-1] + 1 + shift)

@@ -74,6 +74,7 @@ class TrainConfig:
     precision: str = "fp32"
     group_by_length: bool = True
     chat_template: bool = False
+    prepend_bos: bool | None = None
     task: str = "lm"
     label_names: Sequence[str] | None = None
     eval_every: int | None = None
@@ -116,6 +117,7 @@ def train(
     precision: str = "fp32",
     group_by_length: bool = True,
     chat_template: bool = False,
+    prepend_bos: bool | None = None,
     task: str = "lm",
     label_names: Sequence[str] | None = None,
     eval_every: int | None = None,
@@ -130,7 +132,10 @@ def train(
     ``data``: dicts (or a ``datasets.Dataset``) with ``prompt`` and ``completion``; for
     ``task="classification"``, ``prompt`` and ``label`` (the loss is on the label's tokens and
     accuracy picks the best-scoring label among ``label_names``). Empty ``data`` or ``eval_data``
-    is an error. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
+    is an error. Each prompt gets the model's start token (``prepend_bos=None``; ``True`` /
+    ``False`` override) unless it already starts with one, as a prompt formatted by the chat
+    template (``chat_template=True``) does: the rule of :meth:`reftlens.ReftModel.tokenize`,
+    so training sees the tokens ``reft(...)`` and ``reft.generate`` see. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
     ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
     save the full training state every so many steps; ``resume=True`` continues from it and ends
@@ -143,7 +148,7 @@ def train(
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
                       max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
-                      group_by_length=group_by_length, chat_template=chat_template, task=task,
+                      group_by_length=group_by_length, chat_template=chat_template, prepend_bos=prepend_bos, task=task,
                       label_names=label_names, eval_every=eval_every, progress=progress,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     if cfg.checkpoint_dir is not None and cfg.checkpoint_every:  # refuse a foreign folder before any work
@@ -199,7 +204,8 @@ def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
     if cfg.task == "classification" and label_names is None:
         label_names = sorted({str(r["label"]) for r in train_rows})
     names = label_names if cfg.task == "classification" else None
-    examples = encode(model, train_rows, max_length=cfg.max_length, chat_template=cfg.chat_template, label_names=names)
+    examples = encode(model, train_rows, max_length=cfg.max_length, chat_template=cfg.chat_template, label_names=names,
+                      prepend_bos=cfg.prepend_bos)
     eval_examples = None
     if eval_data is not None:
         eval_rows = _rows(eval_data)
@@ -207,7 +213,7 @@ def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
             raise TrainingError("eval_data is empty: there is nothing to evaluate on. Pass examples of the "
                                 "same form as data, or leave eval_data=None to skip evaluation.")
         eval_examples = encode(model, eval_rows, max_length=cfg.max_length, chat_template=cfg.chat_template,
-                               label_names=names)
+                               label_names=names, prepend_bos=cfg.prepend_bos)
     return examples, eval_examples, label_names
 
 
