@@ -13,6 +13,7 @@ from reftlens.errors import (
     ConfigError,
     ExportError,
     LoadError,
+    NonFiniteError,
     PositionError,
     ReftError,
     SaveError,
@@ -50,5 +51,6 @@ __all__ = [
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",
     "ReftError", "PositionError", "CollisionError", "ConfigError", "LoadError", "SaveError", "ExportError",
+    "NonFiniteError",
     "TrainingError", "AnalysisError", "__version__",
 ]

@@ -33,5 +33,9 @@ class AnalysisError(ReftError):
     """An analysis cannot run on these inputs."""
 
 
+class NonFiniteError(ReftError):
+    """A source run produced NaN or inf where an intervention would copy it into the base run."""
+
+
 class SaveError(ReftError):
     """A save would overwrite something that is not an earlier save of the same kind."""

@@ -65,6 +65,7 @@ def generate(
     seed: int | None = None,
     eos_token_id: int | Sequence[int] | None = -1,
     backend: str = "auto",
+    prepend_bos: bool | None = None,
 ) -> list[str] | Tensor:
     """See :meth:`reftlens.ReftModel.generate`."""
     if backend not in ("auto", "hf", "bridge"):
@@ -75,7 +76,7 @@ def generate(
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     model = reft.model
     text_in = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str))
-    tokens, real = reft.encode(prompts, attention_mask)
+    tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     pad = reft.pad_token_id
     tokens, mask = to_left_padding(tokens, real.mask, pad)
     batch = tokens.shape[0]
@@ -88,7 +89,8 @@ def generate(
             )
     eos = _eos_ids(model, eos_token_id, tokens.device)
     generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
-    prompt_plan = reft.plan(tokens, sources, attention_mask=mask, source_attention_mask=source_attention_mask)
+    prompt_plan = reft.plan(tokens, sources, attention_mask=mask, source_attention_mask=source_attention_mask,
+                            prepend_bos=prepend_bos)  # for string sources
 
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)

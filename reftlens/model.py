@@ -15,6 +15,38 @@ from reftlens.runtime.plan import Plan, SitePlan, resolve
 from reftlens.runtime.tl import bind, execute, gather_sources, hooked, plan_hooks
 from reftlens.sets import Intervention, check_static_disjoint
 
+#: ChatML's turn marker: chat templates of ChatML models (SmolLM2, Qwen) begin a conversation with it,
+#: so a text that starts with it already has its start token (see :func:`text_tokens`)
+CHAT_START = ("<|im_start|>",)
+
+
+def text_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
+    """The token ids ``[seq]`` of one string, by the rule every reftlens entry point that takes
+    strings follows (``reft(...)``, ``reft.tokenize``, ``reft.generate``, ``train``, the analyses):
+
+    - ``prepend_bos=None`` (default): the model's own setting (``model.cfg.default_prepend_bos``,
+      as TransformerLens's ``to_tokens``); ``True`` / ``False`` override it;
+    - never a second start token: a text that already begins with the tokenizer's BOS string or
+      with ChatML's ``<|im_start|>`` (where the tokenizer has it as one token) gets none added, so
+      chat-formatted prompts (``tokenizer.apply_chat_template(..., tokenize=False)``) are tokenized
+      as the chat template meant.
+
+    >>> text_tokens(model, "hello")[:1].tolist() == [model.tokenizer.bos_token_id]   # doctest: +SKIP
+    True
+    """
+    if prepend_bos is None:
+        prepend_bos = getattr(model.cfg, "default_prepend_bos", True)
+    if prepend_bos and text.startswith(_start_strings(model.tokenizer)):
+        prepend_bos = False
+    return model.to_tokens(text, prepend_bos=prepend_bos)[0]
+
+
+def _start_strings(tok: Any) -> tuple[str, ...]:
+    """Strings that begin a model input: the BOS string, and ChatML's marker where it is one token."""
+    unk = getattr(tok, "unk_token_id", None)
+    chat = [s for s in CHAT_START if tok.convert_tokens_to_ids(s) not in (None, unk)]
+    return tuple(s for s in (getattr(tok, "bos_token", None), *chat) if s)
+
 
 class ReftModel(nn.Module):
     """A frozen TransformerLens model plus a set of interventions ⟨Φ, P, L⟩.
@@ -28,7 +60,14 @@ class ReftModel(nn.Module):
         interventions: one :class:`Intervention` or a list of them.
         cast: run each Φ in its own dtype (rows are cast in and out), e.g. fp32 Φs on a bf16
             model. By default a dtype mismatch is an error.
-        move: move the Φs to the model's device (default True).
+        move: move the Φs to the model's device (default True). A Φ on the ``meta`` device (built
+            under ``torch.device("meta")``) is refused either way with a ConfigError: materialise
+            it first (``phi.to_empty(device=...)``, then load or initialise its values).
+        check_finite: refuse source activations that hold NaN or inf (default True): a Φ that takes
+            a source (interchange, DII) would copy them into the base run, so a
+            :class:`~reftlens.errors.NonFiniteError` names the intervention, the source example and
+            the position instead. ``False`` lets them through. The check is one ``isfinite`` over
+            the gathered source rows per batch; ``reft.check_finite`` can be changed at any time.
 
     >>> import reftlens
     >>> model = reftlens.load_model("tiny-llama")
@@ -37,7 +76,8 @@ class ReftModel(nn.Module):
     torch.Size([2, 13])
     """
 
-    def __init__(self, model: Any, interventions: Intervention | Sequence[Intervention], *, cast: bool = False, move: bool = True):
+    def __init__(self, model: Any, interventions: Intervention | Sequence[Intervention], *, cast: bool = False,
+                 move: bool = True, check_finite: bool = True):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: its weights are not ours
         if isinstance(interventions, Intervention):
@@ -47,6 +87,7 @@ class ReftModel(nn.Module):
             raise ConfigError("ReftModel needs one Intervention or a non-empty list of them.")
         self.interventions = interventions
         self.cast = cast
+        self.check_finite = check_finite
         self.units = [u for iv in interventions for u in iv.expand(model.cfg.n_layers)]
         # hooks run in registration order: explicitly stacked interventions go by their stack value
         self.sites = sorted(bind(model, self.units), key=lambda s: s.unit.stack or 0)
@@ -55,6 +96,7 @@ class ReftModel(nn.Module):
         for u in self.units:
             unique.setdefault(id(u.phi), u.phi)
         self.phis = nn.ModuleList(unique.values())
+        self.check_materialised()
         for p in model.parameters():
             p.requires_grad_(False)
         if move:
@@ -68,13 +110,16 @@ class ReftModel(nn.Module):
         return torch.device(self.model.cfg.device)
 
     def tokenize(self, texts: str | Sequence[str], padding_side: str = "left", prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
-        """Tokenize strings the way TransformerLens does (BOS per the model's config) and pad
-        them to one tensor. Returns ``(tokens, attention_mask)``."""
+        """Tokenize strings and pad them to one tensor. Returns ``(tokens, attention_mask)``.
+
+        Start tokens follow :func:`text_tokens`: the model's own setting unless ``prepend_bos``
+        says otherwise, and never a second one on a text that already starts with one (chat
+        formatted prompts)."""
         if isinstance(texts, str):
             texts = [texts]
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-        rows = [self.model.to_tokens(t, prepend_bos=prepend_bos)[0] for t in texts]
+        rows = [text_tokens(self.model, t, prepend_bos) for t in texts]
         return _pad(rows, self.pad_token_id, padding_side, self.device)
 
     @property
@@ -87,16 +132,18 @@ class ReftModel(nn.Module):
                 return int(v)
         return 0
 
-    def encode(self, inputs: Any, attention_mask: Tensor | None = None, what: str = "inputs") -> tuple[Tensor, RealTokens]:
+    def encode(self, inputs: Any, attention_mask: Tensor | None = None, what: str = "inputs",
+               prepend_bos: bool | None = None) -> tuple[Tensor, RealTokens]:
         """Token ids ``[batch, seq]`` on the model's device and where their real tokens lie, from any
-        input ``reft(...)`` takes (strings are tokenized and left padded)."""
+        input ``reft(...)`` takes (strings are tokenized as :meth:`tokenize` does, with
+        ``prepend_bos``, and left padded; token ids are used as given)."""
         if hasattr(inputs, "keys") and "input_ids" in inputs:  # a dict or a BatchEncoding
             attention_mask = inputs.get("attention_mask", attention_mask)
             inputs = inputs["input_ids"]
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)):
             if attention_mask is not None:
                 raise ValueError(f"attention_mask given with string {what}; strings are padded by reftlens.")
-            tokens, mask = self.tokenize(inputs)
+            tokens, mask = self.tokenize(inputs, prepend_bos=prepend_bos)
         elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):
             tokens, mask = _pad([torch.tensor(r, dtype=torch.long) for r in inputs], self.pad_token_id, "left", self.device)
         elif isinstance(inputs, Tensor):
@@ -134,14 +181,16 @@ class ReftModel(nn.Module):
     # ---- planning -----------------------------------------------------------------------
 
     def plan(self, inputs: Any = None, sources: Any = None, *, attention_mask: Tensor | None = None,
-             source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None) -> Plan:
+             source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
+             prepend_bos: bool | None = None) -> Plan:
         """Resolve the set for one batch: per site the hook, layer, row indices and source rows.
 
         Positions are resolved against each example's real tokens (against the prompt part only
         when ``prompt_mask`` is given, 1 on the prompt of prompt+completion sequences) and checked
         for collisions; sources are run in one batched forward. Without inputs the plan is lazy:
         every token counts as real and rows are resolved from the shape each hook sees. Both
-        backends execute the result (see :mod:`reftlens.runtime`).
+        backends execute the result (see :mod:`reftlens.runtime`). String inputs and sources get
+        start tokens as :meth:`tokenize` gives them (``prepend_bos``).
 
         >>> plan = reft.plan(["the quick brown fox", "a dog"])  # doctest: +SKIP
         >>> plan.sites[0].index                                   # flat rows of [batch * seq, d]  # doctest: +SKIP
@@ -155,16 +204,17 @@ class ReftModel(nn.Module):
                     "base inputs and sources= to reft.hooks(inputs, sources=...)."
                 )
             return Plan([SitePlan(s, None) for s in self.sites])
-        tokens, real = self.encode(inputs, attention_mask)
+        tokens, real = self.encode(inputs, attention_mask, prepend_bos=prepend_bos)
         frame = real
         if prompt_mask is not None:
             frame = RealTokens.from_mask(prompt_mask.to(real.mask.device).bool() & real.mask, tokens)
         sites, masks = resolve(self.sites, self.units, frame)
         plan = Plan(sites, tokens, None if bool(real.mask.all()) else real.mask.long(), real, masks)
-        self._add_sources(plan, sources, source_attention_mask)
+        self._add_sources(plan, sources, source_attention_mask, prepend_bos)
         return plan
 
-    def _add_sources(self, plan: Plan, sources: Any, source_attention_mask: Tensor | None) -> None:
+    def _add_sources(self, plan: Plan, sources: Any, source_attention_mask: Tensor | None,
+                     prepend_bos: bool | None = None) -> None:
         needs_source = [s for s in self.sites if s.unit.takes_source]
         if needs_source and sources is None:
             raise ValueError(f"intervention {needs_source[0].label} takes a source; pass sources= (one per input example).")
@@ -172,7 +222,7 @@ class ReftModel(nn.Module):
             return
         if not needs_source:
             raise ValueError("sources= given but no intervention in this set takes a source.")
-        src_tokens, src_real = self.encode(sources, source_attention_mask, what="sources")
+        src_tokens, src_real = self.encode(sources, source_attention_mask, what="sources", prepend_bos=prepend_bos)
         if src_tokens.shape[0] != plan.tokens.shape[0]:
             raise ValueError(
                 f"sources have {src_tokens.shape[0]} examples but the inputs have {plan.tokens.shape[0]}; "
@@ -191,10 +241,26 @@ class ReftModel(nn.Module):
                     "source row. Use equal-length inputs, a spec with fixed counts such as 'l3', or source_positions=."
                 )
             src_masks[id(u)] = m
-        gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real)
+        gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real, self.check_finite)
+
+    def check_materialised(self) -> None:
+        """Raise if a Φ has tensors on the ``meta`` device: they hold no values, so the Φ can
+        neither run nor be moved (``.to()`` cannot copy out of a meta tensor)."""
+        for phi in self.phis:
+            meta = [n for n, t in [*phi.named_parameters(), *phi.named_buffers()] if t.is_meta]
+            if meta:
+                user = next(u.name for u in self.units if u.phi is phi)
+                raise ConfigError(
+                    f"Φ {phi_label(phi)} of intervention {user!r} is on the meta device: its tensors "
+                    f"({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}) have shapes but no values, so it can "
+                    f"neither run nor be moved. Materialise it first: phi.to_empty(device={str(self.device)!r}), then "
+                    "give it values (phi.load_state_dict(...) or your own initialisation); or build it off the meta "
+                    "device."
+                )
 
     def check_devices(self) -> None:
         """Raise unless every Φ sits on the model's device."""
+        self.check_materialised()
         for phi in self.phis:
             for t in list(phi.parameters()) + list(phi.buffers()):
                 if t.device != self.device:
@@ -207,7 +273,8 @@ class ReftModel(nn.Module):
     # ---- running ------------------------------------------------------------------------
 
     def fwd_hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
-                  source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None) -> list[tuple[str, Any]]:
+                  source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
+                  prepend_bos: bool | None = None) -> list[tuple[str, Any]]:
         """``(hook_name, fn)`` pairs for ``model.run_with_hooks(..., fwd_hooks=...)`` or
         ``model.hooks(fwd_hooks=...)``. Without inputs, every token counts as real (unpadded
         batches); pass the inputs (and their mask) when they are padded.
@@ -215,12 +282,13 @@ class ReftModel(nn.Module):
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=reft.fwd_hooks(tokens) + my_hooks)  # doctest: +SKIP
         """
         plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
-                         prompt_mask=prompt_mask)
+                         prompt_mask=prompt_mask, prepend_bos=prepend_bos)
         return [(p.site.hook_name, fn) for p, (_, fn) in zip(plan.sites, plan_hooks(plan, self.cast))]
 
     @contextmanager
     def hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
-              source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None) -> Iterator[Any]:
+              source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
+              prepend_bos: bool | None = None) -> Iterator[Any]:
         """Attach this set's hooks to the model for the duration of a ``with`` block, for use
         with ``run_with_cache``, ``run_with_hooks`` or a plain call. Exactly these hooks are
         removed on exit, also on an exception; other hooks are never touched.
@@ -229,13 +297,13 @@ class ReftModel(nn.Module):
         ...     logits, cache = model.run_with_cache(tokens)
         """
         plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
-                         prompt_mask=prompt_mask)
+                         prompt_mask=prompt_mask, prepend_bos=prepend_bos)
         with hooked(self.model, plan_hooks(plan, self.cast)) as model:
             yield model
 
     def forward(self, inputs: Any, sources: Any = None, *, attention_mask: Tensor | None = None,
                 source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
-                return_type: str | None = "logits", **kwargs: Any) -> Any:
+                prepend_bos: bool | None = None, return_type: str | None = "logits", **kwargs: Any) -> Any:
         """Run the model with the interventions applied.
 
         ``inputs``: a string, a list of strings (left padded), token ids ``[batch, seq]``
@@ -244,9 +312,11 @@ class ReftModel(nn.Module):
         activations are collected in one batched forward. Extra keyword arguments go to the
         model (``return_type``, ``stop_at_layer``, ...). ``prompt_mask`` (1 on the prompt part of
         prompt+completion sequences) makes positions resolve against the prompt only.
+        ``prepend_bos`` (strings only): start token or not, as in :meth:`tokenize` (default: the
+        model's setting; never a second one on a text that already starts with one).
         """
         plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
-                         prompt_mask=prompt_mask)
+                         prompt_mask=prompt_mask, prepend_bos=prepend_bos)
         return execute(self.model, plan, self.cast, return_type=return_type, **kwargs)
 
     def generate(self, prompts: Any, max_new_tokens: int = 32, **kwargs: Any) -> list[str] | Tensor:
@@ -257,7 +327,8 @@ class ReftModel(nn.Module):
         default; ``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
         ``use_cache=False`` recomputes the sequence each step and gives the same tokens.
         Strings in → the completions as strings; token ids in → ``[batch, prompt + new]``
-        ids (left padded, pad after EOS).
+        ids (left padded, pad after EOS). ``prepend_bos`` (strings only) as in :meth:`tokenize`:
+        a chat-formatted prompt never gets a second start token.
 
         >>> reft.generate(["The capital of France is"], max_new_tokens=8)  # doctest: +SKIP
         [' Paris. It is the largest city']
@@ -285,12 +356,13 @@ class ReftModel(nn.Module):
         return save(self, path)
 
     @classmethod
-    def load(cls, path: str, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None) -> "ReftModel":
+    def load(cls, path: str, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None,
+             check_finite: bool = True) -> "ReftModel":
         """Load a saved set onto ``model`` (which must match the one it was saved from)."""
         from reftlens.saving import load
 
         interventions, use_cast = load(path, model, dtype=dtype, cast=cast)
-        return cls(model, interventions, cast=use_cast)
+        return cls(model, interventions, cast=use_cast, check_finite=check_finite)
 
     def extra_repr(self) -> str:
         return "\n".join(repr(iv) for iv in self.interventions)

@@ -6,8 +6,8 @@ No pickle anywhere, so loading an untrusted folder never runs code: a saved set 
 Folder layout::
 
     reft_config.json          schema version, Φ types and constructor arguments, units
-                              (layers, positions, hook), dtypes, base-model fingerprint,
-                              and the SHA-256 of the weights file
+                              (layers, positions, hook), dtypes, held rotations, base-model
+                              fingerprint, and the SHA-256 of the weights file
     reft_weights.safetensors  every Φ tensor, keyed phis.<i>.<name>
 """
 
@@ -26,6 +26,7 @@ import torch
 
 from reftlens.errors import LoadError, ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
+from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import from_json
 
 if TYPE_CHECKING:
@@ -45,8 +46,9 @@ def fingerprint(model: Any) -> dict[str, Any]:
 
 
 #: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
-#: tuple of patterns that must all match, for files at the top of the folder. The default
-#: recognises every kind reftlens writes, so each writer can replace its own earlier output.
+#: tuple of patterns that must all match, for files at the top of the folder. This default
+#: recognises every kind reftlens writes; each writer passes its own kind alone (``markers=``), so
+#: it replaces its own earlier output and refuses another writer's.
 EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
     (CONFIG_FILE,),                    # ReftModel.save
     ("reftlens_export.json",),         # export.save_hf
@@ -64,9 +66,8 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
     :data:`EARLIER_SAVE_MARKERS`), which is replaced whole. A file, or a folder holding anything
     else, raises :class:`~reftlens.errors.SaveError` before anything is written.
     """
-    path = Path(path).absolute()
-    groups = [(m,) if isinstance(m, str) else tuple(m) for m in markers]
-    _check_target(path, groups)
+    path, markers = Path(path).absolute(), list(markers)
+    check_save_target(path, markers=markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -75,7 +76,7 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        _check_target(path, groups)  # again: something may have appeared there while writing
+        check_save_target(path, markers=markers)  # again: something may have appeared there while writing
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
@@ -89,8 +90,12 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
     return path
 
 
-def _check_target(path: Path, groups: list[tuple[str, ...]]) -> None:
-    """Refuse to replace anything but a missing path, an empty folder or an earlier save."""
+def check_save_target(path: str | os.PathLike, *, markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS) -> None:
+    """Raise :class:`~reftlens.errors.SaveError` unless ``path`` is missing, an empty folder or an
+    earlier save recognised by ``markers`` (as :func:`atomic_dir` takes them). Writes nothing, so a
+    long job (training) can check where it will save before it starts."""
+    path = Path(path).absolute()
+    groups = [(m,) if isinstance(m, str) else tuple(m) for m in markers]
     if not path.exists() and not path.is_symlink():
         return
     if not path.is_dir():
@@ -137,7 +142,10 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
         )
     config = phi.config() if hasattr(phi, "config") else {}
     dtypes = {t.dtype for t in phi.state_dict().values() if t.is_floating_point()}
-    return {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
+    record = {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
+    # rows held at exactly their saved value (e.g. pyreft's R, see OrthonormalRows): held again on load
+    held = [name for name, m in phi.named_modules() if isinstance(m, OrthonormalRows) and m.is_held]
+    return {**record, "held": held} if held else record
 
 
 def save(reft: Any, path: str | os.PathLike) -> Path:
@@ -240,10 +248,22 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
             phi.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise LoadError(f"Φ {i} ({rec['type']}) does not match its saved tensors: {e}") from None
-        if dtype is not None:
+        _hold(phi, rec.get("held", []), f"{config_path}: phis[{i}].held")
+        if dtype is not None:  # after the hold: .to casts A and its held value alike
             phi.to(dtype)
         phis.append(phi)
     return config, phis
+
+
+def _hold(phi: torch.nn.Module, names: Any, where: str) -> None:
+    """Hold the OrthonormalRows submodules ``names`` of a loaded Φ at their saved value."""
+    modules = dict(phi.named_modules())
+    if not isinstance(names, list) or not all(isinstance(modules.get(n), OrthonormalRows) for n in names):
+        rows = [n for n, m in modules.items() if isinstance(m, OrthonormalRows)]
+        raise LoadError(f"{where} must list submodules with orthonormal rows of this Φ (out of {rows}); got {_kind(names)}. "
+                        "The save is damaged.")
+    for n in names:
+        modules[n].hold()
 
 
 def _kind(value: Any) -> str:

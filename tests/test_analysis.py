@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformer_lens import patching
 
-from reftlens import ConfigError
+from reftlens import ConfigError, NonFiniteError, Steer
 from reftlens.analysis import AnalysisError, patch_sweep
 from reftlens.analysis import patching as patching_module
 
@@ -157,6 +157,19 @@ def test_sweep_locates_a_trained_refts_edit(model):
     assert res.values[1, -1] == pytest.approx(with_reft, abs=1e-4)  # the edited site carries it all
     torch.testing.assert_close(res.values[0], torch.full((CLEAN.shape[1],), plain), atol=1e-5, rtol=0)  # below the edit
     torch.testing.assert_close(res.values[1, :-1], torch.full((CLEAN.shape[1] - 1,), plain), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["batch", "replay"])
+def test_a_non_finite_clean_activation_is_refused_not_patched_in(model, strategy):
+    vec = torch.zeros(model.cfg.d_model)
+    vec[3] = float("nan")
+    nan_at_2 = ReftModel(model, Intervention(Steer(vec), layers=0, positions=[2]))  # clean run: NaN from layer 0, position 2 on
+    with pytest.raises(NonFiniteError, match=r"intervention 'patch' at blocks.1.hook_in: the source run's activation for "
+                                             r"example 0 at position 2 holds NaN.*pass check_finite=False"):
+        patch_sweep(model, CLEAN, CORRUPT, logit_diff, layers=[0, 1], clean_with=nan_at_2, strategy=strategy)
+    res = patch_sweep(model, CLEAN, CORRUPT, logit_diff, layers=[0, 1], clean_with=nan_at_2, strategy=strategy,
+                      check_finite=False)  # (layer 1, position 2) is the one NaN clean state among these cells
+    assert res.values[1, 2].isnan() and res.values.isnan().sum() == 1
 
 
 def test_sweep_with_a_reft_active_in_the_corrupted_run(model):

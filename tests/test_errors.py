@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from reftlens import (
-    DII, CollisionError, ConfigError, Interchange, Intervention, LoReFT, PositionError, ReftModel, ZeroAblation,
+    DII, CollisionError, ConfigError, Interchange, Intervention, LoReFT, NonFiniteError, PositionError, ReftError,
+    ReftModel, ZeroAblation,
 )
 
 
@@ -47,10 +48,28 @@ def test_dtype_mismatch_and_the_cast_option(model):
     assert out.dtype == torch.float32
 
 
-def test_device_mismatch(model):
-    phi = lo(model).to("meta")
-    reft = ReftModel(model, Intervention(phi, layers=1), move=False)
-    with pytest.raises(ConfigError, match=r"has tensors on meta but the model is on cpu; call reft.to\('cpu'\)"):
+def test_device_mismatch(model, monkeypatch):
+    reft = ReftModel(model, Intervention(lo(model), layers=1), move=False)
+    monkeypatch.setattr(ReftModel, "device", property(lambda self: torch.device("cuda", 0)))  # no GPU needed
+    with pytest.raises(ConfigError, match=r"has tensors on cpu but the model is on cuda:0; call reft.to\('cuda:0'\)"):
+        reft.plan("the quick brown fox")
+
+
+@pytest.mark.parametrize("move", [True, False])
+def test_a_phi_on_the_meta_device_must_be_materialised_first(model, move):
+    with torch.device("meta"):
+        phi = lo(model)
+    words = (r"Φ loreft\(rank=4\) of intervention 'steer' is on the meta device: its tensors \(R.A, W.weight, W.bias\) "
+             r"have shapes but no values.*phi.to_empty\(device='cpu'\), then give it values \(phi.load_state_dict")
+    with pytest.raises(ConfigError, match=words):
+        ReftModel(model, Intervention(phi, layers=1, name="steer"), move=move)
+    # the advice works
+    phi.to_empty(device="cpu")
+    phi.load_state_dict(lo(model).state_dict())
+    reft = ReftModel(model, Intervention(phi, layers=1, positions="l1", name="steer"), move=move)
+    assert torch.allclose(reft("the quick brown fox"), model(reft.tokenize("the quick brown fox")[0]), atol=1e-5)
+    reft.to("meta")  # moved there later: refused when it runs, with the same advice
+    with pytest.raises(ConfigError, match=words):
         reft("the quick brown fox")
 
 
@@ -66,6 +85,48 @@ def test_source_positions_that_do_not_pair(model):
     reft = ReftModel(model, Intervention(Interchange(), layers=1, positions="all"))
     with pytest.raises(PositionError, match=r"example 0 selects 3 input positions \(all\) but 5 source positions"):
         reft(["a b"], sources=["a b c d"])
+
+
+def poison_first_run(example, position, value):
+    """A hook that puts ``value`` at one (example, position) of the first forward it sees: the source run."""
+    calls = []
+
+    def fn(h, hook=None):
+        calls.append(1)
+        if len(calls) == 1:
+            h = h.clone()
+            h[example, position] = value
+        return h
+
+    return fn
+
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "inf")])
+def test_a_non_finite_source_is_refused_by_default(model, value, word):
+    reft = ReftModel(model, Intervention(Interchange(), layers=1, positions="l2", name="swap"))
+    base = ["the quick brown fox jumps", "a lazy dog sat down"]
+    src, src_mask = reft.tokenize(["over the river and far away", "into the woods"])  # example 1 left padded
+    pad = int((src_mask[1] == 0).sum())
+    last = src.shape[1] - 1
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", poison_first_run(1, last, value))]):
+        with pytest.raises(NonFiniteError, match=rf"intervention 'swap' at blocks.1.hook_out: the source run's activation "
+                                                 rf"for example 1 at real token {last - pad} \(padded position {last}\) "
+                                                 rf"holds {word}.*check_finite=False"):
+            reft(base, sources=src, source_attention_mask=src_mask)
+    assert issubclass(NonFiniteError, ReftError)
+
+
+def test_non_finite_sources_pass_with_check_finite_false(model):
+    reft = ReftModel(model, Intervention(Interchange(), layers=1, positions="l2"), check_finite=False)
+    base, mask = reft.tokenize(["the quick brown fox jumps", "a lazy dog sat down"])
+    src, src_mask = reft.tokenize(["over the river and far away", "into the woods"])
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", poison_first_run(1, src.shape[1] - 1, float("nan")))]):
+        out = reft(base, sources=src, attention_mask=mask, source_attention_mask=src_mask)
+    assert out[1, -1].isnan().all() and not out[0].isnan().any()  # copied into example 1's last position only
+    reft.check_finite = True  # the attribute switches the check back on
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", poison_first_run(1, src.shape[1] - 1, float("nan")))]):
+        with pytest.raises(NonFiniteError):
+            reft(base, sources=src, attention_mask=mask, source_attention_mask=src_mask)
 
 
 def test_padded_tokens_without_a_mask(model):

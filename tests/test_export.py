@@ -1,6 +1,7 @@
 """Export to plain transformers: same numbers as the TransformerLens path, no TransformerLens needed."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -133,6 +134,49 @@ print("tl loaded", "transformer_lens" in sys.modules)
     loaded = load_hf(path)
     torch.testing.assert_close(hf_logits(loaded, tokens, mask)[mask.bool()], expected[mask.bool()], atol=1e-6, rtol=0)
     assert json.loads((path / "reft" / "reft_config.json").read_text())["intervene_on"] == "prompt"
+
+
+def test_pickled_base_weights_are_refused_never_unpickled(tiny_models, tmp_path):
+    hf = to_hf(build_set(tiny_models["tiny-llama"]))
+    path = save_hf(hf, tmp_path / "exported")
+    (path / "model.safetensors").unlink()
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("reft_interventions.")}
+    torch.save(state, path / "pytorch_model.bin")  # what save_pretrained(safe_serialization=False) wrote
+    with pytest.raises(reftlens.LoadError, match=rf"{path / 'pytorch_model.bin'}: the base model's weights are a "
+                                                 r"pickled checkpoint.*reftlens loads safetensors only.*"
+                                                 r"model.save_pretrained\(folder\) writes model.safetensors") as err:
+        load_hf(path)
+    assert "weights_only" not in str(err.value) and "unpickl" not in str(err.value).lower()
+    (path / "pytorch_model.bin").unlink()
+    with pytest.raises(reftlens.LoadError, match=r"holds no base-model weights \(model.safetensors\)"):
+        load_hf(path)
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_save_hf_replaces_only_its_own_earlier_export(tiny_models, tmp_path):
+    reft = build_set(tiny_models["tiny-llama"])
+    hf = to_hf(reft)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(reftlens.SaveError, match=rf"cannot save to {re.escape(str(notes))}: it is a file"):
+        save_hf(hf, notes)
+    assert notes.read_text() == "mine"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    reft.save(tmp_path / "reft")  # another writer's save is foreign here too
+    for folder in (work, tmp_path / "reft"):
+        before = files(folder)
+        with pytest.raises(reftlens.SaveError, match=r"is not an earlier save to replace \(it has no reftlens_export.json\)"):
+            save_hf(hf, folder)
+        assert files(folder) == before
+    path = save_hf(hf, tmp_path / "exported")
+    save_hf(hf, path, include_base=False, base_reference="elsewhere")  # its own earlier export: replaced whole
+    assert not (path / "model.safetensors").exists() and (path / "reftlens_export.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "notes.txt", "reft", "work"]  # no temporaries
 
 
 def test_base_by_reference(tiny_models, tmp_path):

@@ -368,6 +368,37 @@ def test_held_rows_exact_until_trained():
     assert OrthonormalRows(32, 4).set_(q.T).double().is_held
 
 
+@pytest.mark.parametrize("name", ["loreft", "consreft", "lobireft"])
+def test_held_R_survives_reftlens_save_and_load(llama, name, tmp_path):
+    folder, ref, npz = reference(name)
+    a = from_pyreft(folder, llama, positions=ref["positions"])
+    rows = [m for phi in a.phis for m in phi.modules() if isinstance(m, OrthonormalRows)]
+    assert rows and all(r.is_held for r in rows)
+    assert any(not torch.equal(r.weight, r._qr()) for r in rows)  # without the hold R would differ: not vacuous
+    a.save(tmp_path / "r")
+    assert json.loads((tmp_path / "r" / "reft_config.json").read_text())["phis"][0]["held"] == ["R"]
+    b = ReftModel.load(tmp_path / "r", llama)
+    assert all(m.is_held for phi in b.phis for m in phi.modules() if isinstance(m, OrthonormalRows))
+    assert torch.equal(logits(a, npz["tokens"]), logits(b, npz["tokens"]))
+    assert torch.equal(ReftModel.load(tmp_path / "r", llama, dtype=torch.float64, cast=True).phis[0].R.weight,
+                       a.phis[0].R.weight.double())  # a dtype change on load keeps the hold
+    # a save of Φs that hold nothing records nothing
+    ReftModel(llama, Intervention(LoReFT(llama.cfg.d_model, 2), layers=1, positions="l1")).save(tmp_path / "plain")
+    assert "held" not in json.loads((tmp_path / "plain" / "reft_config.json").read_text())["phis"][0]
+
+
+def test_a_bad_held_record_is_a_load_error(llama, tmp_path):
+    folder, ref, _ = reference("loreft")
+    from_pyreft(folder, llama, positions=ref["positions"]).save(tmp_path / "r")
+    config_path = tmp_path / "r" / "reft_config.json"
+    config = json.loads(config_path.read_text())
+    config["phis"][0]["held"] = ["W"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=r"phis\[0\].held must list submodules with orthonormal rows of this Φ "
+                                        r"\(out of \['R'\]\); got a list \[\"W\"\]"):
+        ReftModel.load(tmp_path / "r", llama)
+
+
 # --------------------------------------------------------------------------- NodiReFT
 
 
@@ -501,6 +532,36 @@ def test_to_pyreft_refusals(llama, tmp_path):
     with pytest.raises(ConfigError, match="stacked"):
         to_pyreft(ReftModel(llama, stacked), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_to_pyreft_replaces_only_a_pyreft_save(llama, tmp_path):
+    reft = ReftModel(llama, native_sets(llama.cfg.d_model)["loreft-untied"])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(reftlens.SaveError, match=r"notes.txt: it is a file"):
+        to_pyreft(reft, notes)
+    assert notes.read_text() == "mine"
+    work, hf_folder = tmp_path / "work", tmp_path / "hf"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")  # a save_pretrained folder: config.json but no intkey_*.bin
+    reft.save(tmp_path / "reft")
+    for folder in (work, hf_folder, tmp_path / "reft"):
+        before = files(folder)
+        with pytest.raises(reftlens.SaveError, match=r"not an earlier save to replace \(it has no config.json with intkey_\*.bin\)"):
+            to_pyreft(reft, folder)
+        assert files(folder) == before
+    theirs = tmp_path / "theirs"
+    shutil.copytree(FIXTURES / "loreft", theirs)  # a pyreft save (pyreft's own) is replaced whole
+    to_pyreft(reft, theirs)
+    to_pyreft(reft, theirs)  # and so is our own
+    assert not (theirs / "reference.json").exists() and len(list(theirs.glob("intkey_*.bin"))) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes.txt", "reft", "theirs", "work"]
 
 
 # --------------------------------------------------------------------------- pyreft itself loads our exports

@@ -189,8 +189,8 @@ def test_saving_onto_an_earlier_save_or_an_empty_folder_replaces_it(model, tmp_p
 
 
 def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
-    # the default markers recognise every kind reftlens writes (save_hf, to_pyreft and training
-    # checkpoints call atomic_dir without markers=); ReftModel.save recognises only its own
+    # the default markers recognise every kind reftlens writes; each writer passes its own kind alone
+    # (ReftModel.save here; save_hf, to_pyreft and checkpoints are tested in their own modules)
     kinds = {"reft": [CONFIG_FILE], "export": ["reftlens_export.json", "config.json"],
              "checkpoint": ["trainer_state.json", "optimizer.safetensors"], "pyreft": ["config.json", "intkey_a.bin"]}
     for kind, files in kinds.items():

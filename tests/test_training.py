@@ -133,6 +133,31 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(model, tmp_path):
         assert torch.equal(x, y)
 
 
+def test_checkpoints_replace_only_an_earlier_checkpoint(tiny_models, tmp_path):
+    model = tiny_models["tiny-llama"]
+    kw = dict(max_steps=2, batch_size=4, progress=False, checkpoint_every=1)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.csv").write_text("a,b\n")
+    fresh(model).save(tmp_path / "reft")  # a ReftModel.save folder is not a checkpoint
+    steps = []
+    for target, words in [(notes, "it is a file"), (work, r"it has no trainer_state.json"),
+                          (tmp_path / "reft", r"it has no trainer_state.json")]:
+        before = target.read_bytes() if target.is_file() else {p.name: p.read_bytes() for p in target.iterdir()}
+        with pytest.raises(reftlens.SaveError, match=words):  # refused before the first step, not after it
+            reftlens.train(fresh(model), DATA, checkpoint_dir=target, callback=steps.append, **kw)
+        assert steps == []
+        assert before == (target.read_bytes() if target.is_file() else {p.name: p.read_bytes() for p in target.iterdir()})
+    ckpt = tmp_path / "ckpt"
+    reftlens.train(fresh(model), DATA, checkpoint_dir=ckpt, **kw)
+    first = (ckpt / "trainer_state.json").read_text()
+    reftlens.train(fresh(model), DATA, checkpoint_dir=ckpt, seed=5, **kw)  # its own earlier checkpoint: replaced
+    assert (ckpt / "trainer_state.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "notes.txt", "reft", "work"]
+
+
 def test_a_nan_loss_names_the_step_and_the_intervention(model):
     d = model.cfg.d_model
     bad = Steer(torch.zeros(d))

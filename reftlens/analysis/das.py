@@ -17,6 +17,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError
 from reftlens.interventions.subspace import DII
+from reftlens.model import text_tokens
 from reftlens.sets import Intervention
 
 
@@ -35,7 +36,7 @@ def _pairs(model: Any, data: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
     """Stack ``{"base", "source", "label"}`` examples (token ids of equal length; label a token id or string)."""
     def ids(x: Any) -> Tensor:
         if isinstance(x, str):
-            return model.to_tokens(x)[0]
+            return text_tokens(model, x)
         return torch.as_tensor(x, dtype=torch.long)
 
     try:

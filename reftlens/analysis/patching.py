@@ -23,6 +23,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError
 from reftlens.interventions.patching import Collect, Interchange
+from reftlens.model import text_tokens
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, hook_name_for, resolve
 from reftlens.runtime.sweep import REPLAY_MIN_PARAMS, Sweep  # noqa: F401  (re-exported)
@@ -51,7 +52,7 @@ class PatchResult:
 
 def _as_tokens(model: Any, x: Any, what: str) -> Tensor:
     if isinstance(x, str):
-        return model.to_tokens(x)
+        return text_tokens(model, x)[None]
     if isinstance(x, Tensor):
         x = x.unsqueeze(0) if x.ndim == 1 else x
         if x.ndim != 2 or x.is_floating_point():
@@ -110,6 +111,7 @@ def patch_sweep(
     corrupted_with: Any = None,
     strategy: str = "auto",
     logits_at: Any = "auto",
+    check_finite: bool = True,
 ) -> PatchResult:
     """Patch clean activations into the corrupted run at every (layer, position) of ``hook``.
 
@@ -145,6 +147,9 @@ def patch_sweep(
             rest cannot change; best once a forward is compute-bound); ``"batch"`` packs
             (layer, position) variants into whole forwards of up to ``batch_size`` rows (best when a
             forward's fixed cost dominates: small models); ``"auto"`` picks by model size.
+        check_finite: a clean activation with NaN or inf at a patched site raises
+            :class:`~reftlens.errors.NonFiniteError` (the layer, example and position) rather than
+            filling cells with NaN; ``False`` patches it in as it is.
 
     Returns a :class:`PatchResult` with ``values [n_layers, pos]``, equal to
     ``transformer_lens.patching`` on the same inputs to fp32 rounding (``method="exact"``).
@@ -169,7 +174,7 @@ def patch_sweep(
         return _attribution(model, clean, corrupt, metric, hook, layers, base, source_base, cast)
     with torch.no_grad():
         sweep = Sweep(model, corrupt, base=base, sources=clean, source_base=source_base, strategy=strategy,
-                      batch_size=batch_size, cast=cast)
+                      batch_size=batch_size, cast=cast, check_finite=check_finite)
         base_logits, clean_logits = sweep.base_logits, sweep.source_run()
         if batched is None:
             batched = batch == 1 and _accepts_batched(metric, base_logits)
@@ -309,12 +314,14 @@ def patch_heads(
     batched: bool | None = None,
     batch_size: int = 128,
     strategy: str = "auto",
+    check_finite: bool = True,
 ) -> PatchResult:
     """Patch each attention head's output (all positions) from the clean run into the corrupted one.
 
     Each cell is ``Intervention(Interchange(heads=[h]), layers=l, positions="all", hook=hook)``,
     run through the engine's batched sweep. Returns ``values [n_layers, n_heads]`` (``tokens``
     holds the head labels), equal to ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``.
+    ``check_finite`` as in :func:`patch_sweep`.
     """
     clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
     n_layers = model.cfg.n_layers
@@ -324,7 +331,7 @@ def patch_heads(
         raise ConfigError(f"hook {hook!r} does not exist at every layer of this model.")
     batch = corrupt.shape[0]
     with torch.no_grad():
-        sweep = Sweep(model, corrupt, sources=clean, strategy=strategy, batch_size=batch_size)
+        sweep = Sweep(model, corrupt, sources=clean, strategy=strategy, batch_size=batch_size, check_finite=check_finite)
         z = sweep.activation(names[0])
         if z.ndim != 4:
             raise ConfigError(f"hook {names[0]} has shape {tuple(z.shape)}; head patching needs [batch, pos, head, d_head].")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError
 from reftlens.interventions.patching import Interchange, Noise
+from reftlens.model import text_tokens
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
@@ -76,9 +77,9 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[Tensor, tuple[i
     start_char = prompt.find(subject)
     if not subject or start_char < 0:
         raise AnalysisError(f"subject {subject!r} is not in the prompt {prompt!r}; pass the subject exactly as it appears.")
-    tokens = model.to_tokens(prompt)
+    tokens = text_tokens(model, prompt)[None]
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
-    shift = tokens.shape[1] - len(enc["input_ids"])  # the start token TransformerLens prepends
+    shift = tokens.shape[1] - len(enc["input_ids"])  # the start token prepended (if the prompt had none)
     end_char = start_char + len(subject)
     hit = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end_char and b > start_char]
     return tokens, (hit[0] + shift, hit[-1] + 1 + shift)
@@ -115,6 +116,7 @@ def causal_trace(
     samples: int = 10,
     seed: int = 0,
     batch_size: int = 256,
+    check_finite: bool = True,
 ) -> TraceResult:
     """Trace where ``model`` recalls ``answer`` for ``prompt`` (default answer: its own greedy prediction).
 
@@ -124,6 +126,7 @@ def causal_trace(
     from the first restored block, on positions from the restored one on. Positions before the
     subject are not run: the noise enters at the subject and attention is causal, so their clean
     and corrupted states are the same and restoring them gives the corrupted probability.
+    ``check_finite`` as in :func:`~reftlens.analysis.patching.patch_sweep` (for the restored clean states).
 
     >>> res = causal_trace(model, "The Space Needle is in downtown", "The Space Needle", " Seattle")  # doctest: +SKIP
     >>> res.plot("trace.png")  # doctest: +SKIP
@@ -136,7 +139,7 @@ def causal_trace(
     tokens, span = subject_span(model, prompt, subject)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
     sweep = Sweep(model, tokens.expand(samples, -1), base=[corruption(model, span, noise, seed)], sources=tokens,
-                  strategy="replay", batch_size=batch_size)
+                  strategy="replay", batch_size=batch_size, check_finite=check_finite)
     clean_logits = sweep.source_run()
     if answer is None:
         target = int(clean_logits[0, -1].argmax())

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reftlens.errors import ExportError
+from reftlens.errors import ExportError, LoadError
 from reftlens.runtime.compat import fast_attention
 from reftlens.runtime.hf import HFInterventions, pristine_hf
 
@@ -62,7 +62,11 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
             base_reference: str | None = None) -> Path:
     """Save an exported model: the base (``save_pretrained``, without the Φs) and the
     interventions (safetensors + JSON) in ``path/reft``. With ``include_base=False`` only a
-    reference to the base (``base_reference``: a hub id or a folder) is written."""
+    reference to the base (``base_reference``: a hub id or a folder) is written.
+
+    ``path`` must be new, an empty folder or an earlier ``save_hf`` output (it holds
+    ``reftlens_export.json``), which is replaced whole; anything else raises
+    :class:`~reftlens.errors.SaveError` and is left untouched."""
     from reftlens.saving import atomic_dir, write
 
     module = getattr(model, "reft_interventions", None)
@@ -82,14 +86,38 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
-    return atomic_dir(path, write_all)
+    return atomic_dir(path, write_all, markers=[EXPORT_FILE])
+
+
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_safetensors(folder: Path) -> None:
+    """Refuse a base folder without safetensors weights (pickled ones above all: reftlens loads
+    safetensors only)."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in folder.iterdir() if f.is_file() and f.suffix in _PICKLED)
+    if pickled:
+        raise LoadError(
+            f"{folder / pickled[0]}: the base model's weights are a pickled checkpoint ({', '.join(pickled)}) and "
+            f"{folder} has no .safetensors file. reftlens loads safetensors only, so loading a folder never runs "
+            "code from it. Re-save the base model as safetensors: model.save_pretrained(folder) writes "
+            "model.safetensors by default (transformers 4: safe_serialization=True)."
+        )
+    raise LoadError(f"{folder} holds no base-model weights (model.safetensors); save the base with "
+                    "model.save_pretrained(folder), or export with reftlens.save_hf(model, path).")
 
 
 def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
-    """Load a model saved by :func:`save_hf`: transformers only, no TransformerLens."""
+    """Load a model saved by :func:`save_hf`: transformers only, no TransformerLens.
+
+    The base model's weights are read from safetensors only: a base folder holding a pickled
+    ``pytorch_model.bin`` (and no ``.safetensors``) raises :class:`~reftlens.errors.LoadError`
+    naming the file; re-save it with ``save_pretrained`` (safetensors is its default)."""
     from transformers import AutoModelForCausalLM
 
-    from reftlens.saving import LoadError, interventions, read
+    from reftlens.saving import interventions, read
 
     folder = Path(path)
     meta_path = folder / EXPORT_FILE
@@ -97,7 +125,10 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
         raise LoadError(f"{folder} is not a reftlens export: {EXPORT_FILE} is missing. Save with reftlens.save_hf(model, path).")
     meta = json.loads(meta_path.read_text())
     base = folder if meta["base"] == "." else meta["base"]
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32)
+    if Path(base).is_dir():
+        _check_safetensors(Path(base))
+    # safetensors only: transformers must never fall back to unpickling a .bin
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
     if device is not None:
         model.to(device)
     config, phis = read(folder / REFT_DIR, hf_fingerprint(model.config), dtype=dtype)

@@ -716,6 +716,10 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     at all (their constructor needs ``add_bias``, which the config cannot carry). For exact
     weights, build the interventions yourself (``dtype=torch.float32``, ``add_bias=False``) and
     ``load_state_dict(torch.load(intkey_<key>.bin))`` each one.
+
+    ``path`` must be new, an empty folder or an earlier pyreft save (``config.json`` with
+    ``intkey_*.bin``), which is replaced whole; anything else raises
+    :class:`~reftlens.errors.SaveError` and is left untouched.
     """
     from reftlens.version import __version__
 
@@ -782,4 +786,4 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
             torch.save({k: v.contiguous() for k, v in state.items()}, folder / f"intkey_{key}.bin")
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
-    return atomic_dir(path, write)
+    return atomic_dir(path, write, markers=[(CONFIG_FILE, "intkey_*.bin")])

@@ -38,7 +38,8 @@ class OrthonormalRows(nn.Module):
     as long as A keeps that value, instead of QR(A), which differs from an already orthonormal
     A in the last bits. A loaded checkpoint thus computes with its saved R. The non-persistent
     buffer ``held`` records A's value at ``set_``; the first change to A (an optimiser step,
-    ``copy_``, ``load_state_dict`` of other values) ends the hold and R is QR(A) again.
+    ``copy_``, ``load_state_dict`` of other values) ends the hold and R is QR(A) again. A save
+    (:mod:`reftlens.saving`) records which rows are held and :meth:`hold` restores it on load.
     Gradients always flow through the QR (while held, the forward value is Aᵀ and the
     backward is QR's), so training behaves the same with or without a hold.
     """
@@ -91,6 +92,12 @@ class OrthonormalRows(nn.Module):
         err = (work.T @ work - torch.eye(work.shape[1], dtype=torch.float64, device=work.device)).abs().max().item()
         if not err <= atol:
             self.A.copy_(self._qr().T)
+        return self.hold()
+
+    @torch.no_grad()
+    def hold(self) -> "OrthonormalRows":
+        """Hold R at Aᵀ as A is now, bit for bit, until A changes (what :meth:`set_` ends with).
+        For an A that was held when it was saved; any other A should go through :meth:`set_`."""
         self.held = self.A.detach().clone()
         return self
 

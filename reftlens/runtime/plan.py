@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from reftlens.errors import CollisionError, ConfigError
+from reftlens.errors import CollisionError, ConfigError, NonFiniteError
 from reftlens.interventions.base import phi_d_model
 from reftlens.positions import RealTokens
 from reftlens.sets import Unit, may_share_sites
@@ -152,6 +152,28 @@ def _collision(a: Site, c: Site, clash: Tensor, hook_name: str, real: RealTokens
         f"interventions {a.unit.name!r} ({a.unit.positions}) and {c.unit.name!r} ({c.unit.positions}) "
         f"both edit {hook_name} at example {b}, real token {rel} (padded position {p}) of an input "
         f"with {int(real.lengths[b])} real tokens.{hint}"
+    )
+
+
+def check_finite_source(label: str, rows: Tensor, mask: Tensor, real: RealTokens, opt_out: str) -> None:
+    """Raise :class:`NonFiniteError` if a source row gathered for an intervention holds NaN or inf.
+
+    ``rows`` are the rows ``mask`` (``[batch, seq]``) selects, in row-major order; ``real`` says
+    where each example's real tokens start; ``opt_out`` tells how to let such values through.
+    One ``isfinite`` over the rows; the offending example and position are looked up only on failure.
+    """
+    finite = torch.isfinite(rows)
+    if bool(finite.all()):
+        return
+    bad = (~finite).reshape(rows.shape[0], -1).any(1).nonzero()[0, 0]
+    b, p = (int(v) for v in mask.nonzero()[bad])
+    rel = p - int(real.starts[b])
+    where = f"position {p}" if rel == p else f"real token {rel} (padded position {p})"
+    value = "NaN" if bool(rows[bad].isnan().any()) else "inf"
+    raise NonFiniteError(
+        f"intervention {label}: the source run's activation for example {b} at {where} holds {value}, which the "
+        "intervention would copy into the base run. Check that source example (its tokens, and any hooks or "
+        f"interventions active in the source run), or {opt_out} to let non-finite values through."
     )
 
 

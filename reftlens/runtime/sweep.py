@@ -26,7 +26,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError
 from reftlens.positions import RealTokens
-from reftlens.runtime.plan import Site, SitePlan, flat_index, site_hook
+from reftlens.runtime.plan import Site, SitePlan, check_finite_source, flat_index, site_hook
 from reftlens.runtime.replay import BlockReplay, UnsupportedReplay, block_of
 from reftlens.runtime.tl import bind, hook_points, hooked
 from reftlens.sets import Intervention, Unit
@@ -61,13 +61,15 @@ class Sweep:
         strategy: ``"replay"``, ``"batch"`` (whole forwards) or ``"auto"`` (replay from
             ``REPLAY_MIN_PARAMS`` parameters on, or whenever the base set needs it).
         batch_size: the most rows in one forward.
+        check_finite: refuse NaN or inf in the source rows a variant patches in (default True;
+            :class:`~reftlens.errors.NonFiniteError` names the intervention, example and position).
 
     ``base_logits`` and ``source_logits`` hold the two reference runs.
     """
 
     def __init__(self, model: Any, tokens: Tensor, *, base: Sequence[Intervention] = (), sources: Tensor | None = None,
                  source_base: Sequence[Intervention] = (), strategy: str = "auto", batch_size: int = 128,
-                 cast: bool = False) -> None:
+                 cast: bool = False, check_finite: bool = True) -> None:
         if strategy not in ("auto", "replay", "batch"):
             raise AnalysisError(f"strategy must be 'auto', 'replay' or 'batch'; got {strategy!r}.")
         self.model = model
@@ -75,6 +77,7 @@ class Sweep:
         self.batch, self.seq = tokens.shape
         self.batch_size = max(batch_size, self.batch)
         self.cast = cast
+        self.check_finite = check_finite
         self.n_layers = model.cfg.n_layers
         self.real = RealTokens.unpadded(self.batch, self.seq, tokens.device)
         self.base = [b for u in _units(base, self.n_layers) for b in self._bind_unit(u)]
@@ -82,6 +85,7 @@ class Sweep:
             raise ConfigError("a sweep's base interventions must not take a source; put Φs with a source in the variants.")
         stochastic = [b.site.unit.name for b in self.base if not getattr(b.site.unit.phi, "row_wise", True)]
         self._acts: dict[str, Tensor] = {}
+        self._finite: dict[str, bool] = {}  # per kept source activation: no NaN or inf anywhere
         self._source_tokens = sources
         self._source_base = list(source_base)
         self.source_logits: Tensor | None = None
@@ -165,6 +169,8 @@ class Sweep:
         if self.source_logits is None:
             self.source_logits = logits
         self._acts.update(kept)
+        if self.check_finite:
+            self._finite.update({n: bool(torch.isfinite(h).all()) for n, h in kept.items()})
 
     def source_run(self) -> Tensor:
         """The source run's logits."""
@@ -201,6 +207,8 @@ class Sweep:
         spec = unit.source_positions or unit.positions
         src_real = RealTokens.unpadded(act.shape[0], act.shape[1], act.device)
         src_mask = spec.site_mask(src_real)
+        if self.check_finite and not self._finite[b.site.hook_name]:  # look closer only when something is off
+            check_finite_source(b.site.label, act[src_mask], src_mask, src_real, "pass check_finite=False")
         out = []
         for i in range(self.batch):
             j = i if act.shape[0] == self.batch else 0

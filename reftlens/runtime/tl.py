@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from reftlens.errors import ConfigError
 from reftlens.interventions.base import phi_d_model
 from reftlens.runtime.compat import pad_row_guard
-from reftlens.runtime.plan import NO_POSITION_AXIS, HookFn, Plan, Site, SitePlan, flat_index, hook_name_for, site_hook
+from reftlens.runtime.plan import (NO_POSITION_AXIS, HookFn, Plan, Site, SitePlan, check_finite_source, flat_index,
+                                   hook_name_for, site_hook)
 from reftlens.positions import RealTokens
 from reftlens.sets import Unit
 
@@ -108,9 +109,12 @@ def execute(model: Any, plan: Plan, cast: bool = False, extra: Sequence[tuple[nn
 
 
 def gather_sources(model: Any, plans: Sequence[SitePlan], source_masks: dict[int, Tensor], tokens: Tensor,
-                   real: RealTokens) -> None:
+                   real: RealTokens, check_finite: bool = True) -> None:
     """Fill ``source_rows`` of every site whose Φ takes a source, in one batched forward of the
-    frozen model over the sources (stopping after the last layer needed)."""
+    frozen model over the sources (stopping after the last layer needed).
+
+    With ``check_finite`` (the default) a NaN or inf among the gathered rows raises
+    :class:`~reftlens.errors.NonFiniteError` naming the intervention, the example and the position."""
     wanted = [p for p in plans if p.site.unit.takes_source]
     if not wanted:
         return
@@ -128,5 +132,9 @@ def gather_sources(model: Any, plans: Sequence[SitePlan], source_masks: dict[int
     mask = None if bool(real.mask.all()) else real.mask.long()
     with hooked(model, hooks), torch.no_grad():
         model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop if stop < model.cfg.n_layers else None)
+    for plan in wanted:
+        if check_finite:
+            check_finite_source(plan.site.label, rows[id(plan)], source_masks[id(plan.site.unit)], real,
+                                "build ReftModel(..., check_finite=False)")
     for plan in wanted:
         plan.source_rows = rows[id(plan)]

@@ -1,7 +1,8 @@
 """Training data: prompt/completion (or prompt/label) examples → token batches.
 
-Each example becomes prompt ids (with the model's start token) followed by completion ids (and
-EOS). Positions of the interventions are resolved against the prompt part only, so "f5+l5"
+Each example becomes prompt ids (with the model's start token, by the rule of
+:func:`reftlens.model.text_tokens`: never a second one on a chat-formatted prompt) followed by
+completion ids (and EOS). Positions of the interventions are resolved against the prompt part only, so "f5+l5"
 means the first and last five prompt tokens, as in the ReFT paper. Loss is taken on the
 completion tokens alone.
 """
@@ -13,6 +14,8 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+from reftlens.model import text_tokens
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,11 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
 
 
 def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool = False, append_eos: bool = True,
-           label_names: Sequence[str] | None = None) -> list[Example]:
+           label_names: Sequence[str] | None = None, prepend_bos: bool | None = None) -> list[Example]:
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
-    (the label's text is the completion, and ``label_names`` fixes the class order)."""
+    (the label's text is the completion, and ``label_names`` fixes the class order). Prompts get
+    start tokens by :func:`reftlens.model.text_tokens` (``prepend_bos``)."""
+
     tok = model.tokenizer
     eos = getattr(tok, "eos_token_id", None)
     out = []
@@ -76,7 +81,7 @@ def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool 
         if "prompt" not in r or not ({"completion", "label"} & set(r)):
             raise KeyError(f"example {i} has keys {sorted(r)}; each needs 'prompt' and 'completion' (or 'label').")
         prompt = chat_prompt(tok, r["prompt"]) if chat_template else r["prompt"]
-        p = model.to_tokens(prompt)[0].tolist()
+        p = text_tokens(model, prompt, prepend_bos).tolist()
         label = None
         if "completion" in r:
             text = r["completion"]

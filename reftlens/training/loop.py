@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import TrainingError
+from reftlens.saving import check_save_target
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class History:
 
 
 PRECISIONS = ("fp32", "bf16", "bf16-force")
+STATE_FILE = "trainer_state.json"  # marks a checkpoint folder: the one kind a checkpoint may replace
 
 
 @dataclass
@@ -72,6 +74,7 @@ class TrainConfig:
     precision: str = "fp32"
     group_by_length: bool = True
     chat_template: bool = False
+    prepend_bos: bool | None = None
     task: str = "lm"
     label_names: Sequence[str] | None = None
     eval_every: int | None = None
@@ -114,6 +117,7 @@ def train(
     precision: str = "fp32",
     group_by_length: bool = True,
     chat_template: bool = False,
+    prepend_bos: bool | None = None,
     task: str = "lm",
     label_names: Sequence[str] | None = None,
     eval_every: int | None = None,
@@ -128,20 +132,27 @@ def train(
     ``data``: dicts (or a ``datasets.Dataset``) with ``prompt`` and ``completion``; for
     ``task="classification"``, ``prompt`` and ``label`` (the loss is on the label's tokens and
     accuracy picks the best-scoring label among ``label_names``). Empty ``data`` or ``eval_data``
-    is an error. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
+    is an error. Each prompt gets the model's start token (``prepend_bos=None``; ``True`` /
+    ``False`` override) unless it already starts with one, as a prompt formatted by the chat
+    template (``chat_template=True``) does: the rule of :meth:`reftlens.ReftModel.tokenize`,
+    so training sees the tokens ``reft(...)`` and ``reft.generate`` see. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
     ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
     save the full training state every so many steps; ``resume=True`` continues from it and ends
-    where an uninterrupted run would. ``callback(record)`` sees every step and evaluation record.
+    where an uninterrupted run would. ``checkpoint_dir`` must be new, an empty folder or an
+    earlier checkpoint (it holds ``trainer_state.json``), else a
+    :class:`~reftlens.errors.SaveError` is raised before training starts. ``callback(record)`` sees every step and evaluation record.
 
     >>> history = reftlens.train(reft, [{"prompt": "2+2=", "completion": "4"}], max_steps=10)  # doctest: +SKIP
     """
     cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                       weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
                       max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
-                      group_by_length=group_by_length, chat_template=chat_template, task=task,
+                      group_by_length=group_by_length, chat_template=chat_template, prepend_bos=prepend_bos, task=task,
                       label_names=label_names, eval_every=eval_every, progress=progress,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    if cfg.checkpoint_dir is not None and cfg.checkpoint_every:  # refuse a foreign folder before any work
+        check_save_target(cfg.checkpoint_dir, markers=[STATE_FILE])
     world, rank = _dist()
     examples, eval_examples, label_names = _setup_data(reft, data, eval_data, cfg)
     steps_per_epoch, total = _count_steps(len(examples), cfg, world)
@@ -193,7 +204,8 @@ def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
     if cfg.task == "classification" and label_names is None:
         label_names = sorted({str(r["label"]) for r in train_rows})
     names = label_names if cfg.task == "classification" else None
-    examples = encode(model, train_rows, max_length=cfg.max_length, chat_template=cfg.chat_template, label_names=names)
+    examples = encode(model, train_rows, max_length=cfg.max_length, chat_template=cfg.chat_template, label_names=names,
+                      prepend_bos=cfg.prepend_bos)
     eval_examples = None
     if eval_data is not None:
         eval_rows = _rows(eval_data)
@@ -201,7 +213,7 @@ def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
             raise TrainingError("eval_data is empty: there is nothing to evaluate on. Pass examples of the "
                                 "same form as data, or leave eval_data=None to skip evaluation.")
         eval_examples = encode(model, eval_rows, max_length=cfg.max_length, chat_template=cfg.chat_template,
-                               label_names=names)
+                               label_names=names, prepend_bos=cfg.prepend_bos)
     return examples, eval_examples, label_names
 
 
@@ -227,7 +239,7 @@ def _setup_resume(reft: "ReftModel", cfg: TrainConfig, optimizer: torch.optim.Op
                   scheduler: Any) -> tuple[int, History]:
     """The step to start from and the history so far: from the checkpoint with ``resume=True``."""
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
-    if cfg.resume and ckpt is not None and (ckpt / "trainer_state.json").is_file():
+    if cfg.resume and ckpt is not None and (ckpt / STATE_FILE).is_file():
         return load_checkpoint(ckpt, reft, optimizer, scheduler)
     return 0, History()
 
@@ -409,6 +421,8 @@ def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, .
 
 def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
                     history: History) -> None:
+    """Write the whole training state (Φs, optimizer, scheduler, RNG, history) to ``folder``, atomically.
+    ``folder`` must be new, empty or an earlier checkpoint (it holds ``trainer_state.json``)."""
     from safetensors.torch import save_file
 
     from reftlens.saving import atomic_dir, write
@@ -426,9 +440,9 @@ def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
         write(reft, tmp / "reft")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
-        (tmp / "trainer_state.json").write_text(json.dumps(meta))
+        (tmp / STATE_FILE).write_text(json.dumps(meta))
 
-    atomic_dir(folder, write_all)
+    atomic_dir(folder, write_all, markers=[STATE_FILE])
 
 
 def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, History]:
@@ -443,7 +457,7 @@ def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     with torch.no_grad():
         for mine, saved in zip(reft.phis, saved_phis):
             mine.load_state_dict(saved.state_dict())
-    meta = json.loads((folder / "trainer_state.json").read_text())
+    meta = json.loads((folder / STATE_FILE).read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
     opt_state: dict[int, dict[str, Tensor]] = {}
     for key, v in tensors.items():
