@@ -34,6 +34,16 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def instruction_set() -> str:
+    """torch's vector capability and the bfloat16 units, e.g. ``"AVX512, avx512_bf16"`` or ``"AVX2, no native bf16"``."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = getattr(torch.cpu, "get_capabilities", dict)()
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16") if flags.get(f)]
+    return f"{capability}, {'+'.join(bf16) if bf16 else 'no native bf16'}"
+
+
 def environment() -> dict:
     """Machine, thread count and library versions, as the report prints them."""
     import torch
@@ -44,7 +54,7 @@ def environment() -> dict:
         mem = float("nan")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, {mem:.1f} GiB",
+        "machine": f"{cpu_name()} ({platform.machine()}, {instruction_set()}), {os.cpu_count()} cores, {mem:.1f} GiB",
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": platform.python_version(),
