@@ -52,6 +52,8 @@ import torch.nn.functional as F
 
 from common import headline
 
+REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
+
 HERE = Path(__file__).resolve().parent
 LAYERS = [3, 9, 18, 24]
 RANK = 4
@@ -174,9 +176,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--random-arm", action="store_true", help="also time reftlens with group_by_length=False")
-    ap.add_argument("--workdir", default="/work/bench_tmp")
+    ap.add_argument("--workdir", default=str(REPO / ".bench" / "work"))
     ap.add_argument("--model-dir-445", default=None, help="default WORKDIR/smollm2-hf445 (made when missing)")
-    ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", "/work/venvs/pyreft"))
+    ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", str(REPO / ".bench" / "venv-pyreft")))
     ap.add_argument("--out", default=None, help="default WORKDIR/epoch_bbc.json")
     ap.add_argument("--reuse-pyreft", action="store_true",
                     help="reuse WORKDIR/epoch_bbc.pyreft.json and its init from an earlier run on the same examples "

@@ -6,7 +6,7 @@ One command runs everything and prints Markdown tables (and writes a JSON):
     python3 benchmarks/train_vs_pyreft.py --quick         # smoke test, few steps
 
 Needs the pyreft venv (``bash benchmarks/peers/setup_pyreft_env.sh``, default
-``/work/venvs/pyreft``). The 4.45-readable model folder and the batches file are made in
+``.bench/venv-pyreft`` in the repository). The 4.45-readable model folder and the batches file are made in
 ``--workdir`` when missing (``peers/smollm2_for_hf445.py``, ``peers/make_batches.py``).
 
 Setup (both sides): LoReFT rank 4 at layers 3;9;18;24 (resid_post = pyreft's block_output), the
@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 
 from common import headline
+
+REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
 
 HERE = Path(__file__).resolve().parent
 LAYERS = [3, 9, 18, 24]
@@ -679,11 +681,11 @@ def report(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="few steps: a smoke test, not numbers")
-    ap.add_argument("--workdir", default="/work/bench_tmp")
+    ap.add_argument("--workdir", default=str(REPO / ".bench" / "work"))
     ap.add_argument("--out", default=None, help="JSON output (default WORKDIR/train_vs_pyreft.json)")
     ap.add_argument("--batches", default=None, help="default WORKDIR/batches.json (made when missing)")
     ap.add_argument("--model-dir-445", default=None, help="default WORKDIR/smollm2-hf445 (made when missing)")
-    ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", "/work/venvs/pyreft"))
+    ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", str(REPO / ".bench" / "venv-pyreft")))
     ap.add_argument("--pyreft-json", default=None, help="reuse a pyreft_bench.py JSON instead of running pyreft")
     ap.add_argument("--init-weights", default=None, help="pyreft's init (default WORKDIR/train_vs_pyreft.pyreft_init.pt)")
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "pyreft"
 TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"]
 SCRIPT = ROOT / "benchmarks" / "peers" / "make_pyreft_fixtures.py"
-PYREFT_PY = Path(os.environ.get("PYREFT_VENV", "/work/venvs/pyreft")) / "bin" / "python"
+PYREFT_PY = Path(os.environ.get("PYREFT_VENV", Path(__file__).resolve().parent.parent / ".bench" / "venv-pyreft")) / "bin" / "python"
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ beyond the standard library, numpy and torch):
     python3 benchmarks/peers/make_pyreft_fixtures.py model DIR
 
     # pyreft venv: build every fixture (calls `model` with the system python itself)
-    /work/venvs/pyreft/bin/python benchmarks/peers/make_pyreft_fixtures.py build [--out tests/fixtures/pyreft]
+    .bench/venv-pyreft/bin/python benchmarks/peers/make_pyreft_fixtures.py build [--out tests/fixtures/pyreft]
 
     # pyreft venv: load reftlens to_pyreft folders with pyreft and print their logits' parity
-    /work/venvs/pyreft/bin/python benchmarks/peers/make_pyreft_fixtures.py check --model-dir DIR --cases CASES.json
+    .bench/venv-pyreft/bin/python benchmarks/peers/make_pyreft_fixtures.py check --model-dir DIR --cases CASES.json
 
 Each fixture folder <type>/ holds pyreft's own `ReftModel.save` output (config.json +
 intkey_*.bin) for one intervention type, plus reference.json (token batch, positions, the

@@ -5,7 +5,7 @@ real size (d_model 576, 30 layers), where a rotation recomputed by QR instead of
 moves the logits by ~4e-5. Two environments, one script:
 
     # pyreft venv (calls the system python itself for the SmolLM2 folder transformers 4.45 reads)
-    /work/venvs/pyreft/bin/python benchmarks/peers/make_pyreft_smollm2_fixture.py build
+    .bench/venv-pyreft/bin/python benchmarks/peers/make_pyreft_smollm2_fixture.py build
 
     # main environment: the model folder for transformers 4.45 (benchmarks/peers/smollm2_for_hf445.py)
     python3 benchmarks/peers/make_pyreft_smollm2_fixture.py model DIR

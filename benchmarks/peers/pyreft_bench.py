@@ -3,7 +3,7 @@
     bash benchmarks/peers/setup_pyreft_env.sh
     python3 benchmarks/peers/smollm2_for_hf445.py /tmp/smollm2-hf445
     python3 benchmarks/peers/make_batches.py /tmp/batches.json
-    /work/venvs/pyreft/bin/python benchmarks/peers/pyreft_bench.py \
+    .bench/venv-pyreft/bin/python benchmarks/peers/pyreft_bench.py \
         --model-dir /tmp/smollm2-hf445 --batches /tmp/batches.json --out /tmp/pyreft.json
 
 Batches file (written by make_batches.py; token ids only, so both sides see identical inputs)::

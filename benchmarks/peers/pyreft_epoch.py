@@ -1,7 +1,7 @@
 """pyreft 0.1.0 side of ``benchmarks/epoch_bbc.py``: one training epoch with pyreft's default data
 pipeline. Runs INSIDE the pyreft venv; ``epoch_bbc.py`` calls it.
 
-    /work/venvs/pyreft/bin/python benchmarks/peers/pyreft_epoch.py --model-dir DIR_445 \\
+    .bench/venv-pyreft/bin/python benchmarks/peers/pyreft_epoch.py --model-dir DIR_445 \\
         --examples EXAMPLES.json --out OUT.json --init-weights INIT.pt
 
 EXAMPLES.json (written by epoch_bbc.py in the main environment, so both sides train on the very

@@ -3,11 +3,11 @@
 # benchmarks. They pin transformers==4.45.1, which must never meet reftlens' transformers 5.x,
 # hence a venv of their own. Idempotent: does nothing when the venv already imports pyreft.
 #
-#   bash benchmarks/peers/setup_pyreft_env.sh            # -> $PYREFT_VENV or /work/venvs/pyreft
+#   bash benchmarks/peers/setup_pyreft_env.sh            # -> $PYREFT_VENV or .bench/venv-pyreft in the repository
 #   PYREFT_VENV=/tmp/pyreft bash benchmarks/peers/setup_pyreft_env.sh
 set -euo pipefail
 
-VENV="${PYREFT_VENV:-/work/venvs/pyreft}"
+VENV="${PYREFT_VENV:-$(cd "$(dirname "$0")/../.." && pwd)/.bench/venv-pyreft}"
 # torch==2.13.0 resolves to the CPU wheel kept on local disk here; a bare `torch` could pull a
 # multi-GB CUDA build. Override elsewhere, e.g. TORCH_SPEC=torch.
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"

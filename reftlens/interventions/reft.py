@@ -56,8 +56,8 @@ class LoReFT(_LowRank):
 
     >>> phi = LoReFT(16, rank=4)                    # init="identity": W = R, b = 0
     >>> h = torch.randn(3, 16)
-    >>> torch.allclose(phi(h), h, atol=1e-6)        # Wh − Rh rounds to ~1e-7, not always 0
-    True
+    >>> (phi(h) - h).abs().max() < 1e-5             # Wh and Rh: two matmuls, float32 rounding apart
+    tensor(True)
     >>> phi = LoReFT(16, rank=4, init="random")     # affine: h + Rᵀ((W − R)h + b)
     >>> torch.allclose(phi.affine()(h), phi(h), atol=1e-6)
     True
