@@ -7,6 +7,7 @@ position on attn_out / mlp_out, on every architecture reftlens merges, with padd
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,3 +305,13 @@ def test_bias_free_phis_are_linear_and_save_their_option(tiny_models, tmp_path):
     reft = ReftModel(model, Intervention(LoReFT(d, 2, init="random", bias=False), layers=1, hook="mlp_out"))
     loaded = ReftModel.load(str(reft.save(tmp_path / "s")), model)
     assert loaded.phis[0].W.bias is None
+
+
+def test_the_vllm_benchmark_skips_cleanly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the benchmark would run, not skip")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_vllm_lora.py")], capture_output=True, text=True,
+                         timeout=120, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("skipped: ") and "CUDA" in out.stdout

@@ -122,11 +122,13 @@ def _refuse_if_not_foldable(unit: Any) -> None:
         )
     site = native_site(unit.hook)
     if site is None or site[0] == "layer":
+        what = ("the residual stream is the sum of the embedding and every block's output" if site is not None
+                else "reftlens knows no single projection whose output it is")
         raise ExportError(
             f"intervention {name!r} cannot fold into weights: its hook {unit.hook!r} is not the output of one linear "
-            "map o = Wx + b (the residual stream is the sum of the embedding and every block's output), so no "
-            "W', b' give W'x + b' = Φ(o). Only attn_out and mlp_out fold (the attention output and MLP down "
-            "projections); export this set with reftlens.to_hf(reft) instead."
+            f"map o = Wx + b ({what}), so no W', b' give W'x + b' = Φ(o). Only attn_out and mlp_out fold (the "
+            "attention output and MLP down projections)" + ("; keep the hooks with reftlens.to_hf(reft) instead."
+                                                            if site is not None else ".")
         )
     if not isinstance(unit.positions, All):
         raise ExportError(
