@@ -29,10 +29,11 @@ from reftlens import Intervention, LoReFT, ReftModel
 
 
 def paired(f, g, reps):
+    """Median times and the median per-pair ratio g/f; the order within a pair alternates."""
     a, b = [], []
-    for _ in range(reps):
-        t = time.perf_counter(); f(); a.append(time.perf_counter() - t)
-        t = time.perf_counter(); g(); b.append(time.perf_counter() - t)
+    for i in range(reps):
+        for fn, out in ((f, a), (g, b)) if i % 2 == 0 else ((g, b), (f, a)):
+            t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
     return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 

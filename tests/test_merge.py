@@ -21,6 +21,7 @@ from reftlens import DII, DiReFT, ExportError, Intervention, LoReFT, NodiReFT, N
 from reftlens.export.merge import compose
 from reftlens.interventions import Affine, Phi
 from reftlens.models import tiny_tokenizer
+from reftlens.runtime.compat import fast_attention
 from reftlens.runtime.hf import pristine_hf
 
 peft = pytest.importorskip("peft")
@@ -103,6 +104,18 @@ def test_llama_gets_its_bias_switches_and_zero_biases_elsewhere(arch_models):
     assert not merged.model.layers[0].self_attn.o_proj.bias.any()  # no intervention on attn_out at layer 0
     bias_free = reftlens.merge(mergeable_set(model, bias_attn=False, bias_mlp=False))
     assert not bias_free.config.attention_bias and not bias_free.config.mlp_bias  # nothing to add: config unchanged
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "qwen2", "tiny-gpt2"])
+def test_a_merge_without_new_biases_has_the_plain_models_layout(arch_models, arch):
+    """Same config, same parameter names and shapes as the base: the forward costs what the plain model's does."""
+    model = arch_models[arch]
+    merged = reftlens.merge(mergeable_set(model, bias_attn=False, bias_mlp=False))
+    plain = pristine_hf(model)
+    fast_attention(plain)
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert merged.config.to_diff_dict() == plain.config.to_diff_dict()
+    assert merged.config._attn_implementation == plain.config._attn_implementation
 
 
 @pytest.mark.parametrize("arch", ARCHS)
