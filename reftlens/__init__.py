@@ -43,10 +43,10 @@ from reftlens.sets import Intervention
 from reftlens.version import __version__
 from reftlens.models import load_model
 from reftlens.training import train
-from reftlens.export import from_pyreft, load_hf, save_hf, to_hf, to_pyreft
+from reftlens.export import from_pyreft, load_hf, merge, save_hf, to_hf, to_peft, to_pyreft
 
 __all__ = [
-    "train", "to_hf", "save_hf", "load_hf", "from_pyreft", "to_pyreft", "NodiReFT",
+    "train", "to_hf", "save_hf", "load_hf", "merge", "to_peft", "from_pyreft", "to_pyreft", "NodiReFT",
     "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",

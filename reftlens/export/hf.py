@@ -1,8 +1,10 @@
 """Back to Hugging Face: the interventions attached natively to a plain ``transformers`` model.
 
-ReFT edits depend on positions, so they cannot be merged into weights (pyreft #99). The export
-is the base model's own class (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) rebuilt with
-bit-identical weights outside TransformerLens, plus the Φs as a submodule
+ReFT edits that depend on positions cannot be merged into weights (pyreft #99); those that act
+at every position on ``attn_out`` / ``mlp_out`` can (:func:`reftlens.merge`,
+:func:`reftlens.to_peft`). This export keeps any sourceless set: it is the base model's own
+class (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) rebuilt with bit-identical weights
+outside TransformerLens, plus the Φs as a submodule
 (``model.reft_interventions``) and forward hooks on the decoder layers that correspond to the
 TransformerLens hook points. Each call resolves positions from its ``attention_mask``, so left
 and right padding work; in KV-cached generation the prompt is edited in the first (prefill)

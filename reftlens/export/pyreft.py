@@ -273,7 +273,7 @@ class LoReFTCodec(Codec):
         phi.W.bias.copy_(_take(state, "bias", (r,), d))
 
     def from_phi(self, phi):
-        return {"weight": phi.W.weight.detach().clone(), "bias": phi.W.bias.detach().clone(),
+        return {"weight": phi.W.weight.detach().clone(), "bias": phi.b.detach().clone(),
                 "rotate_layer": _rotate_for_pyreft(phi.R)}
 
 
@@ -293,7 +293,7 @@ class NoReFTCodec(Codec):
 
     def from_phi(self, phi):  # written without proj_layer.bias: build it in pyreft with add_bias=False
         return {**_dims(phi), "proj_layer.weight": phi.P.weight.detach().clone(),
-                "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.W.bias.detach().clone()}
+                "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.b.detach().clone()}
 
 
 class NodiReFTCodec(NoReFTCodec):
@@ -324,7 +324,7 @@ class DiReFTCodec(Codec):
 
     def from_phi(self, phi):
         with torch.no_grad():
-            W1, b, W2 = phi.W1.weight.detach(), phi.W1.bias.detach(), phi.W2.detach()
+            W1, b, W2 = phi.W1.weight.detach(), phi.b.detach(), phi.W2.detach()
             gram = W2.double() @ W2.double().T
             if (gram - torch.eye(W2.shape[0], dtype=torch.float64)).abs().max().item() <= 1e-5:
                 rotate, W1, b = W2.T.contiguous(), W1.clone(), b.clone()

@@ -10,7 +10,7 @@ matching sites. Any ``nn.Module`` or callable with that signature is a Φ; subcl
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -78,6 +78,24 @@ class Phi(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
+
+
+class Affine(NamedTuple):
+    """A Φ written as a low-rank affine edit: Φ(h) = h + up · (down · h + shift).
+
+    ``up`` is ``[d, r]``, ``down`` ``[r, d]``, ``shift`` ``[r]``. A Φ that has this form says so
+    with an ``affine()`` method returning it (in eval mode: dropout off); that is what lets
+    :func:`reftlens.merge` fold it into the weight of a linear map and :func:`reftlens.to_peft`
+    write it as a LoRA. LoReFT is ``(Rᵀ, W − R, b)``, DiReFT ``(W₂ᵀ, W₁, b)``.
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    shift: torch.Tensor
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """Apply the edit to rows ``[..., d]`` (for checks; the Φ's own forward is the reference)."""
+        return h + (h @ self.down.T + self.shift) @ self.up.T
 
 
 class FunctionPhi(nn.Module):

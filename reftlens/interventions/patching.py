@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from reftlens.interventions.base import Phi, register
+from reftlens.interventions.base import Affine, Phi, register
 
 
 @register("interchange")
@@ -100,6 +100,11 @@ class Steer(Phi):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.scale * self.vector
+
+    def affine(self) -> Affine:
+        """h + v·(0·h + α): a rank-1 edit with no dependence on h."""
+        v = self.vector
+        return Affine(v[:, None], v.new_zeros(1, self.d_model), v.new_full((1,), self.scale))
 
 
 @register("noise")

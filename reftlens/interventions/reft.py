@@ -3,7 +3,12 @@
 Each ``forward`` is the paper's equation. ``init="identity"`` (the default, where the math
 allows it) starts Φ at the identity, as LoRA starts at zero, so training begins from the
 base model's own loss; ``init="random"`` reproduces pyreft's initialisation. ``dropout``
-acts on the edit Φ(h) − h only, never on the hidden state itself.
+acts on the edit Φ(h) − h only, never on the hidden state itself. ``bias=False`` drops the
+learned shift b (Φ becomes linear: what :func:`reftlens.merge` needs on a projection that has no
+bias of its own, such as Qwen2's ``o_proj``).
+
+Every Φ here is affine, and ``affine()`` returns it as h + up·(down·h + shift) (see
+:class:`~reftlens.interventions.base.Affine`): the form that folds into weights.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from reftlens.interventions.base import Phi, register
+from reftlens.interventions.base import Affine, Phi, register
 from reftlens.interventions.subspace import OrthonormalRows, _check_rank
 
 _INITS = ("identity", "random")
+
+
+def _learned_bias(linear: nn.Linear) -> Tensor:
+    """The b of Wh + b: the layer's bias, or zeros for a Φ built with ``bias=False``."""
+    return linear.bias if linear.bias is not None else linear.weight.new_zeros(linear.out_features)
 
 
 class _LowRank(Phi):
@@ -25,18 +35,19 @@ class _LowRank(Phi):
 
     identity_init_possible = True
 
-    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0, bias: bool = True):
         super().__init__()
         _check_rank(type(self).__name__, d_model, rank)
         if init not in _INITS:
             raise ValueError(f"{type(self).__name__}: init must be one of {_INITS}; got {init!r}.")
         if init == "identity" and not self.identity_init_possible:
             raise ValueError(f"{type(self).__name__} cannot start at the identity; use init='random'.")
-        self.d_model, self.rank, self.init = d_model, rank, init
+        self.d_model, self.rank, self.init, self.has_bias = d_model, rank, init, bool(bias)
         self.dropout = nn.Dropout(dropout)
 
     def config(self) -> dict[str, Any]:
-        return {"d_model": self.d_model, "rank": self.rank, "init": self.init, "dropout": self.dropout.p}
+        out = {"d_model": self.d_model, "rank": self.rank, "init": self.init, "dropout": self.dropout.p}
+        return out if self.has_bias else {**out, "bias": False}  # saves from before the option stay the same
 
 
 @register("loreft")
@@ -47,37 +58,59 @@ class LoReFT(_LowRank):
     >>> h = torch.randn(3, 16)
     >>> (phi(h) - h).abs().max() < 1e-5             # Wh and Rh: two matmuls, float32 rounding apart
     tensor(True)
+    >>> phi = LoReFT(16, rank=4, init="random")     # affine: h + Rᵀ((W − R)h + b)
+    >>> torch.allclose(phi.affine()(h), phi(h), atol=1e-5)
+    True
     """
 
-    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
-        super().__init__(d_model, rank, init, dropout)
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, rank, init, dropout, bias)
         self.R = OrthonormalRows(d_model, rank)
-        self.W = nn.Linear(d_model, rank)  # W and b
+        self.W = nn.Linear(d_model, rank, bias=bias)  # W and b
         if init == "identity":
             with torch.no_grad():
                 self.W.weight.copy_(self.R.weight)
-                self.W.bias.zero_()
+                if bias:
+                    self.W.bias.zero_()
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         R = self.R.weight
         return h + self.dropout((self.W(h) - h @ R.T) @ R)
+
+    @property
+    def b(self) -> Tensor:
+        """The learned shift b (zeros with ``bias=False``)."""
+        return _learned_bias(self.W)
+
+    def affine(self) -> Affine:
+        R = self.R.weight
+        return Affine(R.T, self.W.weight - R, self.b)
 
 
 @register("noreft")
 class NoReFT(_LowRank):
     """LoReFT without orthogonality: Φ(h) = h + Pᵀ(Wh + b − Ph), P free."""
 
-    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
-        super().__init__(d_model, rank, init, dropout)
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, rank, init, dropout, bias)
         self.P = nn.Linear(d_model, rank, bias=False)
-        self.W = nn.Linear(d_model, rank)
+        self.W = nn.Linear(d_model, rank, bias=bias)
         if init == "identity":
             with torch.no_grad():
                 self.W.weight.copy_(self.P.weight)
-                self.W.bias.zero_()
+                if bias:
+                    self.W.bias.zero_()
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout((self.W(h) - self.P(h)) @ self.P.weight)
+
+    @property
+    def b(self) -> Tensor:
+        """The learned shift b (zeros with ``bias=False``)."""
+        return _learned_bias(self.W)
+
+    def affine(self) -> Affine:
+        return Affine(self.P.weight.T, self.W.weight - self.P.weight, self.b)
 
 
 @register("direft")
@@ -90,14 +123,22 @@ class DiReFT(_LowRank):
     True
     """
 
-    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
-        super().__init__(d_model, rank, init, dropout)
-        self.W1 = nn.Linear(d_model, rank)  # W₁ and b
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, rank, init, dropout, bias)
+        self.W1 = nn.Linear(d_model, rank, bias=bias)  # W₁ and b
         w2 = nn.Linear(d_model, rank, bias=False).weight.detach()
         self.W2 = nn.Parameter(torch.zeros_like(w2) if init == "identity" else w2.clone())
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout(self.W1(h) @ self.W2)
+
+    @property
+    def b(self) -> Tensor:
+        """The learned shift b (zeros with ``bias=False``)."""
+        return _learned_bias(self.W1)
+
+    def affine(self) -> Affine:
+        return Affine(self.W2.T, self.W1.weight, self.b)
 
 
 @register("nodireft")
@@ -113,9 +154,9 @@ class NodiReFT(_LowRank):
     True
     """
 
-    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0):
-        super().__init__(d_model, rank, init, dropout)
-        self.W = nn.Linear(d_model, rank)  # W and b
+    def __init__(self, d_model: int, rank: int, init: str = "identity", dropout: float = 0.0, bias: bool = True):
+        super().__init__(d_model, rank, init, dropout, bias)
+        self.W = nn.Linear(d_model, rank, bias=bias)  # W and b
         self.P = nn.Linear(d_model, rank, bias=False)
         if init == "identity":
             with torch.no_grad():
@@ -123,6 +164,14 @@ class NodiReFT(_LowRank):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout(self.W(h) @ self.P.weight)
+
+    @property
+    def b(self) -> Tensor:
+        """The learned shift b (zeros with ``bias=False``)."""
+        return _learned_bias(self.W)
+
+    def affine(self) -> Affine:
+        return Affine(self.P.weight.T, self.W.weight, self.b)
 
 
 @register("consreft")
@@ -140,6 +189,10 @@ class ConsReFT(_LowRank):
         R = self.R.weight
         return h + self.dropout((self.b - h @ R.T) @ R)
 
+    def affine(self) -> Affine:
+        R = self.R.weight
+        return Affine(R.T, -R, self.b)
+
 
 @register("lobireft")
 class LoBiReFT(_LowRank):
@@ -152,3 +205,7 @@ class LoBiReFT(_LowRank):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout(self.b @ self.R.weight).to(h.dtype)
+
+    def affine(self) -> Affine:
+        R = self.R.weight
+        return Affine(R.T, R.new_zeros(self.rank, self.d_model), self.b)

@@ -35,6 +35,14 @@ _SITES = {
 }
 
 
+def native_site(hook: str) -> tuple[str, str] | None:
+    """Where a TransformerLens block hook (``"mlp_out"``, ``"hook_resid_post"``, ...) sits in a
+    transformers decoder layer: (``"layer"``/``"attn"``/``"mlp"``, ``"input"``/``"output"``), or
+    None when it has no native equivalent."""
+    tail = hook if hook.startswith("hook_") or "." in hook else f"hook_{hook}"
+    return _SITES.get(tail)
+
+
 def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
     """The decoder layers of a transformers causal LM (Llama/Qwen2/Mistral/Gemma, GPT-2, GPT-NeoX)."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -50,7 +58,8 @@ def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
                       "(supported: Llama-style model.layers, GPT-2 transformer.h, GPT-NeoX gpt_neox.layers).")
 
 
-def _submodule(layer: nn.Module, kind: str, arch: str) -> nn.Module:
+def block_module(layer: nn.Module, kind: str, arch: str) -> nn.Module:
+    """The decoder layer itself (``kind="layer"``), its attention or its MLP module."""
     if kind == "layer":
         return layer
     names = ("self_attn", "attn", "attention") if kind == "attn" else ("mlp",)
@@ -89,15 +98,15 @@ class HFInterventions(nn.Module):
         layers = decoder_layers(model)
         self.sites: list[Site] = []
         for u in sorted(self.units, key=lambda u: u.stack or 0):  # hooks run in registration order
-            tail = u.hook if u.hook.startswith("hook_") or "." in u.hook else f"hook_{u.hook}"
-            if tail not in _SITES:
+            native = native_site(u.hook)
+            if native is None:
                 raise ExportError(f"intervention {u.name!r}: hook {u.hook!r} has no native equivalent in {arch}; "
                                   f"exportable hooks: resid_pre, resid_post, attn_out, mlp_out.")
-            kind, where = _SITES[tail]
+            kind, where = native
             for layer in u.layers:
                 if not 0 <= layer < len(layers):
                     raise ExportError(f"intervention {u.name!r}: layer {layer} does not exist in {arch} ({len(layers)} layers).")
-                module = _submodule(layers[layer], kind, arch)
+                module = block_module(layers[layer], kind, arch)
                 site = Site(u, layer, f"layers.{layer}.{kind}.{where}", module)
                 self.sites.append(site)
                 fn = self._output_hook(site) if where == "output" else self._input_hook(site)

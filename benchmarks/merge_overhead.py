@@ -1,0 +1,103 @@
+"""A merged ReFT model costs what the plain model costs: `reftlens.merge` vs plain transformers on
+SmolLM2-135M-Instruct, beside the hooked export (`to_hf`) of the same interventions.
+
+The mergeable recipe: LoReFT rank 4 on `mlp_out` at layers 3;9;18;24, every position. Merged
+twice: with the learned shift b (the fold adds a bias to `down_proj`, so `mlp_bias` is switched on:
+zero biases on every MLP projection) and with `bias=False` (the plain model's exact layout). Each
+against an in-memory copy of the plain model (same kind of memory; see export_overhead.py), forward
+8 × 128 and greedy generation of 32 tokens (KV cache), runs alternating; ratios are medians of
+per-pair ratios. Also: the time `merge` takes, and max |Δlogits| merged vs hooked.
+
+    python benchmarks/merge_overhead.py --reps 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+import reftlens
+from common import environment_line, headline
+from reftlens import Intervention, LoReFT, ReftModel
+
+
+def paired(f, g, reps):
+    """Median times and the median per-pair ratio g/f; the order within a pair alternates."""
+    a, b = [], []
+    for i in range(reps):
+        for fn, out in ((f, a), (g, b)) if i % 2 == 0 else ((g, b), (f, a)):
+            t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
+    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=8)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    bridge = reftlens.load_model("smollm2-135m")
+    tok = bridge.tokenizer
+    plain = AutoModelForCausalLM.from_pretrained(reftlens.models.smollm2_dir(), dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    fwd = torch.randint(20, 49152, (8, 128), generator=g)
+    prompts = [f"<|im_start|>user\nQuestion {i}: name a colour.<|im_end|>\n<|im_start|>assistant\n" for i in range(8)]
+    rows, checks = [], []
+    for label, bias in (("with shift b (mlp_bias on)", True), ("bias=False", False)):
+        torch.manual_seed(0)
+        reft = ReftModel(bridge, Intervention(LoReFT(576, 4, init="random", bias=bias), layers=[3, 9, 18, 24],
+                                              hook="mlp_out")).eval()
+        t = time.perf_counter()
+        merged = reftlens.merge(reft)
+        merge_s = time.perf_counter() - t
+        base = copy.deepcopy(plain)
+        base.config._attn_implementation = merged.config._attn_implementation  # same attention kernel
+        tokens, mask = reft.tokenize(prompts)
+        with torch.no_grad():
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            hooked = reft(tokens, attention_mask=mask)
+            err = (merged(input_ids=tokens, attention_mask=mask, position_ids=pos).logits - hooked)[mask.bool()].abs().max()
+            checks.append((label, merge_s, float(err), sum(p.numel() for p in merged.parameters()) - sum(
+                p.numel() for p in base.parameters())))
+            kw = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id,
+                      eos_token_id=None)
+            for _ in range(2):
+                base(fwd); merged(fwd)
+            rows.append((f"forward 8 × 128, merged {label}", *paired(lambda: base(fwd), lambda: merged(fwd), args.reps)))
+            base.generate(tokens, **kw); merged.generate(tokens, **kw)
+            rows.append((f"greedy generation, 32 tokens, batch 8, merged {label}",
+                         *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw),
+                                 max(3, args.reps // 2))))
+        if not bias:  # the hooked export of the same set, for contrast
+            hooked_hf = reftlens.to_hf(reft, intervene_on="all")
+            with torch.no_grad():
+                hooked_hf(fwd); base(fwd)
+                rows.append(("forward 8 × 128, hooked to_hf (same set) for contrast",
+                             *paired(lambda: base(fwd), lambda: hooked_hf(fwd), args.reps)))
+        del base, merged
+    print("# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32")
+    print(environment_line())
+    print("| what | plain HF (s) | merged (s) | median paired ratio |")
+    print("|---|---|---|---|")
+    for name, a, b, r in rows:
+        print(f"| {name} | {a:.3f} | {b:.3f} | {r:.3f} |")
+    print()
+    print("| merge | time (s) | max abs Δlogits vs hooked path | extra parameters |")
+    print("|---|---|---|---|")
+    for label, s, err, extra in checks:
+        print(f"| {label} | {s:.2f} | {err:.2e} | {extra:,} |")
+    for name, a, b, r in rows:
+        if "merged" in name:
+            headline("merge_overhead", f"merged model / plain transformers, {name}", r, target="≤ 1.02×",
+                     met=r <= 1.02, peer="plain transformers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""ReFT as a peft LoRA adapter: the folds of :mod:`reftlens.export.merge`, written as peft writes them.
+
+Each edited projection gets ``lora_A`` = A (``[r, in]``) and ``lora_B`` = B (``[out, r]``) with
+``lora_alpha = r`` (peft's scaling α/r = 1), so peft computes W x + b + B A x: the merged weights,
+without touching the base. Every map gets the same rank (the largest; the others are padded with
+zero rows and columns, which add nothing), since some LoRA servers (vLLM) read one rank per adapter.
+The bias U(Db + c) goes to peft's ``lora_bias`` (a bias on ``lora_B``, peft ≥ 0.14); with an older
+peft a non-zero bias is refused. The folder is what ``PeftModel.save_pretrained`` writes
+(``adapter_config.json`` + ``adapter_model.safetensors``), loadable without reftlens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reftlens.errors import ExportError
+from reftlens.export.merge import folds
+from reftlens.runtime.hf import pristine_hf
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PIP = "pip install 'peft>=0.14'"
+
+
+def peft_supports_lora_bias() -> bool:
+    """Whether the installed peft's ``LoraConfig`` has ``lora_bias`` (a bias on ``lora_B``; peft ≥ 0.14)."""
+    from peft import LoraConfig
+
+    return "lora_bias" in {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+def to_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+    """Write ``reft`` as a peft LoRA adapter folder that ``PeftModel.from_pretrained(base, path)``
+    loads with peft and transformers alone; same logits as reftlens (fp32: 1e-4).
+
+    The interventions must fold (see :func:`reftlens.merge`: ``attn_out`` / ``mlp_out``,
+    ``positions="all"``, an affine Φ); the adapter's rank is the largest total rank on one
+    projection. ``base_model_name_or_path`` goes into the adapter config (default: the base
+    model's own ``name_or_path``). The write is atomic; an earlier adapter folder is replaced,
+    a folder holding anything else is refused.
+
+    >>> reftlens.to_peft(reft, "adapter")                               # doctest: +SKIP
+    >>> model = peft.PeftModel.from_pretrained(base, "adapter")          # doctest: +SKIP
+    """
+    from reftlens.saving import atomic_dir
+
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ExportError(f"reftlens.to_peft writes the adapter config with peft, which is not installed: {PEFT_PIP}.") from None
+    from safetensors.torch import save_file
+
+    hf = pristine_hf(reft.model, share=True)  # module names and base weights only: nothing is changed
+    found = folds(reft, hf)
+    if not found:
+        raise ExportError("this ReftModel has no interventions, so there is no adapter to write.")
+    with_bias = [f for f in found if bool(f.bias.any())]
+    if with_bias and not peft_supports_lora_bias():
+        import peft
+
+        raise ExportError(
+            f"intervention {with_bias[0].sources[0]!r} folds into {with_bias[0].name} with a bias U(Db + c) ≠ 0 "
+            f"(max |·| = {with_bias[0].bias.abs().max().item():.3g}), and the installed peft {peft.__version__} has no "
+            f"LoRA bias (LoraConfig.lora_bias, peft ≥ 0.14). Upgrade peft ({PEFT_PIP}), or train the Φs without a "
+            "shift (LoReFT(d, r, bias=False), DiReFT(d, r, bias=False)) so the adapter needs none."
+        )
+    rank = max(f.rank for f in found)
+    conv1d = {type(hf.get_submodule(f.name)).__name__ == "Conv1D" for f in found}
+    tensors: dict[str, torch.Tensor] = {}
+    for f in found:
+        key = f"base_model.model.{f.name}"
+        A = torch.zeros(rank, f.A.shape[1], dtype=torch.float64)
+        B = torch.zeros(f.B.shape[0], rank, dtype=torch.float64)
+        A[: f.rank], B[:, : f.rank] = f.A.cpu(), f.B.cpu()
+        tensors[f"{key}.lora_A.weight"] = A.float().contiguous()
+        tensors[f"{key}.lora_B.weight"] = B.float().contiguous()
+        if with_bias:
+            tensors[f"{key}.lora_B.bias"] = f.bias.cpu().float().contiguous()
+    options = dict(
+        r=rank,
+        lora_alpha=rank,  # scaling α / r = 1: lora_B · lora_A is exactly the folded update
+        lora_dropout=0.0,
+        target_modules=sorted(f.name for f in found),
+        bias="none",
+        fan_in_fan_out=conv1d == {True},  # GPT-2's Conv1D stores [in, out]
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path or getattr(hf.config, "name_or_path", None) or None,
+        inference_mode=True,
+    )
+    if with_bias:
+        options["lora_bias"] = True
+    config = LoraConfig(**options)
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(str(folder))
+        save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+    return atomic_dir(path, write, markers=((ADAPTER_CONFIG, ADAPTER_WEIGHTS),))
