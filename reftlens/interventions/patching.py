@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from reftlens.interventions.base import Phi, register
@@ -100,6 +100,14 @@ class Steer(Phi):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.scale * self.vector
+
+    def bank_key(self) -> Hashable | None:
+        return (type(self), self.d_model, self.vector.dtype)
+
+    @classmethod
+    def forward_many(cls, phis: Sequence["Steer"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+        """Each row plus its own set's α·v (one gather over the stacked vectors)."""
+        return h + torch.stack([phi.scale * phi.vector for phi in phis])[which]
 
 
 @register("noise")

@@ -8,13 +8,13 @@ acts on the edit Φ(h) − h only, never on the hidden state itself.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from reftlens.interventions.base import Phi, register
+from reftlens.interventions.base import Phi, low_rank_many, register
 from reftlens.interventions.subspace import OrthonormalRows, _check_rank
 
 _INITS = ("identity", "random")
@@ -37,6 +37,21 @@ class _LowRank(Phi):
 
     def config(self) -> dict[str, Any]:
         return {"d_model": self.d_model, "rank": self.rank, "init": self.init, "dropout": self.dropout.p}
+
+    # ---- the bank protocol: Φ(h) = h + upᵀ(down h + bias), stacked over sets ----
+
+    def factors(self) -> tuple[Float[Tensor, "r d"], Float[Tensor, " r"] | None, Float[Tensor, "r d"]]:
+        """``(down, bias, up)`` with Φ(h) = h + upᵀ(down·h + bias): the form a bank stacks."""
+        raise NotImplementedError
+
+    def bank_key(self) -> Hashable | None:
+        return (type(self), self.d_model, self.rank, self.dropout.p, next(self.parameters()).dtype)
+
+    @classmethod
+    def forward_many(cls, phis: Sequence["_LowRank"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+        downs, biases, ups = zip(*(phi.factors() for phi in phis))
+        bias = None if biases[0] is None else torch.stack(biases)
+        return h + phis[0].dropout(low_rank_many(h, which, torch.stack(downs), bias, torch.stack(ups)))
 
 
 @register("loreft")
@@ -62,6 +77,10 @@ class LoReFT(_LowRank):
         R = self.R.weight
         return h + self.dropout((self.W(h) - h @ R.T) @ R)
 
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        R = self.R.weight
+        return self.W.weight - R, self.W.bias, R
+
 
 @register("noreft")
 class NoReFT(_LowRank):
@@ -78,6 +97,9 @@ class NoReFT(_LowRank):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout((self.W(h) - self.P(h)) @ self.P.weight)
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W.weight - self.P.weight, self.W.bias, self.P.weight
 
 
 @register("direft")
@@ -98,6 +120,9 @@ class DiReFT(_LowRank):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout(self.W1(h) @ self.W2)
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W1.weight, self.W1.bias, self.W2
 
 
 @register("nodireft")
@@ -124,6 +149,9 @@ class NodiReFT(_LowRank):
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout(self.W(h) @ self.P.weight)
 
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W.weight, self.W.bias, self.P.weight
+
 
 @register("consreft")
 class ConsReFT(_LowRank):
@@ -140,6 +168,10 @@ class ConsReFT(_LowRank):
         R = self.R.weight
         return h + self.dropout((self.b - h @ R.T) @ R)
 
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        R = self.R.weight
+        return -R, self.b, R
+
 
 @register("lobireft")
 class LoBiReFT(_LowRank):
@@ -152,3 +184,6 @@ class LoBiReFT(_LowRank):
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         return h + self.dropout(self.b @ self.R.weight).to(h.dtype)
+
+    def bank_key(self) -> Hashable | None:
+        return None  # no h-dependent factor: one call per set is already cheap

@@ -1,0 +1,251 @@
+"""A bank of named intervention sets, a different one per example: every example computes what its
+own set computes alone, in forward, generation, export and training."""
+
+import pytest
+import torch
+
+from reftlens import (CollisionError, ConfigError, DiReFT, Intervention, LoReFT, NodiReFT, NoReFT, ReftModel, Steer,
+                      ZeroAblation, load_hf, save_hf, to_hf)
+from reftlens.interventions.base import bank_key
+from reftlens.runtime.plan import site_hook
+
+PROMPTS = ["the quick brown fox", "a b", "over the river and through the wood", "hello there", "x y z w",
+           "one two three"]
+ADAPTERS = ["emoji", "sport", None, "formal", "emoji", "sport"]
+
+
+def strong(phi):
+    with torch.no_grad():  # a strong edit, so each set's generations differ from the base model's
+        (phi.W.bias if hasattr(phi, "W") else phi.W1.bias).mul_(20)
+    return phi
+
+
+def make_sets(d, seed=0):
+    torch.manual_seed(seed)
+    return {
+        "emoji": [Intervention(strong(LoReFT(d, 4, init="random")), layers=[1, 3], positions="f2+l2")],
+        "sport": Intervention(strong(LoReFT(d, 4, init="random")), layers=[1, 2], positions="l3"),
+        "formal": [Intervention(strong(DiReFT(d, 2, init="random")), layers=1, positions="l2"),
+                   Intervention(ZeroAblation(d), layers=2, positions=[0])],  # no bank key: one call per set
+    }
+
+
+@pytest.fixture
+def sets(model):
+    return make_sets(model.cfg.d_model)
+
+
+@pytest.fixture
+def bank(model, sets):
+    return ReftModel(model, sets)
+
+
+def solo_logits(model, sets, name, tokens, mask):
+    with torch.no_grad():
+        if name is None:
+            return model(tokens, attention_mask=mask)
+        return ReftModel(model, sets[name])(tokens, attention_mask=mask)
+
+
+# ---- the batched Φ protocol -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [LoReFT, NoReFT, DiReFT, NodiReFT])
+def test_forward_many_is_each_rows_own_phi(cls):
+    torch.manual_seed(0)
+    phis = [cls(16, 3, init="random") for _ in range(3)]
+    h, which = torch.randn(12, 16), torch.tensor([0, 1, 2, 2, 0, 1, 1, 1, 0, 2, 2, 0])
+    expected = torch.stack([phis[w](h[i]) for i, w in enumerate(which.tolist())])
+    torch.testing.assert_close(cls.forward_many(phis, h, which), expected, rtol=0, atol=1e-5)
+    assert bank_key(phis[0]) == bank_key(phis[1]) != bank_key(cls(16, 2))  # one shape, one key
+
+
+def test_steer_forward_many_is_exact():
+    phis = [Steer(torch.randn(8), scale=s) for s in (1.0, -2.0)]
+    h, which = torch.randn(5, 8), torch.tensor([1, 0, 0, 1, 1])
+    assert torch.equal(Steer.forward_many(phis, h, which), torch.stack([phis[w](h[i]) for i, w in enumerate(which.tolist())]))
+
+
+# ---- forward ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_each_example_equals_its_single_set_run(model, sets, bank, side):
+    tokens, mask = bank.tokenize(PROMPTS, padding_side=side)
+    with torch.no_grad():
+        mixed = bank(tokens, attention_mask=mask, adapters=ADAPTERS)
+    for i, name in enumerate(ADAPTERS):
+        real = mask[i].bool()
+        alone = solo_logits(model, sets, name, tokens[i : i + 1], mask[i : i + 1])
+        torch.testing.assert_close(mixed[i][real], alone[0][real], rtol=0, atol=1e-5)
+    base = solo_logits(model, sets, None, tokens, mask)  # a None row is the base model, bit for bit
+    assert torch.equal(mixed[2][mask[2].bool()], base[2][mask[2].bool()])
+
+
+def test_rows_of_one_phi_shape_run_as_one_call(bank):
+    plan = bank.plan(PROMPTS, adapters=ADAPTERS)
+    at_layer1 = [p for p in plan.sites if p.site.layer == 1]
+    # emoji and sport (LoReFT rank 4) merge into one group at layer 1; formal's DiReFT runs on its own
+    groups = [p for p in at_layer1 if p.phis is not None]
+    assert len(groups) == 1 and {m.unit.adapter for m in groups[0].members} == {"emoji", "sport"}
+    assert len(at_layer1) == 2
+
+
+def test_a_set_absent_from_the_batch_adds_no_hook(bank):
+    plan = bank.plan(PROMPTS[:2], adapters=["sport", None])
+    assert {m.unit.adapter for p in plan.sites for m in (p.members or [p.site])} == {"sport"}
+
+
+def test_one_name_for_every_example(model, sets, bank):
+    tokens, mask = bank.tokenize(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(tokens, attention_mask=mask, adapters="sport"),
+                                   solo_logits(model, sets, "sport", tokens, mask), rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_only_the_sets_in_the_batch(bank):
+    bank(PROMPTS, adapters=["emoji", None, "emoji", None, None, None]).sum().backward()
+    grads = {name: [p.grad for iv in ivs for p in iv.phi.parameters()] for name, ivs in bank.bank.items()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads["emoji"])
+    assert all(g is None for g in grads["sport"] + grads["formal"])
+
+
+def test_disjointness_is_checked_within_each_set_per_example(model):
+    d = model.cfg.d_model
+    tied = {"a": [Intervention(LoReFT(d, 2), layers=1, positions="f3"), Intervention(LoReFT(d, 2), layers=1, positions="l3")],
+            "b": Intervention(LoReFT(d, 2), layers=1, positions="all")}  # b shares every site with a, never a row
+    bank = ReftModel(model, tied)
+    long, short = "over the river and through the wood", "x"
+    bank([short, long, short], adapters=["b", "a", "b"])  # b's "all" on short inputs never meets a's rows
+    with pytest.raises(CollisionError, match=r"'a/loreft\(rank=2\)' \(f3\) and 'a/loreft\(rank=2\)' \(l3\) both edit "
+                                             r"blocks.1.* at example 1"):
+        bank([long, short], adapters=["b", "a"])  # f3 and l3 meet on the short input of set a
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_adapter_names_the_name_and_the_sets(bank):
+    with pytest.raises(ConfigError, match=r"adapters\[1\] is 'sprot', which is not a set of this bank; the sets are "
+                                          r"'emoji', 'sport', 'formal'.*add_adapter"):
+        bank(PROMPTS[:2], adapters=["emoji", "sprot"])
+
+
+def test_adapter_list_must_match_the_batch(bank):
+    with pytest.raises(ConfigError, match=r"adapters= names 2 sets but the batch has 3 examples"):
+        bank(PROMPTS[:3], adapters=["emoji", "sport"])
+    with pytest.raises(ConfigError, match=r"holds a bank of 3 sets .*pass adapters="):
+        bank(PROMPTS[:3])
+
+
+def test_adapters_on_a_plain_set_is_an_error(model, sets):
+    with pytest.raises(ConfigError, match=r"this ReftModel holds one set"):
+        ReftModel(model, sets["sport"])(PROMPTS[:1], adapters=["sport"])
+
+
+def test_sets_for_different_models_are_refused(model, sets):
+    d = model.cfg.d_model
+    with pytest.raises(ConfigError, match=rf"sets target different models: set 'other' has Φs of width \[{d + 8}\], "
+                                          rf"but sets \['emoji', 'sport', 'formal'\] and this model have d_model={d}"):
+        ReftModel(model, {**sets, "other": Intervention(LoReFT(d + 8, 2), layers=1)})
+
+
+# ---- a live bank ----------------------------------------------------------------------------------
+
+
+def test_add_and_remove_a_set_on_a_live_bank(model, sets, bank):
+    tokens, mask = bank.tokenize(PROMPTS)
+    torch.manual_seed(3)
+    extra = [Intervention(strong(NodiReFT(model.cfg.d_model, 3, init="random")), layers=[0, 2], positions="l2")]
+    bank.add_adapter("pirate", extra)
+    assert bank.adapters == ["emoji", "sport", "formal", "pirate"] and any(p is extra[0].phi for p in bank.phis)
+    with torch.no_grad():
+        mixed = bank(tokens, attention_mask=mask, adapters=["pirate", "emoji", None, "pirate", "formal", "sport"])
+    torch.testing.assert_close(mixed[0], ReftModel(model, extra)(tokens[:1], attention_mask=mask[:1])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], solo_logits(model, sets, "emoji", tokens[1:2], mask[1:2])[0], rtol=0, atol=1e-5)
+    assert bank.remove_adapter("pirate") == extra
+    assert all(p is not extra[0].phi for p in bank.phis)
+    with pytest.raises(ConfigError, match="not a set of this bank"):
+        bank(tokens[:1], attention_mask=mask[:1], adapters=["pirate"])
+
+
+# ---- save / load ------------------------------------------------------------------------------------
+
+
+def test_save_and_load_a_bank_and_one_set(model, sets, bank, tmp_path):
+    tokens, mask = bank.tokenize(PROMPTS)
+    bank.save(tmp_path / "bank")
+    loaded = ReftModel.load(tmp_path / "bank", model)
+    assert loaded.adapters == bank.adapters
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS))
+    one = ReftModel.load(tmp_path / "bank", model, adapter="sport")  # one set out of a saved bank
+    bank.save(tmp_path / "sport", adapter="sport")                      # one set saved as a plain save
+    for alone in (one, ReftModel.load(tmp_path / "sport", model)):
+        assert alone.bank is None
+        with torch.no_grad():
+            assert torch.equal(alone(tokens, attention_mask=mask), solo_logits(model, sets, "sport", tokens, mask))
+    loaded.remove_adapter("sport")
+    loaded.load_adapter("sport", tmp_path / "sport")
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS))
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["hf", "bridge"])
+@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+def test_mixed_batch_generation_equals_each_prompt_alone_with_its_set(model, sets, bank, backend, intervene_on):
+    kw = dict(eos_token_id=None, backend=backend, intervene_on=intervene_on)
+    mixed = bank.generate(PROMPTS, 8, adapters=ADAPTERS, **kw)
+    plain = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2), layers=0))  # identity: the base model
+    alone = [(ReftModel(model, sets[n]) if n else plain).generate([p], 8, **kw)[0] for p, n in zip(PROMPTS, ADAPTERS)]
+    assert mixed == alone
+    base = plain.generate(PROMPTS, 8, **kw)
+    assert all((m == b) == (n is None) for m, b, n in zip(mixed, base, ADAPTERS))  # every set changes its rows
+
+
+def test_cached_bank_generation_equals_no_cache_recomputation(bank):
+    tokens, mask = bank.tokenize(PROMPTS)
+    kw = dict(attention_mask=mask, eos_token_id=None, adapters=ADAPTERS, intervene_on="all")
+    assert torch.equal(bank.generate(tokens, 8, **kw), bank.generate(tokens, 8, use_cache=False, **kw))
+
+
+# ---- export --------------------------------------------------------------------------------------------
+
+
+def test_exported_bank_takes_reft_adapters(model, bank, tmp_path):
+    tok = model.tokenizer
+    hf = to_hf(bank)
+    tokens, mask = bank.tokenize(PROMPTS, padding_side="right")
+    with torch.no_grad():
+        ours = bank(tokens, attention_mask=mask, adapters=ADAPTERS)
+        theirs = hf(input_ids=tokens, attention_mask=mask, reft_adapters=ADAPTERS).logits
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], rtol=0, atol=1e-5)
+    left, left_mask = bank.tokenize(PROMPTS)
+    out = hf.generate(input_ids=left, attention_mask=left_mask, reft_adapters=ADAPTERS, max_new_tokens=8,
+                      do_sample=False, pad_token_id=bank.pad_token_id)
+    expected = bank.generate(left, 8, attention_mask=left_mask, adapters=ADAPTERS, eos_token_id=None)
+    assert torch.equal(out, expected)
+    with pytest.raises(ConfigError, match=r"holds a bank of 3 sets"):
+        hf(input_ids=tokens, attention_mask=mask)
+    save_hf(hf, tmp_path / "export", tokenizer=tok)
+    again = load_hf(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=tokens, attention_mask=mask, reft_adapters=ADAPTERS).logits, theirs,
+                                   rtol=0, atol=1e-5)
+
+
+def test_group_errors_name_every_set(model):
+    class Broken(LoReFT):
+        @classmethod
+        def forward_many(cls, phis, h, which):
+            return h[:, :-1]
+
+    d = model.cfg.d_model
+    bank = ReftModel(model, {"a": Intervention(Broken(d, 2), layers=1), "b": Intervention(Broken(d, 2), layers=1)})
+    with pytest.raises(ConfigError, match=r"2 sets' .* at blocks.1.* \('a', 'b'\): Φ returned shape"):
+        bank(PROMPTS[:2], adapters=["a", "b"])
+    assert site_hook  # the kernel both backends call
