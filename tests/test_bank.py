@@ -249,3 +249,96 @@ def test_group_errors_name_every_set(model):
     with pytest.raises(ConfigError, match=r"2 sets' .* at blocks.1.* \('a', 'b'\): Φ returned shape"):
         bank(PROMPTS[:2], adapters=["a", "b"])
     assert site_hook  # the kernel both backends call
+
+
+# ---- training many sets in one run ---------------------------------------------------------------------
+
+WORDS = ["red", "green", "blue", "quick", "lazy", "tall", "small", "old"]
+TRAIN = {  # sets of different sizes: different epochs, schedules and numbers of steps
+    "emoji": [{"prompt": f"the {w} fox", "completion": f" jumps over the {w} dog"} for w in WORDS[:6]],
+    "sport": [{"prompt": f"a {w} ball", "completion": " is kicked"} for w in WORDS[:3]],
+    "formal": [{"prompt": f"dear {w} sir", "completion": f" yours {w}ly"} for w in WORDS[3:8]],
+}
+
+
+def trainable_sets(d, seed=0):
+    torch.manual_seed(seed)
+    return {"emoji": [Intervention(LoReFT(d, 4, init="random"), layers=[1, 2], positions="f2+l2")],
+            "sport": Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l2"),
+            "formal": [Intervention(NoReFT(d, 2, init="random"), layers=[0, 3], positions="f1+l1", untied="layers")]}
+
+
+def test_joint_training_equals_separate_runs(model, tmp_path):
+    import reftlens
+
+    d = model.cfg.d_model
+    kw = dict(epochs=2, batch_size=2, grad_accum=2, lr=2e-2, schedule="linear", warmup_steps=1, max_grad_norm=0.5,
+              seed=3, progress=False)
+    bank = ReftModel(model, trainable_sets(d))
+    data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
+    history = reftlens.train(bank, data, eval_data=data, **kw)
+    separate = trainable_sets(d)
+    assert len(history.steps) == 4  # emoji and formal: 2 steps an epoch; sport: 1
+    for name, rows in TRAIN.items():
+        alone = ReftModel(model, separate[name])
+        solo = reftlens.train(alone, rows, eval_data=rows, **kw)
+        for a, b in zip(alone.parameters(), [p for ivs in [bank.bank[name]] for iv in ivs for p in iv.phi.parameters()]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        mine = history.adapter(name)
+        assert [r["step"] for r in mine.steps] == [r["step"] for r in solo.steps]
+        assert [r["lr"] for r in mine.steps] == [r["lr"] for r in solo.steps]
+        assert [r["tokens"] for r in mine.steps] == [r["tokens"] for r in solo.steps]
+        torch.testing.assert_close(mine.losses, solo.losses, rtol=0, atol=1e-5)
+        torch.testing.assert_close(mine.evals[-1]["loss"], solo.evals[-1]["loss"], rtol=0, atol=1e-5)
+
+
+def test_untied_units_of_a_set_train_together(model):
+    import reftlens
+
+    bank = ReftModel(model, trainable_sets(model.cfg.d_model))
+    before = [p.detach().clone() for p in bank.parameters()]
+    reftlens.train(bank, [dict(r, adapter="formal") for r in TRAIN["formal"]], max_steps=2, batch_size=4, progress=False)
+    changed = [not torch.equal(a, b) for a, b in zip(before, bank.parameters())]
+    formal = {id(p) for u in bank.units if u.adapter == "formal" for p in u.phi.parameters()}
+    assert changed == [id(p) in formal for p in bank.parameters()]  # only the set with examples moved
+
+
+def test_bank_checkpoints_resume_where_an_uninterrupted_run_ends(model, tmp_path):
+    import reftlens
+
+    d = model.cfg.d_model
+    data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
+    kw = dict(epochs=2, batch_size=2, lr=2e-2, seed=1, progress=False)
+    whole = ReftModel(model, trainable_sets(d))
+    full = reftlens.train(whole, data, **kw)
+
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(record):
+        if record.get("step") == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        reftlens.train(ReftModel(model, trainable_sets(d)), data, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2,
+                       callback=crash_at_3, **kw)
+    resumed = ReftModel(model, trainable_sets(d, seed=9))  # other weights: all come from the checkpoint
+    history = reftlens.train(resumed, data, checkpoint_dir=tmp_path / "ckpt", resume=True, **kw)
+    assert history.steps == full.steps and history.adapter("sport").steps == full.adapter("sport").steps
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bank_training_data_must_name_its_sets(model):
+    import reftlens
+    from reftlens import TrainingError
+
+    bank = ReftModel(model, trainable_sets(model.cfg.d_model))
+    with pytest.raises(TrainingError, match=r"data example 0 has adapter None, which is not a set of this bank"):
+        reftlens.train(bank, TRAIN["sport"], max_steps=1, progress=False)
+    with pytest.raises(TrainingError, match=r"data example 0 has adapter 'golf'"):
+        reftlens.train(bank, [dict(TRAIN["sport"][0], adapter="golf")], max_steps=1, progress=False)
+    plain = ReftModel(model, trainable_sets(model.cfg.d_model)["sport"])
+    with pytest.raises(TrainingError, match=r"names the set 'sport' \('adapter'\), but this ReftModel holds one set"):
+        reftlens.train(plain, [dict(TRAIN["sport"][0], adapter="sport")], max_steps=1, progress=False)
