@@ -342,3 +342,16 @@ def test_bank_training_data_must_name_its_sets(model):
     plain = ReftModel(model, trainable_sets(model.cfg.d_model)["sport"])
     with pytest.raises(TrainingError, match=r"names the set 'sport' \('adapter'\), but this ReftModel holds one set"):
         reftlens.train(plain, [dict(TRAIN["sport"][0], adapter="sport")], max_steps=1, progress=False)
+
+
+def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run, not skip")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/gpu_bank.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("gpu_bank: skipped (no CUDA device")
