@@ -355,3 +355,19 @@ def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
     out = subprocess.run([sys.executable, "benchmarks/gpu_bank.py"], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("gpu_bank: skipped (no CUDA device")
+
+
+def test_pyreft_export_of_a_bank_is_refused(bank, tmp_path):
+    from reftlens import ExportError, to_pyreft
+
+    with pytest.raises(ExportError, match=r"pyreft holds one intervention set per model.*bank of 3 sets.*Export one set"):
+        to_pyreft(bank, tmp_path / "p")
+
+
+def test_adding_a_set_reuses_the_generation_twin(model, bank):
+    from reftlens.runtime.hf import twin
+
+    hf = twin(model, bank.units)
+    bank.add_adapter("extra", Intervention(LoReFT(model.cfg.d_model, 2), layers=1, positions="l1"))
+    assert twin(model, bank.units) is hf  # same weights-sharing model, only the interventions attached anew
+    assert hf._reftlens_module.bank == ["emoji", "sport", "formal", "extra"]

@@ -262,25 +262,31 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
     return (fresh if share else fresh.to(first.device)).eval()
 
 
-_TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+_TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, nn.Module, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def twin(model: Any, units: Sequence[Any], cast: bool = False) -> nn.Module:
     """A plain transformers model sharing the bridge ``model``'s weights, with ``units``' Φs attached
     natively (the same Φ objects: training shows at once).
 
-    Cached per bridge for one set of units (rebuilt when the base moves or the set changes); the
-    Φs stay owned by the caller (the twin holds them, not as its submodules).
+    Cached per bridge (rebuilt when the base moves); when the set changes (another ReftModel, a set
+    added to a bank) only the interventions are attached anew. The Φs stay owned by the caller
+    (the twin holds them, not as its submodules).
     """
     first = next(model.parameters())
-    key = (first.data_ptr(), first.device, first.dtype, cast, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
+    base_key = (first.data_ptr(), first.device, first.dtype)
+    units_key = (cast, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
     held = _TWINS.get(model)
-    if held is not None and held[0] == key:
-        return held[1]
-    hf = pristine_hf(model, share=True)
-    fast_attention(hf)
+    if held is not None and held[0] == base_key:
+        hf = held[1]
+        if held[2] == units_key:
+            return hf
+        hf._reftlens_module.detach()
+    else:
+        hf = pristine_hf(model, share=True)
+        fast_attention(hf)
     module = HFInterventions(units, cast=cast)
     object.__setattr__(hf, "_reftlens_module", module)  # not a submodule: the Φs stay owned by the caller
     module.attach(hf)
-    _TWINS[model] = (key, hf)
+    _TWINS[model] = (base_key, hf, units_key)
     return hf
