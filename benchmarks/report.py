@@ -40,6 +40,8 @@ SUITE = [
     ("epoch_bbc", ["--articles", "80", "--random-arm", "--max-load", "1.2"], ["--articles", "16"], 10),
     ("quality_bbc", ["--train", "400", "--test", "200", "--steps", "60", "--batch", "8"],
      ["--train", "16", "--test", "10", "--steps", "2"], 8),
+    ("bank", [], ["--model", "tiny-llama", "--reps", "1", "--new-tokens", "4", "--batch", "8", "--seq", "16",
+                  "--sets", "8", "--steps", "1"], 12),
 ]
 NAMES = [s[0] for s in SUITE]
 

@@ -541,7 +541,7 @@ def report(res: dict) -> str:
     if "pyreft" in res:
         pv = res["pyreft"]["versions"]
         L.append("# pyreft venv: " + ", ".join(f"{k} {x}" for k, x in pv.items()))
-    L.append(f"# load average (1 min) at the start of each part: "
+    L.append("# load average (1 min) at the start of each part: "
              + ", ".join(f"{k} {x:.2f}" for k, x in res["load1_before_part"].items()))
     L.append(f"# quick: {res['quick']}; {res['setup']}")
     L.append("")

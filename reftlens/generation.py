@@ -15,9 +15,8 @@ import torch
 from torch import Tensor
 
 from reftlens.errors import ConfigError, ExportError
-from reftlens.positions import RealTokens
 from reftlens.runtime.compat import kv_cache_fix
-from reftlens.runtime.plan import Plan, SitePlan, check_disjoint, widen
+from reftlens.runtime.plan import every_row, widen
 from reftlens.runtime.tl import plan_hooks, hooked
 
 
@@ -66,6 +65,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = -1,
     backend: str = "auto",
     prepend_bos: bool | None = None,
+    adapters: str | Sequence[str | None] | None = None,
 ) -> list[str] | Tensor:
     """See :meth:`reftlens.ReftModel.generate`."""
     if backend not in ("auto", "hf", "bridge"):
@@ -90,7 +90,7 @@ def generate(
     eos = _eos_ids(model, eos_token_id, tokens.device)
     generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
     prompt_plan = reft.plan(tokens, sources, attention_mask=mask, source_attention_mask=source_attention_mask,
-                            prepend_bos=prepend_bos)  # for string sources
+                            prepend_bos=prepend_bos, adapters=adapters)  # prepend_bos: for string sources
 
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
@@ -115,7 +115,9 @@ def generate(
         raise ConfigError("backend='hf' needs use_cache=True, no sources and interventions that can be exported.")
     if hf is not None:
         # the same interventions on a plain transformers twin sharing the weights: less Python per step
-        hf._reftlens_module.intervene_on = intervene_on
+        module = hf._reftlens_module
+        module.intervene_on = intervene_on
+        module.adapters = adapters  # a bank: each row's set, for every call below
         with torch.no_grad():
             for step in range(max_new_tokens):
                 pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
@@ -128,6 +130,7 @@ def generate(
                 cache = out.cache
                 if advance(out.logits[:, -1]):
                     break
+        module.adapters = None
         return _finish(model, tokens, generated, eos, text_in)
     with kv_cache_fix(model), torch.no_grad():
         for step in range(max_new_tokens):
@@ -140,10 +143,7 @@ def generate(
             else:  # one new token a row: every row of it, or nothing
                 hooks = []
                 if intervene_on == "all":
-                    step_plan = Plan([SitePlan(s, None, None, (batch, 1)) for s in reft.sites])
-                    check_disjoint(reft.sites, {id(u): torch.ones(batch, 1, dtype=torch.bool) for u in reft.units},
-                                   RealTokens.unpadded(batch, 1))
-                    hooks = plan_hooks(step_plan, reft.cast)
+                    hooks = plan_hooks(every_row(reft.sites, reft.units, batch, 1, seq.device, prompt_plan.rows), reft.cast)
                 inputs = seq[:, -1:]
             with hooked(model, hooks):
                 if use_cache:

@@ -9,6 +9,11 @@ Folder layout::
                               (layers, positions, hook), dtypes, held rotations, base-model
                               fingerprint, and the SHA-256 of the weights file
     reft_weights.safetensors  every Φ tensor, keyed phis.<i>.<name>
+
+A bank of named sets saves each set as such a folder under ``sets/`` and lists them in order::
+
+    reft_bank.json            {"format": "reftlens-bank", "sets": [{"name": ..., "folder": "sets/0000"}, ...]}
+    sets/0000/                one set: reft_config.json + reft_weights.safetensors
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
@@ -30,11 +36,12 @@ from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import from_json
 
 if TYPE_CHECKING:
-    from reftlens.sets import Intervention
+    pass
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "reft_weights.safetensors"
+BANK_FILE = "reft_bank.json"
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -51,6 +58,7 @@ def fingerprint(model: Any) -> dict[str, Any]:
 #: it replaces its own earlier output and refuses another writer's.
 EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
     (CONFIG_FILE,),                    # ReftModel.save
+    (BANK_FILE,),                      # ReftModel.save of a bank
     ("reftlens_export.json",),         # export.save_hf
     ("trainer_state.json",),           # training checkpoints
     ("config.json", "intkey_*.bin"),   # export.to_pyreft (pyreft/pyvene layout)
@@ -148,11 +156,71 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
     return {**record, "held": held} if held else record
 
 
-def save(reft: Any, path: str | os.PathLike) -> Path:
+def save(reft: Any, path: str | os.PathLike, *, adapter: str | None = None) -> Path:
     """Write the interventions of ``reft`` (anything with ``phis``, ``units``, ``cast`` and
     ``model``, e.g. a ReftModel) to the folder ``path`` (atomically). ``path`` must be new, an
-    empty folder or an earlier save (it holds ``reft_config.json``), which is replaced."""
-    return atomic_dir(path, lambda folder: write(reft, folder), markers=[CONFIG_FILE])
+    empty folder or an earlier save (it holds ``reft_config.json`` or ``reft_bank.json``), which is
+    replaced. A bank writes every set; ``adapter=`` writes that one set as a plain save."""
+    markers = [CONFIG_FILE, BANK_FILE]
+    if adapter is not None:
+        view = set_view(reft, adapter)
+        return atomic_dir(path, lambda folder: write(view, folder), markers=markers)
+    if bank_sets(reft.units):
+        return atomic_dir(path, lambda folder: write_bank(reft, folder), markers=markers)
+    return atomic_dir(path, lambda folder: write(reft, folder), markers=markers)
+
+
+def bank_sets(units: Sequence[Any]) -> dict[str, list[Any]]:
+    """A bank's units by set, in order (empty for a plain set)."""
+    sets: dict[str, list[Any]] = {}
+    for u in units:
+        if u.adapter is not None:
+            sets.setdefault(u.adapter, []).append(u)
+    return sets
+
+
+def set_view(reft: Any, adapter: str) -> Any:
+    """One set of a bank, as ``write`` takes it: its Φs and its units under their names within the set."""
+    import dataclasses
+
+    sets = bank_sets(reft.units)
+    if adapter not in sets:
+        raise ReftError(f"there is no set {adapter!r} to save; the sets are {list(sets) or 'none (not a bank)'}.")
+    units = [dataclasses.replace(u, name=u.name.removeprefix(f"{adapter}/"), adapter=None) for u in sets[adapter]]
+    phis = list({id(u.phi): u.phi for u in units}.values())
+    return SimpleNamespace(phis=phis, units=units, cast=reft.cast, model=getattr(reft, "model", None))
+
+
+def write_bank(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write every set of a bank into ``folder`` (``sets/<i>/`` each, and ``reft_bank.json``)."""
+    listed = []
+    for i, name in enumerate(bank_sets(reft.units)):
+        sub = f"sets/{i:04d}"
+        (folder / sub).mkdir(parents=True)
+        write(set_view(reft, name), folder / sub, base, extra)
+        listed.append({"name": name, "folder": sub})
+    (folder / BANK_FILE).write_text(json.dumps({"format": "reftlens-bank", "schema_version": SCHEMA_VERSION,
+                                                "sets": listed}, indent=2) + "\n")
+
+
+def is_bank(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a saved bank (rather than one set)."""
+    return (Path(path) / BANK_FILE).is_file()
+
+
+def bank_folders(path: str | os.PathLike) -> dict[str, Path]:
+    """A saved bank's sets: name → folder, in order."""
+    file = Path(path) / BANK_FILE
+    try:
+        meta = json.loads(file.read_text())
+        listed = meta["sets"]
+        out = {e["name"]: Path(path) / e["folder"] for e in listed}
+        if meta.get("format") != "reftlens-bank" or not out or not all(isinstance(n, str) for n in out):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LoadError(f"{file} is not a reftlens bank index (format 'reftlens-bank' with a non-empty list of "
+                        "sets, each a name and a folder); the save is damaged.") from None
+    return out
 
 
 def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
@@ -395,10 +463,21 @@ def interventions(config: dict[str, Any], phis: list[torch.nn.Module]) -> list[A
     return out
 
 
-def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None,
-         cast: bool | None = None) -> tuple[list["Intervention"], bool]:
+def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None,
+         adapter: str | None = None) -> tuple[Any, bool]:
     """Read a saved set for ``model``: ``(interventions, cast)``. Everything is checked before
-    anything is returned; :meth:`reftlens.ReftModel.load` wraps the result."""
+    anything is returned; :meth:`reftlens.ReftModel.load` wraps the result. A saved bank gives a
+    dict of named sets, or with ``adapter=`` the list of that one set."""
+    if is_bank(path):
+        folders = bank_folders(path)
+        if adapter is not None:
+            if adapter not in folders:
+                raise LoadError(f"the bank saved at {path} has no set {adapter!r}; its sets are {list(folders)}.")
+            return load(folders[adapter], model, dtype=dtype, cast=cast)
+        loaded = {name: load(folder, model, dtype=dtype, cast=cast) for name, folder in folders.items()}
+        return {name: ivs for name, (ivs, _) in loaded.items()}, any(c for _, c in loaded.values())
+    if adapter is not None:
+        raise LoadError(f"{path} holds one set, not a bank, so it has no set {adapter!r} to pick; load it without adapter=.")
     config, phis = read(path, fingerprint(model), dtype=dtype)
     model_dtype = next(model.parameters()).dtype
     use_cast = config.get("cast", False) if cast is None else cast

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -140,10 +141,19 @@ class Unit:
     source_positions: PositionSpec | None
     hook: str
     origin: Intervention = field(repr=False)
+    adapter: str | None = None  # the bank set it belongs to (None: a plain set)
 
     @property
     def stack(self) -> int | None:
         return self.origin.stack
+
+
+def set_units(interventions: Sequence[Intervention], n_layers: int, adapter: str | None = None) -> list[Unit]:
+    """Expand a set into units; in a bank, each unit is named ``set/name`` and marked with its set."""
+    units = [u for iv in interventions for u in iv.expand(n_layers)]
+    if adapter is None:
+        return units
+    return [dataclasses.replace(u, name=f"{adapter}/{u.name}", adapter=adapter) for u in units]
 
 
 def may_share_sites(a: "Unit", b: "Unit") -> bool:
@@ -176,7 +186,8 @@ def _parse_layers(layers: Any) -> tuple[int, ...] | str:
 def check_static_disjoint(units: Sequence[tuple[Unit, str, int]]) -> None:
     """Raise if two units certainly edit the same (hook, layer, position).
 
-    ``units`` holds (unit, canonical hook name, layer) triples.
+    ``units`` holds (unit, canonical hook name, layer) triples. Units of different bank sets never
+    collide: each example runs one set.
     """
     by_site: dict[str, list[Unit]] = {}
     for unit, hook_name, _ in units:
@@ -184,7 +195,7 @@ def check_static_disjoint(units: Sequence[tuple[Unit, str, int]]) -> None:
     for hook_name, group in by_site.items():
         for i, a in enumerate(group):
             for b in group[i + 1 :]:
-                if may_share_sites(a, b):
+                if may_share_sites(a, b) or a.adapter != b.adapter:
                     continue
                 where = static_overlap(a.positions, b.positions)
                 if where is not None:

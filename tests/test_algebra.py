@@ -1,8 +1,6 @@
 """The paper's identities on real (tiny) models, and sets of interventions."""
 
-import copy
 
-import pytest
 import torch
 
 from reftlens import DII, Collect, DiReFT, Interchange, Intervention, LoReFT, ReftModel, Steer, ZeroAblation

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reftlens import (
-    DII, CollisionError, ConfigError, Interchange, Intervention, LoReFT, NonFiniteError, PositionError, ReftError,
+    CollisionError, ConfigError, Interchange, Intervention, LoReFT, NonFiniteError, PositionError, ReftError,
     ReftModel, ZeroAblation,
 )
 

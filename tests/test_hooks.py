@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from reftlens import DII, Intervention, LoReFT, ReftModel, Steer
-from conftest import plain
 
 
 def hooked(model):

@@ -169,7 +169,7 @@ def test_saving_onto_a_folder_of_other_files_leaves_them(model, tmp_path):
     (folder / "sub").mkdir()
     (folder / "sub" / "x.txt").write_text("x")
     with pytest.raises(SaveError, match=r"holds other files \(data.csv, sub\) and is not an earlier save.*"
-                                        r"has no reft_config.json\).*new or empty folder"):
+                                        r"has no reft_config.json or reft_bank.json\).*new or empty folder"):
         trained_set(model).save(folder)
     assert (folder / "data.csv").read_text() == "a,b\n" and (folder / "sub" / "x.txt").read_text() == "x"
     assert sorted(p.name for p in folder.iterdir()) == ["data.csv", "sub"]
@@ -207,7 +207,7 @@ def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
     hf_model_folder = tmp_path / "hf"  # a plain save_pretrained folder is not a pyreft save
     hf_model_folder.mkdir()
     (hf_model_folder / "config.json").write_text("{}")
-    with pytest.raises(SaveError, match=r"has no reft_config.json or reftlens_export.json or trainer_state.json "
+    with pytest.raises(SaveError, match=r"has no reft_config.json or reft_bank.json or reftlens_export.json or trainer_state.json "
                                         r"or config.json with intkey_\*.bin"):
         atomic_dir(hf_model_folder, lambda tmp: None)
     assert os.listdir(hf_model_folder) == ["config.json"]

@@ -8,7 +8,8 @@ outside TransformerLens, plus the Φs as a submodule
 (``model.reft_interventions``) and forward hooks on the decoder layers that correspond to the
 TransformerLens hook points. Each call resolves positions from its ``attention_mask``, so left
 and right padding work; in KV-cached generation the prompt is edited in the first (prefill)
-call and, with ``intervene_on="all"``, every generated token after it.
+call and, with ``intervene_on="all"``, every generated token after it. The export of a bank takes
+each example's set as ``reft_adapters=[...]`` in its forward and its ``generate``.
 
 Nothing here imports TransformerLens: :func:`load_hf` rebuilds a working model from a folder
 with transformers alone.
@@ -17,6 +18,7 @@ with transformers alone.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -46,14 +48,15 @@ def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
 
     >>> hf = reftlens.to_hf(reft)                                   # doctest: +SKIP
     >>> hf.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=32)  # doctest: +SKIP
+
+    A bank's export takes one set name per example (None: the base model):
+
+    >>> hf.generate(**batch, reft_adapters=["emoji", "sport", None], max_new_tokens=32)  # doctest: +SKIP
     """
     hf = pristine_hf(reft.model)
     fast_attention(hf)
-    units = []
     phis = {id(p): copy.deepcopy(p) for p in reft.phis}  # the export owns its Φs
-    for u in reft.units:
-        units.append(type(u)(u.name, phis[id(u.phi)], u.takes_source, u.layers, u.positions, u.source_positions,
-                             u.hook, u.origin))
+    units = [dataclasses.replace(u, phi=phis[id(u.phi)]) for u in reft.units]
     module = HFInterventions(units, intervene_on=intervene_on, cast=reft.cast).to(next(hf.parameters()).device)
     hf.reft_interventions = module
     module.attach(hf)
@@ -69,7 +72,7 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
     ``path`` must be new, an empty folder or an earlier ``save_hf`` output (it holds
     ``reftlens_export.json``), which is replaced whole; anything else raises
     :class:`~reftlens.errors.SaveError` and is left untouched."""
-    from reftlens.saving import atomic_dir, write
+    from reftlens.saving import atomic_dir, write, write_bank
 
     module = getattr(model, "reft_interventions", None)
     if not isinstance(module, HFInterventions):
@@ -84,7 +87,8 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
         (folder / REFT_DIR).mkdir()
-        write(module, folder / REFT_DIR, base=hf_fingerprint(model.config), extra={"intervene_on": module.intervene_on})
+        writer = write_bank if module.bank else write
+        writer(module, folder / REFT_DIR, base=hf_fingerprint(model.config), extra={"intervene_on": module.intervene_on})
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -119,7 +123,8 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     naming the file; re-save it with ``save_pretrained`` (safetensors is its default)."""
     from transformers import AutoModelForCausalLM
 
-    from reftlens.saving import interventions, read
+    from reftlens.saving import bank_folders, interventions, is_bank, read
+    from reftlens.sets import set_units
 
     folder = Path(path)
     meta_path = folder / EXPORT_FILE
@@ -133,8 +138,12 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
     if device is not None:
         model.to(device)
-    config, phis = read(folder / REFT_DIR, hf_fingerprint(model.config), dtype=dtype)
-    units = [u for iv in interventions(config, phis) for u in iv.expand(hf_fingerprint(model.config)["n_layers"])]
+    here = hf_fingerprint(model.config)
+    saved = bank_folders(folder / REFT_DIR) if is_bank(folder / REFT_DIR) else {None: folder / REFT_DIR}
+    units = []
+    for name, sub in saved.items():
+        config, phis = read(sub, here, dtype=dtype)
+        units += set_units(interventions(config, phis), here["n_layers"], name)
     module = HFInterventions(units, intervene_on=config.get("intervene_on", "prompt"), cast=config.get("cast", False))
     module.to(next(model.parameters()).device)
     model.reft_interventions = module

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from reftlens.errors import ConfigError
+from reftlens.errors import ConfigError, ExportError
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
@@ -722,6 +722,12 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     :class:`~reftlens.errors.SaveError` and is left untouched.
     """
     from reftlens.version import __version__
+
+    if getattr(reft, "bank", None) is not None:
+        raise ExportError(
+            f"pyreft holds one intervention set per model, and this ReftModel is a bank of {len(reft.bank)} sets "
+            f"({list(reft.bank)[:4]}). Export one set: to_pyreft(ReftModel(model, reft.bank[name]), path)."
+        )
 
     entries = []  # (origin index, group index, phi, layer, unit)
     for oi, iv in enumerate(reft.interventions):

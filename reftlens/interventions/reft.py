@@ -13,13 +13,13 @@ Every Φ here is affine, and ``affine()`` returns it as h + up·(down·h + shift
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from reftlens.interventions.base import Affine, Phi, register
+from reftlens.interventions.base import Affine, Phi, low_rank_many, register
 from reftlens.interventions.subspace import OrthonormalRows, _check_rank
 
 _INITS = ("identity", "random")
@@ -48,6 +48,21 @@ class _LowRank(Phi):
     def config(self) -> dict[str, Any]:
         out = {"d_model": self.d_model, "rank": self.rank, "init": self.init, "dropout": self.dropout.p}
         return out if self.has_bias else {**out, "bias": False}  # saves from before the option stay the same
+
+    # ---- the bank protocol: Φ(h) = h + upᵀ(down h + bias), stacked over sets ----
+
+    def factors(self) -> tuple[Float[Tensor, "r d"], Float[Tensor, " r"] | None, Float[Tensor, "r d"]]:
+        """``(down, bias, up)`` with Φ(h) = h + upᵀ(down·h + bias): the form a bank stacks."""
+        raise NotImplementedError
+
+    def bank_key(self) -> Hashable | None:
+        return (type(self), self.d_model, self.rank, self.has_bias, self.dropout.p, next(self.parameters()).dtype)
+
+    @classmethod
+    def forward_many(cls, phis: Sequence["_LowRank"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+        downs, biases, ups = zip(*(phi.factors() for phi in phis))
+        bias = None if biases[0] is None else torch.stack(biases)
+        return h + phis[0].dropout(low_rank_many(h, which, torch.stack(downs), bias, torch.stack(ups)))
 
 
 @register("loreft")
@@ -85,6 +100,9 @@ class LoReFT(_LowRank):
     def affine(self) -> Affine:
         R = self.R.weight
         return Affine(R.T, self.W.weight - R, self.b)
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        R = self.R.weight
+        return self.W.weight - R, self.W.bias, R
 
 
 @register("noreft")
@@ -111,6 +129,8 @@ class NoReFT(_LowRank):
 
     def affine(self) -> Affine:
         return Affine(self.P.weight.T, self.W.weight - self.P.weight, self.b)
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W.weight - self.P.weight, self.W.bias, self.P.weight
 
 
 @register("direft")
@@ -139,6 +159,8 @@ class DiReFT(_LowRank):
 
     def affine(self) -> Affine:
         return Affine(self.W2.T, self.W1.weight, self.b)
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W1.weight, self.W1.bias, self.W2
 
 
 @register("nodireft")
@@ -172,6 +194,8 @@ class NodiReFT(_LowRank):
 
     def affine(self) -> Affine:
         return Affine(self.P.weight.T, self.W.weight, self.b)
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.W.weight, self.W.bias, self.P.weight
 
 
 @register("consreft")
@@ -192,6 +216,9 @@ class ConsReFT(_LowRank):
     def affine(self) -> Affine:
         R = self.R.weight
         return Affine(R.T, -R, self.b)
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        R = self.R.weight
+        return -R, self.b, R
 
 
 @register("lobireft")
@@ -209,3 +236,5 @@ class LoBiReFT(_LowRank):
     def affine(self) -> Affine:
         R = self.R.weight
         return Affine(R.T, R.new_zeros(self.rank, self.d_model), self.b)
+    def bank_key(self) -> Hashable | None:
+        return None  # no h-dependent factor: one call per set is already cheap

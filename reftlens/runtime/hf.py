@@ -5,6 +5,7 @@ interventions as the TransformerLens bridge, as forward hooks on the decoder-lay
 correspond to the TransformerLens hook points. Each model call resolves a plan from its
 ``attention_mask`` (so left and right padding work); in KV-cached generation the prompt is edited
 in the first (prefill) call and, with ``intervene_on="all"``, every generated token after it.
+A bank's model takes each row's set as ``reft_adapters=[...]`` in its forward and ``generate``.
 
 Used by ``reft.generate`` (a twin of the bridge's model that shares its weights: a decode step
 through plain transformers costs less Python) and by :mod:`reftlens.export`. Nothing here imports
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import weakref
 from typing import Any, Sequence
 
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from reftlens.errors import ExportError
 from reftlens.positions import RealTokens
 from reftlens.runtime.compat import fast_attention, unwrapped_state
-from reftlens.runtime.plan import Site, SitePlan, resolve, site_hook
+from reftlens.runtime.plan import Site, SitePlan, bank_rows, every_row, resolve, site_hook
 
 # TL hook (within a block) → (which module of decoder layer L, how to hook it)
 _SITES = {
@@ -87,9 +89,14 @@ class HFInterventions(nn.Module):
         self.phis = nn.ModuleList(unique.values())
         self.intervene_on = intervene_on
         self.cast = cast
+        # a bank: its sets in order, and each row's set for the calls to come (reft_adapters=)
+        self.bank = list(dict.fromkeys(u.adapter for u in self.units if u.adapter is not None))
+        self.adapters: str | Sequence[str | None] | None = None
+        self._repeat_rows = False  # inside generate: rows may be repeated (num_return_sequences, beams)
         self._handles: list[Any] = []
         self._plans: dict[int, SitePlan] = {}
         self._decode = False
+        self._generate_of: Any = None  # a weak reference to the model whose generate takes reft_adapters=
 
     def attach(self, model: nn.Module) -> None:
         """Register the hooks on ``model`` (idempotent)."""
@@ -115,14 +122,42 @@ class HFInterventions(nn.Module):
                 else:
                     self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
         self._handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        if self.bank:  # generate(..., reft_adapters=) would fail transformers' check of model kwargs
+            model.generate = _generate_with_adapters(model, self)
+            self._generate_of = weakref.ref(model)
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        model = self._generate_of() if self._generate_of is not None else None
+        if model is not None:
+            model.__dict__.pop("generate", None)
+        self._generate_of = None
 
-    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Before each model call: resolve this call's positions from its attention mask."""
+    def _rows(self, names: Any, batch: int, device: torch.device) -> dict[str, Tensor] | None:
+        """Each present set's rows for this call (None: not a bank)."""
+        if not self.bank:
+            if names is not None:
+                raise ExportError("reft_adapters= chooses a set per example, but this model carries one set, not a bank.")
+            return None
+        if (self._repeat_rows and not isinstance(names, str) and names is not None and len(names)
+                and batch != len(names) and batch % len(names) == 0):
+            names = [n for n in names for _ in range(batch // len(names))]  # generate's row expansion
+        return bank_rows(names, self.bank, batch, device)
+
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Before each model call: resolve this call's positions from its attention mask (and, for a
+        bank, each row's set from ``reft_adapters=`` or the names set by the caller)."""
+        names = self.adapters
+        given = "reft_adapters" in kwargs
+        if given:
+            kwargs = dict(kwargs)
+            names = kwargs.pop("reft_adapters")
+        self._resolve(args, kwargs, names)
+        return (args, kwargs) if given else None
+
+    def _resolve(self, args: tuple, kwargs: dict, names: Any) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -136,17 +171,19 @@ class HFInterventions(nn.Module):
             cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             mask = torch.ones(batch, seq, dtype=torch.long, device=ids.device)
         self._decode = cached > 0
-        if self._decode:  # the new token(s): every row
-            self._plans = {id(s): SitePlan(s, None, None, (batch, seq)) for s in self.sites}
-            return
-        real = RealTokens.from_mask(mask.bool(), ids if not ids.is_floating_point() else None)
-        plans, _ = resolve(self.sites, self.units, real)  # relative positions can collide on a short prompt
-        self._plans = {id(p.site): p for p in plans}
+        rows = self._rows(names, batch, ids.device)
+        if self._decode:  # the new token(s): every row (of each set's own examples)
+            plans = every_row(self.sites, self.units, batch, seq, ids.device, rows) if self.intervene_on == "all" else []
+        else:
+            real = RealTokens.from_mask(mask.bool(), ids if not ids.is_floating_point() else None)
+            plans, _ = resolve(self.sites, self.units, real, rows)  # relative positions can collide on a short prompt
+        self._plans = {id(p.site): p for p in plans}  # a bank group runs at its first member's hook
 
     def _edit(self, site: Site, h: Tensor) -> Tensor | None:
-        if self._decode and self.intervene_on == "prompt":
+        plan = self._plans.get(id(site))
+        if plan is None or (self._decode and self.intervene_on == "prompt"):
             return None
-        return site_hook(self._plans[id(site)], self.cast)(h)
+        return site_hook(plan, self.cast)(h)
 
     def _output_hook(self, site: Site) -> Any:
         def fn(module: nn.Module, args: tuple, output: Any) -> Any:
@@ -166,6 +203,28 @@ class HFInterventions(nn.Module):
             return None if new is None else (args, {**kwargs, "hidden_states": new})
 
         return fn
+
+
+def _generate_with_adapters(model: nn.Module, module: HFInterventions) -> Any:
+    """``model.generate`` that takes ``reft_adapters=`` (one set name per prompt) and hands the
+    names to the interventions for every call of that generation."""
+    original = type(model).generate
+
+    @functools.wraps(original)
+    def generate(*args: Any, reft_adapters: Any = None, **kwargs: Any) -> Any:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if reft_adapters is not None and not isinstance(reft_adapters, str) and ids is not None \
+                and len(reft_adapters) != ids.shape[0]:
+            raise ExportError(f"reft_adapters names {len(reft_adapters)} sets but there are {ids.shape[0]} prompts; "
+                              "give one set name per prompt (None for the base model).")
+        before = module.adapters, module._repeat_rows
+        module.adapters, module._repeat_rows = reft_adapters, True
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            module.adapters, module._repeat_rows = before
+
+    return generate
 
 
 def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
@@ -212,25 +271,31 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
     return (fresh if share else fresh.to(first.device)).eval()
 
 
-_TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+_TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, nn.Module, tuple]]" = weakref.WeakKeyDictionary()
 
 
 def twin(model: Any, units: Sequence[Any], cast: bool = False) -> nn.Module:
     """A plain transformers model sharing the bridge ``model``'s weights, with ``units``' Φs attached
     natively (the same Φ objects: training shows at once).
 
-    Cached per bridge for one set of units (rebuilt when the base moves or the set changes); the
-    Φs stay owned by the caller (the twin holds them, not as its submodules).
+    Cached per bridge (rebuilt when the base moves); when the set changes (another ReftModel, a set
+    added to a bank) only the interventions are attached anew. The Φs stay owned by the caller
+    (the twin holds them, not as its submodules).
     """
     first = next(model.parameters())
-    key = (first.data_ptr(), first.device, first.dtype, cast, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
+    base_key = (first.data_ptr(), first.device, first.dtype)
+    units_key = (cast, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
     held = _TWINS.get(model)
-    if held is not None and held[0] == key:
-        return held[1]
-    hf = pristine_hf(model, share=True)
-    fast_attention(hf)
+    if held is not None and held[0] == base_key:
+        hf = held[1]
+        if held[2] == units_key:
+            return hf
+        hf._reftlens_module.detach()
+    else:
+        hf = pristine_hf(model, share=True)
+        fast_attention(hf)
     module = HFInterventions(units, cast=cast)
     object.__setattr__(hf, "_reftlens_module", module)  # not a submodule: the Φs stay owned by the caller
     module.attach(hf)
-    _TWINS[model] = (key, hf)
+    _TWINS[model] = (base_key, hf, units_key)
     return hf

@@ -6,18 +6,23 @@ pair with them. Positions are resolved against each example's real tokens and ch
 collisions here, once per batch; a backend (:mod:`reftlens.runtime.tl` for TransformerLens hook
 points, :mod:`reftlens.runtime.hf` for plain transformers modules) only executes it: gather the
 rows, apply Φ, scatter them back (:func:`site_hook`). Nothing here knows about either backend.
+
+A bank of named sets resolves the same way, with one more thing per row: which set the example
+runs (:func:`bank_rows`). Each unit's site mask keeps only its set's examples, disjointness is
+checked within each set, and the rows of all sets whose Φs share a bank key at one hook merge
+into one site plan that the kernel runs as one ``forward_many`` call (:func:`stack_groups`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from reftlens.errors import CollisionError, ConfigError, NonFiniteError
-from reftlens.interventions.base import phi_d_model
+from reftlens.interventions.base import bank_key, phi_d_model, phi_label
 from reftlens.positions import RealTokens
 from reftlens.sets import Unit, may_share_sites
 
@@ -59,12 +64,17 @@ class SitePlan:
     """A site's rows for one batch: flat row indices (None = every row) and source rows.
 
     ``shape`` is the ``(batch, seq)`` the indices were made for (None: resolve lazily from the
-    tensor the hook sees, every token real)."""
+    tensor the hook sees, every token real). A bank group (several sets' sites at one hook, Φs of
+    one bank key) also has ``phis`` and ``which``: row ``i`` of ``index`` runs ``phis[which[i]]``;
+    ``site`` is then its first member."""
 
     site: Site
     index: Tensor | None
     source_rows: Tensor | None = None
     shape: tuple[int, int] | None = None
+    phis: list[nn.Module] | None = None
+    which: Tensor | None = None
+    members: list[Site] | None = None
 
 
 @dataclass
@@ -81,6 +91,7 @@ class Plan:
     attention_mask: Tensor | None = None
     real: RealTokens | None = None
     masks: dict[int, Tensor] = field(default_factory=dict)
+    rows: dict[str, Tensor] | None = None  # a bank: each set present → its examples (bool [batch])
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -92,9 +103,53 @@ class Plan:
         return f"Plan(shape={self.shape}, sites=[{rows}])"
 
 
-def site_masks(units: Sequence[Unit], real: RealTokens) -> dict[int, Tensor]:
-    """One boolean site mask ``[batch, seq]`` per unit (keyed by ``id(unit)``)."""
-    return {id(u): u.positions.site_mask(real) for u in units}
+def site_masks(units: Sequence[Unit], real: RealTokens, rows: Mapping[str, Tensor] | None = None) -> dict[int, Tensor]:
+    """One boolean site mask ``[batch, seq]`` per unit (keyed by ``id(unit)``); with a bank's
+    ``rows``, only for the units of the sets present, each kept to its set's examples."""
+    if rows is None:
+        return {id(u): u.positions.site_mask(real) for u in units}
+    return {id(u): u.positions.site_mask(real) & rows[u.adapter][:, None] for u in units if u.adapter in rows}
+
+
+def bank_rows(adapters: str | Sequence[str | None] | None, known: Sequence[str], batch: int,
+              device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Each set named in ``adapters`` (one name per example, None for the base model; a single
+    name for every example) → a boolean mask of its examples ``[batch]``."""
+    if adapters is None:
+        raise ConfigError(
+            f"this ReftModel holds a bank of {len(known)} sets ({_names(known)}): pass adapters= with one set "
+            "name per example (None for the base model), or one name for every example."
+        )
+    if isinstance(adapters, str):
+        adapters = [adapters] * batch
+    adapters = list(adapters)
+    if len(adapters) != batch:
+        raise ConfigError(
+            f"adapters= names {len(adapters)} sets but the batch has {batch} examples; give one name per example "
+            "(None for the base model)."
+        )
+    wanted = set(known)
+    positions: dict[str, list[int]] = {}
+    for i, name in enumerate(adapters):
+        if name is None:
+            continue
+        if not isinstance(name, str) or name not in wanted:
+            raise ConfigError(
+                f"adapters[{i}] is {name!r}, which is not a set of this bank; the sets are {_names(known)}. "
+                "Add it with reft.add_adapter(name, interventions) or use None for the base model."
+            )
+        positions.setdefault(name, []).append(i)
+    out = {}
+    for name, idx in positions.items():
+        row = torch.zeros(batch, dtype=torch.bool)
+        row[idx] = True
+        out[name] = row.to(device)
+    return out
+
+
+def _names(known: Sequence[str]) -> str:
+    shown = ", ".join(repr(n) for n in list(known)[:8])
+    return shown + (f" and {len(known) - 8} more" if len(known) > 8 else "")
 
 
 def flat_index(mask: Tensor) -> Tensor | None:
@@ -104,12 +159,34 @@ def flat_index(mask: Tensor) -> Tensor | None:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
-def resolve(sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens) -> tuple[list[SitePlan], dict[int, Tensor]]:
-    """Site masks → per-site row indices, checked for collisions: ``(site plans, masks)``."""
-    masks = site_masks(units, frame)
+def resolve(sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens,
+            rows: Mapping[str, Tensor] | None = None) -> tuple[list[SitePlan], dict[int, Tensor]]:
+    """Site masks → per-site row indices, checked for collisions: ``(site plans, masks)``.
+
+    With a bank's ``rows`` (:func:`bank_rows`) only the sets present get site plans, and those
+    of one bank key at one hook are merged (:func:`stack_groups`)."""
+    masks = site_masks(units, frame, rows)
+    if rows is not None:
+        sites = [s for s in sites if id(s.unit) in masks]
     check_disjoint(sites, masks, frame)
     shape = (frame.mask.shape[0], frame.mask.shape[1])
-    return [SitePlan(s, flat_index(masks[id(s.unit)]), None, shape) for s in sites], masks
+    plans = [SitePlan(s, flat_index(masks[id(s.unit)]), None, shape) for s in sites]
+    return (plans if rows is None else stack_groups(plans)), masks
+
+
+def every_row(sites: Sequence[Site], units: Sequence[Unit], batch: int, seq: int, device: torch.device | str,
+              rows: Mapping[str, Tensor] | None = None) -> list[SitePlan]:
+    """Site plans that edit every token of every example (of each bank set's own examples): the
+    generated tokens of ``intervene_on="all"``. Checked for collisions."""
+    ones = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    if rows is None:
+        masks = {id(u): ones for u in units}
+    else:
+        masks = {id(u): ones & rows[u.adapter][:, None] for u in units if u.adapter in rows}
+        sites = [s for s in sites if id(s.unit) in masks]
+    check_disjoint(sites, masks, RealTokens.unpadded(batch, seq, device))
+    plans = [SitePlan(s, flat_index(masks[id(s.unit)]), None, (batch, seq)) for s in sites]
+    return plans if rows is None else stack_groups(plans)
 
 
 def widen(plan: Plan, sites: Sequence[Site], width: int, generated: bool) -> list[SitePlan]:
@@ -117,19 +194,72 @@ def widen(plan: Plan, sites: Sequence[Site], width: int, generated: bool) -> lis
     edited everywhere (``generated=True``, checked for collisions) or nowhere."""
     batch, seq = plan.shape
     extra = torch.full((batch, width - seq), generated, dtype=torch.bool, device=plan.tokens.device)
-    masks = {k: torch.cat([m, extra], 1) for k, m in plan.masks.items()}
+    if plan.rows is not None:  # a bank: only the sets present, each on its own examples
+        sites = [s for s in sites if id(s.unit) in plan.masks]
+        masks = {id(s.unit): torch.cat([plan.masks[id(s.unit)], extra & plan.rows[s.unit.adapter][:, None]], 1)
+                 for s in sites}
+    else:
+        masks = {k: torch.cat([m, extra], 1) for k, m in plan.masks.items()}
     if generated:
         check_disjoint(sites, masks, RealTokens.from_mask(torch.cat([plan.real.mask, extra], 1)))
-    source = {id(p.site): p.source_rows for p in plan.sites}
-    return [SitePlan(s, flat_index(masks[id(s.unit)]), source[id(s)], (batch, width)) for s in sites]
+    source = {id(m): p.source_rows for p in plan.sites for m in _members(p)}
+    plans = [SitePlan(s, flat_index(masks[id(s.unit)]), source.get(id(s)), (batch, width)) for s in sites]
+    return plans if plan.rows is None else stack_groups(plans)
+
+
+def stack_groups(plans: Sequence[SitePlan]) -> list[SitePlan]:
+    """A bank's site plans for execution: sites with no rows dropped, and at each hook the sites
+    whose Φs share a bank key (same type and shape, see :meth:`reftlens.Phi.bank_key`) merged into
+    one plan whose rows run as one ``forward_many`` call over the stacked parameters. Φs without
+    a key keep one plan each: one call per set at that site, never one per example. Merging is
+    safe because each example runs one set and units within a set are disjoint per example."""
+    out: list[SitePlan | list[SitePlan]] = []
+    groups: dict[tuple, list[SitePlan]] = {}
+    for p in plans:
+        if p.index is not None and p.index.numel() == 0:
+            continue
+        key = bank_key(p.site.unit.phi)
+        if key is None:
+            out.append(p)
+            continue
+        key = (p.site.hook_name, p.site.unit.stack or 0, key)
+        if key not in groups:
+            groups[key] = []
+            out.append(groups[key])
+        groups[key].append(p)
+    return [_merge(g) if isinstance(g, list) else g for g in out]
+
+
+def _merge(members: list[SitePlan]) -> SitePlan:
+    if len(members) == 1:
+        return members[0]
+    batch, seq = members[0].shape
+    device = next((m.index.device for m in members if m.index is not None), None)
+    slot: dict[int, int] = {}
+    phis: list[nn.Module] = []
+    index, which = [], []
+    for m in members:
+        phi = m.site.unit.phi
+        k = slot.setdefault(id(phi), len(phis))
+        if k == len(phis):
+            phis.append(phi)
+        idx = m.index if m.index is not None else torch.arange(batch * seq, device=device)
+        index.append(idx)
+        which.append(torch.full_like(idx, k))
+    return SitePlan(members[0].site, torch.cat(index), None, (batch, seq), phis, torch.cat(which),
+                    [m.site for m in members])
+
+
+def _members(plan: SitePlan) -> list[Site]:
+    return plan.members or [plan.site]
 
 
 def check_disjoint(sites: Sequence[Site], masks: dict[int, Tensor], real: RealTokens) -> None:
     """Raise if two sites on one hook select the same position of one example."""
-    by_hook: dict[str, list[Site]] = {}
-    for s in sites:
-        by_hook.setdefault(s.hook_name, []).append(s)
-    for hook_name, group in by_hook.items():
+    by_hook: dict[tuple[str, str | None], list[Site]] = {}
+    for s in sites:  # bank sets never share an example, so only sites of one set can collide
+        by_hook.setdefault((s.hook_name, s.unit.adapter), []).append(s)
+    for (hook_name, _), group in by_hook.items():
         for i, a in enumerate(group):
             for c in group[i + 1 :]:
                 if may_share_sites(a.unit, c.unit):
@@ -201,6 +331,11 @@ def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
     with_source = site.unit.takes_source
     d_expected = phi_d_model(phi)
     dtype = phi_dtype(phi)
+    label = site.label
+    if plan.phis is not None:  # a bank group: the rows of every set in one call over stacked parameters
+        many, phis, which = type(phi).forward_many, plan.phis, plan.which
+        phi = lambda rows: many(phis, rows, which)  # noqa: E731
+        label = f"{len(phis)} sets' {phi_label(phis[0])} at {site.hook_name} ({_names([m.unit.adapter for m in plan.members])})"
     lazy: dict[tuple, Tensor | None] = {}
 
     def hook(h: Tensor, hook: Any = None) -> Tensor | None:
@@ -213,27 +348,27 @@ def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
         else:
             if (batch, seq) != plan.shape:
                 raise ConfigError(
-                    f"intervention {site.label}: positions were resolved for inputs of shape {plan.shape} but the "
+                    f"intervention {label}: positions were resolved for inputs of shape {plan.shape} but the "
                     f"hook sees {tuple(h.shape)}. Pass the same inputs to reft.hooks(...) as to the model."
                 )
             index = plan.index
         if d_expected is not None and h.shape[-1] != d_expected:
             raise ConfigError(
-                f"intervention {site.label}: Φ expects width {d_expected}, the hook carries {tuple(h.shape)}."
+                f"intervention {label}: Φ expects width {d_expected}, the hook carries {tuple(h.shape)}."
             )
         flat = h.reshape(batch * seq, *h.shape[2:])
         rows = flat if index is None else flat.index_select(0, index)
         if dtype is not None and rows.dtype != dtype:
             if not cast and not autocast_on(rows.device.type):  # autocast casts per op
                 raise ConfigError(
-                    f"intervention {site.label}: Φ is {dtype} but the hidden states are {rows.dtype}. Call "
+                    f"intervention {label}: Φ is {dtype} but the hidden states are {rows.dtype}. Call "
                     f"reft.to({rows.dtype}) or build ReftModel(..., cast=True) to run Φ in its own precision."
                 )
             rows = rows.to(dtype)
         out = phi(rows, plan.source_rows.to(rows.dtype)) if with_source else phi(rows)
         if read_only:
             return None
-        _check_output(site, out, rows)
+        _check_output(label, out, rows)
         out = out.to(h.dtype)
         if index is None:
             return out.reshape(h.shape)
@@ -243,15 +378,15 @@ def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
     return hook
 
 
-def _check_output(site: Site, out: Any, rows: Tensor) -> None:
+def _check_output(label: str, out: Any, rows: Tensor) -> None:
     """A Φ must return one floating row per input row, of the same shape: a transposed output
     whose element count happens to match would otherwise scramble values across positions."""
     if not isinstance(out, Tensor):
-        raise ConfigError(f"intervention {site.label}: Φ returned {type(out).__name__}; it must return a tensor "
+        raise ConfigError(f"intervention {label}: Φ returned {type(out).__name__}; it must return a tensor "
                           f"shaped like its input {tuple(rows.shape)}.")
     if out.shape != rows.shape:
-        raise ConfigError(f"intervention {site.label}: Φ returned shape {tuple(out.shape)} for input rows of shape "
+        raise ConfigError(f"intervention {label}: Φ returned shape {tuple(out.shape)} for input rows of shape "
                           f"{tuple(rows.shape)}; a Φ maps [..., d] -> [..., d] row by row, so both must be equal.")
     if not out.is_floating_point():
-        raise ConfigError(f"intervention {site.label}: Φ returned {out.dtype} values; it must return floating "
+        raise ConfigError(f"intervention {label}: Φ returned {out.dtype} values; it must return floating "
                           f"hidden states ({rows.dtype}).")

@@ -4,7 +4,7 @@ Each example becomes prompt ids (with the model's start token, by the rule of
 :func:`reftlens.model.text_tokens`: never a second one on a chat-formatted prompt) followed by
 completion ids (and EOS). Positions of the interventions are resolved against the prompt part only, so "f5+l5"
 means the first and last five prompt tokens, as in the ReFT paper. Loss is taken on the
-completion tokens alone.
+completion tokens alone. For a bank, each example names the set it trains (``"adapter"``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ class Example:
     prompt: tuple[int, ...]
     completion: tuple[int, ...]
     label: int | None = None  # index into the label set, for classification
+    adapter: str | None = None  # the bank set this example trains
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
@@ -41,10 +42,12 @@ class Batch:
     prompt_mask: Tensor  # [batch, seq], 1 on prompt tokens
     labels: Tensor  # [batch, seq], next-token targets aligned with tokens; -100 where no loss
     class_labels: Tensor | None = None
+    adapters: list[str | None] | None = None  # a bank: each example's set
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in
-                       (self.tokens, self.attention_mask, self.prompt_mask, self.labels, self.class_labels)))
+                       (self.tokens, self.attention_mask, self.prompt_mask, self.labels, self.class_labels)),
+                     adapters=self.adapters)
 
     @property
     def n_target_tokens(self) -> int:
@@ -71,8 +74,9 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
 def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool = False, append_eos: bool = True,
            label_names: Sequence[str] | None = None, prepend_bos: bool | None = None) -> list[Example]:
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
-    (the label's text is the completion, and ``label_names`` fixes the class order). Prompts get
-    start tokens by :func:`reftlens.model.text_tokens` (``prepend_bos``)."""
+    (the label's text is the completion, and ``label_names`` fixes the class order); an
+    ``"adapter"`` key names the bank set an example trains. Prompts get start tokens by
+    :func:`reftlens.model.text_tokens` (``prepend_bos``)."""
 
     tok = model.tokenizer
     eos = getattr(tok, "eos_token_id", None)
@@ -98,7 +102,7 @@ def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool 
         c = c[: max_length - len(p)]
         if not c:
             raise ValueError(f"example {i} has an empty completion after tokenization.")
-        out.append(Example(tuple(p), tuple(c), label))
+        out.append(Example(tuple(p), tuple(c), label, r.get("adapter")))
     return out
 
 
@@ -118,7 +122,8 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         # the logit at position t predicts token t+1: targets are the completion tokens, shifted left
         labels[i, len(e.prompt) - 1 : len(e) - 1] = torch.tensor(e.completion)
     classes = torch.tensor([e.label for e in examples]) if all(e.label is not None for e in examples) else None
-    return Batch(tokens, attn, prompt, labels, classes)
+    adapters = [e.adapter for e in examples] if any(e.adapter is not None for e in examples) else None
+    return Batch(tokens, attn, prompt, labels, classes, adapters)
 
 
 def batch_order(examples: Sequence[Example], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,

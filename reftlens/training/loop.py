@@ -9,6 +9,11 @@ way. The pieces follow in the order the recipe calls them.
 One optimizer step takes ``grad_accum`` micro-batches of ``batch_size`` examples on each of
 ``world`` processes; the loss is the mean over every completion token of that global batch, so
 one process, gradient accumulation and data-parallel processes give the same updates.
+
+A bank trains all its sets in one run: each example names its set (``"adapter"``), each set takes
+its own batches (its own order, epochs, schedule and clipping, a parameter group of its own), the
+step runs the sets' batches side by side in one forward, and each set's loss is the mean over its
+own completion tokens. So every set gets exactly the updates it would get trained alone.
 """
 
 from __future__ import annotations
@@ -50,6 +55,11 @@ class History:
     @property
     def losses(self) -> list[float]:
         return [s["loss"] for s in self.steps]
+
+    def adapter(self, name: str) -> "History":
+        """One bank set's history: its own records, as a run of that set alone would write them."""
+        return History([r["sets"][name] for r in self.steps if name in r.get("sets", {})],
+                       [{"step": r["step"], **r["sets"][name]} for r in self.evals if name in r.get("sets", {})])
 
 
 PRECISIONS = ("fp32", "bf16", "bf16-force")
@@ -137,7 +147,9 @@ def train(
     template (``chat_template=True``) does: the rule of :meth:`reftlens.ReftModel.tokenize`,
     so training sees the tokens ``reft(...)`` and ``reft.generate`` see. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
-    ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
+    ``precision="bf16-force"`` uses autocast anyway. A bank (``ReftModel(model, {name: set})``)
+    trains every set at once on examples that carry ``"adapter": name``, each exactly as if alone;
+    ``history.adapter(name)`` is one set's history. ``checkpoint_dir`` + ``checkpoint_every``
     save the full training state every so many steps; ``resume=True`` continues from it and ends
     where an uninterrupted run would. ``checkpoint_dir`` must be new, an empty folder or an
     earlier checkpoint (it holds ``trainer_state.json``), else a
@@ -156,8 +168,11 @@ def train(
     world, rank = _dist()
     examples, eval_examples, label_names = _setup_data(reft, data, eval_data, cfg)
     steps_per_epoch, total = _count_steps(len(examples), cfg, world)
+    by_set = _bank_schedule(reft, examples, cfg, world)
+    if by_set is not None:
+        total = max(n for _, _, n in by_set.values())
     torch.manual_seed(cfg.seed)
-    optimizer, scheduler = _setup_optimizer(reft, cfg, total)
+    optimizer, scheduler = _setup_optimizer(reft, cfg, total, by_set)
     step, history = _setup_resume(reft, cfg, optimizer, scheduler)
     module = _setup_model(reft, world)
     autocast = _setup_precision(cfg.precision, reft.device)
@@ -167,9 +182,14 @@ def train(
     reft.train()
     try:
         while step < total:
-            epoch, group = _step_batches(examples, cfg, world, step, steps_per_epoch)
+            if by_set is None:
+                epoch, group = _step_batches(examples, cfg, world, step, steps_per_epoch)
+                set_epochs = None
+            else:
+                set_epochs, group = _bank_step_batches(examples, by_set, cfg, world, step)
+                epoch = max(set_epochs.values())
             record = train_step(module, optimizer, scheduler, examples, group, step=step, epoch=epoch,
-                                autocast=autocast, max_grad_norm=cfg.max_grad_norm)
+                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, set_epochs=set_epochs)
             step += 1
             history.steps.append(record)
             bar.update(1)
@@ -214,7 +234,37 @@ def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
                                 "same form as data, or leave eval_data=None to skip evaluation.")
         eval_examples = encode(model, eval_rows, max_length=cfg.max_length, chat_template=cfg.chat_template,
                                label_names=names, prepend_bos=cfg.prepend_bos)
+    for what, exs in (("data", examples), ("eval_data", eval_examples or [])):
+        _check_adapters(reft, exs, what)
     return examples, eval_examples, label_names
+
+
+def _check_adapters(reft: "ReftModel", examples: Sequence[Example], what: str) -> None:
+    """A bank's examples each name one of its sets; a plain set's examples name none."""
+    for i, e in enumerate(examples):
+        if reft.bank is None and e.adapter is not None:
+            raise TrainingError(f"{what} example {i} names the set {e.adapter!r} ('adapter'), but this ReftModel holds "
+                                "one set. Build a bank, ReftModel(model, {name: [...], ...}), to train several sets.")
+        if reft.bank is not None and e.adapter not in reft.bank:
+            raise TrainingError(
+                f"{what} example {i} has adapter {e.adapter!r}, which is not a set of this bank ({reft.adapters}); each "
+                "example of a bank's training data names the set it trains: {'prompt': ..., 'completion': ..., "
+                "'adapter': name}."
+            )
+
+
+def _bank_schedule(reft: "ReftModel", examples: Sequence[Example], cfg: TrainConfig,
+                   world: int) -> dict[str, tuple[list[int], int, int]] | None:
+    """A bank's sets with examples → (their example indices, steps per epoch, total steps), each
+    counted as a run of that set alone would count them (None for a plain set)."""
+    if reft.bank is None:
+        return None
+    out = {}
+    for name in reft.adapters:
+        idx = [i for i, e in enumerate(examples) if e.adapter == name]
+        if idx:
+            out[name] = (idx, *_count_steps(len(idx), cfg, world))
+    return out
 
 
 def _count_steps(n_examples: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
@@ -225,14 +275,32 @@ def _count_steps(n_examples: int, cfg: TrainConfig, world: int) -> tuple[int, in
     return steps_per_epoch, total
 
 
-def _setup_optimizer(reft: "ReftModel", cfg: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable Φ parameters, and the learning-rate schedule over ``total`` steps."""
+def _setup_optimizer(reft: "ReftModel", cfg: TrainConfig, total: int,
+                     by_set: dict[str, tuple[list[int], int, int]] | None = None) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable Φ parameters, and the learning-rate schedule over ``total`` steps.
+    A bank gets one parameter group per set with examples, each with its own schedule."""
     params = [p for p in reft.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("no trainable Φ parameters: every intervention in this set is fixed.")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(cfg.schedule, cfg.warmup_steps, total))
-    return optimizer, scheduler
+    if by_set is None:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_fn(cfg.schedule, cfg.warmup_steps, total))
+        return optimizer, scheduler
+    groups, owner = [], {}
+    for name in by_set:
+        mine = list({id(p): p for u in reft.units if u.adapter == name for p in u.phi.parameters()
+                     if p.requires_grad}.values())
+        for p in mine:
+            if owner.setdefault(id(p), name) != name:
+                raise TrainingError(f"sets {owner[id(p)]!r} and {name!r} share a Φ parameter; a bank trains each set "
+                                    "apart, so give each set its own Φs.")
+        if mine:
+            groups.append({"params": mine, "set": name})
+    if not groups:
+        raise TrainingError("no trainable Φ parameters in the sets the examples name.")
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lambdas = [schedule_fn(cfg.schedule, cfg.warmup_steps, by_set[g["set"]][2]) for g in groups]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
 def _setup_resume(reft: "ReftModel", cfg: TrainConfig, optimizer: torch.optim.Optimizer,
@@ -312,19 +380,38 @@ def _step_batches(examples: Sequence[Example], cfg: TrainConfig, world: int, ste
     return epoch, order[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
 
 
+def _bank_step_batches(examples: Sequence[Example], by_set: dict[str, tuple[list[int], int, int]], cfg: TrainConfig,
+                       world: int, step: int) -> tuple[dict[str, int], list[list[int]]]:
+    """Each set's epoch at step ``step`` and the step's micro-batches: micro-batch j holds every
+    set's own micro-batch j, side by side (sets whose run has ended take none)."""
+    epochs, group = {}, []
+    for name, (idx, per_epoch, total) in by_set.items():
+        if step >= total:
+            continue
+        epochs[name], mine = _step_batches([examples[i] for i in idx], cfg, world, step, per_epoch)
+        for j, ids in enumerate(mine):
+            if j == len(group):
+                group.append([])
+            group[j] += [idx[i] for i in ids]
+    return epochs, group
+
+
 # ---- one optimizer step --------------------------------------------------------------------------
 
 
 def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, examples: Sequence[Example],
                group: Sequence[Sequence[int]], *, step: int, epoch: int, autocast: Any = None,
-               max_grad_norm: float | None = None) -> dict[str, Any]:
+               max_grad_norm: float | None = None, set_epochs: dict[str, int] | None = None) -> dict[str, Any]:
     """One optimizer step over ``group``, the step's micro-batches (indices into ``examples``).
 
     Each process runs its share of every micro-batch; the loss is the mean over the target tokens
-    of the whole group on all processes. Returns the step's record (``step`` counts from 1)."""
+    of the whole group on all processes. Returns the step's record (``step`` counts from 1). For
+    a bank (``set_epochs``: each training set's epoch) see :func:`_bank_step`."""
     world, rank = _dist()
     reft = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
     autocast = contextlib.nullcontext() if autocast is None else autocast
+    if set_epochs is not None:
+        return _bank_step(module, reft, optimizer, scheduler, examples, group, step, set_epochs, autocast, max_grad_norm)
     pad = reft.pad_token_id
     n_tokens = sum(len(examples[i].completion) for ids in group for i in ids)  # the loss's target tokens
     loss_sum = torch.zeros((), device=reft.device)
@@ -356,6 +443,59 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
     return record
 
 
+def _bank_step(module: Any, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any,
+               examples: Sequence[Example], group: Sequence[Sequence[int]], step: int, set_epochs: dict[str, int],
+               autocast: Any, max_grad_norm: float | None) -> dict[str, Any]:
+    """One optimizer step of a bank: every set's micro-batches side by side in one forward, each
+    set's loss the mean over its own target tokens (so its gradient is that of its run alone),
+    each set's gradient clipped on its own. The record holds each set's record under ``sets``."""
+    world, rank = _dist()
+    pad = reft.pad_token_id
+    names = list(set_epochs)
+    slot = {name: k for k, name in enumerate(names)}
+    n_tokens = torch.zeros(len(names))
+    for ids in group:
+        for i in ids:
+            n_tokens[slot[examples[i].adapter]] += len(examples[i].completion)
+    loss_sums = torch.zeros(len(names), device=reft.device)
+    for j, ids in enumerate(group):
+        share = math.ceil(len(ids) / world)
+        local = ids[rank * share : (rank + 1) * share]
+        weight = 1.0 if local else 0.0
+        rows = local or ids[:1]
+        batch = collate([examples[i] for i in rows], pad).to(reft.device)
+        which = torch.tensor([slot[examples[i].adapter] for i in rows], device=reft.device)
+        sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
+        with sync:
+            with autocast:
+                logits, labels = forward(module, batch)
+            per_row = weight * row_losses(logits, labels)
+            scale = world / n_tokens.to(reft.device).clamp(min=1)[which]
+            (per_row * scale).sum().backward()
+        loss_sums.index_add_(0, which, per_row.detach())
+    if world > 1:
+        torch.distributed.all_reduce(loss_sums)
+    losses = (loss_sums.cpu() / n_tokens.clamp(min=1)).tolist()
+    if not all(math.isfinite(v) for v in losses):
+        bad = names[next(k for k, v in enumerate(losses) if not math.isfinite(v))]
+        rows = [i for ids in group for i in ids if examples[i].adapter == bad]
+        raise TrainingError(f"set {bad!r}: " + _diagnose(reft, collate([examples[i] for i in rows], pad).to(reft.device),
+                                                          step, set_epochs[bad], losses[slot[bad]]))
+    lrs = scheduler.get_last_lr()
+    by_group = {g["set"]: k for k, g in enumerate(optimizer.param_groups)}
+    if max_grad_norm is not None:
+        for g in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(g["params"], max_grad_norm)
+    sets = {name: {"step": step + 1, "epoch": set_epochs[name], "loss": losses[k], "lr": lrs[by_group[name]],
+                   "tokens": int(n_tokens[k])} for k, name in enumerate(names)}
+    record = {"step": step + 1, "epoch": max(set_epochs.values()), "loss": sum(losses) / len(losses),
+              "lr": lrs[0], "tokens": int(n_tokens.sum()), "sets": sets}
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return record
+
+
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
@@ -370,37 +510,51 @@ def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, ta
 
 @torch.no_grad()
 def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
-             label_names: Sequence[str] | None = None) -> dict[str, float]:
+             label_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
-    (``classification``: the label whose tokens score highest given the prompt)."""
+    (``classification``: the label whose tokens score highest given the prompt). A bank's examples
+    run with their own sets, and each set's metrics are under ``"sets"``."""
     if not examples:
         raise TrainingError("evaluate got no examples: pass at least one encoded example.")
     was_training = reft.training
     reft.eval()
     pad = reft.pad_token_id
-    loss_sum, n_tok, correct_tok, correct_ex = 0.0, 0, 0, 0
+    # per set (None: a plain set): [loss sum, target tokens, correct tokens, correct examples, examples]
+    sums: dict[str | None, list[float]] = {}
     cands = [tuple(reft.model.tokenizer(n, add_special_tokens=False)["input_ids"]) for n in (label_names or [])]
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         batch = collate(chunk, pad).to(reft.device)
         logits, labels = forward(reft, batch)
-        loss_sum += token_losses(logits, labels).item()
         target = labels != -100
-        n_tok += int(target.sum())
-        correct_tok += int(((logits.argmax(-1) == labels) & target).sum())
+        losses = row_losses(logits, labels).tolist()
+        n_tok = target.sum(1).tolist()
+        correct_tok = ((logits.argmax(-1) == labels) & target).sum(1).tolist()
+        correct_ex = [0] * len(chunk)
         if task == "classification":
             scores = (_score_first_tokens(reft, chunk, cands, pad) if all(len(c) == 1 for c in cands)
                       else torch.stack([_score(reft, chunk, c, pad) for c in cands], 1))
-            correct_ex += int((scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).sum())
+            correct_ex = (scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).int().tolist()
+        for k, e in enumerate(chunk):
+            acc = sums.setdefault(e.adapter, [0.0, 0, 0, 0, 0])
+            for f, v in enumerate((losses[k], n_tok[k], correct_tok[k], correct_ex[k], 1)):
+                acc[f] += v
     reft.train(was_training)
-    acc = correct_ex / len(examples) if task == "classification" else correct_tok / max(n_tok, 1)
-    return {"loss": loss_sum / max(n_tok, 1), "accuracy": acc}
+
+    def metrics(loss: float, n_tok: float, correct_tok: float, correct_ex: float, n_ex: float) -> dict[str, float]:
+        acc = correct_ex / n_ex if task == "classification" else correct_tok / max(n_tok, 1)
+        return {"loss": loss / max(n_tok, 1), "accuracy": acc}
+
+    out: dict[str, Any] = metrics(*(sum(v[f] for v in sums.values()) for f in range(5)))
+    if reft.bank is not None:
+        out["sets"] = {name: metrics(*v) for name, v in sums.items() if name is not None}
+    return out
 
 
 def _score_first_tokens(reft: "ReftModel", chunk: Sequence[Example], cands: Sequence[tuple[int, ...]], pad: int) -> Tensor:
     """``_score`` for every one-token label at once: the logits after the prompt score them all
     (causal attention: they do not depend on which label follows), so one forward, not one per label."""
-    batch = collate([Example(e.prompt, cands[0]) for e in chunk], pad).to(reft.device)
+    batch = collate([Example(e.prompt, cands[0], adapter=e.adapter) for e in chunk], pad).to(reft.device)
     logits, labels = forward(reft, batch)
     at = (labels != -100).float().argmax(1)  # each row's one target position
     logp = logits[torch.arange(len(chunk), device=logits.device), at].float().log_softmax(-1)
@@ -409,7 +563,7 @@ def _score_first_tokens(reft: "ReftModel", chunk: Sequence[Example], cands: Sequ
 
 def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, ...], pad: int) -> Tensor:
     """Sum of log-probabilities of ``completion`` after each example's prompt."""
-    batch = collate([Example(e.prompt, completion) for e in chunk], pad).to(reft.device)
+    batch = collate([Example(e.prompt, completion, adapter=e.adapter) for e in chunk], pad).to(reft.device)
     logits, labels = forward(reft, batch)
     logp = logits.float().log_softmax(-1)
     picked = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
@@ -425,7 +579,7 @@ def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     ``folder`` must be new, empty or an earlier checkpoint (it holds ``trainer_state.json``)."""
     from safetensors.torch import save_file
 
-    from reftlens.saving import atomic_dir, write
+    from reftlens.saving import atomic_dir, write, write_bank
 
     state = optimizer.state_dict()
     tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
@@ -437,7 +591,7 @@ def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
 
     def write_all(tmp: Path) -> None:
         (tmp / "reft").mkdir()
-        write(reft, tmp / "reft")
+        (write if reft.bank is None else write_bank)(reft, tmp / "reft")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
         (tmp / STATE_FILE).write_text(json.dumps(meta))
@@ -451,6 +605,10 @@ def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     from reftlens.saving import load
 
     saved_set, _ = load(folder / "reft", reft.model, cast=reft.cast)
+    if isinstance(saved_set, dict):  # a bank: its sets in order, as reft.phis holds them
+        if list(saved_set) != reft.adapters:
+            raise TrainingError(f"checkpoint {folder} holds the sets {list(saved_set)} but this bank has {reft.adapters}.")
+        saved_set = [iv for ivs in saved_set.values() for iv in ivs]
     saved_phis = list({id(iv.phi): iv.phi for iv in saved_set}.values())
     if len(saved_phis) != len(reft.phis):
         raise TrainingError(f"checkpoint {folder} holds {len(saved_phis)} Φs but this set has {len(reft.phis)}.")
@@ -503,6 +661,12 @@ def token_losses(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
+def row_losses(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of every position whose label is not -100, summed per example ``[batch]``."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return losses.view(labels.shape).sum(1)
+
+
 def forward(module: Any, batch: Batch) -> tuple[Tensor, Tensor]:
     """Logits and labels at the positions where some row has a target.
 
@@ -511,6 +675,8 @@ def forward(module: Any, batch: Batch) -> tuple[Tensor, Tensor]:
     transformers' ``logits_to_keep`` where it takes that argument."""
     keep = (batch.labels != -100).any(0).nonzero().squeeze(1)
     kwargs = dict(attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    if batch.adapters is not None:
+        kwargs["adapters"] = batch.adapters
     if 0 < keep.numel() < batch.labels.shape[1] and _takes_logits_to_keep(module):
         logits = module(batch.tokens, logits_to_keep=keep, **kwargs)
         if logits.shape[1] == keep.numel():
@@ -547,7 +713,8 @@ def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: floa
 
     from reftlens.runtime.tl import execute
 
-    plan = reft.plan(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    plan = reft.plan(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask,
+                     adapters=batch.adapters)
     with torch.no_grad():
         execute(reft.model, plan, reft.cast, extra=[(p.site.hook_point, check(p.site)) for p in plan.sites])
     if first:

@@ -1,0 +1,373 @@
+"""A bank of named intervention sets, a different one per example: every example computes what its
+own set computes alone, in forward, generation, export and training."""
+
+import pytest
+import torch
+
+from reftlens import (CollisionError, ConfigError, DiReFT, Intervention, LoReFT, NodiReFT, NoReFT, ReftModel, Steer,
+                      ZeroAblation, load_hf, save_hf, to_hf)
+from reftlens.interventions.base import bank_key
+from reftlens.runtime.plan import site_hook
+
+PROMPTS = ["the quick brown fox", "a b", "over the river and through the wood", "hello there", "x y z w",
+           "one two three"]
+ADAPTERS = ["emoji", "sport", None, "formal", "emoji", "sport"]
+
+
+def strong(phi):
+    with torch.no_grad():  # a strong edit, so each set's generations differ from the base model's
+        (phi.W.bias if hasattr(phi, "W") else phi.W1.bias).mul_(20)
+    return phi
+
+
+def make_sets(d, seed=0):
+    torch.manual_seed(seed)
+    return {
+        "emoji": [Intervention(strong(LoReFT(d, 4, init="random")), layers=[1, 3], positions="f2+l2")],
+        "sport": Intervention(strong(LoReFT(d, 4, init="random")), layers=[1, 2], positions="l3"),
+        "formal": [Intervention(strong(DiReFT(d, 2, init="random")), layers=1, positions="l2"),
+                   Intervention(ZeroAblation(d), layers=2, positions=[0])],  # no bank key: one call per set
+    }
+
+
+@pytest.fixture
+def sets(model):
+    return make_sets(model.cfg.d_model)
+
+
+@pytest.fixture
+def bank(model, sets):
+    return ReftModel(model, sets)
+
+
+def solo_logits(model, sets, name, tokens, mask):
+    with torch.no_grad():
+        if name is None:
+            return model(tokens, attention_mask=mask)
+        return ReftModel(model, sets[name])(tokens, attention_mask=mask)
+
+
+# ---- the batched Φ protocol -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [LoReFT, NoReFT, DiReFT, NodiReFT])
+def test_forward_many_is_each_rows_own_phi(cls):
+    torch.manual_seed(0)
+    phis = [cls(16, 3, init="random") for _ in range(3)]
+    h, which = torch.randn(12, 16), torch.tensor([0, 1, 2, 2, 0, 1, 1, 1, 0, 2, 2, 0])
+    expected = torch.stack([phis[w](h[i]) for i, w in enumerate(which.tolist())])
+    torch.testing.assert_close(cls.forward_many(phis, h, which), expected, rtol=0, atol=1e-5)
+    assert bank_key(phis[0]) == bank_key(phis[1]) != bank_key(cls(16, 2))  # one shape, one key
+
+
+def test_steer_forward_many_is_exact():
+    phis = [Steer(torch.randn(8), scale=s) for s in (1.0, -2.0)]
+    h, which = torch.randn(5, 8), torch.tensor([1, 0, 0, 1, 1])
+    assert torch.equal(Steer.forward_many(phis, h, which), torch.stack([phis[w](h[i]) for i, w in enumerate(which.tolist())]))
+
+
+# ---- forward ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_each_example_equals_its_single_set_run(model, sets, bank, side):
+    tokens, mask = bank.tokenize(PROMPTS, padding_side=side)
+    with torch.no_grad():
+        mixed = bank(tokens, attention_mask=mask, adapters=ADAPTERS)
+    for i, name in enumerate(ADAPTERS):
+        real = mask[i].bool()
+        alone = solo_logits(model, sets, name, tokens[i : i + 1], mask[i : i + 1])
+        torch.testing.assert_close(mixed[i][real], alone[0][real], rtol=0, atol=1e-5)
+    base = solo_logits(model, sets, None, tokens, mask)  # a None row is the base model, bit for bit
+    assert torch.equal(mixed[2][mask[2].bool()], base[2][mask[2].bool()])
+
+
+def test_rows_of_one_phi_shape_run_as_one_call(bank):
+    plan = bank.plan(PROMPTS, adapters=ADAPTERS)
+    at_layer1 = [p for p in plan.sites if p.site.layer == 1]
+    # emoji and sport (LoReFT rank 4) merge into one group at layer 1; formal's DiReFT runs on its own
+    groups = [p for p in at_layer1 if p.phis is not None]
+    assert len(groups) == 1 and {m.unit.adapter for m in groups[0].members} == {"emoji", "sport"}
+    assert len(at_layer1) == 2
+
+
+def test_a_set_absent_from_the_batch_adds_no_hook(bank):
+    plan = bank.plan(PROMPTS[:2], adapters=["sport", None])
+    assert {m.unit.adapter for p in plan.sites for m in (p.members or [p.site])} == {"sport"}
+
+
+def test_one_name_for_every_example(model, sets, bank):
+    tokens, mask = bank.tokenize(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(bank(tokens, attention_mask=mask, adapters="sport"),
+                                   solo_logits(model, sets, "sport", tokens, mask), rtol=0, atol=1e-5)
+
+
+def test_gradients_reach_only_the_sets_in_the_batch(bank):
+    bank(PROMPTS, adapters=["emoji", None, "emoji", None, None, None]).sum().backward()
+    grads = {name: [p.grad for iv in ivs for p in iv.phi.parameters()] for name, ivs in bank.bank.items()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads["emoji"])
+    assert all(g is None for g in grads["sport"] + grads["formal"])
+
+
+def test_disjointness_is_checked_within_each_set_per_example(model):
+    d = model.cfg.d_model
+    tied = {"a": [Intervention(LoReFT(d, 2), layers=1, positions="f3"), Intervention(LoReFT(d, 2), layers=1, positions="l3")],
+            "b": Intervention(LoReFT(d, 2), layers=1, positions="all")}  # b shares every site with a, never a row
+    bank = ReftModel(model, tied)
+    long, short = "over the river and through the wood", "x"
+    bank([short, long, short], adapters=["b", "a", "b"])  # b's "all" on short inputs never meets a's rows
+    with pytest.raises(CollisionError, match=r"'a/loreft\(rank=2\)' \(f3\) and 'a/loreft\(rank=2\)' \(l3\) both edit "
+                                             r"blocks.1.* at example 1"):
+        bank([long, short], adapters=["b", "a"])  # f3 and l3 meet on the short input of set a
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def test_unknown_adapter_names_the_name_and_the_sets(bank):
+    with pytest.raises(ConfigError, match=r"adapters\[1\] is 'sprot', which is not a set of this bank; the sets are "
+                                          r"'emoji', 'sport', 'formal'.*add_adapter"):
+        bank(PROMPTS[:2], adapters=["emoji", "sprot"])
+
+
+def test_adapter_list_must_match_the_batch(bank):
+    with pytest.raises(ConfigError, match=r"adapters= names 2 sets but the batch has 3 examples"):
+        bank(PROMPTS[:3], adapters=["emoji", "sport"])
+    with pytest.raises(ConfigError, match=r"holds a bank of 3 sets .*pass adapters="):
+        bank(PROMPTS[:3])
+
+
+def test_adapters_on_a_plain_set_is_an_error(model, sets):
+    with pytest.raises(ConfigError, match=r"this ReftModel holds one set"):
+        ReftModel(model, sets["sport"])(PROMPTS[:1], adapters=["sport"])
+
+
+def test_sets_for_different_models_are_refused(model, sets):
+    d = model.cfg.d_model
+    with pytest.raises(ConfigError, match=rf"sets target different models: set 'other' has Φs of width \[{d + 8}\], "
+                                          rf"but sets \['emoji', 'sport', 'formal'\] and this model have d_model={d}"):
+        ReftModel(model, {**sets, "other": Intervention(LoReFT(d + 8, 2), layers=1)})
+
+
+# ---- a live bank ----------------------------------------------------------------------------------
+
+
+def test_add_and_remove_a_set_on_a_live_bank(model, sets, bank):
+    tokens, mask = bank.tokenize(PROMPTS)
+    torch.manual_seed(3)
+    extra = [Intervention(strong(NodiReFT(model.cfg.d_model, 3, init="random")), layers=[0, 2], positions="l2")]
+    bank.add_adapter("pirate", extra)
+    assert bank.adapters == ["emoji", "sport", "formal", "pirate"] and any(p is extra[0].phi for p in bank.phis)
+    with torch.no_grad():
+        mixed = bank(tokens, attention_mask=mask, adapters=["pirate", "emoji", None, "pirate", "formal", "sport"])
+    torch.testing.assert_close(mixed[0], ReftModel(model, extra)(tokens[:1], attention_mask=mask[:1])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], solo_logits(model, sets, "emoji", tokens[1:2], mask[1:2])[0], rtol=0, atol=1e-5)
+    assert bank.remove_adapter("pirate") == extra
+    assert all(p is not extra[0].phi for p in bank.phis)
+    with pytest.raises(ConfigError, match="not a set of this bank"):
+        bank(tokens[:1], attention_mask=mask[:1], adapters=["pirate"])
+
+
+# ---- save / load ------------------------------------------------------------------------------------
+
+
+def test_save_and_load_a_bank_and_one_set(model, sets, bank, tmp_path):
+    tokens, mask = bank.tokenize(PROMPTS)
+    bank.save(tmp_path / "bank")
+    loaded = ReftModel.load(tmp_path / "bank", model)
+    assert loaded.adapters == bank.adapters
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS))
+    one = ReftModel.load(tmp_path / "bank", model, adapter="sport")  # one set out of a saved bank
+    bank.save(tmp_path / "sport", adapter="sport")                      # one set saved as a plain save
+    for alone in (one, ReftModel.load(tmp_path / "sport", model)):
+        assert alone.bank is None
+        with torch.no_grad():
+            assert torch.equal(alone(tokens, attention_mask=mask), solo_logits(model, sets, "sport", tokens, mask))
+    loaded.remove_adapter("sport")
+    loaded.load_adapter("sport", tmp_path / "sport")
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS))
+
+
+# ---- generation ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["hf", "bridge"])
+@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+def test_mixed_batch_generation_equals_each_prompt_alone_with_its_set(model, sets, bank, backend, intervene_on):
+    kw = dict(eos_token_id=None, backend=backend, intervene_on=intervene_on)
+    mixed = bank.generate(PROMPTS, 8, adapters=ADAPTERS, **kw)
+    plain = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2), layers=0))  # identity: the base model
+    alone = [(ReftModel(model, sets[n]) if n else plain).generate([p], 8, **kw)[0] for p, n in zip(PROMPTS, ADAPTERS)]
+    assert mixed == alone
+    base = plain.generate(PROMPTS, 8, **kw)
+    assert all((m == b) == (n is None) for m, b, n in zip(mixed, base, ADAPTERS))  # every set changes its rows
+
+
+def test_cached_bank_generation_equals_no_cache_recomputation(bank):
+    tokens, mask = bank.tokenize(PROMPTS)
+    kw = dict(attention_mask=mask, eos_token_id=None, adapters=ADAPTERS, intervene_on="all")
+    assert torch.equal(bank.generate(tokens, 8, **kw), bank.generate(tokens, 8, use_cache=False, **kw))
+
+
+# ---- export --------------------------------------------------------------------------------------------
+
+
+def test_exported_bank_takes_reft_adapters(model, bank, tmp_path):
+    tok = model.tokenizer
+    hf = to_hf(bank)
+    tokens, mask = bank.tokenize(PROMPTS, padding_side="right")
+    with torch.no_grad():
+        ours = bank(tokens, attention_mask=mask, adapters=ADAPTERS)
+        theirs = hf(input_ids=tokens, attention_mask=mask, reft_adapters=ADAPTERS).logits
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], rtol=0, atol=1e-5)
+    left, left_mask = bank.tokenize(PROMPTS)
+    out = hf.generate(input_ids=left, attention_mask=left_mask, reft_adapters=ADAPTERS, max_new_tokens=8,
+                      do_sample=False, pad_token_id=bank.pad_token_id)
+    expected = bank.generate(left, 8, attention_mask=left_mask, adapters=ADAPTERS, eos_token_id=None)
+    assert torch.equal(out, expected)
+    with pytest.raises(ConfigError, match=r"holds a bank of 3 sets"):
+        hf(input_ids=tokens, attention_mask=mask)
+    save_hf(hf, tmp_path / "export", tokenizer=tok)
+    again = load_hf(tmp_path / "export")
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=tokens, attention_mask=mask, reft_adapters=ADAPTERS).logits, theirs,
+                                   rtol=0, atol=1e-5)
+
+
+def test_group_errors_name_every_set(model):
+    class Broken(LoReFT):
+        @classmethod
+        def forward_many(cls, phis, h, which):
+            return h[:, :-1]
+
+    d = model.cfg.d_model
+    bank = ReftModel(model, {"a": Intervention(Broken(d, 2), layers=1), "b": Intervention(Broken(d, 2), layers=1)})
+    with pytest.raises(ConfigError, match=r"2 sets' .* at blocks.1.* \('a', 'b'\): Φ returned shape"):
+        bank(PROMPTS[:2], adapters=["a", "b"])
+    assert site_hook  # the kernel both backends call
+
+
+# ---- training many sets in one run ---------------------------------------------------------------------
+
+WORDS = ["red", "green", "blue", "quick", "lazy", "tall", "small", "old"]
+TRAIN = {  # sets of different sizes: different epochs, schedules and numbers of steps
+    "emoji": [{"prompt": f"the {w} fox", "completion": f" jumps over the {w} dog"} for w in WORDS[:6]],
+    "sport": [{"prompt": f"a {w} ball", "completion": " is kicked"} for w in WORDS[:3]],
+    "formal": [{"prompt": f"dear {w} sir", "completion": f" yours {w}ly"} for w in WORDS[3:8]],
+}
+
+
+def trainable_sets(d, seed=0):
+    torch.manual_seed(seed)
+    return {"emoji": [Intervention(LoReFT(d, 4, init="random"), layers=[1, 2], positions="f2+l2")],
+            "sport": Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l2"),
+            "formal": [Intervention(NoReFT(d, 2, init="random"), layers=[0, 3], positions="f1+l1", untied="layers")]}
+
+
+def test_joint_training_equals_separate_runs(model, tmp_path):
+    import reftlens
+
+    d = model.cfg.d_model
+    kw = dict(epochs=2, batch_size=2, grad_accum=2, lr=2e-2, schedule="linear", warmup_steps=1, max_grad_norm=0.5,
+              seed=3, progress=False)
+    bank = ReftModel(model, trainable_sets(d))
+    data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
+    history = reftlens.train(bank, data, eval_data=data, **kw)
+    separate = trainable_sets(d)
+    assert len(history.steps) == 4  # emoji and formal: 2 steps an epoch; sport: 1
+    for name, rows in TRAIN.items():
+        alone = ReftModel(model, separate[name])
+        solo = reftlens.train(alone, rows, eval_data=rows, **kw)
+        for a, b in zip(alone.parameters(), [p for ivs in [bank.bank[name]] for iv in ivs for p in iv.phi.parameters()]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        mine = history.adapter(name)
+        assert [r["step"] for r in mine.steps] == [r["step"] for r in solo.steps]
+        assert [r["lr"] for r in mine.steps] == [r["lr"] for r in solo.steps]
+        assert [r["tokens"] for r in mine.steps] == [r["tokens"] for r in solo.steps]
+        torch.testing.assert_close(mine.losses, solo.losses, rtol=0, atol=1e-5)
+        torch.testing.assert_close(mine.evals[-1]["loss"], solo.evals[-1]["loss"], rtol=0, atol=1e-5)
+
+
+def test_untied_units_of_a_set_train_together(model):
+    import reftlens
+
+    bank = ReftModel(model, trainable_sets(model.cfg.d_model))
+    before = [p.detach().clone() for p in bank.parameters()]
+    reftlens.train(bank, [dict(r, adapter="formal") for r in TRAIN["formal"]], max_steps=2, batch_size=4, progress=False)
+    changed = [not torch.equal(a, b) for a, b in zip(before, bank.parameters())]
+    formal = {id(p) for u in bank.units if u.adapter == "formal" for p in u.phi.parameters()}
+    assert changed == [id(p) in formal for p in bank.parameters()]  # only the set with examples moved
+
+
+def test_bank_checkpoints_resume_where_an_uninterrupted_run_ends(model, tmp_path):
+    import reftlens
+
+    d = model.cfg.d_model
+    data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
+    kw = dict(epochs=2, batch_size=2, lr=2e-2, seed=1, progress=False)
+    whole = ReftModel(model, trainable_sets(d))
+    full = reftlens.train(whole, data, **kw)
+
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(record):
+        if record.get("step") == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        reftlens.train(ReftModel(model, trainable_sets(d)), data, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2,
+                       callback=crash_at_3, **kw)
+    resumed = ReftModel(model, trainable_sets(d, seed=9))  # other weights: all come from the checkpoint
+    history = reftlens.train(resumed, data, checkpoint_dir=tmp_path / "ckpt", resume=True, **kw)
+    assert history.steps == full.steps and history.adapter("sport").steps == full.adapter("sport").steps
+    for a, b in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bank_training_data_must_name_its_sets(model):
+    import reftlens
+    from reftlens import TrainingError
+
+    bank = ReftModel(model, trainable_sets(model.cfg.d_model))
+    with pytest.raises(TrainingError, match=r"data example 0 has adapter None, which is not a set of this bank"):
+        reftlens.train(bank, TRAIN["sport"], max_steps=1, progress=False)
+    with pytest.raises(TrainingError, match=r"data example 0 has adapter 'golf'"):
+        reftlens.train(bank, [dict(TRAIN["sport"][0], adapter="golf")], max_steps=1, progress=False)
+    plain = ReftModel(model, trainable_sets(model.cfg.d_model)["sport"])
+    with pytest.raises(TrainingError, match=r"names the set 'sport' \('adapter'\), but this ReftModel holds one set"):
+        reftlens.train(plain, [dict(TRAIN["sport"][0], adapter="sport")], max_steps=1, progress=False)
+
+
+def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the benchmark would run, not skip")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/gpu_bank.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("gpu_bank: skipped (no CUDA device")
+
+
+def test_pyreft_export_of_a_bank_is_refused(bank, tmp_path):
+    from reftlens import ExportError, to_pyreft
+
+    with pytest.raises(ExportError, match=r"pyreft holds one intervention set per model.*bank of 3 sets.*Export one set"):
+        to_pyreft(bank, tmp_path / "p")
+
+
+def test_adding_a_set_reuses_the_generation_twin(model, bank):
+    from reftlens.runtime.hf import twin
+
+    hf = twin(model, bank.units)
+    bank.add_adapter("extra", Intervention(LoReFT(model.cfg.d_model, 2), layers=1, positions="l1"))
+    assert twin(model, bank.units) is hf  # same weights-sharing model, only the interventions attached anew
+    assert hf._reftlens_module.bank == ["emoji", "sport", "formal", "extra"]
