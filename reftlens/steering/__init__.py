@@ -1,0 +1,11 @@
+"""Steering, end to end: find a concept's direction, detect it, steer with it, sweep α.
+
+- directions from activations at any ⟨hook, layers, positions⟩: :func:`collect`, then
+  :func:`diff_mean` (CAA / DiffMean), :func:`pca` (RepE's LAT: first component of paired
+  differences) or :func:`probe` (logistic regression), each a :class:`Direction` with its statistics;
+- detection: :meth:`Activations.scores` (projection, max or mean over tokens) and :func:`auroc`;
+"""
+
+from reftlens.steering.directions import Activations, Direction, auroc, collect, diff_mean, pca, probe
+
+__all__ = ["collect", "Activations", "Direction", "diff_mean", "pca", "probe", "auroc"]
