@@ -32,6 +32,8 @@ from reftlens.interventions import (
     NoReFT,
     OrthonormalRows,
     Phi,
+    ProjectOut,
+    Scaled,
     Steer,
     ZeroAblation,
     register,
@@ -49,6 +51,7 @@ __all__ = [
     "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",
+    "Scaled", "ProjectOut",
     "ReftError", "PositionError", "CollisionError", "ConfigError", "LoadError", "SaveError", "ExportError",
     "TrainingError", "AnalysisError", "__version__",
 ]

@@ -1,13 +1,16 @@
-"""Steering: directions recover a planted concept, detection scores it."""
+"""Steering: directions recover a planted concept, detection scores it, α sweeps batch, edits suppress."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reftlens import AnalysisError
-from reftlens.analysis.toy import planted_variable_model
-from reftlens.steering import auroc, collect, diff_mean, pca, probe
+from reftlens import AnalysisError, ConfigError, Intervention, ProjectOut, ReftModel, Scaled, Steer
+from reftlens.analysis.toy import EVEN, ODD, planted_variable_model
+from reftlens.steering import alpha_sweep, auroc, collect, diff_mean, pca, probe
+
+PROMPTS = ["the quick brown fox", "a", "over the river and through the wood"]
+
 
 @pytest.fixture(scope="module")
 def toy():
@@ -116,3 +119,101 @@ def test_direction_errors_say_what_to_give():
         probe(torch.randn(5, 3), torch.randn(0, 3))
     with pytest.raises(AnalysisError, match="one label per score"):
         auroc(torch.randn(4), torch.tensor([0, 1]))
+
+
+
+# ---- steering: α sweeps, positions, suppression ------------------------------------------------
+
+
+@pytest.fixture
+def steer(model):
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    return ReftModel(model, Intervention(Steer(0.5 * v / v.norm()), layers=[1, 2], positions="all"))
+
+
+def test_alpha_zero_is_the_identity(steer, model):
+    tokens, mask = steer.tokenize(PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(steer.scaled(0.0)(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
+    base = ReftModel(model, Intervention(Steer(model.cfg.d_model), layers=1))  # v = 0: the base model
+    assert alpha_sweep(steer, PROMPTS, [0.0], 12, intervene_on="all", eos_token_id=None)[0] == \
+        base.generate(PROMPTS, 12, intervene_on="all", eos_token_id=None)
+
+
+@pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
+def test_an_alpha_sweep_in_one_batch_equals_one_call_per_alpha(steer, model, intervene_on):
+    alphas = [0.0, 1.0, -2.0, 4.0]
+    batched = alpha_sweep(steer, PROMPTS, alphas, 12, intervene_on=intervene_on, eos_token_id=None)
+    v = steer.phis[0].vector.detach()
+    one = {a: ReftModel(model, Intervention(Steer(v, alpha=a), layers=[1, 2], positions="all")) for a in alphas}
+    for a, row in zip(alphas, batched):
+        assert row == one[a].generate(PROMPTS, 12, intervene_on=intervene_on, eos_token_id=None)
+    assert len({tuple(r) for r in batched}) > 1  # the α values do steer
+    tokens, mask = steer.tokenize(PROMPTS * len(alphas))
+    with torch.no_grad():  # the batched rows' logits are those of one forward per α
+        rows = steer.scaled(torch.tensor(alphas).repeat_interleave(len(PROMPTS)))(tokens, attention_mask=mask)
+        for i, a in enumerate(alphas):
+            sl = slice(i * len(PROMPTS), (i + 1) * len(PROMPTS))
+            torch.testing.assert_close(rows[sl], one[a](tokens[sl], attention_mask=mask[sl]), atol=1e-5, rtol=0)
+
+
+def test_the_sweep_is_the_same_on_the_bridge_the_twin_and_in_chunks(steer):
+    kw = dict(intervene_on="all", eos_token_id=None)
+    whole = alpha_sweep(steer, PROMPTS, [0.0, 3.0], 10, backend="hf", **kw)
+    assert whole == alpha_sweep(steer, PROMPTS, [0.0, 3.0], 10, backend="bridge", **kw)
+    assert whole == alpha_sweep(steer, PROMPTS, [0.0, 3.0], 10, batch_size=2, **kw)
+
+
+def test_per_example_phis_are_told_the_batch_row_of_each_row(model):
+    seen = []
+
+    class Record(torch.nn.Module):
+        per_example = True
+
+        def forward(self, h, examples):
+            seen.append(examples.clone())
+            return h
+
+    reft = ReftModel(model, Intervention(Record(), layers=1, positions="l2"))
+    tokens, mask = reft.tokenize(PROMPTS)
+    plan = reft.plan(tokens, attention_mask=mask)
+    reft(tokens, attention_mask=mask)
+    counts = plan.masks[id(reft.units[0])].sum(1).tolist()
+    assert seen[-1].tolist() == [b for b, c in enumerate(counts) for _ in range(c)]
+    reft.generate(tokens, 3, attention_mask=mask, intervene_on="all", eos_token_id=None, backend="hf")
+    assert seen[-1].tolist() == [0, 1, 2]  # a decoding step: one new row per example
+
+
+def test_project_out_suppresses_and_steering_flips_the_planted_concept(toy):
+    model, u, _, seqs, even, _ = toy
+    tokens = torch.tensor(seqs[:64])
+    with torch.no_grad():
+        gap = lambda logits: logits[:, -1, EVEN] - logits[:, -1, ODD]  # noqa: E731
+        base = gap(model(tokens))
+        removed = gap(ReftModel(model, Intervention(ProjectOut(u), layers=2, positions="l1"))(tokens))
+        pushed = gap(ReftModel(model, Intervention(Steer(u, alpha=10.0), layers=2, positions="l1"))(tokens))
+    assert bool((base[even[:64]] > 0).all() and (base[~even[:64]] < 0).all())
+    assert float(removed.abs().max()) < 1e-5  # the readout sees only u: the concept is gone
+    assert bool((pushed > 0).all())  # every prediction moves to "even"
+
+
+def test_project_out_is_a_projection():
+    U = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    phi = ProjectOut(U)
+    h = torch.randn(5, 6)
+    out = phi(h)
+    torch.testing.assert_close(out @ U.T, torch.zeros(5, 2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(phi(out), out)
+    torch.testing.assert_close(h - out, (h - out) @ phi.U.T @ phi.U, atol=1e-5, rtol=0)  # only U's span removed
+    with pytest.raises(ValueError, match="linearly dependent"):
+        ProjectOut(torch.stack([U[0], 2 * U[0]]))
+
+
+def test_scaled_errors_and_steer_saves_written_with_scale_still_load(steer):
+    phi = Scaled(Steer(torch.ones(3)), alpha=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ConfigError, match="alpha holds 2 values, one per example, but the batch has at least 3 rows"):
+        phi(torch.zeros(3, 3), examples=torch.tensor([0, 1, 2]))
+    with pytest.raises(ConfigError, match="at least one prompt and one alpha"):
+        alpha_sweep(steer, PROMPTS, [])
+    assert Steer(3, scale=2.0).alpha == 2.0 and Steer(3, 2.0).config() == {"vector": 3, "alpha": 2.0}
+

@@ -4,7 +4,8 @@ A transformers causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) gets t
 interventions as the TransformerLens bridge, as forward hooks on the decoder-layer modules that
 correspond to the TransformerLens hook points. Each model call resolves a plan from its
 ``attention_mask`` (so left and right padding work); in KV-cached generation the prompt is edited
-in the first (prefill) call and, with ``intervene_on="all"``, every generated token after it.
+in the first (prefill) call and, with ``intervene_on="all"``, every generated token after it
+(``"generated"``: the generated tokens only).
 
 Used by ``reft.generate`` (a twin of the bridge's model that shares its weights: a decode step
 through plain transformers costs less Python) and by :mod:`reftlens.export`. Nothing here imports
@@ -25,6 +26,10 @@ from reftlens.errors import ExportError
 from reftlens.positions import RealTokens
 from reftlens.runtime.compat import fast_attention, unwrapped_state
 from reftlens.runtime.plan import Site, SitePlan, resolve, site_hook
+
+# which tokens a generation edits: the prompt's planned positions, those and every generated token,
+# or the generated tokens only
+INTERVENE_ON = ("prompt", "all", "generated")
 
 # TL hook (within a block) → (which module of decoder layer L, how to hook it)
 _SITES = {
@@ -65,8 +70,8 @@ class HFInterventions(nn.Module):
 
     def __init__(self, units: Sequence[Any], intervene_on: str = "prompt", cast: bool = False):
         super().__init__()
-        if intervene_on not in ("prompt", "all"):
-            raise ExportError(f"intervene_on must be 'prompt' or 'all'; got {intervene_on!r}.")
+        if intervene_on not in INTERVENE_ON:
+            raise ExportError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
         with_source = [u.name for u in units if u.takes_source]
         if with_source:
             raise ExportError(f"intervention {with_source[0]!r} takes a source (patching/DII); only sourceless Φs "
@@ -135,7 +140,7 @@ class HFInterventions(nn.Module):
         self._plans = {id(p.site): p for p in plans}
 
     def _edit(self, site: Site, h: Tensor) -> Tensor | None:
-        if self._decode and self.intervene_on == "prompt":
+        if self.intervene_on == ("prompt" if self._decode else "generated"):
             return None
         return site_hook(self._plans[id(site)], self.cast)(h)
 
