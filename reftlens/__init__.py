@@ -33,6 +33,7 @@ from reftlens.interventions import (
     OrthonormalRows,
     Phi,
     ProjectOut,
+    ReFTr1,
     Scaled,
     Steer,
     ZeroAblation,
@@ -51,7 +52,7 @@ __all__ = [
     "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
     "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
     "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",
-    "Scaled", "ProjectOut",
+    "Scaled", "ProjectOut", "ReFTr1",
     "ReftError", "PositionError", "CollisionError", "ConfigError", "LoadError", "SaveError", "ExportError",
     "TrainingError", "AnalysisError", "__version__",
 ]

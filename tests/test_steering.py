@@ -1,13 +1,16 @@
-"""Steering: directions recover a planted concept, detection scores it, α sweeps batch, edits suppress."""
+"""Steering: directions recover a planted concept, detection scores it, α sweeps batch, edits suppress,
+ReFT-r1 and the preference objective train, save, load and export."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reftlens import AnalysisError, ConfigError, Intervention, ProjectOut, ReftModel, Scaled, Steer
+from reftlens import (AnalysisError, ConfigError, Intervention, LoReFT, ProjectOut, ReFTr1, ReftModel, Scaled, Steer,
+                      TrainingError, to_hf, train)
 from reftlens.analysis.toy import EVEN, ODD, planted_variable_model
 from reftlens.steering import alpha_sweep, auroc, collect, diff_mean, pca, probe
+from reftlens.training import Example, Preference, encode, evaluate
 
 PROMPTS = ["the quick brown fox", "a", "over the river and through the wood"]
 
@@ -217,3 +220,91 @@ def test_scaled_errors_and_steer_saves_written_with_scale_still_load(steer):
         alpha_sweep(steer, PROMPTS, [])
     assert Steer(3, scale=2.0).alpha == 2.0 and Steer(3, 2.0).config() == {"vector": 3, "alpha": 2.0}
 
+
+# ---- ReFT-r1 and the preference objective --------------------------------------------------------
+
+DATA = [{"prompt": p, "completion": "a b a b a", "rejected": "x y z x y"}
+        for p in ["say one", "say two", "tell me three", "go four", "and five", "now six"]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=5), st.integers(1, 4))
+def test_reft_r1_adds_each_examples_own_top_k_mean(counts, k):
+    examples = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+    h = torch.randn(len(examples), 6, generator=torch.Generator().manual_seed(sum(counts) + k))
+    phi = ReFTr1(6, k=k)
+    with torch.no_grad():
+        edit = (phi(h, examples=examples) - h) @ phi.direction
+        z = phi.latent(h)
+    want = torch.stack([z[examples == e].topk(min(k, c)).values.mean() for e, c in enumerate(counts)])
+    torch.testing.assert_close(edit, want[examples], atol=1e-5, rtol=0)
+
+
+def test_reft_r1_trains_saves_loads_and_exports(model, tmp_path):
+    torch.manual_seed(0)
+    phi = ReFTr1(model.cfg.d_model, k=2, l1=0.05)
+    reft = ReftModel(model, Intervention(phi, layers=[1, 2], positions="all"))
+    examples = encode(model, DATA)
+    before = evaluate(reft, examples)["loss"]
+    history = train(reft, DATA, max_steps=15, batch_size=len(DATA), lr=0.05, progress=False)
+    assert evaluate(reft, examples)["loss"] < before
+    assert any(s.get("penalty", 0) > 0 for s in history.steps)  # the L1 on the latents is in the loss
+    assert abs(float(phi.w.detach().norm()) - 1) > 1e-3 and abs(float(phi.direction.detach().norm()) - 1) < 1e-6
+
+    tokens, mask = reft.tokenize(PROMPTS)
+    with torch.no_grad():
+        ours = reft(tokens, attention_mask=mask)
+    reft.save(tmp_path / "r1")
+    loaded = ReftModel.load(tmp_path / "r1", model)
+    assert isinstance(loaded.phis[0], ReFTr1) and loaded.phis[0].k == 2
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens, attention_mask=mask), ours)
+    hf = to_hf(reft)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        theirs = hf(input_ids=tokens, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("make", [lambda d: Steer(d), lambda d: LoReFT(d, 2), lambda d: ReFTr1(d, k=2)],
+                         ids=["steer", "loreft", "reft_r1"])
+def test_the_preference_objective_trains(model, make, tmp_path):
+    torch.manual_seed(0)
+    reft = ReftModel(model, Intervention(make(model.cfg.d_model), layers=[1, 2], positions="all"))
+    # every step sees the same batch and α, so the loss must go down
+    history = train(reft, DATA, max_steps=12, batch_size=len(DATA), lr=0.05, objective="preference", progress=False)
+    assert history.losses[-1] < history.losses[0]
+    reft.save(tmp_path / "pref")  # a preference-trained set is an ordinary set
+    with torch.no_grad():
+        tokens = model.to_tokens(PROMPTS[0])
+        assert torch.equal(ReftModel.load(tmp_path / "pref", model)(tokens), reft(tokens))
+
+
+def test_the_preference_objective_measures_both_directions(model):
+    """Toward the concept at +α, away at −α: training it raises ℓ̄(completion) − ℓ̄(rejected) at +α and lowers it at −α."""
+    torch.manual_seed(0)
+    reft = ReftModel(model, Intervention(Steer(model.cfg.d_model), layers=[1, 2], positions="all"))
+    examples = encode(model, DATA)
+    objective = Preference()
+    objective.setup(reft, examples, 1)
+
+    def margins():
+        with torch.no_grad():
+            n = len(examples)
+            rows = [Example(e.prompt, e.completion) for e in examples] + [Example(e.prompt, e.rejected) for e in examples]
+            lp = objective._mean_logprob(rows * 2, torch.tensor([1.0] * 2 * n + [-1.0] * 2 * n), reft.pad_token_id, reft.device)
+            return float((lp[:n] - lp[n:2 * n]).mean()), float((lp[2 * n:3 * n] - lp[3 * n:]).mean())
+
+    up0, down0 = margins()
+    train(reft, DATA, max_steps=12, batch_size=len(DATA), lr=0.05, objective=objective, progress=False)
+    up1, down1 = margins()
+    assert up1 > up0 and down1 < down0
+
+
+def test_the_preference_objective_needs_rejected_completions(model):
+    reft = ReftModel(model, Intervention(Steer(model.cfg.d_model), layers=1))
+    with pytest.raises(TrainingError, match="needs a 'rejected' completion in every example; example 0"):
+        train(reft, [{"prompt": "a", "completion": "b"}], max_steps=1, objective="preference", progress=False)
+    with pytest.raises(TrainingError, match="objective must be one of"):
+        train(reft, DATA, max_steps=1, objective="dpo", progress=False)

@@ -1,5 +1,5 @@
-"""Steering Φs: scaling any Φ's edit (per example, for α sweeps in one batch) and projecting a
-direction out (suppression).
+"""Steering Φs: scaling any Φ's edit (per example, for α sweeps in one batch), projecting a
+direction out (suppression), and ReFT-r1, AxBench's rank-1 detector-and-steerer.
 
 A Φ here may set ``per_example = True``: the engine then calls it with ``examples=``, the batch row
 of each of its rows (see :func:`reftlens.runtime.plan.site_hook`).
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
@@ -124,3 +125,81 @@ class ProjectOut(Phi):
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         U = self.U.to(h.dtype)
         return h - (h @ U.T) @ U
+
+
+@register("reft_r1")
+class ReFTr1(Phi):
+    """ReFT-r1 (AxBench, Wu et al. 2025): one direction w that detects a concept and steers toward it.
+
+    Latent z = ReLU(hᵀw) per position (w kept unit norm); the edit adds the mean of the example's
+    top-k latents along w: Φ(h) = h + mean(TopK_k(z over the example's positions))·w. Trained with
+    the LM loss plus ``l1`` × the mean of the latents outside the top k (:meth:`penalty`), so z
+    fires on few positions; read z (or hᵀw) as the concept detector, and steer at inference with
+    ``Steer(phi.direction, alpha)`` as AxBench does.
+
+    >>> phi = ReFTr1(8, k=2)
+    >>> h = torch.randn(5, 8)
+    >>> out = phi(h, examples=torch.tensor([0, 0, 0, 1, 1]))
+    >>> edit = (out - h) @ phi.direction             # each example's top-2 mean, on all its rows
+    >>> torch.allclose(edit[:3], phi.latent(h[:3]).topk(2).values.mean().expand(3), atol=1e-5)
+    True
+    """
+
+    per_example = True
+    row_wise = False  # the magnitude pools over the example's rows
+
+    def __init__(self, d_model: int, k: int = 8, l1: float = 1e-3):
+        super().__init__()
+        if not isinstance(d_model, int) or d_model < 1:
+            raise ValueError(f"ReFTr1(d_model, ...) takes a positive integer width; got d_model={d_model!r}.")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"ReFTr1: k (the top latents averaged per example) must be a positive integer; got {k!r}.")
+        self.d_model, self.k, self.l1 = d_model, k, float(l1)
+        self.w = nn.Parameter(torch.randn(d_model) / d_model**0.5)
+        self._pending: list[Tensor] = []
+
+    def config(self) -> dict[str, Any]:
+        return {"d_model": self.d_model, "k": self.k, "l1": self.l1}
+
+    @property
+    def direction(self) -> Float[Tensor, " d"]:
+        """The unit direction w / ‖w‖."""
+        return F.normalize(self.w, dim=0)
+
+    def latent(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
+        """The detector z = ReLU(hᵀw)."""
+        return torch.relu(h @ self.direction.to(h.dtype))
+
+    def forward(self, h: Float[Tensor, "n d"], examples: Int[Tensor, " n"] | None = None) -> Float[Tensor, "n d"]:
+        w = self.direction.to(h.dtype)
+        z = torch.relu(h @ w)
+        magnitude, outside = topk_mean(z, examples, self.k)
+        if self.training and torch.is_grad_enabled():
+            self._pending.append(self.l1 * (z * outside).mean())
+        return h + magnitude[:, None] * w
+
+    def penalty(self) -> Tensor | None:
+        """The L1 term of the training loss since the last call (summed over calls), then cleared."""
+        pending, self._pending = self._pending, []
+        return torch.stack(pending).sum() if pending else None
+
+
+def topk_mean(z: Float[Tensor, " n"], examples: Int[Tensor, " n"] | None, k: int) -> tuple[Tensor, Tensor]:
+    """Per row, the mean of the top-k values of ``z`` among its example's rows (all rows are one
+    example when ``examples`` is None), and a 0/1 mask of the rows outside their example's top k."""
+    n = z.shape[0]
+    if examples is None:
+        examples = torch.zeros(n, dtype=torch.long, device=z.device)
+    ids, slot = torch.unique(examples, return_inverse=True)
+    counts = torch.bincount(slot, minlength=ids.numel())
+    first = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(slot, stable=True)
+    within = torch.empty_like(slot)
+    within[order] = torch.arange(n, device=z.device) - first[slot[order]]
+    dense = z.new_full((ids.numel(), int(counts.max()) if n else 1), float("-inf"))
+    dense[slot, within] = z
+    top = dense.topk(min(k, dense.shape[1]), dim=1)
+    valid = torch.isfinite(top.values)
+    mean = torch.where(valid, top.values, 0).sum(1) / valid.sum(1).clamp(min=1)
+    inside = torch.zeros_like(dense, dtype=torch.bool).scatter_(1, top.indices, valid)
+    return mean[slot], (~inside[slot, within]).to(z.dtype)

@@ -176,7 +176,8 @@ def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
 
     A Φ with ``per_example = True`` is also given ``examples=``: for each of its rows, the row of the
     batch it comes from (``[n_rows]`` long). That is how one forward or one batched generation gives
-    each row its own α (:class:`~reftlens.interventions.Scaled`)."""
+    each row its own α (:class:`~reftlens.interventions.Scaled`) or pools over an example's own
+    positions (:class:`~reftlens.interventions.ReFTr1`)."""
     site = plan.site
     phi = site.unit.phi
     read_only = bool(getattr(phi, "read_only", False))

@@ -7,6 +7,8 @@
 - steering: ``Steer(direction.vector, alpha)`` over the positions an Intervention names and the
   tokens ``generate(intervene_on=...)`` names (``"prompt"``, ``"generated"``, ``"all"``);
   :func:`alpha_sweep` runs many α in one batched generation; ``ProjectOut`` suppresses;
+- trained steering: ``ReFTr1`` (AxBench's rank-1 detector-and-steerer) and
+  ``train(..., objective="preference")`` (RePS-style, bidirectional).
 """
 
 from reftlens.steering.directions import Activations, Direction, auroc, collect, diff_mean, pca, probe

@@ -1,7 +1,7 @@
 """Training data: prompt/completion (or prompt/label) examples → token batches.
 
 Each example becomes prompt ids (with the model's start token) followed by completion ids (and
-EOS). Positions of the interventions are resolved against the prompt part only, so "f5+l5"
+EOS); a preference example (``objective="preference"``) also carries the ``rejected`` completion. Positions of the interventions are resolved against the prompt part only, so "f5+l5"
 means the first and last five prompt tokens, as in the ReFT paper. Loss is taken on the
 completion tokens alone.
 """
@@ -17,12 +17,13 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example: prompt and completion token ids, and for classification the
-    index of its label among the label names."""
+    """One tokenized example: prompt and completion token ids, for classification the index of
+    its label among the label names, and for preference training the rejected completion."""
 
     prompt: tuple[int, ...]
     completion: tuple[int, ...]
     label: int | None = None  # index into the label set, for classification
+    rejected: tuple[int, ...] | None = None  # the completion to prefer less (preference objective)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
@@ -68,7 +69,8 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
 def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool = False, append_eos: bool = True,
            label_names: Sequence[str] | None = None) -> list[Example]:
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
-    (the label's text is the completion, and ``label_names`` fixes the class order)."""
+    (the label's text is the completion, and ``label_names`` fixes the class order); a ``"rejected"``
+    completion is kept for the preference objective."""
     tok = model.tokenizer
     eos = getattr(tok, "eos_token_id", None)
     out = []
@@ -93,7 +95,13 @@ def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool 
         c = c[: max_length - len(p)]
         if not c:
             raise ValueError(f"example {i} has an empty completion after tokenization.")
-        out.append(Example(tuple(p), tuple(c), label))
+        rejected = None
+        if r.get("rejected") is not None:
+            rejected = tok(r["rejected"], add_special_tokens=False)["input_ids"]
+            rejected = tuple((rejected + [eos] if append_eos and eos is not None else rejected)[: max_length - len(p)])
+            if not rejected:
+                raise ValueError(f"example {i} has an empty rejected completion after tokenization.")
+        out.append(Example(tuple(p), tuple(c), label, rejected))
     return out
 
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from reftlens.errors import TrainingError
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
+from reftlens.training.objectives import LanguageModeling, Objective, objective_for, penalties
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -74,6 +75,7 @@ class TrainConfig:
     chat_template: bool = False
     task: str = "lm"
     label_names: Sequence[str] | None = None
+    objective: str | Objective = "lm"
     eval_every: int | None = None
     progress: bool = True
     checkpoint_dir: str | os.PathLike | None = None
@@ -90,6 +92,10 @@ class TrainConfig:
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
         schedule_fn(self.schedule, self.warmup_steps, 1)  # names a bad schedule before any work
+        self.objective = objective_for(self.objective)
+        if self.task == "classification" and not isinstance(self.objective, LanguageModeling):
+            raise TrainingError(f"task='classification' trains with the LM loss on the label; objective="
+                                f"{self.objective.name!r} needs task='lm'.")
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
@@ -116,6 +122,7 @@ def train(
     chat_template: bool = False,
     task: str = "lm",
     label_names: Sequence[str] | None = None,
+    objective: str | Objective = "lm",
     eval_every: int | None = None,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
@@ -128,7 +135,10 @@ def train(
     ``data``: dicts (or a ``datasets.Dataset``) with ``prompt`` and ``completion``; for
     ``task="classification"``, ``prompt`` and ``label`` (the loss is on the label's tokens and
     accuracy picks the best-scoring label among ``label_names``). Empty ``data`` or ``eval_data``
-    is an error. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
+    is an error. ``objective``: ``"lm"`` (the completion tokens' cross-entropy) or ``"preference"``
+    (steering toward ``completion`` and away from ``rejected`` with +α and −α, RePS-style; see
+    :class:`~reftlens.training.objectives.Preference`), or an ``Objective`` instance. Φs with a
+    ``penalty()`` (ReFT-r1's L1) add it to the loss. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
     ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
     save the full training state every so many steps; ``resume=True`` continues from it and ends
@@ -140,12 +150,13 @@ def train(
                       weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
                       max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
                       group_by_length=group_by_length, chat_template=chat_template, task=task,
-                      label_names=label_names, eval_every=eval_every, progress=progress,
+                      label_names=label_names, objective=objective, eval_every=eval_every, progress=progress,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     world, rank = _dist()
     examples, eval_examples, label_names = _setup_data(reft, data, eval_data, cfg)
     steps_per_epoch, total = _count_steps(len(examples), cfg, world)
     torch.manual_seed(cfg.seed)
+    cfg.objective.setup(reft, examples, world)
     optimizer, scheduler = _setup_optimizer(reft, cfg, total)
     step, history = _setup_resume(reft, cfg, optimizer, scheduler)
     module = _setup_model(reft, world)
@@ -158,7 +169,7 @@ def train(
         while step < total:
             epoch, group = _step_batches(examples, cfg, world, step, steps_per_epoch)
             record = train_step(module, optimizer, scheduler, examples, group, step=step, epoch=epoch,
-                                autocast=autocast, max_grad_norm=cfg.max_grad_norm)
+                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, objective=cfg.objective)
             step += 1
             history.steps.append(record)
             bar.update(1)
@@ -305,30 +316,38 @@ def _step_batches(examples: Sequence[Example], cfg: TrainConfig, world: int, ste
 
 def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, examples: Sequence[Example],
                group: Sequence[Sequence[int]], *, step: int, epoch: int, autocast: Any = None,
-               max_grad_norm: float | None = None) -> dict[str, Any]:
+               max_grad_norm: float | None = None, objective: Objective | None = None) -> dict[str, Any]:
     """One optimizer step over ``group``, the step's micro-batches (indices into ``examples``).
 
-    Each process runs its share of every micro-batch; the loss is the mean over the target tokens
-    of the whole group on all processes. Returns the step's record (``step`` counts from 1)."""
+    Each process runs its share of every micro-batch; the loss is the objective's mean over the
+    whole group on all processes (for the LM loss: over its target tokens), plus the Φs' penalties
+    averaged over the micro-batches. Returns the step's record (``step`` counts from 1)."""
     world, rank = _dist()
     reft = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
     autocast = contextlib.nullcontext() if autocast is None else autocast
+    objective = objective if objective is not None else LanguageModeling()
     pad = reft.pad_token_id
-    n_tokens = sum(len(examples[i].completion) for ids in group for i in ids)  # the loss's target tokens
+    n_tokens = sum(objective.count(examples[i]) for ids in group for i in ids)  # what the loss averages over
     loss_sum = torch.zeros((), device=reft.device)
+    penalty_sum = 0.0
+    penalties(reft)  # start from no pending penalty terms
     for j, ids in enumerate(group):
         share = math.ceil(len(ids) / world)  # a short last batch is split evenly across processes
         local = ids[rank * share : (rank + 1) * share]
         # every process must run forward and backward (DDP all-reduces inside backward):
         # one left without examples runs one with weight zero
         weight = 1.0 if local else 0.0
-        batch = collate([examples[i] for i in local or ids[:1]], pad).to(reft.device)
+        micro = [examples[i] for i in local or ids[:1]]
         sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                logits, labels = forward(module, batch)
-            total_loss = weight * token_losses(logits, labels)
-            (total_loss * world / max(n_tokens, 1)).backward()
+                total_loss = weight * objective.loss(module, micro, pad, reft.device)
+            backward = total_loss * world / max(n_tokens, 1)
+            penalty = penalties(reft)
+            if penalty is not None:
+                backward = backward + weight * penalty / len(group)
+                penalty_sum += float(penalty.detach()) / len(group)
+            backward.backward()
         loss_sum += total_loss.detach()
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
@@ -338,6 +357,8 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens}
+    if penalty_sum:
+        record["penalty"] = penalty_sum
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
