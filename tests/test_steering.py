@@ -308,3 +308,29 @@ def test_the_preference_objective_needs_rejected_completions(model):
         train(reft, [{"prompt": "a", "completion": "b"}], max_steps=1, objective="preference", progress=False)
     with pytest.raises(TrainingError, match="objective must be one of"):
         train(reft, DATA, max_steps=1, objective="dpo", progress=False)
+
+
+@pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
+def test_training_edits_the_part_of_the_sequence_generation_edits(model, intervene_on):
+    """"f1+l1" are the ends of the prompt, of the whole sequence or of the completion; the first
+    completion token, predicted at the last prompt position, moves unless only generated tokens are edited."""
+    from reftlens.training import collate
+    from reftlens.training.loop import edited_part, forward
+
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    reft = ReftModel(model, Intervention(Steer(2 * v / v.norm()), layers=1, positions="f1+l1"))
+    batch = collate(encode(model, DATA[:2]), reft.pad_token_id)
+    plan = reft.plan(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=edited_part(batch, intervene_on))
+    where = [m.nonzero().squeeze(1).tolist() for m in plan.masks[id(reft.units[0])]]
+    n_prompt, n_all = batch.prompt_mask.sum(1).tolist(), batch.attention_mask.sum(1).tolist()
+    ends = {"prompt": [[0, p - 1] for p in n_prompt], "all": [[0, a - 1] for a in n_all],
+            "generated": [[p, a - 1] for p, a in zip(n_prompt, n_all)]}
+    assert where == ends[intervene_on]
+    with torch.no_grad():
+        edited, labels = forward(reft, batch, intervene_on)
+        plain = model(batch.tokens, attention_mask=batch.attention_mask)
+    plain = plain[:, (batch.labels != -100).any(0)]  # forward unembeds only where some row has a target
+    first = (labels != -100).float().argmax(1)  # where each row's first completion token is predicted
+    moved = (edited - plain).abs().amax(-1)[torch.arange(2), first]
+    assert bool((moved > 1e-4).all()) == (intervene_on != "generated")
+    assert bool((moved < 1e-6).all()) == (intervene_on == "generated")

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import TrainingError
+from reftlens.runtime.hf import INTERVENE_ON
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 from reftlens.training.objectives import LanguageModeling, Objective, objective_for, penalties
 
@@ -76,6 +77,7 @@ class TrainConfig:
     task: str = "lm"
     label_names: Sequence[str] | None = None
     objective: str | Objective = "lm"
+    intervene_on: str = "prompt"
     eval_every: int | None = None
     progress: bool = True
     checkpoint_dir: str | os.PathLike | None = None
@@ -92,6 +94,8 @@ class TrainConfig:
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
         schedule_fn(self.schedule, self.warmup_steps, 1)  # names a bad schedule before any work
+        if self.intervene_on not in INTERVENE_ON:
+            raise TrainingError(f"intervene_on must be one of {INTERVENE_ON}; got {self.intervene_on!r}.")
         self.objective = objective_for(self.objective)
         if self.task == "classification" and not isinstance(self.objective, LanguageModeling):
             raise TrainingError(f"task='classification' trains with the LM loss on the label; objective="
@@ -123,6 +127,7 @@ def train(
     task: str = "lm",
     label_names: Sequence[str] | None = None,
     objective: str | Objective = "lm",
+    intervene_on: str = "prompt",
     eval_every: int | None = None,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
@@ -138,7 +143,10 @@ def train(
     is an error. ``objective``: ``"lm"`` (the completion tokens' cross-entropy) or ``"preference"``
     (steering toward ``completion`` and away from ``rejected`` with +α and −α, RePS-style; see
     :class:`~reftlens.training.objectives.Preference`), or an ``Objective`` instance. Φs with a
-    ``penalty()`` (ReFT-r1's L1) add it to the loss. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
+    ``penalty()`` (ReFT-r1's L1) add it to the loss. ``intervene_on`` says which tokens the
+    positions are resolved against, as in generation: ``"prompt"`` (the ReFT paper's setting),
+    ``"all"`` (prompt and completion: steering that also edits what the model writes) or
+    ``"generated"`` (the completion only). ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
     ``precision="bf16-force"`` uses autocast anyway. ``checkpoint_dir`` + ``checkpoint_every``
     save the full training state every so many steps; ``resume=True`` continues from it and ends
@@ -150,7 +158,8 @@ def train(
                       weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
                       max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
                       group_by_length=group_by_length, chat_template=chat_template, task=task,
-                      label_names=label_names, objective=objective, eval_every=eval_every, progress=progress,
+                      label_names=label_names, objective=objective, intervene_on=intervene_on,
+                      eval_every=eval_every, progress=progress,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     world, rank = _dist()
     examples, eval_examples, label_names = _setup_data(reft, data, eval_data, cfg)
@@ -169,7 +178,8 @@ def train(
         while step < total:
             epoch, group = _step_batches(examples, cfg, world, step, steps_per_epoch)
             record = train_step(module, optimizer, scheduler, examples, group, step=step, epoch=epoch,
-                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, objective=cfg.objective)
+                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, objective=cfg.objective,
+                                intervene_on=cfg.intervene_on)
             step += 1
             history.steps.append(record)
             bar.update(1)
@@ -177,12 +187,12 @@ def train(
             if callback is not None:
                 callback(record)
             if eval_examples is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                _record_eval(reft, eval_examples, cfg.batch_size, cfg.task, label_names, step, history, callback)
+                _record_eval(reft, eval_examples, cfg, label_names, step, history, callback)
                 reft.train()
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
                 save_checkpoint(ckpt, reft, optimizer, scheduler, step, history)
         if eval_examples is not None:
-            _record_eval(reft, eval_examples, cfg.batch_size, cfg.task, label_names, step, history, callback)
+            _record_eval(reft, eval_examples, cfg, label_names, step, history, callback)
     finally:
         bar.close()
         reft.eval()
@@ -316,7 +326,8 @@ def _step_batches(examples: Sequence[Example], cfg: TrainConfig, world: int, ste
 
 def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, examples: Sequence[Example],
                group: Sequence[Sequence[int]], *, step: int, epoch: int, autocast: Any = None,
-               max_grad_norm: float | None = None, objective: Objective | None = None) -> dict[str, Any]:
+               max_grad_norm: float | None = None, objective: Objective | None = None,
+               intervene_on: str = "prompt") -> dict[str, Any]:
     """One optimizer step over ``group``, the step's micro-batches (indices into ``examples``).
 
     Each process runs its share of every micro-batch; the loss is the objective's mean over the
@@ -341,7 +352,7 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
         sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                total_loss = weight * objective.loss(module, micro, pad, reft.device)
+                total_loss = weight * objective.loss(module, micro, pad, reft.device, intervene_on)
             backward = total_loss * world / max(n_tokens, 1)
             penalty = penalties(reft)
             if penalty is not None:
@@ -368,9 +379,10 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, task: str, label_names: Sequence[str] | None,
+def _record_eval(reft: "ReftModel", examples: list[Example], cfg: TrainConfig, label_names: Sequence[str] | None,
                  step: int, history: History, callback: Callable | None) -> None:
-    metrics = evaluate(reft, examples, batch_size=batch_size, task=task, label_names=label_names)
+    metrics = evaluate(reft, examples, batch_size=cfg.batch_size, task=cfg.task, label_names=label_names,
+                       intervene_on=cfg.intervene_on)
     record = {"step": step, **metrics}
     history.evals.append(record)
     if callback is not None:
@@ -379,9 +391,10 @@ def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, ta
 
 @torch.no_grad()
 def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
-             label_names: Sequence[str] | None = None) -> dict[str, float]:
+             label_names: Sequence[str] | None = None, intervene_on: str = "prompt") -> dict[str, float]:
     """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
-    (``classification``: the label whose tokens score highest given the prompt)."""
+    (``classification``: the label whose tokens score highest given the prompt). ``intervene_on``
+    as in :func:`train`."""
     if not examples:
         raise TrainingError("evaluate got no examples: pass at least one encoded example.")
     was_training = reft.training
@@ -392,7 +405,7 @@ def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8,
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         batch = collate(chunk, pad).to(reft.device)
-        logits, labels = forward(reft, batch)
+        logits, labels = forward(reft, batch, intervene_on)
         loss_sum += token_losses(logits, labels).item()
         target = labels != -100
         n_tok += int(target.sum())
@@ -510,20 +523,29 @@ def token_losses(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
 
 
-def forward(module: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+def forward(module: Any, batch: Batch, intervene_on: str = "prompt") -> tuple[Tensor, Tensor]:
     """Logits and labels at the positions where some row has a target.
 
     The loss reads only the completion tokens, so the unembedding (a fifth of a small model's
     forward, and as much again in backward) runs only there: the positions go to the model as
     transformers' ``logits_to_keep`` where it takes that argument."""
     keep = (batch.labels != -100).any(0).nonzero().squeeze(1)
-    kwargs = dict(attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    kwargs = dict(attention_mask=batch.attention_mask, prompt_mask=edited_part(batch, intervene_on))
     if 0 < keep.numel() < batch.labels.shape[1] and _takes_logits_to_keep(module):
         logits = module(batch.tokens, logits_to_keep=keep, **kwargs)
         if logits.shape[1] == keep.numel():
             return logits, batch.labels[:, keep]
         return logits[:, keep], batch.labels[:, keep]
     return module(batch.tokens, **kwargs), batch.labels
+
+
+def edited_part(batch: Batch, intervene_on: str) -> Tensor | None:
+    """The part of each sequence the positions resolve against (None: every real token)."""
+    if intervene_on == "prompt":
+        return batch.prompt_mask
+    if intervene_on == "generated":
+        return batch.attention_mask * (1 - batch.prompt_mask)
+    return None
 
 
 def _takes_logits_to_keep(module: Any) -> bool:

@@ -35,8 +35,10 @@ class Objective:
         """How many terms ``example`` adds to the loss's average."""
         raise NotImplementedError
 
-    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device) -> Tensor:
-        """The loss of ``examples`` summed over their terms (the step divides by the total count)."""
+    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device,
+             intervene_on: str = "prompt") -> Tensor:
+        """The loss of ``examples`` summed over their terms (the step divides by the total count);
+        ``intervene_on`` says which part of each sequence the positions resolve against."""
         raise NotImplementedError
 
 
@@ -49,10 +51,11 @@ class LanguageModeling(Objective):
     def count(self, example: Example) -> int:
         return len(example.completion)
 
-    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device) -> Tensor:
+    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device,
+             intervene_on: str = "prompt") -> Tensor:
         from reftlens.training.loop import forward, token_losses
 
-        logits, labels = forward(module, collate(examples, pad).to(device))
+        logits, labels = forward(module, collate(examples, pad).to(device), intervene_on)
         return token_losses(logits, labels)
 
 
@@ -102,14 +105,15 @@ class Preference(Objective):
     def count(self, example: Example) -> int:
         return 1
 
-    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device) -> Tensor:
+    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device,
+             intervene_on: str = "prompt") -> Tensor:
         n = len(examples)
         ref = self._references(examples, pad, device)
         pick = torch.randint(len(self.alphas), (n,))
         alpha = torch.tensor(self.alphas)[pick]
         rows = ([Example(e.prompt, e.completion) for e in examples] + [Example(e.prompt, e.rejected) for e in examples]) * 2
         signs = torch.cat([alpha, alpha, -alpha, -alpha])
-        lp = self._mean_logprob(rows, signs, pad, device)
+        lp = self._mean_logprob(rows, signs, pad, device, intervene_on)
         toward_c, toward_r, away_c, away_r = lp[:n], lp[n : 2 * n], lp[2 * n : 3 * n], lp[3 * n :]
         beta_up = (ref[:, 1] - ref[:, 0]).clamp(min=self.beta_floor)
         beta_down = (ref[:, 0] - ref[:, 1]).clamp(min=self.beta_floor)
@@ -117,13 +121,14 @@ class Preference(Objective):
         down = beta_down * away_r - away_c
         return (F.softplus(-up) + F.softplus(-down)).sum()
 
-    def _mean_logprob(self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device) -> Tensor:
+    def _mean_logprob(self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device,
+                      intervene_on: str = "prompt") -> Tensor:
         """Mean log-probability per completion token of each row, each row's edits scaled by its α."""
         from reftlens.training.loop import forward
 
         for phi in self.view.phis:
             phi.alpha = alpha.to(device)
-        logits, labels = forward(self.view, collate(rows, pad).to(device))
+        logits, labels = forward(self.view, collate(rows, pad).to(device), intervene_on)
         target = labels != -100
         logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
         return (logp * target).sum(1) / target.sum(1).clamp(min=1)
