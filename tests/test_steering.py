@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reftlens import (AnalysisError, ConfigError, Intervention, LoReFT, ProjectOut, ReFTr1, ReftModel, Scaled, Steer,
-                      TrainingError, to_hf, train)
+from reftlens import (AnalysisError, ConfigError, Intervention, LoReFT, ProjectOut, ReFTr1, ReftError, ReftModel, Scaled,
+                      Steer, TrainingError, to_hf, train)
 from reftlens.analysis.toy import EVEN, ODD, planted_variable_model
 from reftlens.steering import alpha_sweep, auroc, collect, diff_mean, pca, probe
 from reftlens.training import Example, Preference, encode, evaluate
@@ -212,13 +212,15 @@ def test_project_out_is_a_projection():
         ProjectOut(torch.stack([U[0], 2 * U[0]]))
 
 
-def test_scaled_errors_and_steer_saves_written_with_scale_still_load(steer):
+def test_scaled_errors_and_steer_saves_written_with_scale_still_load(steer, tmp_path):
     phi = Scaled(Steer(torch.ones(3)), alpha=torch.tensor([1.0, 2.0]))
     with pytest.raises(ConfigError, match="alpha holds 2 values, one per example, but the batch has at least 3 rows"):
         phi(torch.zeros(3, 3), examples=torch.tensor([0, 1, 2]))
     with pytest.raises(ConfigError, match="at least one prompt and one alpha"):
         alpha_sweep(steer, PROMPTS, [])
     assert Steer(3, scale=2.0).alpha == 2.0 and Steer(3, 2.0).config() == {"vector": 3, "alpha": 2.0}
+    with pytest.raises(ReftError, match=r"is a view for running several α at once and is not saved; save the set"):
+        steer.scaled(2.0).save(tmp_path / "view")
 
 
 # ---- ReFT-r1 and the preference objective --------------------------------------------------------
