@@ -2,7 +2,8 @@
 
 By default the interventions edit the prompt positions only (the ReFT paper's setting): the
 prompt's edited keys and values sit in the cache and every generated token reads them.
-``intervene_on="all"`` also applies each sourceless Φ to every generated token at its layers.
+``intervene_on="all"`` also applies each sourceless Φ to every generated token at its layers;
+``intervene_on="generated"`` edits the generated tokens only (steering that leaves the prompt as is).
 With ``use_cache=False`` every step recomputes the whole sequence with the same edits; greedy
 decoding gives the same tokens either way (tested), unlike pyreft's no-cache path.
 """
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from reftlens.errors import ConfigError, ExportError
 from reftlens.runtime.compat import kv_cache_fix
+from reftlens.runtime.hf import INTERVENE_ON
 from reftlens.runtime.plan import every_row, widen
 from reftlens.runtime.tl import plan_hooks, hooked
 
@@ -70,8 +72,8 @@ def generate(
     """See :meth:`reftlens.ReftModel.generate`."""
     if backend not in ("auto", "hf", "bridge"):
         raise ValueError(f"backend must be 'auto', 'hf' or 'bridge'; got {backend!r}.")
-    if intervene_on not in ("prompt", "all"):
-        raise ValueError(f"intervene_on must be 'prompt' or 'all'; got {intervene_on!r}.")
+    if intervene_on not in INTERVENE_ON:
+        raise ValueError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     model = reft.model
@@ -80,17 +82,20 @@ def generate(
     pad = reft.pad_token_id
     tokens, mask = to_left_padding(tokens, real.mask, pad)
     batch = tokens.shape[0]
-    if intervene_on == "all":
+    if intervene_on != "prompt":
         with_source = [s.unit.name for s in reft.sites if s.unit.takes_source]
         if with_source:
             raise ConfigError(
-                f"intervene_on='all' edits generated tokens, which have no source; intervention {with_source[0]!r} "
-                "takes one. Use intervene_on='prompt'."
+                f"intervene_on={intervene_on!r} edits generated tokens, which have no source; intervention "
+                f"{with_source[0]!r} takes one. Use intervene_on='prompt'."
             )
     eos = _eos_ids(model, eos_token_id, tokens.device)
     generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
     prompt_plan = reft.plan(tokens, sources, attention_mask=mask, source_attention_mask=source_attention_mask,
                             prepend_bos=prepend_bos, adapters=adapters)  # prepend_bos: for string sources
+    if intervene_on == "generated":  # no prompt position is edited (the columns widen() appends are)
+        prompt_plan.masks = {k: torch.zeros_like(m) for k, m in prompt_plan.masks.items()}
+    edit_generated = intervene_on != "prompt"
 
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
@@ -135,14 +140,14 @@ def generate(
     with kv_cache_fix(model), torch.no_grad():
         for step in range(max_new_tokens):
             if step == 0:
-                hooks = plan_hooks(prompt_plan, reft.cast)
+                hooks = plan_hooks(prompt_plan, reft.cast) if intervene_on != "generated" else []
                 inputs = seq
-            elif not use_cache:  # the whole sequence again: prompt edits, and generated columns if intervene_on="all"
-                hooks = plan_hooks(widen(prompt_plan, reft.sites, seq.shape[1], intervene_on == "all"), reft.cast)
+            elif not use_cache:  # the whole sequence again: prompt edits, and generated columns if they are edited
+                hooks = plan_hooks(widen(prompt_plan, reft.sites, seq.shape[1], edit_generated), reft.cast)
                 inputs = seq
             else:  # one new token a row: every row of it, or nothing
                 hooks = []
-                if intervene_on == "all":
+                if edit_generated:
                     hooks = plan_hooks(every_row(reft.sites, reft.units, batch, 1, seq.device, prompt_plan.rows), reft.cast)
                 inputs = seq[:, -1:]
             with hooked(model, hooks):

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from reftlens.errors import ConfigError, PositionError
 from reftlens.interventions.base import phi_d_model, phi_label
+from reftlens.interventions.steering import Scaled
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import Plan, Site, SitePlan, bank_rows, resolve
 from reftlens.runtime.tl import bind, execute, gather_sources, hooked, plan_hooks
@@ -407,7 +408,8 @@ class ReftModel(nn.Module):
         """Generate with the interventions applied: batched, left padded, KV cached.
 
         Interventions edit the prompt positions (resolved against each prompt's real tokens)
-        by default; ``intervene_on="all"`` also edits every generated token. Greedy by
+        by default; ``intervene_on="all"`` also edits every generated token, ``"generated"`` the
+        generated tokens only (steering that leaves the prompt as is). Greedy by
         default; ``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
         ``use_cache=False`` recomputes the sequence each step and gives the same tokens.
         Strings in → the completions as strings; token ids in → ``[batch, prompt + new]``
@@ -421,6 +423,25 @@ class ReftModel(nn.Module):
         from reftlens.generation import generate
 
         return generate(self, prompts, max_new_tokens, **kwargs)
+
+    def scaled(self, alpha: float | Tensor) -> "ReftModel":
+        """This set with every edit scaled by α: each Φ becomes Φ_α(h) = h + α·(Φ(h) − h)
+        (:class:`~reftlens.interventions.Scaled`), at the same sites, sharing these Φs' parameters.
+
+        ``alpha`` is a number or one value per row of the batch, so one forward (or one batched
+        generation) runs several strengths; set ``view.phis[i].alpha`` to change it between calls.
+        α = 0 is the base model, α = 1 this set, α = −1 its edits reversed.
+
+        >>> view = reft.scaled(torch.tensor([0.0, 1.0, 2.0]))     # doctest: +SKIP
+        >>> view.generate(["Tell me a story."] * 3, 16)            # doctest: +SKIP
+        """
+        wrappers: dict[int, Scaled] = {}
+        interventions = []
+        for u in self.units:
+            phi = wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha))
+            interventions.append(Intervention(phi, layers=list(u.layers), positions=u.positions, hook=u.hook,
+                                              source_positions=u.source_positions, stack=u.stack, name=u.name))
+        return ReftModel(self.model, interventions, cast=self.cast, move=False)
 
     # ---- summaries ----------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ import torch
 from reftlens.errors import LoadError, ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
 from reftlens.interventions.subspace import OrthonormalRows
+from reftlens.interventions.steering import Scaled
 from reftlens.positions import from_json
 
 if TYPE_CHECKING:
@@ -137,6 +138,11 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
         raise ReftError(
             f"Φ {phi.extra_repr()!r} is a plain function and cannot be saved; write it as a reftlens.Phi "
             "subclass registered with @reftlens.register('name')."
+        )
+    if isinstance(phi, Scaled):
+        raise ReftError(
+            f"Φ Scaled({phi.config()['phi']}) is a view for running several α at once and is not saved; save the set "
+            "it was made from (reft.save(path)), or bake a fixed α into the Φ (e.g. Steer(v, alpha=α))."
         )
     type_name = getattr(type(phi), "type_name", "")
     try:

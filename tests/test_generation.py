@@ -24,7 +24,7 @@ def ids(reft, prompts, **kw):
     return reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None, **kw)[:, tokens.shape[1]:]
 
 
-@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+@pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
 def test_cached_greedy_equals_no_cache_recomputation(reft, intervene_on):
     cached = ids(reft, PROMPTS, intervene_on=intervene_on)
     recomputed = ids(reft, PROMPTS, intervene_on=intervene_on, use_cache=False)
@@ -48,6 +48,15 @@ def test_the_no_cache_reference_is_a_plain_forward_per_step(reft, model):
 def test_interventions_change_generation(reft, model):
     plain = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1))  # identity init
     assert not torch.equal(ids(reft, PROMPTS), ids(plain, PROMPTS))
+
+
+def test_intervene_on_generated_leaves_the_prompt_alone(reft, model):
+    """The first new token comes from the unedited prompt; after it, the edits steer."""
+    plain = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=1))  # identity init
+    base = ids(plain, PROMPTS)
+    generated, everywhere = ids(reft, PROMPTS, intervene_on="generated"), ids(reft, PROMPTS, intervene_on="all")
+    assert torch.equal(generated[:, 0], base[:, 0])
+    assert not torch.equal(generated, base) and not torch.equal(generated, everywhere)
 
 
 def test_batched_left_padded_generation_equals_one_prompt_at_a_time(reft):
@@ -107,7 +116,7 @@ def test_the_kv_cache_fix_is_what_makes_cached_decoding_right(model):
     torch.testing.assert_close(step[:, -1], full, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("intervene_on", ["prompt", "all"])
+@pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
 def test_the_transformers_twin_and_the_bridge_generate_the_same(reft, intervene_on):
     """reft.generate decodes on a plain-transformers twin (shared weights, native hooks) when it can."""
     fast = ids(reft, PROMPTS, intervene_on=intervene_on, backend="hf")

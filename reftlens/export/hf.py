@@ -8,8 +8,8 @@ outside TransformerLens, plus the Φs as a submodule
 (``model.reft_interventions``) and forward hooks on the decoder layers that correspond to the
 TransformerLens hook points. Each call resolves positions from its ``attention_mask``, so left
 and right padding work; in KV-cached generation the prompt is edited in the first (prefill)
-call and, with ``intervene_on="all"``, every generated token after it. The export of a bank takes
-each example's set as ``reft_adapters=[...]`` in its forward and its ``generate``.
+call and, with ``intervene_on="all"``, every generated token after it (``"generated"``: only those).
+The export of a bank takes each example's set as ``reft_adapters=[...]`` in its forward and its ``generate``.
 
 Nothing here imports TransformerLens: :func:`load_hf` rebuilds a working model from a folder
 with transformers alone.

@@ -134,7 +134,8 @@ def _required_positional(fn: Callable[..., Any]) -> int | None:
     except (TypeError, ValueError):
         return None
     kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    params = [p for p in sig.parameters.values() if p.kind in kinds]
+    # `examples` is what the engine passes to a per-example Φ, never a hidden tensor
+    params = [p for p in sig.parameters.values() if p.kind in kinds and p.name != "examples"]
     required = [p for p in params if p.default is inspect.Parameter.empty]
     return len(required) if required else len(params)
 
@@ -143,7 +144,8 @@ def takes_source(phi: Any) -> bool:
     """Whether a Φ is called as ``phi(base, source)`` (True) or ``phi(h)`` (False).
 
     Read from a ``takes_source`` attribute when the Φ has one, else from the number of
-    required positional arguments of its ``forward`` (or ``__call__``).
+    required positional arguments of its ``forward`` (or ``__call__``), not counting ``examples``
+    (what the engine passes to a Φ with ``per_example = True``).
     """
     flag = getattr(phi, "takes_source", None)
     if flag is not None:

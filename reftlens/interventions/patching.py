@@ -79,27 +79,31 @@ class MeanAblation(Phi):
 
 @register("steer")
 class Steer(Phi):
-    """Additive steering: Φ(h) = h + α·v. ``v`` is a parameter (zero by default), so a
-    steering vector can be set by hand or trained.
+    """Additive steering (ActAdd / CAA): Φ(h) = h + α·v. ``v`` is a parameter (zero by default), so
+    a steering vector can be set by hand (e.g. a :mod:`reftlens.steering` direction) or trained.
 
-    >>> Steer(torch.tensor([1.0, 0.0]), scale=2.0)(torch.zeros(1, 2)).tolist()
+    To sweep α in one batch, or to steer each example with its own α, wrap it:
+    ``Scaled(Steer(v), alpha=tensor)`` (see :func:`reftlens.steering.alpha_sweep`).
+
+    >>> Steer(torch.tensor([1.0, 0.0]), alpha=2.0)(torch.zeros(1, 2)).tolist()
     [[2.0, 0.0]]
     """
 
-    def __init__(self, vector: Float[Tensor, "d"] | int, scale: float = 1.0):
+    def __init__(self, vector: Float[Tensor, "d"] | int, alpha: float = 1.0, *, scale: float | None = None):
         super().__init__()
         vector = torch.zeros(vector) if isinstance(vector, int) else torch.as_tensor(vector).detach().clone()
         if vector.ndim != 1:
             raise ValueError(f"Steer needs a vector of shape [d_model]; got shape {tuple(vector.shape)}.")
         self.vector = nn.Parameter(vector.float() if not vector.is_floating_point() else vector)
-        self.scale = float(scale)
+        # `scale` is what saves before `alpha` called it; they still load
+        self.alpha = float(alpha if scale is None else scale)
         self.d_model = vector.shape[0]
 
     def config(self) -> dict[str, Any]:
-        return {"vector": self.d_model, "scale": self.scale}
+        return {"vector": self.d_model, "alpha": self.alpha}
 
     def forward(self, h: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
-        return h + self.scale * self.vector
+        return h + self.alpha * self.vector
 
     def affine(self) -> Affine:
         """h + v·(0·h + α): a rank-1 edit with no dependence on h."""

@@ -4,8 +4,9 @@ A transformers causal LM (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) gets t
 interventions as the TransformerLens bridge, as forward hooks on the decoder-layer modules that
 correspond to the TransformerLens hook points. Each model call resolves a plan from its
 ``attention_mask`` (so left and right padding work); in KV-cached generation the prompt is edited
-in the first (prefill) call and, with ``intervene_on="all"``, every generated token after it.
-A bank's model takes each row's set as ``reft_adapters=[...]`` in its forward and ``generate``.
+in the first (prefill) call and, with ``intervene_on="all"``, every generated token after it
+(``"generated"``: the generated tokens only). A bank's model takes each row's set as
+``reft_adapters=[...]`` in its forward and ``generate``.
 
 Used by ``reft.generate`` (a twin of the bridge's model that shares its weights: a decode step
 through plain transformers costs less Python) and by :mod:`reftlens.export`. Nothing here imports
@@ -27,6 +28,10 @@ from reftlens.errors import ExportError
 from reftlens.positions import RealTokens
 from reftlens.runtime.compat import fast_attention, unwrapped_state
 from reftlens.runtime.plan import Site, SitePlan, bank_rows, every_row, resolve, site_hook
+
+# which tokens a generation edits: the prompt's planned positions, those and every generated token,
+# or the generated tokens only
+INTERVENE_ON = ("prompt", "all", "generated")
 
 # TL hook (within a block) → (which module of decoder layer L, how to hook it)
 _SITES = {
@@ -76,8 +81,8 @@ class HFInterventions(nn.Module):
 
     def __init__(self, units: Sequence[Any], intervene_on: str = "prompt", cast: bool = False):
         super().__init__()
-        if intervene_on not in ("prompt", "all"):
-            raise ExportError(f"intervene_on must be 'prompt' or 'all'; got {intervene_on!r}.")
+        if intervene_on not in INTERVENE_ON:
+            raise ExportError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
         with_source = [u.name for u in units if u.takes_source]
         if with_source:
             raise ExportError(f"intervention {with_source[0]!r} takes a source (patching/DII); only sourceless Φs "
@@ -173,7 +178,7 @@ class HFInterventions(nn.Module):
         self._decode = cached > 0
         rows = self._rows(names, batch, ids.device)
         if self._decode:  # the new token(s): every row (of each set's own examples)
-            plans = every_row(self.sites, self.units, batch, seq, ids.device, rows) if self.intervene_on == "all" else []
+            plans = every_row(self.sites, self.units, batch, seq, ids.device, rows) if self.intervene_on != "prompt" else []
         else:
             real = RealTokens.from_mask(mask.bool(), ids if not ids.is_floating_point() else None)
             plans, _ = resolve(self.sites, self.units, real, rows)  # relative positions can collide on a short prompt
@@ -181,7 +186,7 @@ class HFInterventions(nn.Module):
 
     def _edit(self, site: Site, h: Tensor) -> Tensor | None:
         plan = self._plans.get(id(site))
-        if plan is None or (self._decode and self.intervene_on == "prompt"):
+        if plan is None or self.intervene_on == ("prompt" if self._decode else "generated"):
             return None
         return site_hook(plan, self.cast)(h)
 

@@ -324,11 +324,17 @@ def autocast_on(device_type: str) -> bool:
 
 def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
     """The hook ``(tensor, hook=None) -> tensor`` that executes one site of a plan: gather the
-    planned rows, apply Φ, scatter the result back. Both backends call it."""
+    planned rows, apply Φ, scatter the result back. Both backends call it.
+
+    A Φ with ``per_example = True`` is also given ``examples=``: for each of its rows, the row of the
+    batch it comes from (``[n_rows]`` long). That is how one forward or one batched generation gives
+    each row its own α (:class:`~reftlens.interventions.Scaled`) or pools over an example's own
+    positions (:class:`~reftlens.interventions.ReFTr1`)."""
     site = plan.site
     phi = site.unit.phi
     read_only = bool(getattr(phi, "read_only", False))
     with_source = site.unit.takes_source
+    per_example = bool(getattr(phi, "per_example", False))
     d_expected = phi_d_model(phi)
     dtype = phi_dtype(phi)
     label = site.label
@@ -365,7 +371,12 @@ def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
                     f"reft.to({rows.dtype}) or build ReftModel(..., cast=True) to run Φ in its own precision."
                 )
             rows = rows.to(dtype)
-        out = phi(rows, plan.source_rows.to(rows.dtype)) if with_source else phi(rows)
+        args = (rows, plan.source_rows.to(rows.dtype)) if with_source else (rows,)
+        if per_example:  # flat row r of [batch * seq] belongs to batch row r // seq
+            flat_rows = torch.arange(batch * seq, device=h.device) if index is None else index
+            out = phi(*args, examples=torch.div(flat_rows, seq, rounding_mode="floor"))
+        else:
+            out = phi(*args)
         if read_only:
             return None
         _check_output(label, out, rows)

@@ -2,7 +2,8 @@
 
 Each example becomes prompt ids (with the model's start token, by the rule of
 :func:`reftlens.model.text_tokens`: never a second one on a chat-formatted prompt) followed by
-completion ids (and EOS). Positions of the interventions are resolved against the prompt part only, so "f5+l5"
+completion ids (and EOS); a preference example (``objective="preference"``) also carries the
+``rejected`` completion. Positions of the interventions are resolved against the prompt part only, so "f5+l5"
 means the first and last five prompt tokens, as in the ReFT paper. Loss is taken on the
 completion tokens alone. For a bank, each example names the set it trains (``"adapter"``).
 """
@@ -20,13 +21,14 @@ from reftlens.model import text_tokens
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example: prompt and completion token ids, and for classification the
-    index of its label among the label names."""
+    """One tokenized example: prompt and completion token ids, for classification the index of
+    its label among the label names, and for preference training the rejected completion."""
 
     prompt: tuple[int, ...]
     completion: tuple[int, ...]
     label: int | None = None  # index into the label set, for classification
     adapter: str | None = None  # the bank set this example trains
+    rejected: tuple[int, ...] | None = None  # the completion to prefer less (preference objective)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
@@ -75,8 +77,9 @@ def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool 
            label_names: Sequence[str] | None = None, prepend_bos: bool | None = None) -> list[Example]:
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
     (the label's text is the completion, and ``label_names`` fixes the class order); an
-    ``"adapter"`` key names the bank set an example trains. Prompts get start tokens by
-    :func:`reftlens.model.text_tokens` (``prepend_bos``)."""
+    ``"adapter"`` key names the bank set an example trains; a ``"rejected"`` completion is kept for
+    the preference objective. Prompts get start tokens by :func:`reftlens.model.text_tokens`
+    (``prepend_bos``)."""
 
     tok = model.tokenizer
     eos = getattr(tok, "eos_token_id", None)
@@ -102,7 +105,13 @@ def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool 
         c = c[: max_length - len(p)]
         if not c:
             raise ValueError(f"example {i} has an empty completion after tokenization.")
-        out.append(Example(tuple(p), tuple(c), label, r.get("adapter")))
+        rejected = None
+        if r.get("rejected") is not None:
+            rejected = tok(r["rejected"], add_special_tokens=False)["input_ids"]
+            rejected = tuple((rejected + [eos] if append_eos and eos is not None else rejected)[: max_length - len(p)])
+            if not rejected:
+                raise ValueError(f"example {i} has an empty rejected completion after tokenization.")
+        out.append(Example(tuple(p), tuple(c), label, r.get("adapter"), rejected))
     return out
 
 

@@ -35,7 +35,9 @@ from torch import Tensor
 
 from reftlens.errors import TrainingError
 from reftlens.saving import check_save_target
+from reftlens.runtime.hf import INTERVENE_ON
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
+from reftlens.training.objectives import LanguageModeling, Objective, objective_for, penalties
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -87,6 +89,8 @@ class TrainConfig:
     prepend_bos: bool | None = None
     task: str = "lm"
     label_names: Sequence[str] | None = None
+    objective: str | Objective = "lm"
+    intervene_on: str = "prompt"
     eval_every: int | None = None
     progress: bool = True
     checkpoint_dir: str | os.PathLike | None = None
@@ -103,6 +107,12 @@ class TrainConfig:
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
         schedule_fn(self.schedule, self.warmup_steps, 1)  # names a bad schedule before any work
+        if self.intervene_on not in INTERVENE_ON:
+            raise TrainingError(f"intervene_on must be one of {INTERVENE_ON}; got {self.intervene_on!r}.")
+        self.objective = objective_for(self.objective)
+        if self.task == "classification" and not isinstance(self.objective, LanguageModeling):
+            raise TrainingError(f"task='classification' trains with the LM loss on the label; objective="
+                                f"{self.objective.name!r} needs task='lm'.")
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
@@ -130,6 +140,8 @@ def train(
     prepend_bos: bool | None = None,
     task: str = "lm",
     label_names: Sequence[str] | None = None,
+    objective: str | Objective = "lm",
+    intervene_on: str = "prompt",
     eval_every: int | None = None,
     progress: bool = True,
     callback: Callable[[dict[str, Any]], Any] | None = None,
@@ -145,7 +157,14 @@ def train(
     is an error. Each prompt gets the model's start token (``prepend_bos=None``; ``True`` /
     ``False`` override) unless it already starts with one, as a prompt formatted by the chat
     template (``chat_template=True``) does: the rule of :meth:`reftlens.ReftModel.tokenize`,
-    so training sees the tokens ``reft(...)`` and ``reft.generate`` see. ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
+    so training sees the tokens ``reft(...)`` and ``reft.generate`` see.
+    ``objective``: ``"lm"`` (the completion tokens' cross-entropy) or ``"preference"``
+    (steering toward ``completion`` and away from ``rejected`` with +α and −α, RePS-style; see
+    :class:`~reftlens.training.objectives.Preference`), or an ``Objective`` instance. Φs with a
+    ``penalty()`` (ReFT-r1's L1) add it to the loss. ``intervene_on`` says which tokens the
+    positions are resolved against, as in generation: ``"prompt"`` (the ReFT paper's setting),
+    ``"all"`` (prompt and completion: steering that also edits what the model writes) or
+    ``"generated"`` (the completion only). ``precision="bf16"`` runs the forward under bfloat16 autocast; on a CPU without
     native bfloat16 it trains in fp32 and warns once (:class:`EmulatedBF16Warning`), and
     ``precision="bf16-force"`` uses autocast anyway. A bank (``ReftModel(model, {name: set})``)
     trains every set at once on examples that carry ``"adapter": name``, each exactly as if alone;
@@ -161,7 +180,8 @@ def train(
                       weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
                       max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
                       group_by_length=group_by_length, chat_template=chat_template, prepend_bos=prepend_bos, task=task,
-                      label_names=label_names, eval_every=eval_every, progress=progress,
+                      label_names=label_names, objective=objective, intervene_on=intervene_on,
+                      eval_every=eval_every, progress=progress,
                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
     if cfg.checkpoint_dir is not None and cfg.checkpoint_every:  # refuse a foreign folder before any work
         check_save_target(cfg.checkpoint_dir, markers=[STATE_FILE])
@@ -172,6 +192,7 @@ def train(
     if by_set is not None:
         total = max(n for _, _, n in by_set.values())
     torch.manual_seed(cfg.seed)
+    cfg.objective.setup(reft, examples, world)
     optimizer, scheduler = _setup_optimizer(reft, cfg, total, by_set)
     step, history = _setup_resume(reft, cfg, optimizer, scheduler)
     module = _setup_model(reft, world)
@@ -189,7 +210,8 @@ def train(
                 set_epochs, group = _bank_step_batches(examples, by_set, cfg, world, step)
                 epoch = max(set_epochs.values())
             record = train_step(module, optimizer, scheduler, examples, group, step=step, epoch=epoch,
-                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, set_epochs=set_epochs)
+                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, set_epochs=set_epochs,
+                                objective=cfg.objective, intervene_on=cfg.intervene_on)
             step += 1
             history.steps.append(record)
             bar.update(1)
@@ -197,12 +219,12 @@ def train(
             if callback is not None:
                 callback(record)
             if eval_examples is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                _record_eval(reft, eval_examples, cfg.batch_size, cfg.task, label_names, step, history, callback)
+                _record_eval(reft, eval_examples, cfg, label_names, step, history, callback)
                 reft.train()
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
                 save_checkpoint(ckpt, reft, optimizer, scheduler, step, history)
         if eval_examples is not None:
-            _record_eval(reft, eval_examples, cfg.batch_size, cfg.task, label_names, step, history, callback)
+            _record_eval(reft, eval_examples, cfg, label_names, step, history, callback)
     finally:
         bar.close()
         reft.eval()
@@ -401,33 +423,45 @@ def _bank_step_batches(examples: Sequence[Example], by_set: dict[str, tuple[list
 
 def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, examples: Sequence[Example],
                group: Sequence[Sequence[int]], *, step: int, epoch: int, autocast: Any = None,
-               max_grad_norm: float | None = None, set_epochs: dict[str, int] | None = None) -> dict[str, Any]:
+               max_grad_norm: float | None = None, set_epochs: dict[str, int] | None = None,
+               objective: Objective | None = None, intervene_on: str = "prompt") -> dict[str, Any]:
     """One optimizer step over ``group``, the step's micro-batches (indices into ``examples``).
 
-    Each process runs its share of every micro-batch; the loss is the mean over the target tokens
-    of the whole group on all processes. Returns the step's record (``step`` counts from 1). For
-    a bank (``set_epochs``: each training set's epoch) see :func:`_bank_step`."""
+    Each process runs its share of every micro-batch; the loss is the objective's mean over the
+    whole group on all processes (for the LM loss: over its target tokens), plus the Φs' penalties
+    averaged over the micro-batches. Returns the step's record (``step`` counts from 1). For a bank
+    (``set_epochs``: each training set's epoch) see :func:`_bank_step`."""
     world, rank = _dist()
     reft = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
     autocast = contextlib.nullcontext() if autocast is None else autocast
+    objective = objective if objective is not None else LanguageModeling()
     if set_epochs is not None:
+        if not isinstance(objective, LanguageModeling) or intervene_on != "prompt":
+            raise TrainingError("a bank trains with the LM loss on prompt positions (objective='lm', "
+                                "intervene_on='prompt'); train other objectives one set at a time.")
         return _bank_step(module, reft, optimizer, scheduler, examples, group, step, set_epochs, autocast, max_grad_norm)
     pad = reft.pad_token_id
-    n_tokens = sum(len(examples[i].completion) for ids in group for i in ids)  # the loss's target tokens
+    n_tokens = sum(objective.count(examples[i]) for ids in group for i in ids)  # what the loss averages over
     loss_sum = torch.zeros((), device=reft.device)
+    penalty_sum = 0.0
+    penalties(reft)  # start from no pending penalty terms
     for j, ids in enumerate(group):
         share = math.ceil(len(ids) / world)  # a short last batch is split evenly across processes
         local = ids[rank * share : (rank + 1) * share]
         # every process must run forward and backward (DDP all-reduces inside backward):
         # one left without examples runs one with weight zero
         weight = 1.0 if local else 0.0
-        batch = collate([examples[i] for i in local or ids[:1]], pad).to(reft.device)
+        micro = [examples[i] for i in local or ids[:1]]
         sync = module.no_sync() if world > 1 and j < len(group) - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                logits, labels = forward(module, batch)
-            total_loss = weight * token_losses(logits, labels)
-            (total_loss * world / max(n_tokens, 1)).backward()
+                total_loss = weight * objective.loss(module, micro, pad, reft.device, intervene_on)
+            backward = total_loss * world / max(n_tokens, 1)
+            penalty = penalties(reft)
+            if penalty is not None:
+                backward = backward + weight * penalty / len(group)
+                penalty_sum += float(penalty.detach()) / len(group)
+            backward.backward()
         loss_sum += total_loss.detach()
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
@@ -437,6 +471,8 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens}
+    if penalty_sum:
+        record["penalty"] = penalty_sum
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -499,9 +535,10 @@ def _bank_step(module: Any, reft: "ReftModel", optimizer: torch.optim.Optimizer,
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, task: str, label_names: Sequence[str] | None,
+def _record_eval(reft: "ReftModel", examples: list[Example], cfg: TrainConfig, label_names: Sequence[str] | None,
                  step: int, history: History, callback: Callable | None) -> None:
-    metrics = evaluate(reft, examples, batch_size=batch_size, task=task, label_names=label_names)
+    metrics = evaluate(reft, examples, batch_size=cfg.batch_size, task=cfg.task, label_names=label_names,
+                       intervene_on=cfg.intervene_on)
     record = {"step": step, **metrics}
     history.evals.append(record)
     if callback is not None:
@@ -510,10 +547,11 @@ def _record_eval(reft: "ReftModel", examples: list[Example], batch_size: int, ta
 
 @torch.no_grad()
 def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
-             label_names: Sequence[str] | None = None) -> dict[str, Any]:
+             label_names: Sequence[str] | None = None, intervene_on: str = "prompt") -> dict[str, Any]:
     """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
-    (``classification``: the label whose tokens score highest given the prompt). A bank's examples
-    run with their own sets, and each set's metrics are under ``"sets"``."""
+    (``classification``: the label whose tokens score highest given the prompt). ``intervene_on``
+    as in :func:`train`. A bank's examples run with their own sets, and each set's metrics are
+    under ``"sets"``."""
     if not examples:
         raise TrainingError("evaluate got no examples: pass at least one encoded example.")
     was_training = reft.training
@@ -525,7 +563,7 @@ def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8,
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
         batch = collate(chunk, pad).to(reft.device)
-        logits, labels = forward(reft, batch)
+        logits, labels = forward(reft, batch, intervene_on)
         target = labels != -100
         losses = row_losses(logits, labels).tolist()
         n_tok = target.sum(1).tolist()
@@ -667,14 +705,14 @@ def row_losses(logits: Tensor, labels: Tensor) -> Tensor:
     return losses.view(labels.shape).sum(1)
 
 
-def forward(module: Any, batch: Batch) -> tuple[Tensor, Tensor]:
+def forward(module: Any, batch: Batch, intervene_on: str = "prompt") -> tuple[Tensor, Tensor]:
     """Logits and labels at the positions where some row has a target.
 
     The loss reads only the completion tokens, so the unembedding (a fifth of a small model's
     forward, and as much again in backward) runs only there: the positions go to the model as
     transformers' ``logits_to_keep`` where it takes that argument."""
     keep = (batch.labels != -100).any(0).nonzero().squeeze(1)
-    kwargs = dict(attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
+    kwargs = dict(attention_mask=batch.attention_mask, prompt_mask=edited_part(batch, intervene_on))
     if batch.adapters is not None:
         kwargs["adapters"] = batch.adapters
     if 0 < keep.numel() < batch.labels.shape[1] and _takes_logits_to_keep(module):
@@ -683,6 +721,15 @@ def forward(module: Any, batch: Batch) -> tuple[Tensor, Tensor]:
             return logits, batch.labels[:, keep]
         return logits[:, keep], batch.labels[:, keep]
     return module(batch.tokens, **kwargs), batch.labels
+
+
+def edited_part(batch: Batch, intervene_on: str) -> Tensor | None:
+    """The part of each sequence the positions resolve against (None: every real token)."""
+    if intervene_on == "prompt":
+        return batch.prompt_mask
+    if intervene_on == "generated":
+        return batch.attention_mask * (1 - batch.prompt_mask)
+    return None
 
 
 def _takes_logits_to_keep(module: Any) -> bool:

@@ -1,0 +1,283 @@
+"""A concept's direction from activations: collect hidden states at any ⟨hook, layers, positions⟩,
+then fit a unit direction by difference of means (CAA / DiffMean), the first principal component
+of paired differences (RepE's LAT) or a logistic-regression probe.
+
+Activations are read through the engine: one read-only :class:`~reftlens.interventions.Collect`
+per layer, in one ReftModel, each batch run only up to the highest layer asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from reftlens.errors import AnalysisError
+from reftlens.interventions.patching import Collect
+from reftlens.model import ReftModel
+from reftlens.runtime.tl import execute
+from reftlens.sets import Intervention
+
+POOLS = ("mean", "max", "last", "first")
+
+
+@dataclass
+class Activations:
+    """Hidden states of a list of texts at one hook: per layer, the rows of every selected position.
+
+    ``rows[layer]`` is ``[n_rows, d]``, example-major and, within an example, in position order;
+    ``example[i]`` is the text row ``i`` comes from.
+    """
+
+    rows: dict[int, Float[Tensor, "n_rows d"]]
+    example: Int[Tensor, " n_rows"]
+    n_examples: int
+    hook: str
+
+    def __getitem__(self, layer: int) -> Float[Tensor, "n_rows d"]:
+        if layer not in self.rows:
+            raise AnalysisError(f"no activations at layer {layer}; collected layers: {sorted(self.rows)}.")
+        return self.rows[layer]
+
+    def pooled(self, layer: int, how: str = "mean") -> Float[Tensor, "n_examples d"]:
+        """One vector per text: the mean of its rows, or its first or last row."""
+        rows = self[layer]
+        if how == "mean":
+            total = rows.new_zeros(self.n_examples, rows.shape[1]).index_add_(0, self.example, rows)
+            return total / torch.bincount(self.example, minlength=self.n_examples).clamp(min=1)[:, None].to(rows)
+        if how in ("first", "last"):
+            return rows[self._edge(how)]
+        raise AnalysisError(f"pooled: how must be 'mean', 'first' or 'last'; got {how!r}.")
+
+    def scores(self, layer: int, directions: Any, pool: str = "max") -> Tensor:
+        """Detection scores: each text's projections h·u on the direction(s), pooled over its rows
+        (``"max"`` as AxBench, ``"mean"``, ``"first"``, ``"last"``). ``[n_examples]`` for one direction,
+        ``[n_examples, k]`` for ``k`` (a ``[k, d]`` tensor or a list of directions)."""
+        U, single = _as_matrix(directions)
+        proj = self[layer].float() @ U.to(self[layer].device).T
+        if pool == "max":
+            out = proj.new_full((self.n_examples, U.shape[0]), float("-inf"))
+            out = out.scatter_reduce(0, self.example[:, None].expand_as(proj), proj, "amax", include_self=True)
+        elif pool == "mean":
+            out = proj.new_zeros(self.n_examples, U.shape[0]).index_add_(0, self.example, proj)
+            out = out / torch.bincount(self.example, minlength=self.n_examples).clamp(min=1)[:, None].to(out)
+        elif pool in ("first", "last"):
+            out = proj[self._edge(pool)]
+        else:
+            raise AnalysisError(f"scores: pool must be one of {POOLS}; got {pool!r}.")
+        return out[:, 0] if single else out
+
+    def _edge(self, which: str) -> Tensor:
+        n = self.example.shape[0]
+        change = torch.ones(n, dtype=torch.bool, device=self.example.device)
+        if which == "first":
+            change[1:] = self.example[1:] != self.example[:-1]
+        else:
+            change[:-1] = self.example[1:] != self.example[:-1]
+        return change.nonzero().squeeze(1)
+
+
+def collect(model: Any, texts: Sequence[Any], *, layers: int | Sequence[int], hook: str = "resid_post",
+            positions: Any = "all", batch_size: int = 16) -> Activations:
+    """Hidden states of ``texts`` at ``hook`` of each of ``layers``, at ``positions`` (any position
+    spec, resolved against each text's real tokens; ``slice(1, None)`` skips the start token).
+
+    ``texts``: strings or token-id lists. Batches are formed by length (less padding) and run
+    only up to the highest layer asked for.
+
+    >>> acts = collect(model, ["a cat sat", "dogs bark"], layers=[2, 3])       # doctest: +SKIP
+    >>> acts[3].shape, acts.pooled(3).shape                                   # doctest: +SKIP
+    """
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    if not texts:
+        raise AnalysisError("collect got no texts: pass at least one string (or token-id list).")
+    if not layers:
+        raise AnalysisError("collect needs at least one layer.")
+    collectors = {layer: Collect() for layer in layers}
+    reft = ReftModel(model, [Intervention(c, layers=layer, positions=positions, hook=hook, name=f"collect@{layer}")
+                             for layer, c in collectors.items()])
+    stop = max(layers) + 1
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch together
+    rows: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    examples: list[Tensor] = []
+    unit = reft.units[0]
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            plan = reft.plan([texts[i] for i in chunk])
+            for c in collectors.values():
+                c.clear()
+            execute(model, plan, reft.cast, return_type=None,
+                    stop_at_layer=stop if stop < model.cfg.n_layers else None)
+            counts = plan.masks[id(unit)].sum(1).cpu()
+            examples.append(torch.tensor(chunk).repeat_interleave(counts))
+            for layer, c in collectors.items():
+                rows[layer].append(torch.cat(c.activations).float().cpu())
+    example = torch.cat(examples)
+    back = torch.argsort(example, stable=True)  # example-major in the caller's order; positions stay in order
+    return Activations({layer: torch.cat(r)[back] for layer, r in rows.items()}, example[back], len(texts), hook)
+
+
+@dataclass
+class Direction:
+    """A unit direction and the statistics to check it by.
+
+    ``norm``: the size of the raw direction before normalising (DiffMean ‖μ₊ − μ₋‖, the probe's
+    ‖w‖, PCA's standard deviation along the component); ``separation``: Cohen's d of the
+    projections, (m₊ − m₋) / √((s₊² + s₋²)/2); ``auroc``: of the projections on the fitted data;
+    ``pos_mean`` / ``neg_mean``: the mean projections; ``mean_norm``: the mean ‖h‖ of the samples,
+    the scale to set a steering α against; ``explained_variance``: PCA's share on the component.
+    """
+
+    vector: Float[Tensor, " d"]
+    method: str
+    norm: float
+    separation: float
+    auroc: float
+    pos_mean: float
+    neg_mean: float
+    mean_norm: float
+    explained_variance: float | None = None
+
+    def __repr__(self) -> str:
+        ev = f", explained_variance={self.explained_variance:.3f}" if self.explained_variance is not None else ""
+        return (f"Direction({self.method}, d={self.vector.shape[0]}, norm={self.norm:.4g}, separation={self.separation:.3f}, "
+                f"auroc={self.auroc:.3f}, pos_mean={self.pos_mean:.4g}, neg_mean={self.neg_mean:.4g}{ev})")
+
+
+def diff_mean(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"]) -> Direction:
+    """Difference of means (CAA, AxBench's DiffMean): u ∝ mean(pos) − mean(neg).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> pos, neg = torch.randn(50, 4, generator=g) + torch.tensor([3.0, 0, 0, 0]), torch.randn(50, 4, generator=g)
+    >>> diff_mean(pos, neg).vector[0] > 0.9
+    tensor(True)
+    """
+    pos, neg = _check(pos, neg, "diff_mean")
+    raw = pos.mean(0) - neg.mean(0)
+    if float(raw.norm()) == 0.0:
+        raise AnalysisError("diff_mean: the two classes have the same mean, so there is no direction to return.")
+    return _direction(raw, "diff_mean", float(raw.norm()), pos, neg)
+
+
+def pca(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], *, seed: int = 0) -> Direction:
+    """The first principal component of paired differences (RepE's LAT): pair ``pos[i]`` with
+    ``neg[i]`` (equal counts; pair inputs that differ in the concept, e.g. the same prompt with and
+    without it), flip each difference's sign at random as RepE does, centre, and take the top
+    right singular vector, oriented so that ``pos`` projects higher.
+    """
+    pos, neg = _check(pos, neg, "pca")
+    if pos.shape[0] != neg.shape[0]:
+        raise AnalysisError(f"pca pairs pos[i] with neg[i], so both need as many rows; got {pos.shape[0]} and "
+                            f"{neg.shape[0]}. Pair them (e.g. truncate to the shorter) before calling.")
+    if pos.shape[0] < 2:
+        raise AnalysisError("pca needs at least two pairs.")
+    diffs = pos - neg
+    g = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (diffs.shape[0], 1), generator=g).to(diffs) * 2 - 1
+    x = diffs * signs
+    x = x - x.mean(0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    v = vh[0]
+    if float(diffs.mean(0) @ v) < 0:
+        v = -v
+    ev = float(s[0] ** 2 / (s**2).sum()) if float((s**2).sum()) > 0 else float("nan")
+    return _direction(v, "pca", float(s[0]) / math.sqrt(max(1, x.shape[0] - 1)), pos, neg, explained_variance=ev)
+
+
+def probe(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], *, l2: float = 1e-4,
+          max_iter: int = 500) -> Direction:
+    """A logistic-regression probe: p(pos | h) = σ(wᵀh + b), fitted by L-BFGS on the mean
+    cross-entropy + ``l2``·‖w‖²/2 (in float64, on features centred on the pooled mean); u = w/‖w‖.
+    """
+    pos, neg = _check(pos, neg, "probe")
+    x = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(pos.shape[0]), torch.zeros(neg.shape[0])]).double()
+    center = x.mean(0)
+    scale = float((x - center).norm(dim=1).mean()) or 1.0  # conditioning only: w is rescaled back below
+    xs = (x - center) / scale
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xs @ w + b, y) + 0.5 * l2 * (w @ w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    raw = (w.detach() / scale).float()
+    if float(raw.norm()) == 0.0:
+        raise AnalysisError("probe: the fitted weights are zero (the classes are not separable by any direction at "
+                            "this l2); lower l2 or check the labels.")
+    return _direction(raw, "probe", float(raw.norm()), pos, neg)
+
+
+def auroc(scores: Float[Tensor, " n"], labels: Any) -> float:
+    """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive): the chance that
+    a random positive scores above a random negative, ties counting half (Mann–Whitney U).
+
+    >>> auroc(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    0.75
+    """
+    scores = torch.as_tensor(scores).detach().double().flatten().cpu()
+    labels = torch.as_tensor(labels).flatten().cpu().bool()
+    if scores.shape != labels.shape:
+        raise AnalysisError(f"auroc: {scores.numel()} scores but {labels.numel()} labels; give one label per score.")
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise AnalysisError(f"auroc needs both classes; got {n_pos} positives and {n_neg} negatives.")
+    if bool(torch.isnan(scores).any()):
+        raise AnalysisError("auroc: some scores are NaN.")
+    order = torch.argsort(scores)
+    _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    average_rank = (ends - (counts.double() - 1) / 2)[inverse]  # 1-based ranks, ties averaged
+    ranks = torch.empty_like(average_rank)
+    ranks[order] = average_rank
+    u = float(ranks[labels].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
+def _check(pos: Tensor, neg: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    pos, neg = torch.as_tensor(pos).detach().float(), torch.as_tensor(neg).detach().float()
+    if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
+        raise AnalysisError(f"{what} takes two [n, d] tensors of the same width d (rows = samples); got "
+                            f"{tuple(pos.shape)} and {tuple(neg.shape)}.")
+    if pos.shape[0] == 0 or neg.shape[0] == 0:
+        raise AnalysisError(f"{what} needs samples of both classes; got {pos.shape[0]} positive and {neg.shape[0]} negative.")
+    return pos, neg.to(pos.device)
+
+
+def _direction(raw: Tensor, method: str, norm: float, pos: Tensor, neg: Tensor,
+               explained_variance: float | None = None) -> Direction:
+    u = F.normalize(raw.float(), dim=0)
+    p, n = pos @ u, neg @ u
+    pooled_sd = math.sqrt((float(p.var()) if p.numel() > 1 else 0.0) / 2 + (float(n.var()) if n.numel() > 1 else 0.0) / 2)
+    gap = float(p.mean() - n.mean())
+    separation = gap / pooled_sd if pooled_sd > 0 else math.copysign(math.inf, gap) if gap else 0.0
+    labels = torch.cat([torch.ones(p.numel()), torch.zeros(n.numel())])
+    mean_norm = float(torch.cat([pos, neg]).norm(dim=1).mean())
+    return Direction(u, method, norm, separation, auroc(torch.cat([p, n]), labels), float(p.mean()), float(n.mean()),
+                     mean_norm, explained_variance)
+
+
+def _as_matrix(directions: Any) -> tuple[Tensor, bool]:
+    if isinstance(directions, Direction):
+        return directions.vector[None].float(), True
+    if isinstance(directions, (list, tuple)):
+        return torch.stack([d.vector if isinstance(d, Direction) else torch.as_tensor(d) for d in directions]).float(), False
+    t = torch.as_tensor(directions).detach().float()
+    if t.ndim == 1:
+        return t[None], True
+    if t.ndim == 2:
+        return t, False
+    raise AnalysisError(f"directions must be a Direction, a [d] or [k, d] tensor or a list of them; got shape {tuple(t.shape)}.")

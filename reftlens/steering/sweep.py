@@ -1,0 +1,44 @@
+"""α sweeps in one batched generation: every (α, prompt) pair is a row of one batch, each row's
+edit scaled by its own α (:meth:`reftlens.ReftModel.scaled`), not a loop of calls."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from reftlens.errors import ConfigError
+
+
+def alpha_sweep(reft: Any, prompts: str | Sequence[str], alphas: Sequence[float], max_new_tokens: int = 32, *,
+                batch_size: int | None = None, **generate_kwargs: Any) -> list[list[str]]:
+    """Generate from every prompt at every α in batched generations: ``out[i][j]`` is prompt ``j``
+    steered at ``alphas[i]``, each edit of ``reft`` scaled as Φ_α(h) = h + α·(Φ(h) − h) (for
+    ``Steer(v)``: h + α·v). α = 0 is the base model.
+
+    Rows are ``len(alphas) × len(prompts)``, ``batch_size`` rows a generation (default: all in
+    one). Other arguments go to :meth:`reftlens.ReftModel.generate` (``intervene_on``,
+    ``do_sample``, ``seed``, ...); with ``do_sample`` one seed serves the whole batch.
+
+    >>> steer = ReftModel(model, Intervention(Steer(direction.vector), layers=6, positions="all"))  # doctest: +SKIP
+    >>> alpha_sweep(steer, ["Tell me a story."], [0, 4, 8], 24, intervene_on="all")                # doctest: +SKIP
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    alphas = [float(a) for a in alphas]
+    if not prompts or not alphas:
+        raise ConfigError("alpha_sweep needs at least one prompt and one alpha.")
+    if not all(isinstance(p, str) for p in prompts):
+        raise ConfigError("alpha_sweep takes prompts as strings.")
+    if any(u.takes_source for u in reft.units):
+        raise ConfigError(f"alpha_sweep scales sourceless edits; intervention {reft.units[0].name!r} takes a source.")
+    rows = [(a, p) for a in alphas for p in prompts]
+    step = batch_size or len(rows)
+    view = reft.scaled(0.0)
+    texts: list[str] = []
+    for s in range(0, len(rows), step):
+        chunk = rows[s : s + step]
+        alpha = torch.tensor([a for a, _ in chunk])
+        for phi in view.phis:
+            phi.alpha = alpha
+        texts += view.generate([p for _, p in chunk], max_new_tokens, **generate_kwargs)
+    return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(alphas))]
