@@ -108,14 +108,15 @@ class Steer(Phi):
     def affine(self) -> Affine:
         """h + v·(0·h + α): a rank-1 edit with no dependence on h."""
         v = self.vector
-        return Affine(v[:, None], v.new_zeros(1, self.d_model), v.new_full((1,), self.scale))
+        return Affine(v[:, None], v.new_zeros(1, self.d_model), v.new_full((1,), self.alpha))
+
     def bank_key(self) -> Hashable | None:
         return (type(self), self.d_model, self.vector.dtype)
 
     @classmethod
     def forward_many(cls, phis: Sequence["Steer"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
         """Each row plus its own set's α·v (one gather over the stacked vectors)."""
-        return h + torch.stack([phi.scale * phi.vector for phi in phis])[which]
+        return h + torch.stack([phi.alpha * phi.vector for phi in phis])[which]
 
 
 @register("noise")
