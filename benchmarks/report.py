@@ -1,6 +1,6 @@
 """Run every benchmark and write one report: benchmarks/REPORT.md (+ benchmarks/report.png).
 
-    python benchmarks/report.py                 # everything, ~35 min on the 2-core CPU machine
+    python benchmarks/report.py                 # everything, ~45 min on the 2-core CPU machine
     python benchmarks/report.py --only patching_vs_tl orthonormal
     python benchmarks/report.py --quick         # a smoke run: tiny sizes, numbers not meaningful
     python benchmarks/report.py --from-logs     # re-render from the last run's logs
@@ -39,6 +39,7 @@ SUITE = [
     ("epoch_bbc", ["--articles", "80", "--random-arm", "--max-load", "1.2"], ["--articles", "16"], 10),
     ("quality_bbc", ["--train", "400", "--test", "200", "--steps", "60", "--batch", "8"],
      ["--train", "16", "--test", "10", "--steps", "2"], 8),
+    ("steering_bbc", [], ["--quick"], 10),
 ]
 NAMES = [s[0] for s in SUITE]
 
