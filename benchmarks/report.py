@@ -1,6 +1,6 @@
 """Run every benchmark and write one report: benchmarks/REPORT.md (+ benchmarks/report.png).
 
-    python benchmarks/report.py                 # everything, ~35 min on the 2-core CPU machine
+    python benchmarks/report.py                 # everything, ~45 min on the 2-core CPU machine
     python benchmarks/report.py --only patching_vs_tl orthonormal
     python benchmarks/report.py --quick         # a smoke run: tiny sizes, numbers not meaningful
     python benchmarks/report.py --from-logs     # re-render from the last run's logs
@@ -42,6 +42,7 @@ SUITE = [
      ["--train", "16", "--test", "10", "--steps", "2"], 8),
     ("bank", [], ["--model", "tiny-llama", "--reps", "1", "--new-tokens", "4", "--batch", "8", "--seq", "16",
                   "--sets", "8", "--steps", "1"], 12),
+    ("steering_bbc", [], ["--quick"], 10),
 ]
 NAMES = [s[0] for s in SUITE]
 
