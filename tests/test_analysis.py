@@ -253,6 +253,40 @@ def test_replay_refuses_a_model_it_cannot_reproduce(model, monkeypatch):
         handle.remove()
 
 
+@pytest.mark.parametrize("strategy", ["batch", "replay"])
+def test_a_sweep_runs_its_source_once(model, strategy):
+    """Variants at every layer read their clean states from one source run, not one run per hook."""
+    from reftlens.runtime.sweep import Sweep
+
+    sweep = Sweep(model, CORRUPT, sources=CLEAN, strategy=strategy)
+    sweep.source_run()
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        variants = [[restoration(layer, 2, hook)] for hook in ("resid_post", "mlp_out") for layer in range(model.cfg.n_layers)]
+        sweep.run(variants, lambda indices, logits: None)
+    finally:
+        handle.remove()
+    whole = 0 if strategy == "replay" else -(-len(variants) // sweep.batch_size)  # the batch strategy's own forwards
+    assert len(forwards) == 1 + whole
+
+
+@pytest.mark.parametrize("strategy", ["batch", "replay"])
+def test_only_read_gives_the_read_positions_alone(model, strategy):
+    from reftlens.runtime.sweep import Sweep
+
+    sweep = Sweep(model, CORRUPT, sources=CLEAN, strategy=strategy, batch_size=5)
+    variants = [[restoration(layer, pos)] for layer in range(model.cfg.n_layers) for pos in (1, 3, 6)]
+    full, only = {}, {}
+    sweep.run(variants, lambda indices, logits: full.update(zip(indices, logits)), read=[2, 7])
+    sweep.run(variants, lambda indices, logits: only.update(zip(indices, logits)), read=[2, 7], only_read=True)
+    assert sorted(only) == list(range(len(variants))) and only[0].shape == (2, model.cfg.d_vocab)
+    for i in only:
+        torch.testing.assert_close(only[i], full[i][[2, 7]], atol=0, rtol=0)
+    with pytest.raises(ConfigError, match="only_read=True needs read="):
+        sweep.run(variants, lambda indices, logits: None, only_read=True)
+
+
 def test_restoration_window_is_romes_at_both_edges():
     """ROME restores layers max(0, i − w/2) … min(L, i + w/2) − 1 around layer i."""
     assert _window(0, "mlp", 10, 30) == list(range(0, 5))

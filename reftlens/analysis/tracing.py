@@ -162,7 +162,7 @@ def causal_trace(
         for i, v in zip(indices, p_answer(logits, len(indices))):
             values[cells[i]] = v
 
-    sweep.run(variants, consume, read=[seq - 1])
+    sweep.run(variants, consume, read=[seq - 1], only_read=True)
     clean_p = float(clean_logits[0, -1].float().softmax(-1)[target])
     tok_strs = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
     return TraceResult(values, clean_p, corrupted, tok_strs, span, answer, target, hook)

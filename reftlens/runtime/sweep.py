@@ -193,12 +193,17 @@ class Sweep:
                 b.slot = seen.get(key, 0)
                 seen[key] = b.slot + 1
                 bound.append(b)
-        if any(b.site.unit.takes_source for b in bound):
-            self._source_acts({b.site.hook_name for b in bound if b.site.unit.takes_source})
-            for b in bound:
-                if b.site.unit.takes_source:
-                    b.source_rows = self._source_rows(b)
         return bound
+
+    def _pair_sources(self, bound: list[list[_Bound]]) -> None:
+        """Give every unit with a source its source rows, from one source run that keeps every
+        hook the variants read (one run per new hook would redo the whole forward each time)."""
+        wanted = [b for bs in bound for b in bs if b.site.unit.takes_source]
+        if not wanted:
+            return
+        self._source_acts({b.site.hook_name for b in wanted})
+        for b in wanted:
+            b.source_rows = self._source_rows(b)
 
     def _source_rows(self, b: _Bound) -> list[Tensor]:
         """Per base example, the source rows that pair with its selected positions."""
@@ -220,17 +225,24 @@ class Sweep:
             out.append(rows)
         return out
 
-    def run(self, variants: Sequence[Sequence[Intervention]], consume: Consume, *, read: Sequence[int] | None = None) -> None:
+    def run(self, variants: Sequence[Sequence[Intervention]], consume: Consume, *, read: Sequence[int] | None = None,
+            only_read: bool = False) -> None:
         """Run every variant; ``consume(indices, logits)`` gets each chunk's variant indices and their
         logits ``[len(indices) * B, S, vocab]`` (row ``i * B + b``: variant ``indices[i]``, example
-        ``b``). With ``read``, positions outside it hold NaN."""
+        ``b``). With ``read``, positions outside it hold NaN; with ``only_read`` as well, the logits
+        are those positions alone, ``[len(indices) * B, len(read), vocab]`` in ``read``'s order
+        (no full-width tensor is built: at a 49k vocabulary it costs more than the unembedding)."""
+        if only_read and read is None:
+            raise ConfigError("only_read=True needs read= (the positions to keep).")
         bound = [self._variant_units(v) for v in variants]
+        self._pair_sources(bound)
         per = max(1, self.batch_size // self.batch)
         if self.replay is None:
             order = list(range(len(variants)))
             for first in range(0, len(order), per):
                 chunk = order[first : first + per]
-                consume(chunk, self._whole(chunk, bound))
+                logits = self._whole(chunk, bound)
+                consume(chunk, logits[:, list(read)] if only_read else logits)
             return
         starts = {}
         for i, bs in enumerate(bound):
@@ -249,7 +261,7 @@ class Sweep:
             items.sort()
             for first in range(0, len(items), per):
                 chunk = items[first : first + per]
-                consume([i for _, i in chunk], self._replayed(chunk, bound, start, read))
+                consume([i for _, i in chunk], self._replayed(chunk, bound, start, read, only_read))
 
     def _edits(self, chunk: Sequence[int], bound: list[list[_Bound]], rows: int, width: int, start: int,
                present: Callable[[int], int] | None = None) -> list[tuple[Any, Callable]]:
@@ -282,7 +294,7 @@ class Sweep:
             return self.model(self.tokens[base_rows])
 
     def _replayed(self, chunk: Sequence[tuple[int, int]], bound: list[list[_Bound]], start: int,
-                  read: Sequence[int] | None) -> Tensor:
+                  read: Sequence[int] | None, only_read: bool = False) -> Tensor:
         replay = self.replay
         B, width = self.batch, self.seq - start
         n = len(chunk) * B
@@ -306,13 +318,15 @@ class Sweep:
         live = None if read is None else [q for q in read if q >= start]
         with hooked(self.model, hooks), torch.no_grad():
             out = replay.run(entering, start, base_rows, live)
-        base = self.base_logits[base_rows]
         if read is not None:
+            picked = [out[:, live.index(q)] if q >= start else self.base_logits[base_rows, q] for q in read]
+            if only_read:
+                return torch.stack(picked, 1)
             full = torch.full((n, self.seq, out.shape[-1]), float("nan"), dtype=out.dtype, device=out.device)
-            for j, q in enumerate(read):
-                full[:, q] = out[:, live.index(q)] if q >= start else base[:, q]
+            for q, logits in zip(read, picked):
+                full[:, q] = logits
             return full
-        return torch.cat([base[:, :start], out], 1) if start else out
+        return torch.cat([self.base_logits[base_rows, :start], out], 1) if start else out
 
     def _base_hooks_replay(self, n: int, width: int, base_rows: Tensor, start: int, first_row: dict[int, int],
                            present: Callable[[int | None], int]) -> list[tuple[Any, Callable]]:
