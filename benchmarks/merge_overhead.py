@@ -9,6 +9,7 @@ against an in-memory copy of the plain model (same kind of memory; see export_ov
 per-pair ratios. Also: the time `merge` takes, and max |Δlogits| merged vs hooked.
 
     python benchmarks/merge_overhead.py --reps 8
+    python benchmarks/merge_overhead.py --reps 6 --clock cpu     # on a machine busy with other work
 """
 
 from __future__ import annotations
@@ -28,19 +29,27 @@ from common import environment_line, headline
 from reftlens import Intervention, LoReFT, ReftModel
 
 
+CLOCK = time.perf_counter
+
+
 def paired(f, g, reps):
     """Median times and the median per-pair ratio g/f; the order within a pair alternates."""
     a, b = [], []
     for i in range(reps):
         for fn, out in ((f, a), (g, b)) if i % 2 == 0 else ((g, b), (f, a)):
-            t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
+            t = CLOCK(); fn(); out.append(CLOCK() - t)
     return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (time.process_time), steadier on a machine shared with other work")
+    ap.add_argument("--new-tokens", type=int, default=32)
     args = ap.parse_args()
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     from transformers import AutoModelForCausalLM
 
     bridge = reftlens.load_model("smollm2-135m")
@@ -66,13 +75,13 @@ def main() -> None:
             err = (merged(input_ids=tokens, attention_mask=mask, position_ids=pos).logits - hooked)[mask.bool()].abs().max()
             checks.append((label, merge_s, float(err), sum(p.numel() for p in merged.parameters()) - sum(
                 p.numel() for p in base.parameters())))
-            kw = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id,
+            kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                       eos_token_id=None)
             for _ in range(2):
                 base(fwd); merged(fwd)
             rows.append((f"forward 8 × 128, merged {label}", *paired(lambda: base(fwd), lambda: merged(fwd), args.reps)))
             base.generate(tokens, **kw); merged.generate(tokens, **kw)
-            rows.append((f"greedy generation, 32 tokens, batch 8, merged {label}",
+            rows.append((f"greedy generation, {args.new_tokens} tokens, batch 8, merged {label}",
                          *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw),
                                  max(3, args.reps // 2))))
         if not bias:  # the hooked export of the same set, for contrast
@@ -82,7 +91,8 @@ def main() -> None:
                 rows.append(("forward 8 × 128, hooked to_hf (same set) for contrast",
                              *paired(lambda: base(fwd), lambda: hooked_hf(fwd), args.reps)))
         del base, merged
-    print("# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32")
+    print("# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32, "
+          f"{args.clock} clock")
     print(environment_line())
     print("| what | plain HF (s) | merged (s) | median paired ratio |")
     print("|---|---|---|---|")
