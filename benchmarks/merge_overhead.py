@@ -5,10 +5,13 @@ The mergeable recipe: LoReFT rank 4 on `mlp_out` at layers 3;9;18;24, every posi
 twice: with the learned shift b (the fold adds a bias to `down_proj`, so `mlp_bias` is switched on:
 zero biases on every MLP projection) and with `bias=False` (the plain model's exact layout). Each
 against an in-memory copy of the plain model (same kind of memory; see export_overhead.py), forward
-8 × 128 and greedy generation of 32 tokens (KV cache), runs alternating; ratios are medians of
-per-pair ratios. Also: the time `merge` takes, and max |Δlogits| merged vs hooked.
+8 × 128 and greedy generation of 32 tokens (KV cache), runs alternating (the order within a pair
+too); ratios are medians of per-pair ratios. A control row times the plain model against its own
+deep copy: the noise floor of the run. Also: the time `merge` takes, and max |Δlogits| merged vs
+hooked.
 
     python benchmarks/merge_overhead.py --reps 8
+    python benchmarks/merge_overhead.py --reps 6 --clock cpu --threads 1   # on a machine busy with other work
 """
 
 from __future__ import annotations
@@ -28,19 +31,31 @@ from common import environment_line, headline
 from reftlens import Intervention, LoReFT, ReftModel
 
 
+CLOCK = time.perf_counter
+
+
 def paired(f, g, reps):
     """Median times and the median per-pair ratio g/f; the order within a pair alternates."""
     a, b = [], []
     for i in range(reps):
         for fn, out in ((f, a), (g, b)) if i % 2 == 0 else ((g, b), (f, a)):
-            t = time.perf_counter(); fn(); out.append(time.perf_counter() - t)
+            t = CLOCK(); fn(); out.append(CLOCK() - t)
     return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu: this process's CPU time (time.process_time), steadier on a machine shared with other work")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's); 1 keeps a busy machine's other work out of the timings")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
     from transformers import AutoModelForCausalLM
 
     bridge = reftlens.load_model("smollm2-135m")
@@ -66,23 +81,27 @@ def main() -> None:
             err = (merged(input_ids=tokens, attention_mask=mask, position_ids=pos).logits - hooked)[mask.bool()].abs().max()
             checks.append((label, merge_s, float(err), sum(p.numel() for p in merged.parameters()) - sum(
                 p.numel() for p in base.parameters())))
-            kw = dict(attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id,
+            kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                       eos_token_id=None)
             for _ in range(2):
                 base(fwd); merged(fwd)
             rows.append((f"forward 8 × 128, merged {label}", *paired(lambda: base(fwd), lambda: merged(fwd), args.reps)))
             base.generate(tokens, **kw); merged.generate(tokens, **kw)
-            rows.append((f"greedy generation, 32 tokens, batch 8, merged {label}",
-                         *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw),
-                                 max(3, args.reps // 2))))
-        if not bias:  # the hooked export of the same set, for contrast
+            rows.append((f"greedy generation, {args.new_tokens} tokens, batch 8, merged {label}",
+                         *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw), args.reps)))
+        if not bias:  # the hooked export of the same set, and the plain model against its own copy: the noise floor
             hooked_hf = reftlens.to_hf(reft, intervene_on="all")
+            twin = copy.deepcopy(base)
             with torch.no_grad():
                 hooked_hf(fwd); base(fwd)
                 rows.append(("forward 8 × 128, hooked to_hf (same set) for contrast",
                              *paired(lambda: base(fwd), lambda: hooked_hf(fwd), args.reps)))
+                rows.append((f"greedy generation, {args.new_tokens} tokens, batch 8, control: plain vs its own deep copy",
+                             *paired(lambda: base.generate(tokens, **kw), lambda: twin.generate(tokens, **kw), args.reps)))
+            del hooked_hf, twin
         del base, merged
-    print("# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32")
+    print("# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32, "
+          f"{args.clock} clock")
     print(environment_line())
     print("| what | plain HF (s) | merged (s) | median paired ratio |")
     print("|---|---|---|---|")

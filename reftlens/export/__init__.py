@@ -1,4 +1,5 @@
-"""Export: interventions on plain transformers models (no TransformerLens needed to run them)."""
+"""Export: interventions on plain transformers models (no TransformerLens needed to run them): hooked
+(`to_hf`), folded into the weights (`merge`), as a peft LoRA adapter (`to_peft`), or as a pyreft folder."""
 
 from reftlens.errors import ExportError
 from reftlens.export.hf import load_hf, save_hf, to_hf
