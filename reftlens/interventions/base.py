@@ -189,9 +189,11 @@ def phi_label(phi: nn.Module) -> str:
 
 def bank_key(phi: Any) -> Hashable | None:
     """The key under which a Φ's rows batch with other sets' rows in a bank (None: they do not).
-    A Φ with a source never batches: its source rows are per set."""
+    A Φ with a source never batches (its source rows are per set), nor does one that reads which
+    example each row comes from (``per_example``: pooling over rows of one set's examples)."""
     fn = getattr(phi, "bank_key", None)
-    if fn is None or takes_source(phi) or not callable(getattr(type(phi), "forward_many", None)):
+    if (fn is None or takes_source(phi) or getattr(phi, "per_example", False)
+            or not callable(getattr(type(phi), "forward_many", None))):
         return None
     return fn()
 
