@@ -159,11 +159,19 @@ def mean_of(records: list[dict], key: str) -> float:
     return statistics.fmean(r[key] for r in records)
 
 
+def print_detection(detection: dict, methods: list[str], topics: list[int]) -> None:
+    print("| method | layer | " + " | ".join(TOPICS[t] for t in topics) + " | mean |")
+    print("|---|---|" + "---|" * (len(topics) + 1))
+    for (name, layer), values in sorted(detection.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if name in methods:
+            print(f"| {name} | {layer} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.fmean(values):.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18], help="layers for detection")
+    ap.add_argument("--layers", type=int, nargs="+", default=[12, 18, 24], help="layers for detection")
     ap.add_argument("--steer-layer", type=int, default=12)
-    ap.add_argument("--detect-train", type=int, default=30, help="training articles per topic (directions)")
+    ap.add_argument("--detect-train", type=int, default=80, help="training articles per topic (directions)")
     ap.add_argument("--detect-test", type=int, default=30, help="held-out articles per topic (AUROC)")
     ap.add_argument("--words", type=int, default=40, help="article snippet length (words)")
     ap.add_argument("--steer-topics", nargs="+", default=TOPICS)
@@ -179,6 +187,7 @@ def main() -> None:
     ap.add_argument("--completion-words", type=int, default=20)
     ap.add_argument("--l1", type=float, default=0.01, help="ReFT-r1's L1 coefficient")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-steering", action="store_true", help="detection only")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
     args = ap.parse_args()
@@ -195,10 +204,14 @@ def main() -> None:
     clf, clf_acc = topic_classifier(texts, labels, train_idx, test_idx, args.words)
     model = reftlens.load_model("smollm2-135m")
     tok, d = model.tokenizer, model.cfg.d_model
-    log(f"classifier ({clf_acc:.3f} held-out accuracy) and model ready")
+    with torch.no_grad():  # a yardstick for the machine: benchmarks/README.md measured 1.25 s on a quiet one
+        probe_tokens = torch.randint(100, 40000, (8, 128), generator=torch.Generator().manual_seed(0))
+        t0 = time.perf_counter()
+        model(probe_tokens, return_type=None)
+        yardstick = time.perf_counter() - t0
+    log(f"classifier ({clf_acc:.3f} held-out accuracy) and model ready; one forward of 8 × 128 tokens: {yardstick:.2f} s")
 
     # ---- detection ----------------------------------------------------------------------------
-    rng = random.Random(args.seed)
     det_train = [i for t in range(5) for i in [j for j in train_idx if labels[j] == t][: args.detect_train]]
     det_test = [i for t in range(5) for i in [j for j in test_idx if labels[j] == t][: args.detect_test]]
     t0 = time.perf_counter()
@@ -233,6 +246,25 @@ def main() -> None:
                 detection.setdefault((name, layer), []).append(auroc(scores, y_test == t))
 
     log("directions fitted and scored")
+    print(f"# SmolLM2-135M-Instruct, BBC News topics; detection: {args.detect_train} training / {args.detect_test} "
+          f"held-out articles per topic (first {args.words} words), max-pooled projection at layers {args.layers}")
+    print(environment_line())
+    print(f"# 1-min load average {load_start:.1f} at the start on {os.cpu_count()} cores; one forward of 8 × 128 tokens "
+          f"took {yardstick:.2f} s (1.25 s on a quiet machine); topic classifier (TF-IDF + logistic regression, BBC "
+          f"train split): {clf_acc:.3f} accuracy on held-out {args.words}-word snippets; activations in {collect_s:.0f} s")
+    print("\n## Detection: AUROC on held-out articles (topic vs rest)\n")
+    print_detection(detection, ["DiffMean", "PCA", "probe"], [TOPICS.index(t) for t in TOPICS])
+    best_layer = max(args.layers, key=lambda l: statistics.fmean(detection[("DiffMean", l)]))
+    n_good = sum(v >= 0.9 for v in detection[("DiffMean", best_layer)])
+    print(f"\nDiffMean at its best layer ({best_layer}): AUROC ≥ 0.9 on {n_good} of 5 topics.", flush=True)
+    headline("steering_bbc", "DiffMean detection: topics with AUROC ≥ 0.9 at the best layer (of 5)", n_good,
+             target="≥ 4", met=n_good >= 4, note=f"layer {best_layer}")
+    if args.no_steering:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
+                           "classifier_accuracy": clf_acc, "seconds": time.perf_counter() - t_start}, f, indent=1)
+        return
 
     # ---- steering ------------------------------------------------------------------------------
     val_instr, test_instr = VAL_INSTRUCTIONS[: args.n_val], TEST_INSTRUCTIONS[: args.n_test]
@@ -264,9 +296,14 @@ def main() -> None:
         val = [score(model, clf, t, reps[:n_val], val_chat, ppl0) for reps in replies_by_alpha]
         best = max(range(len(alphas)), key=lambda k: mean_of(val[k], "aggregate"))
         test = score(model, clf, t, replies_by_alpha[best][n_val:], test_chat, ppl0)
+        curve = []  # the strength of steering: concept and perplexity on the test instructions at every α
+        for a, reps in zip(alphas, replies_by_alpha):
+            lp = pair_logprob(model, list(zip(test_chat, [x or "." for x in reps[n_val:]])))
+            concept = clf.predict_proba(reps[n_val:])[:, list(clf.classes_).index(t)]
+            curve.append({"alpha": a, "concept": float(concept.mean()), "ppl": statistics.median(math.exp(-float(x)) for x in lp)})
         r = results.setdefault(method, {"params": params, "seconds": 0.0, "per_topic": {}})
         r["seconds"] += seconds
-        r["per_topic"][topic] = {"alpha": alphas[best], "test": test, "example": replies_by_alpha[best][n_val]}
+        r["per_topic"][topic] = {"alpha": alphas[best], "test": test, "example": replies_by_alpha[best][n_val], "curve": curve}
 
     for topic in args.steer_topics:
         t = TOPICS.index(topic)
@@ -309,33 +346,19 @@ def main() -> None:
         log(f"{topic}: ReFT-r1 trained and swept")
         detection.setdefault(("ReFT-r1", args.steer_layer), []).append(
             auroc(acts.scores(args.steer_layer, w, pool="max")[n_tr:], y_test == t))
+        if args.out:  # after every topic, so a long run that is stopped keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump({"args": vars(args), "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
+                           "steering": results, "classifier_accuracy": clf_acc, "partial": True}, f, indent=1)
 
-    # ---- report --------------------------------------------------------------------------------
     total = time.perf_counter() - t_start
-    print(f"# SmolLM2-135M-Instruct, BBC News topics; detection: {args.detect_train} training / {args.detect_test} "
-          f"held-out articles per topic (first {args.words} words), max-pooled projection; steering at layer "
-          f"{args.steer_layer} on {len(args.steer_topics)} topic(s), {len(val_instr)} validation / {len(test_instr)} test "
-          f"instructions, {args.new_tokens} new tokens, greedy; trained methods {args.steps} steps of batch {args.batch}, "
-          f"lr {args.lr}; total {total:.0f} s (1-min load average {load_start:.1f} at the start, "
-          f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores)")
-    print(environment_line())
-    print(f"# topic classifier (TF-IDF + logistic regression, BBC train split): {clf_acc:.3f} accuracy on held-out "
-          f"{args.words}-word snippets; activations collected in {collect_s:.0f} s; fluency reference: the base model's "
-          f"sampled replies, perplexity {ppl0:.1f}; α in units of the mean token norm at layer {args.steer_layer} ({mean_norm:.1f})")
-    print("\n## Detection: AUROC on held-out articles (topic vs rest)\n")
-    print("| method | layer | " + " | ".join(TOPICS) + " | mean |")
-    print("|---|---|" + "---|" * (len(TOPICS) + 1))
-    for (name, layer), values in sorted(detection.items(), key=lambda kv: (["DiffMean", "PCA", "probe", "ReFT-r1"].index(kv[0][0]), kv[0][1])):
-        cells = values if len(values) == 5 else [None] * 5
-        if name == "ReFT-r1":
-            cells = [values[args.steer_topics.index(tp)] if tp in args.steer_topics else None for tp in TOPICS]
-        shown = [f"{v:.3f}" if v is not None else "–" for v in cells]
-        known = [v for v in cells if v is not None]
-        print(f"| {name} | {layer} | " + " | ".join(shown) + f" | {statistics.fmean(known):.3f} |")
-    best_layer = max(args.layers, key=lambda l: statistics.fmean(detection[("DiffMean", l)]))
-    n_good = sum(v >= 0.9 for v in detection[("DiffMean", best_layer)])
-    print(f"\nDiffMean at its best layer ({best_layer}): AUROC ≥ 0.9 on {n_good} of 5 topics.")
-
+    print(f"\n## ReFT-r1 detection (its w, trained per topic at layer {args.steer_layer} with the steering data)\n")
+    print_detection(detection, ["ReFT-r1"], [TOPICS.index(t) for t in args.steer_topics])
+    print(f"\n# steering at layer {args.steer_layer} on {len(args.steer_topics)} topic(s), {len(val_instr)} validation / "
+          f"{len(test_instr)} test instructions, {args.new_tokens} new tokens, greedy; trained methods {args.steps} steps "
+          f"of batch {args.batch}, lr {args.lr}; fluency reference: the base model's sampled replies, perplexity "
+          f"{ppl0:.1f}; α in units of the mean token norm at layer {args.steer_layer} ({mean_norm:.1f}); total {total:.0f} s, "
+          f"1-min load average {os.getloadavg()[0]:.1f} at the end")
     print("\n## Steering: test instructions, each method at its best α per topic (chosen on validation)\n")
     print("| method | trainable params | concept P(topic) | fluency | median ppl | relevance | aggregate (HM) | α per topic | fit or train + generation (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -348,6 +371,23 @@ def main() -> None:
         s = summary[method]
         print(f"| {method} | {r['params']:,} | {s['concept']:.3f} | {s['fluency']:.3f} | {s['ppl']:.1f} | "
               f"{s['relevance']:.3f} | {s['aggregate']:.3f} | {alphas} | {r['seconds']:.0f} |")
+    print("\n## Steering strength: target-topic probability / median perplexity on the test instructions at each α "
+          "(mean over topics; α = 0 is the base model)\n")
+    base = summary["base (no steering)"]
+    for group in (args.alphas, args.reft_alphas):
+        swept = [m for m, r in results.items() if [c["alpha"] for c in next(iter(r["per_topic"].values()))["curve"]] == list(group)
+                 and len(group) > 1]
+        if not swept:
+            continue
+        print("| method | α = 0 | " + " | ".join(f"α = {a:g}" for a in group) + " |")
+        print("|---|---|" + "---|" * len(group))
+        for m in swept:
+            cells = []
+            for k in range(len(group)):
+                pts = [pt["curve"][k] for pt in results[m]["per_topic"].values()]
+                cells.append(f"{statistics.fmean(c['concept'] for c in pts):.2f} / {statistics.median(c['ppl'] for c in pts):.1f}")
+            print(f"| {m} | {base['concept']:.2f} / {base['ppl']:.1f} | " + " | ".join(cells) + " |")
+        print()
     ranking = sorted((m for m in summary if m != "base (no steering)"), key=lambda m: -summary[m]["aggregate"])
     print(f"\nRanking by aggregate: {' > '.join(ranking)}")
     print(f"AxBench (Gemma-2, Concept500): steering {AXBENCH_STEERING}; detection {AXBENCH_DETECTION}.")
@@ -356,8 +396,6 @@ def main() -> None:
     for method, r in results.items():
         print(f"- {method} [{first}]: {r['per_topic'][first]['example']!r}")
 
-    headline("steering_bbc", "DiffMean detection: topics with AUROC ≥ 0.9 at the best layer (of 5)", n_good,
-             target="≥ 4", met=n_good >= 4, note=f"layer {best_layer}")
     base_c, dm_c = summary["base (no steering)"]["concept"], summary["DiffMean"]["concept"]
     headline("steering_bbc", "DiffMean steering: target-topic probability, steered / unsteered", dm_c / max(base_c, 1e-9),
              target="well above 1", met=dm_c > 2 * base_c,
