@@ -90,8 +90,9 @@ def main() -> None:
         big = sum(p.numel() for p in model.parameters()) >= REPLAY_MIN_PARAMS
         shape = f"{model.cfg.n_layers} × {clean.shape[1]}"
         default = times["replay" if big else "batch"]
+        goal = 14 if name == "smollm2-135m" else 10  # the engine issue's bar for SmolLM2 (the last release's figure)
         headline("patching_vs_tl", f"speed-up of patch_sweep (default strategy) over transformer_lens.patching, {name} {shape}",
-                 t_tl / default, target="≥ 10×", met=t_tl / default >= 10 and diff < 1e-4, peer="transformer_lens.patching",
+                 t_tl / default, target=f"≥ {goal}×", met=t_tl / default >= goal and diff < 1e-4, peer="transformer_lens.patching",
                  note=f"max abs diff {diff:.1e}")
         print(f"| {name} | {shape} | {t_tl:.3f} | {times['batch']:.3f} | {times['replay']:.3f} | "
               f"{t_tl / times['batch']:.1f}× | {t_tl / times['replay']:.1f}× | {'replay' if big else 'batch'} | {diff:.1e} |",

@@ -34,6 +34,7 @@ SUITE = [
      ["--models", "tiny-llama", "--reps", "2"], 4),
     ("orthonormal", [], ["--reps", "5", "--steps", "5"], 4),
     ("patching_vs_tl", ["--models", "tiny-llama", "tiny-gpt2", "smollm2-135m"], ["--models", "tiny-llama", "tiny-gpt2"], 2),
+    ("attribution_vs_exact", [], ["--pairs", "1", "--hooks", "resid_pre", "--reps", "1", "--tl-pairs", "0"], 4),
     ("causal_trace_vs_rome", ["--prompts", "1", "--samples", "10", "--window", "10", "--plain-start", "subject", "cell",
                               "--max-load", "1.2"],
      ["--model", "tiny-llama", "--prompts", "1", "--samples", "2", "--window", "2", "--out", ".bench/causal_trace_vs_rome.quick.json"], 6),

@@ -325,8 +325,44 @@ def test_attribution_equals_a_hand_written_gradient(model, hook):
 def test_attribution_needs_a_differentiable_metric(model):
     with pytest.raises(AnalysisError, match="does not depend on the logits"):
         patch_sweep(model, CLEAN, CORRUPT, lambda logits: float(logit_diff(logits)), method="attribution")
-    with pytest.raises(AnalysisError, match="method must be 'exact' or 'attribution'"):
+    with pytest.raises(AnalysisError, match="method must be 'exact', 'attribution' or 'attribution-ig'"):
         patch_sweep(model, CLEAN, CORRUPT, logit_diff, method="gradient")
+    with pytest.raises(ConfigError, match="ig_steps must be a positive integer"):
+        patch_sweep(model, CLEAN, CORRUPT, logit_diff, method="attribution-ig", ig_steps=0)
+
+
+@pytest.mark.parametrize("hook", ["resid_pre", "attn_out"])
+def test_attribution_ig_equals_hand_written_integrated_gradients(model, hook):
+    """EAP-IG: cell (l, p) = metric(corrupted) + (a_clean − a_corrupted)[l, p] · ḡ[l, p], ḡ the mean
+    gradient over k runs whose input embeddings sit at (j + ½)/k of the way from corrupted to clean;
+    the reference interpolates with plain TL hooks and differentiates one run per point."""
+    k = 3
+    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, method="attribution-ig", ig_steps=k)
+    names = [f"blocks.{l}.hook_{hook}" for l in range(model.cfg.n_layers)]
+    points = [model.hook_dict[n].name for n in names]
+    _, clean_cache = model.run_with_cache(CLEAN)
+    corrupt_value, corrupt_cache = model.run_with_cache(CORRUPT)
+    embed_name = model.hook_dict["blocks.0.hook_resid_pre"].name
+    grads = [torch.zeros_like(clean_cache[p]) for p in points]
+    for j in range(k):
+        alpha = (j + 0.5) / k
+        deltas = {}
+
+        def interpolate(h, hook, alpha=alpha):
+            return h + alpha * (clean_cache[embed_name] - h)
+
+        def perturb(h, hook):
+            deltas[hook.name] = torch.zeros_like(h, requires_grad=True)
+            return h + deltas[hook.name]
+
+        hooks = [("blocks.0.hook_resid_pre", interpolate)] + [(n, perturb) for n in names]
+        value = logit_diff(model.run_with_hooks(CORRUPT, fwd_hooks=hooks))
+        for i, g in enumerate(torch.autograd.grad(value, [deltas[p] for p in points])):
+            grads[i] += g / k
+    base = logit_diff(corrupt_value).detach()
+    ref = torch.stack([((clean_cache[p] - corrupt_cache[p]) * g).sum(-1)[0] for p, g in zip(points, grads)]) + base
+    torch.testing.assert_close(ours.values, ref.float(), atol=1e-5, rtol=1e-4)
+    assert ours.corrupted == pytest.approx(base.item(), abs=1e-5)
 
 
 def test_a_users_phi_sweeps_like_the_built_in_patching(model):

@@ -23,11 +23,12 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError
 from reftlens.interventions.patching import Collect, Interchange
+from reftlens.interventions.steering import Scaled
 from reftlens.model import text_tokens
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, hook_name_for, resolve
 from reftlens.runtime.sweep import REPLAY_MIN_PARAMS, Sweep  # noqa: F401  (re-exported)
-from reftlens.runtime.tl import bind, execute
+from reftlens.runtime.tl import bind, execute, gather_sources
 from reftlens.sets import Intervention
 
 
@@ -105,6 +106,7 @@ def patch_sweep(
     *,
     layers: Sequence[int] | None = None,
     method: str = "exact",
+    ig_steps: int = 4,
     batched: bool | None = None,
     batch_size: int = 128,
     clean_with: Any = None,
@@ -129,9 +131,15 @@ def patch_sweep(
         hook: a hook with a position axis at each layer: ``resid_pre`` (default), ``resid_post``,
             ``attn_out``, ``mlp_out``, ``resid_mid``, ...
         layers: which layers (default all).
-        method: ``"exact"`` (every cell patched and run) or ``"attribution"`` (the gradient
+        method: ``"exact"`` (every cell patched and run), ``"attribution"`` (the gradient
             approximation of every cell from one clean forward, one corrupted forward and one
-            backward: (clean − corrupted) · ∂metric/∂activation, Nanda 2023 / AtP, Kramár et al. 2024).
+            backward: (clean − corrupted) · ∂metric/∂activation, Nanda 2023 / AtP, Kramár et al. 2024)
+            or ``"attribution-ig"`` (the same product with the gradient averaged along the straight
+            path from the corrupted to the clean input embeddings, at ``ig_steps`` midpoints run
+            as one batch: integrated gradients, as EAP-IG, Hanna et al. 2024; one backward of a
+            batch of ``ig_steps`` rows; closer to the exact sweep where the metric is far from
+            linear, e.g. at the subject tokens of early layers).
+        ig_steps: the points on the path for ``"attribution-ig"`` (midpoint rule).
         batch_size: the most rows in one batched forward.
         clean_with: a :class:`~reftlens.ReftModel` active during the clean run (whose
             activations are patched in). With ``clean_with=reft`` and the same tokens on both
@@ -163,15 +171,18 @@ def patch_sweep(
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise ConfigError(f"layers {bad} do not exist; the model has layers 0..{n_layers - 1}.")
-    if method not in ("exact", "attribution"):
-        raise AnalysisError(f"method must be 'exact' or 'attribution'; got {method!r}.")
+    if method not in ("exact", "attribution", "attribution-ig"):
+        raise AnalysisError(f"method must be 'exact', 'attribution' or 'attribution-ig'; got {method!r}.")
+    if method == "attribution-ig" and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
+        raise ConfigError(f"ig_steps must be a positive integer (points on the integration path); got {ig_steps!r}.")
     _check_position_hooks(model, [hook_name_for(hook, l) for l in layers])
     batch, seq = corrupt.shape
     base = _set_of(corrupted_with)
     source_base = _set_of(clean_with)
     cast = bool(getattr(corrupted_with, "cast", False) or getattr(clean_with, "cast", False))
-    if method == "attribution":
-        return _attribution(model, clean, corrupt, metric, hook, layers, base, source_base, cast)
+    if method != "exact":
+        steps = ig_steps if method == "attribution-ig" else 0
+        return _attribution(model, clean, corrupt, metric, hook, layers, base, source_base, cast, steps, check_finite)
     with torch.no_grad():
         sweep = Sweep(model, corrupt, base=base, sources=clean, source_base=source_base, strategy=strategy,
                       batch_size=batch_size, cast=cast, check_finite=check_finite)
@@ -218,31 +229,51 @@ def _check_position_hooks(model: Any, names: Sequence[str]) -> None:
 
 
 def _attribution(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable, hook: str, layers: list[int],
-                 base: list[Intervention], source_base: list[Intervention], cast: bool) -> PatchResult:
-    """Attribution patching: metric(patched) − metric(corrupted) ≈ (a_clean − a_corrupted) · ∂metric/∂a,
-    every cell from one clean forward, one corrupted forward and one backward."""
-    batch = corrupt.shape[0]
+                 base: list[Intervention], source_base: list[Intervention], cast: bool, ig_steps: int = 0,
+                 check_finite: bool = True) -> PatchResult:
+    """Attribution patching: metric(patched) − metric(corrupted) ≈ (a_clean − a_corrupted) · ḡ.
+
+    ``ig_steps == 0``: ḡ = ∂metric/∂a on the corrupted run (AtP): one clean forward, one corrupted
+    forward and one backward. ``ig_steps = k``: ḡ = the mean of ∂metric/∂a over k runs whose input
+    embeddings (``resid_pre`` of layer 0) lie at the midpoints (j + ½)/k of the straight path from
+    the corrupted to the clean ones (integrated gradients), run as one batch of k copies."""
+    batch, seq = corrupt.shape
+    reads = lambda cs, **kw: [Intervention(c, layers=l, positions="all", hook=hook, name="read", **kw)  # noqa: E731
+                              for c, l in zip(cs, layers)]
     clean_c = [Collect() for _ in layers]
-    corrupt_c = [Collect(detach=False) for _ in layers]
-    reads = lambda cs: [Intervention(c, layers=l, positions="all", hook=hook, name="read") for c, l in zip(cs, layers)]  # noqa: E731
-    clean_plan = _plan(model, clean, source_base + reads(clean_c))
     with torch.no_grad():
-        clean_logits = execute(model, clean_plan, cast)
-    corrupt_plan = _plan(model, corrupt, base + reads(corrupt_c))
-    with torch.enable_grad():
-        logits = execute(model, corrupt_plan, cast)
-        value = _metric_values_grad(metric, logits, batch)
-        acts = [c.activations[0] for c in corrupt_c]
-        grads = torch.autograd.grad(value, acts, allow_unused=True)
+        clean_logits = execute(model, _plan(model, clean, source_base + reads(clean_c)), cast)
+    run_c = [Collect(detach=False) for _ in layers]
+    if ig_steps:  # rows: the corrupted run, then the k path points; each copy's metric reads its own rows
+        n = ig_steps + 1
+        alphas = torch.cat([torch.zeros(1), (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps])
+        path = Intervention(Scaled(Interchange(), alphas.repeat_interleave(batch)), layers=0, positions="all",
+                            hook="resid_pre", name="path", stack=0)
+        run_plan = _plan(model, corrupt.repeat(n, 1), base + [path] + reads(run_c, stack=1))
+        gather_sources(model, run_plan.sites, run_plan.masks, clean.repeat(n, 1), run_plan.real, check_finite)
+        with torch.enable_grad():
+            logits = execute(model, run_plan, cast)
+            value = _metric_values_grad(metric, logits[:batch], batch)
+            total = sum(_metric_values_grad(metric, logits[j * batch:(j + 1) * batch], batch) for j in range(1, n))
+            acts = [c.activations[0] for c in run_c]
+            grads = [None if g is None else g[batch * seq:] for g in torch.autograd.grad(total, acts, allow_unused=True)]
+        corrupted = [a.detach()[: batch * seq] for a in acts]
+    else:
+        with torch.enable_grad():
+            value = _metric_values_grad(metric, execute(model, _plan(model, corrupt, base + reads(run_c)), cast), batch)
+            acts = [c.activations[0] for c in run_c]
+            grads = torch.autograd.grad(value, acts, allow_unused=True)
+        corrupted = [a.detach() for a in acts]
     rows = []
-    for cc, a, g in zip(clean_c, acts, grads):
-        diff = (cc.activations[0] - a.detach()).float()
-        g = torch.zeros_like(diff) if g is None else g.float()
-        rows.append((diff * g).reshape(batch, corrupt.shape[1], -1).sum(-1).sum(0))  # cells add over the batch
-    result = torch.stack(rows).cpu() + float(value.detach())
+    for cc, a, g in zip(clean_c, corrupted, grads):
+        diff = (cc.activations[0] - a).float()
+        g = torch.zeros_like(diff) if g is None else g.float().reshape(max(ig_steps, 1), *diff.shape).mean(0)
+        rows.append((diff * g).reshape(batch, seq, -1).sum(-1).sum(0))  # cells add over the batch
+    value = value.detach()
+    result = torch.stack(rows).cpu() + float(value)
     tokens = [model.tokenizer.decode([t]) for t in corrupt[0].tolist()]
     clean_value = float(_metric_values(metric, clean_logits, 1, batch, False)[0])
-    return PatchResult(result, layers, tokens, hook, clean=clean_value, corrupted=float(value.detach()))
+    return PatchResult(result, layers, tokens, hook, clean=clean_value, corrupted=float(value))
 
 
 def _plan(model: Any, tokens: Tensor, interventions: list[Intervention]) -> Plan:
