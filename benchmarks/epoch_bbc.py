@@ -108,7 +108,7 @@ def reftlens_epoch(reft, examples, batch: int, seed: int, group_by_length: bool,
 
     exs = [e for _, e in examples]
     ids = [i for i, _ in examples]
-    pad = reft._pad_id()
+    pad = reft.pad_token_id
     params = [p for p in reft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     reft.train()

@@ -202,8 +202,7 @@ def bridge_floor():
 
 def reft_step(reft, autocast: bool = False):
     """reftlens.train's step: its forward (logits only where the loss reads them) and loss."""
-    from types import SimpleNamespace
-
+    from reftlens.training.data import Batch
     from reftlens.training.loop import forward, token_losses
 
     opt = torch.optim.AdamW([p for p in reft.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
@@ -212,8 +211,8 @@ def reft_step(reft, autocast: bool = False):
 
     def step(b):
         shifted = F.pad(b["labels"][:, 1:], (0, 1), value=-100)  # reftlens aligns labels with logits
-        batch = SimpleNamespace(tokens=b["input_ids"], attention_mask=b["attention_mask"],
-                                prompt_mask=b["prompt_mask"], labels=shifted)
+        batch = Batch(tokens=b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"],
+                      labels=shifted)
         with ctx():
             logits, labels = forward(reft, batch)
         loss = token_losses(logits, labels) / (labels != -100).sum()
