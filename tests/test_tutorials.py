@@ -26,6 +26,8 @@ NOTEBOOKS = {
     "04_reft_with_patching.ipynb": True,
     "05_export_and_pyreft.ipynb": True,
     "06_custom_phi.ipynb": True,
+    "07_steering.ipynb": True,
+    "08_bank.ipynb": True,
 }
 CELL_TIMEOUT = 300  # seconds per cell; the CI-scaled notebooks need far less
 
