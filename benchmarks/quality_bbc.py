@@ -110,25 +110,21 @@ def main() -> None:
     reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=[3, 9, 18, 24], positions="f5+l5"))
     fwd = lambda b: reft(b.tokens, attention_mask=b.attention_mask, prompt_mask=b.prompt_mask)  # noqa: E731
     results["zero-shot (base model)"] = {"params": 0, "accuracy": accuracy(fwd, test_ex, pad, label_ids)}
-    t0 = time.perf_counter()
-    reft.train()
-    losses = train(fwd, list(reft.parameters()), train_ex, pad, args.steps, args.batch, args.reft_lr, args.seed)
-    reft.eval()
-    results["LoReFT r4, layers 3;9;18;24, f5+l5"] = {
-        "params": reft.num_trainable_parameters(), "accuracy": accuracy(fwd, test_ex, pad, label_ids),
-        "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
+    def reft_arm(r, forward) -> dict:
+        t0 = time.perf_counter()
+        r.train()
+        losses = train(forward, list(r.parameters()), train_ex, pad, args.steps, args.batch, args.reft_lr, args.seed)
+        r.eval()
+        return {"params": r.num_trainable_parameters(), "accuracy": accuracy(forward, test_ex, pad, label_ids),
+                "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
+
+    results["LoReFT r4, layers 3;9;18;24, f5+l5"] = reft_arm(reft, fwd)
 
     # mergeable LoReFT: the same Φ on mlp_out at every token (no prompt_mask: what the merged model computes)
     torch.manual_seed(args.seed)
     mreft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=[3, 9, 18, 24], hook="mlp_out"))
     mfwd = lambda b: mreft(b.tokens, attention_mask=b.attention_mask)  # noqa: E731
-    t0 = time.perf_counter()
-    mreft.train()
-    losses = train(mfwd, list(mreft.parameters()), train_ex, pad, args.steps, args.batch, args.reft_lr, args.seed)
-    mreft.eval()
-    results["mergeable LoReFT r4, mlp_out, layers 3;9;18;24, all positions"] = {
-        "params": mreft.num_trainable_parameters(), "accuracy": accuracy(mfwd, test_ex, pad, label_ids),
-        "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
+    results["mergeable LoReFT r4, mlp_out, layers 3;9;18;24, all positions"] = reft_arm(mreft, mfwd)
     merged = reftlens.merge(mreft)
     merged_fwd = lambda b: merged(input_ids=b.tokens, attention_mask=b.attention_mask).logits  # noqa: E731
     results["↳ the same, merged into the weights (reftlens.merge), plain transformers"] = {
