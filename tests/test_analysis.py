@@ -298,13 +298,15 @@ def test_restoration_window_is_romes_at_both_edges():
     assert _window(7, "resid", 10, 30) == [7]
 
 
-@pytest.mark.parametrize("hook", ["resid_pre", "mlp_out"])
-def test_attribution_equals_a_hand_written_gradient(model, hook):
+@pytest.mark.parametrize("hook,edited", [("resid_pre", False), ("mlp_out", False), ("resid_pre", True)])
+def test_attribution_equals_a_hand_written_gradient(model, hook, edited):
     """AtP: cell (l, p) = metric(corrupted) + (a_clean − a_corrupted)[l, p] · ∂metric/∂a[l, p]; the
-    reference takes the gradient through zero perturbations added at each hook (TL hooks, no engine)."""
-    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, method="attribution")
+    reference takes the gradient through zero perturbations added at each hook (TL hooks, no engine),
+    after a ReFT's own edit at that hook when the runs carry one."""
+    kw, steer = _steered(model, edited)
+    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, method="attribution", **kw)
     names = [f"blocks.{l}.hook_{hook}" for l in range(model.cfg.n_layers)]
-    _, cache = model.run_with_cache(CLEAN)
+    _, cache = _cache(model, CLEAN, steer, names)
     deltas, acts = {}, {}
 
     def perturb(h, hook):
@@ -312,13 +314,13 @@ def test_attribution_equals_a_hand_written_gradient(model, hook):
         deltas[hook.name] = torch.zeros_like(h, requires_grad=True)
         return h + deltas[hook.name]
 
-    value = logit_diff(model.run_with_hooks(CORRUPT, fwd_hooks=[(n, perturb) for n in names]))
+    value = logit_diff(model.run_with_hooks(CORRUPT, fwd_hooks=steer + [(n, perturb) for n in names]))
     points = [model.hook_dict[n].name for n in names]
     grads = torch.autograd.grad(value, [deltas[p] for p in points])
     ref = torch.stack([((cache[p] - acts[p]) * g).sum(-1)[0] for p, g in zip(points, grads)]) + value.detach()
     torch.testing.assert_close(ours.values, ref.float(), atol=1e-5, rtol=1e-5)
     assert ours.corrupted == pytest.approx(value.item(), abs=1e-5)
-    exact = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook)
+    exact = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, **kw)
     assert torch.corrcoef(torch.stack([ours.values.flatten(), exact.values.flatten()]))[0, 1] > 0.5  # a real approximation
 
 
@@ -331,18 +333,44 @@ def test_attribution_needs_a_differentiable_metric(model):
         patch_sweep(model, CLEAN, CORRUPT, logit_diff, method="attribution-ig", ig_steps=0)
 
 
-@pytest.mark.parametrize("hook", ["resid_pre", "attn_out"])
-def test_attribution_ig_equals_hand_written_integrated_gradients(model, hook):
+def _steered(model, edited):
+    """With ``edited``, a Steer at layers 0 and 1's resid_pre (every position) in both runs, as a
+    ReftModel for reftlens and as the TL hooks that go first at those hook points for the reference."""
+    if not edited:
+        return {}, []
+    from reftlens import Intervention, ReftModel
+
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    reft = ReftModel(model, Intervention(Steer(v, alpha=0.5), layers=[0, 1], positions="all", hook="resid_pre"))
+    return dict(clean_with=reft, corrupted_with=reft), [(f"blocks.{l}.hook_resid_pre", lambda h, hook: h + 0.5 * v)
+                                                        for l in (0, 1)]
+
+
+def _cache(model, tokens, steer, names):
+    cache = {}
+
+    def save(h, hook):
+        cache[hook.name] = h.detach()
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=steer + [(n, save) for n in names])
+    return logits, cache
+
+
+@pytest.mark.parametrize("hook,edited", [("resid_pre", False), ("attn_out", False), ("resid_pre", True)])
+def test_attribution_ig_equals_hand_written_integrated_gradients(model, hook, edited):
     """EAP-IG: cell (l, p) = metric(corrupted) + (a_clean − a_corrupted)[l, p] · ḡ[l, p], ḡ the mean
     gradient over k runs whose input embeddings sit at (j + ½)/k of the way from corrupted to clean;
-    the reference interpolates with plain TL hooks and differentiates one run per point."""
+    the reference interpolates with plain TL hooks and differentiates one run per point. With a
+    ReFT that edits the swept hook (and the path's) in both runs, every read and the path's two
+    ends are the activations as the ReFT leaves them."""
     k = 3
-    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, method="attribution-ig", ig_steps=k)
-    names = [f"blocks.{l}.hook_{hook}" for l in range(model.cfg.n_layers)]
-    points = [model.hook_dict[n].name for n in names]
-    _, clean_cache = model.run_with_cache(CLEAN)
-    corrupt_value, corrupt_cache = model.run_with_cache(CORRUPT)
+    kw, steer = _steered(model, edited)
+    ours = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, method="attribution-ig", ig_steps=k, **kw)
+    names = [f"blocks.{l}.hook_{hook}" for l in range(model.cfg.n_layers)] + ["blocks.0.hook_resid_pre"]
+    points = [model.hook_dict[n].name for n in names[:-1]]
     embed_name = model.hook_dict["blocks.0.hook_resid_pre"].name
+    _, clean_cache = _cache(model, CLEAN, steer, names)
+    corrupt_value, corrupt_cache = _cache(model, CORRUPT, steer, names)
     grads = [torch.zeros_like(clean_cache[p]) for p in points]
     for j in range(k):
         alpha = (j + 0.5) / k
@@ -355,7 +383,7 @@ def test_attribution_ig_equals_hand_written_integrated_gradients(model, hook):
             deltas[hook.name] = torch.zeros_like(h, requires_grad=True)
             return h + deltas[hook.name]
 
-        hooks = [("blocks.0.hook_resid_pre", interpolate)] + [(n, perturb) for n in names]
+        hooks = steer + [("blocks.0.hook_resid_pre", interpolate)] + [(n, perturb) for n in names[:-1]]
         value = logit_diff(model.run_with_hooks(CORRUPT, fwd_hooks=hooks))
         for i, g in enumerate(torch.autograd.grad(value, [deltas[p] for p in points])):
             grads[i] += g / k
@@ -363,6 +391,8 @@ def test_attribution_ig_equals_hand_written_integrated_gradients(model, hook):
     ref = torch.stack([((clean_cache[p] - corrupt_cache[p]) * g).sum(-1)[0] for p, g in zip(points, grads)]) + base
     torch.testing.assert_close(ours.values, ref.float(), atol=1e-5, rtol=1e-4)
     assert ours.corrupted == pytest.approx(base.item(), abs=1e-5)
+    if edited:  # the ReFT moved both runs: the reference above saw it too
+        assert ours.corrupted != pytest.approx(patch_sweep(model, CLEAN, CORRUPT, logit_diff, method="attribution").corrupted)
 
 
 def test_a_users_phi_sweeps_like_the_built_in_patching(model):

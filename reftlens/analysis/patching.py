@@ -26,9 +26,9 @@ from reftlens.interventions.patching import Collect, Interchange
 from reftlens.interventions.steering import Scaled
 from reftlens.model import text_tokens
 from reftlens.positions import RealTokens
-from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, hook_name_for, resolve
+from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, check_finite_source, hook_name_for, resolve
 from reftlens.runtime.sweep import REPLAY_MIN_PARAMS, Sweep  # noqa: F401  (re-exported)
-from reftlens.runtime.tl import bind, execute, gather_sources
+from reftlens.runtime.tl import bind, execute
 from reftlens.sets import Intervention
 
 
@@ -240,17 +240,22 @@ def _attribution(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable, h
     batch, seq = corrupt.shape
     reads = lambda cs, **kw: [Intervention(c, layers=l, positions="all", hook=hook, name="read", **kw)  # noqa: E731
                               for c, l in zip(cs, layers)]
-    clean_c = [Collect() for _ in layers]
+    clean_c, end = [Collect() for _ in layers], Collect()  # end: the path's clean endpoint, layer 0's resid_pre
+    ends = [Intervention(end, layers=0, positions="all", hook="resid_pre", name="path end", stack=1)] if ig_steps else []
     with torch.no_grad():
-        clean_logits = execute(model, _plan(model, clean, source_base + reads(clean_c)), cast)
+        clean_logits = execute(model, _plan(model, clean, source_base, reads(clean_c, stack=0) + ends), cast)
     run_c = [Collect(detach=False) for _ in layers]
     if ig_steps:  # rows: the corrupted run, then the k path points; each copy's metric reads its own rows
         n = ig_steps + 1
         alphas = torch.cat([torch.zeros(1), (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps])
         path = Intervention(Scaled(Interchange(), alphas.repeat_interleave(batch)), layers=0, positions="all",
                             hook="resid_pre", name="path", stack=0)
-        run_plan = _plan(model, corrupt.repeat(n, 1), base + [path] + reads(run_c, stack=1))
-        gather_sources(model, run_plan.sites, run_plan.masks, clean.repeat(n, 1), run_plan.real, check_finite)
+        run_plan = _plan(model, corrupt.repeat(n, 1), base, [path] + reads(run_c, stack=1))
+        site = next(p for p in run_plan.sites if p.site.unit.origin is path)
+        if check_finite:
+            check_finite_source("the integration path's clean end (layer 0's resid_pre)", end.activations[0],
+                                torch.ones(batch, seq, dtype=torch.bool), run_plan.real, "pass check_finite=False")
+        site.source_rows = end.activations[0].repeat(n, 1)
         with torch.enable_grad():
             logits = execute(model, run_plan, cast)
             value = _metric_values_grad(metric, logits[:batch], batch)
@@ -260,7 +265,7 @@ def _attribution(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable, h
         corrupted = [a.detach()[: batch * seq] for a in acts]
     else:
         with torch.enable_grad():
-            value = _metric_values_grad(metric, execute(model, _plan(model, corrupt, base + reads(run_c)), cast), batch)
+            value = _metric_values_grad(metric, execute(model, _plan(model, corrupt, base, reads(run_c)), cast), batch)
             acts = [c.activations[0] for c in run_c]
             grads = torch.autograd.grad(value, acts, allow_unused=True)
         corrupted = [a.detach() for a in acts]
@@ -276,12 +281,17 @@ def _attribution(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable, h
     return PatchResult(result, layers, tokens, hook, clean=clean_value, corrupted=float(value))
 
 
-def _plan(model: Any, tokens: Tensor, interventions: list[Intervention]) -> Plan:
-    units = [u for iv in interventions for u in iv.expand(model.cfg.n_layers)]
-    sites = bind(model, units)
+def _plan(model: Any, tokens: Tensor, interventions: list[Intervention], own: list[Intervention]) -> Plan:
+    """The user's interventions, then the sweep's ``own`` reads and path at the same sites (they see
+    the activations as the user's edits leave them). Each group is checked for collisions alone."""
     real = RealTokens.unpadded(tokens.shape[0], tokens.shape[1], tokens.device)
-    site_plans, masks = resolve(sites, units, real)
-    return Plan(site_plans, tokens, None, real, masks)
+    plans, masks = [], {}
+    for group in (interventions, own):
+        units = [u for iv in group for u in iv.expand(model.cfg.n_layers)]
+        group_plans, group_masks = resolve(bind(model, units), units, real)
+        plans += group_plans
+        masks.update(group_masks)
+    return Plan(plans, tokens, None, real, masks)
 
 
 def _metric_values_grad(metric: Callable, logits: Tensor, batch: int) -> Tensor:
