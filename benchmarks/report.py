@@ -4,6 +4,7 @@
     python benchmarks/report.py --only patching_vs_tl orthonormal
     python benchmarks/report.py --quick         # a smoke run: tiny sizes, numbers not meaningful
     python benchmarks/report.py --from-logs     # re-render from the last run's logs
+    python benchmarks/report.py --add --only quality_bbc   # run one, put it into the existing report
 
 Each benchmark runs in its own process, one after another (never two at once: they time CPU
 work), with the command printed in the report next to its results. Each prints its table
@@ -121,6 +122,56 @@ def render(runs: list[dict], env: dict, quick: bool, plot: str | None) -> str:
     return "\n".join(L) + "\n"
 
 
+def _sections(text: str) -> tuple[str, dict[str, str]]:
+    """A report split at its benchmark sections (``## name`` after the headline table): the head
+    (up to the first section) and each section's text by benchmark name."""
+    parts = text.split("\n## ")
+    head, sections = parts[0], {}
+    for part in parts[1:]:
+        name = part.split("\n", 1)[0].strip()
+        if name == "Headline ratios":
+            head += "\n## " + part
+        else:
+            sections[name] = "## " + part.rstrip("\n")
+    return head, sections
+
+
+def splice(old: str, runs: list[dict], env: dict) -> str:
+    """The earlier report ``old`` with the headline rows and sections of ``runs`` replaced (or
+    added, in the suite's order). A run made on another machine than the one in the report's
+    header is marked † in the table, and its section says where and when it ran."""
+    machine = next((l[len("- machine: "):].split(", GPU")[0].rsplit(",", 1)[0] for l in old.splitlines()
+                    if l.startswith("- machine: ")), None)
+    new_head, new_sections = _sections(render(runs, env, quick=False, plot=None))
+    head, sections = _sections(old)
+    names = [r["name"] for r in runs]
+    elsewhere = env["machine"] != machine
+    mark = lambda row: row.replace(f"| {row.split(' | ')[0][2:]} |", f"| {row.split(' | ')[0][2:]}† |", 1)  # noqa: E731
+    lines = head.split("\n")
+    table = [i for i, l in enumerate(lines) if l.startswith("| ") and not l.startswith("| benchmark |")]
+    kept = [lines[i] for i in table if lines[i].split(" | ")[0][2:].rstrip("†") not in names]
+    added = [l for l in new_head.split("\n") if l.startswith("| ") and l.split(" | ")[0][2:] in names]
+    order = lambda row: NAMES.index(row.split(" | ")[0][2:].rstrip("†"))  # noqa: E731
+    rows = sorted(kept + [mark(r) if elsewhere else r for r in added], key=order)
+    lines = lines[: table[0]] + rows + lines[table[-1] + 1 :] if table else lines
+    note = "† run on another machine than the one above; its section says which."
+    if note in lines:
+        at = lines.index(note)
+        del lines[at - 1 : at + 1]
+    if any("† |" in r for r in rows):
+        end = lines.index(rows[-1]) + 1
+        lines[end:end] = ["", note]
+    for name in names:
+        text = new_sections[name]
+        if elsewhere:
+            first, rest = text.split("\n\n", 2)[:2], text.split("\n\n", 2)[2:]
+            text = "\n\n".join(first + [f"Run on {env['machine']}, {env['date']}; added with "
+                                         f"`python benchmarks/report.py --add`."] + rest)
+        sections[name] = text
+    ordered = sorted(sections, key=lambda n: NAMES.index(n) if n in NAMES else len(NAMES))
+    return "\n".join(lines).rstrip("\n") + "\n\n" + "\n\n".join(sections[n] for n in ordered) + "\n"
+
+
 def draw(runs: list[dict], path: Path) -> bool:
     """Each headline that has a target: measured ratio vs its target, on a log axis."""
     try:
@@ -163,6 +214,8 @@ def main() -> None:
     ap.add_argument("--from-logs", action="store_true", help="render from --logs without running anything")
     ap.add_argument("--logs", default=str(HERE.parent / ".bench"), help="where each benchmark's output is kept")
     ap.add_argument("--out", default=str(HERE / "REPORT.md"))
+    ap.add_argument("--add", action="store_true",
+                    help="replace (or add) only these benchmarks' rows and sections in the existing --out report")
     args = ap.parse_args()
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
@@ -175,9 +228,15 @@ def main() -> None:
         runs = [run(name, quick if args.quick else full, logs) for name, full, quick, _ in chosen]
     out = Path(args.out)
     png = out.with_name("report.png")
-    plotted = draw(runs, png)
     env = runs[0]["env"] if runs else environment()
-    text = render(runs, env, args.quick, png.name if plotted else None)
+    if args.add:
+        if not out.exists():
+            raise SystemExit(f"--add puts runs into an existing report, and {out} does not exist; run without --add.")
+        text = splice(out.read_text(), runs, env)  # the plot stays the full run's
+        plotted = False
+    else:
+        plotted = draw(runs, png)
+        text = render(runs, env, args.quick, png.name if plotted else None)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(out)

@@ -47,3 +47,28 @@ def test_report_gathers_headlines_targets_and_failures(tmp_path):
     assert "::headline::" not in text  # the raw lines are folded into the table
     assert "> a comment line" in text and "#### a section" in text  # a benchmark's own headers stay below the report's
     assert "Benchmarks that failed (exit status ≠ 0): `epoch_bbc`" in text and "boom" in text
+
+
+def test_add_replaces_one_benchmark_in_an_earlier_report_and_marks_another_machine():
+    """``report.py --add``: the new run's rows and section replace the old ones (or join them) in the
+    suite's order, the rest of the report is kept, a run from another machine is marked, and adding
+    the same run again changes nothing."""
+    report = load("report")
+    env = {"date": "d", "machine": "CPU A (x86_64, AVX2), 2 cores, 1.0 GiB", "torch_threads": 2, "cuda": "none",
+           "python": "3", "torch": "t", "transformers": "x", "transformer-lens": "4.3", "reftlens": "0.1"}
+    old_runs = [fake_run("patching_vs_tl", [dict(metric="speed-up", value=14.8, target="≥ 10×", met=True)], "| p |"),
+                fake_run("bank", [dict(metric="tokens/s", value=4.7, target="≥ 3×", met=True)], "| bank table |")]
+    old = report.render(old_runs, env, quick=False, plot=None)
+    new_run = fake_run("quality_bbc", [dict(metric="accuracy gap", value=-0.02)], "| quality table |")
+    elsewhere = dict(env, machine="CPU B (x86_64, AVX512), 2 cores, 1.0 GiB", date="e")
+    text = report.splice(old, [new_run], elsewhere)
+    rows = [l.split(" | ")[0] for l in text.splitlines() if l.startswith("| ") and " | " in l and "---" not in l][1:]
+    assert rows == ["| patching_vs_tl", "| quality_bbc†", "| bank"]  # the suite's order
+    names = [l[3:] for l in text.splitlines() if l.startswith("## ") and l != "## Headline ratios"]
+    assert names == ["patching_vs_tl", "quality_bbc", "bank"]
+    assert "| p |" in text and "| bank table |" in text and "| quality table |" in text
+    assert "Run on CPU B (x86_64, AVX512), 2 cores, 1.0 GiB, e" in text and "† run on another machine" in text
+    assert report.splice(text, [new_run], elsewhere) == text
+    again = report.splice(text, [fake_run("quality_bbc", [dict(metric="accuracy gap", value=0.01)], "| q2 |")], env)
+    assert "| q2 |" in again and "| quality table |" not in again and "| 0.010 |" in again
+    assert "| quality_bbc |" in again and "Run on CPU" not in again and "†" not in again  # the header's machine
