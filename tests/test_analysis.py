@@ -420,3 +420,18 @@ def test_a_users_phi_sweeps_like_the_built_in_patching(model):
         sweep.run([[Intervention(phi, layers=l, positions=[p], hook="resid_pre")] for l, p in cells], consume)
     ref = patch_sweep(model, CLEAN, CORRUPT, logit_diff, strategy="batch")
     torch.testing.assert_close(got, ref.values, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sweep", ["patch_sweep", "patch_heads"])
+def test_the_clean_run_is_run_once(model, sweep):
+    """The clean (source) run keeps every activation the variants read in its one forward: with
+    every cell in one batch, a sweep is the corrupted run, the clean run and one batched forward."""
+    rows = []
+    handle = model.hook_dict["hook_embed"].add_hook(lambda h, hook: rows.append(h.shape[0]), dir="fwd")
+    try:
+        fn = patch_sweep if sweep == "patch_sweep" else patch_heads
+        fn(model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512)
+    finally:
+        handle.hook.remove()
+        model.hook_dict["hook_embed"].fwd_hooks.remove(handle)
+    assert rows[:2] == [1, 1] and len(rows) == 3, rows

@@ -186,7 +186,7 @@ def patch_sweep(
     with torch.no_grad():
         sweep = Sweep(model, corrupt, base=base, sources=clean, source_base=source_base, strategy=strategy,
                       batch_size=batch_size, cast=cast, check_finite=check_finite)
-        base_logits, clean_logits = sweep.base_logits, sweep.source_run()
+        base_logits, clean_logits = sweep.base_logits, sweep.source_run(keep=[hook_name_for(hook, l) for l in layers])
         if batched is None:
             batched = batch == 1 and _accepts_batched(metric, base_logits)
         if batched and batch != 1:
@@ -373,7 +373,7 @@ def patch_heads(
     batch = corrupt.shape[0]
     with torch.no_grad():
         sweep = Sweep(model, corrupt, sources=clean, strategy=strategy, batch_size=batch_size, check_finite=check_finite)
-        z = sweep.activation(names[0])
+        z = sweep.activation(names[0], keep=names)
         if z.ndim != 4:
             raise ConfigError(f"hook {names[0]} has shape {tuple(z.shape)}; head patching needs [batch, pos, head, d_head].")
         n_heads = z.shape[2]

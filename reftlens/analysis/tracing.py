@@ -27,6 +27,7 @@ from torch import Tensor
 from reftlens.errors import AnalysisError
 from reftlens.interventions.patching import Interchange, Noise
 from reftlens.model import text_tokens
+from reftlens.runtime.plan import hook_name_for
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
@@ -140,7 +141,7 @@ def causal_trace(
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
     sweep = Sweep(model, tokens.expand(samples, -1), base=[corruption(model, span, noise, seed)], sources=tokens,
                   strategy="replay", batch_size=batch_size, check_finite=check_finite)
-    clean_logits = sweep.source_run()
+    clean_logits = sweep.source_run(keep=[hook_name_for(hook, l) for l in range(n_layers)])  # what the variants read
     if answer is None:
         target = int(clean_logits[0, -1].argmax())
         answer = model.tokenizer.decode([target])

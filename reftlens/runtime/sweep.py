@@ -28,7 +28,7 @@ from reftlens.errors import AnalysisError, ConfigError
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import Site, SitePlan, check_finite_source, flat_index, site_hook
 from reftlens.runtime.replay import BlockReplay, UnsupportedReplay, block_of
-from reftlens.runtime.tl import bind, hook_points, hooked
+from reftlens.runtime.tl import bind, hooked
 from reftlens.sets import Intervention, Unit
 
 # "auto" replays from this model size on (measured: a 0.3M-parameter model sweeps ~4x faster in
@@ -80,6 +80,7 @@ class Sweep:
         self.check_finite = check_finite
         self.n_layers = model.cfg.n_layers
         self.real = RealTokens.unpadded(self.batch, self.seq, tokens.device)
+        self._hook_dict = model.hook_dict  # rebuilt by TransformerLens on every access: read once
         self.base = [b for u in _units(base, self.n_layers) for b in self._bind_unit(u)]
         if any(b.site.unit.takes_source for b in self.base):
             raise ConfigError("a sweep's base interventions must not take a source; put Φs with a source in the variants.")
@@ -119,7 +120,7 @@ class Sweep:
 
     def _bind_unit(self, unit: Unit, slot: int = 0) -> list[_Bound]:
         mask = unit.positions.site_mask(self.real)
-        return [_Bound(site, mask, slot) for site in bind(self.model, [unit])]
+        return [_Bound(site, mask, slot) for site in bind(self.model, [unit], self._hook_dict)]
 
     def _base_hooks(self, rows: int, width: int, base_rows: Tensor | None, start: int, *,
                     entering_at: dict[int, int] | None = None, exclude_in: int | None = None) -> list[tuple[Any, Callable]]:
@@ -146,6 +147,7 @@ class Sweep:
     def _source_acts(self, names: set[str]) -> None:
         """Run the source once (again only for hooks not kept yet) and keep the full activation at
         every hook in ``names``; the first run also keeps the source logits."""
+        names = {self._hook_dict[n].name or n if n in self._hook_dict else n for n in names}  # aliases → the site names
         missing = sorted(names - set(self._acts))
         if not missing and self.source_logits is not None:
             return
@@ -162,8 +164,8 @@ class Sweep:
         src_real = RealTokens.unpadded(*self._source_tokens.shape, self._source_tokens.device)
         src_hooks = [(s.hook_point, site_hook(SitePlan(s, flat_index(s.unit.positions.site_mask(src_real)), None,
                                                         tuple(self._source_tokens.shape)), self.cast))
-                     for s in bind(self.model, _units(self._source_base, self.n_layers))]
-        points = hook_points(self.model, missing)
+                     for s in bind(self.model, _units(self._source_base, self.n_layers), self._hook_dict)]
+        points = [self._hook_dict[n] for n in missing]
         with hooked(self.model, src_hooks + [(p, keep(n)) for p, n in zip(points, missing)]), torch.no_grad():
             logits = self.model(self._source_tokens)
         if self.source_logits is None:
@@ -172,15 +174,16 @@ class Sweep:
         if self.check_finite:
             self._finite.update({n: bool(torch.isfinite(h).all()) for n, h in kept.items()})
 
-    def source_run(self) -> Tensor:
-        """The source run's logits."""
-        self._source_acts(set())
+    def source_run(self, keep: Sequence[str] = ()) -> Tensor:
+        """The source run's logits. ``keep``: hooks whose activations the variants will read, kept
+        by the same run (else :meth:`run` repeats the source forward to gather them)."""
+        self._source_acts(set(keep))
         return self.source_logits
 
-    def activation(self, name: str) -> Tensor:
-        """The source run's activation at hook ``name`` ``[B, S', ...]``."""
-        self._source_acts({name})
-        return self._acts[name]
+    def activation(self, name: str, keep: Sequence[str] = ()) -> Tensor:
+        """The source run's activation at hook ``name`` ``[B, S', ...]`` (``keep`` as in :meth:`source_run`)."""
+        self._source_acts({name, *keep})
+        return self._acts[self._hook_dict[name].name or name if name in self._hook_dict else name]
 
     # ---- variants ----------------------------------------------------------------------
 

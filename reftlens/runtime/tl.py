@@ -31,9 +31,11 @@ def hook_points(model: Any, names: Sequence[str]) -> list[nn.Module]:
     return [hook_dict[n] for n in names]
 
 
-def bind(model: Any, units: Sequence[Unit]) -> list[Site]:
-    """Resolve each unit's hook at each of its layers, checking names, position axes and widths."""
-    hook_dict = model.hook_dict
+def bind(model: Any, units: Sequence[Unit], hook_dict: dict[str, nn.Module] | None = None) -> list[Site]:
+    """Resolve each unit's hook at each of its layers, checking names, position axes and widths.
+    ``hook_dict``: the model's, read once by a caller that binds many times (TransformerLens 4.3
+    rebuilds it on every access)."""
+    hook_dict = model.hook_dict if hook_dict is None else hook_dict
     sites = []
     for unit in units:
         for layer in unit.layers:
