@@ -422,16 +422,21 @@ def test_a_users_phi_sweeps_like_the_built_in_patching(model):
     torch.testing.assert_close(got, ref.values, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sweep", ["patch_sweep", "patch_heads"])
+@pytest.mark.parametrize("sweep", ["patch_sweep", "patch_heads", "patch_sweep with clean_with"])
 def test_the_clean_run_is_run_once(model, sweep):
-    """The clean (source) run keeps every activation the variants read in its one forward: with
-    every cell in one batch, a sweep is the corrupted run, the clean run and one batched forward."""
+    """The clean (source) run keeps every activation the variants read in its one forward, and with
+    nothing active it is a row of the corrupted run's forward: with every cell in one batch, a sweep
+    is two forwards, the two reference runs and then every cell."""
     rows = []
     handle = model.hook_dict["hook_embed"].add_hook(lambda h, hook: rows.append(h.shape[0]), dir="fwd")
     try:
-        fn = patch_sweep if sweep == "patch_sweep" else patch_heads
-        fn(model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512)
+        if sweep == "patch_heads":
+            patch_heads(model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512)
+        else:
+            kw, _ = _steered(model, sweep.endswith("clean_with"))
+            patch_sweep(model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512, clean_with=kw.get("clean_with"))
     finally:
         handle.hook.remove()
         model.hook_dict["hook_embed"].fwd_hooks.remove(handle)
-    assert rows[:2] == [1, 1] and len(rows) == 3, rows
+    cells = model.cfg.n_layers * (model.cfg.n_heads if sweep == "patch_heads" else CLEAN.shape[1])
+    assert rows == ([1, 1, cells] if sweep.endswith("clean_with") else [2, cells]), rows

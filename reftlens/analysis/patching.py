@@ -185,8 +185,9 @@ def patch_sweep(
         return _attribution(model, clean, corrupt, metric, hook, layers, base, source_base, cast, steps, check_finite)
     with torch.no_grad():
         sweep = Sweep(model, corrupt, base=base, sources=clean, source_base=source_base, strategy=strategy,
-                      batch_size=batch_size, cast=cast, check_finite=check_finite)
-        base_logits, clean_logits = sweep.base_logits, sweep.source_run(keep=[hook_name_for(hook, l) for l in layers])
+                      batch_size=batch_size, cast=cast, check_finite=check_finite,
+                      keep=[hook_name_for(hook, l) for l in layers])
+        base_logits, clean_logits = sweep.base_logits, sweep.source_run()
         if batched is None:
             batched = batch == 1 and _accepts_batched(metric, base_logits)
         if batched and batch != 1:
@@ -198,12 +199,21 @@ def patch_sweep(
         cells = [(li, p) for p in range(seq) for li in range(len(layers))]
         variants = [[Intervention(phi, layers=layers[li], positions=[p], hook=hook, name="patch")] for li, p in cells]
         result = torch.empty(len(layers), seq)
+        unread: list[Tensor] = []  # one NaN-filled [rows, seq, vocab] buffer for every chunk: only `read` is written
 
         def consume(indices: list[int], logits: Tensor) -> None:
+            if read is not None:
+                n = logits.shape[0]
+                if not unread or unread[0].shape[0] < n:
+                    unread[:] = [torch.full((n, seq, logits.shape[-1]), float("nan"), dtype=logits.dtype,
+                                            device=logits.device)]
+                full = unread[0][:n]
+                full[:, read] = logits
+                logits = full
             for i, v in zip(indices, _metric_values(metric, logits, len(indices), batch, batched).cpu()):
                 result[cells[i]] = v
 
-        sweep.run(variants, consume, read=read)
+        sweep.run(variants, consume, read=read, only_read=read is not None)
     tokens = [model.tokenizer.decode([t]) for t in corrupt[0].tolist()]
     m = lambda lg: float(_metric_values(metric, lg, 1, batch, batched)[0])  # noqa: E731
     return PatchResult(result, layers, tokens, hook, clean=m(clean_logits), corrupted=m(base_logits))
@@ -372,8 +382,9 @@ def patch_heads(
         raise ConfigError(f"hook {hook!r} does not exist at every layer of this model.")
     batch = corrupt.shape[0]
     with torch.no_grad():
-        sweep = Sweep(model, corrupt, sources=clean, strategy=strategy, batch_size=batch_size, check_finite=check_finite)
-        z = sweep.activation(names[0], keep=names)
+        sweep = Sweep(model, corrupt, sources=clean, strategy=strategy, batch_size=batch_size, check_finite=check_finite,
+                      keep=names)
+        z = sweep.activation(names[0])
         if z.ndim != 4:
             raise ConfigError(f"hook {names[0]} has shape {tuple(z.shape)}; head patching needs [batch, pos, head, d_head].")
         n_heads = z.shape[2]

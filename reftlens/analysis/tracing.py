@@ -140,8 +140,9 @@ def causal_trace(
     tokens, span = subject_span(model, prompt, subject)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
     sweep = Sweep(model, tokens.expand(samples, -1), base=[corruption(model, span, noise, seed)], sources=tokens,
-                  strategy="replay", batch_size=batch_size, check_finite=check_finite)
-    clean_logits = sweep.source_run(keep=[hook_name_for(hook, l) for l in range(n_layers)])  # what the variants read
+                  strategy="replay", batch_size=batch_size, check_finite=check_finite,
+                  keep=[hook_name_for(hook, l) for l in range(n_layers)])  # what the variants read
+    clean_logits = sweep.source_run()
     if answer is None:
         target = int(clean_logits[0, -1].argmax())
         answer = model.tokenizer.decode([target])

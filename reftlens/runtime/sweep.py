@@ -63,13 +63,16 @@ class Sweep:
         batch_size: the most rows in one forward.
         check_finite: refuse NaN or inf in the source rows a variant patches in (default True;
             :class:`~reftlens.errors.NonFiniteError` names the intervention, example and position).
+        keep: hooks whose source activations the variants will read, kept by the first source run
+            (which, with no base or source set and sources shaped like ``tokens``, is one forward
+            with the base run); hooks not named here cost a source forward when first read.
 
     ``base_logits`` and ``source_logits`` hold the two reference runs.
     """
 
     def __init__(self, model: Any, tokens: Tensor, *, base: Sequence[Intervention] = (), sources: Tensor | None = None,
                  source_base: Sequence[Intervention] = (), strategy: str = "auto", batch_size: int = 128,
-                 cast: bool = False, check_finite: bool = True) -> None:
+                 cast: bool = False, check_finite: bool = True, keep: Sequence[str] = ()) -> None:
         if strategy not in ("auto", "replay", "batch"):
             raise AnalysisError(f"strategy must be 'auto', 'replay' or 'batch'; got {strategy!r}.")
         self.model = model
@@ -90,6 +93,7 @@ class Sweep:
         self._source_tokens = sources
         self._source_base = list(source_base)
         self.source_logits: Tensor | None = None
+        self._keep = set(keep)  # kept by the first source run, whenever it happens
 
         auto = strategy == "auto"
         if auto:
@@ -112,6 +116,8 @@ class Sweep:
         self.strategy = strategy
         if self.replay is not None:
             self.base_logits = self.replay.logits
+        elif sources is not None and not self.base and not self._source_base and sources.shape == tokens.shape:
+            self.base_logits = self._source_acts(set(), with_base=True)  # both runs: rows of one forward
         else:
             with hooked(model, self._base_hooks(self.batch, self.seq, None, 0)), torch.no_grad():
                 self.base_logits = model(tokens)
@@ -144,20 +150,23 @@ class Sweep:
 
     # ---- the source run ----------------------------------------------------------------
 
-    def _source_acts(self, names: set[str]) -> None:
+    def _source_acts(self, names: set[str], with_base: bool = False) -> Tensor | None:
         """Run the source once (again only for hooks not kept yet) and keep the full activation at
-        every hook in ``names``; the first run also keeps the source logits."""
-        names = {self._hook_dict[n].name or n if n in self._hook_dict else n for n in names}  # aliases → the site names
+        every hook in ``names``; the first run also keeps the source logits. ``with_base``: the
+        plain base run goes as the first rows of the same forward (no set active on either side),
+        and its logits are returned."""
+        names = {self._hook_dict[n].name or n if n in self._hook_dict else n for n in names | self._keep}  # aliases → site names
         missing = sorted(names - set(self._acts))
         if not missing and self.source_logits is not None:
-            return
+            return None
         if self._source_tokens is None:
             raise ConfigError("a variant holds a Φ that takes a source, but the sweep has no sources=.")
         kept: dict[str, Tensor] = {}
+        first = self.batch if with_base else 0  # the source's first row
 
         def keep(name: str) -> Callable:
             def fn(h: Tensor, hook: Any = None) -> None:
-                kept[name] = h.detach()
+                kept[name] = h[first:].detach()
 
             return fn
 
@@ -166,23 +175,24 @@ class Sweep:
                                                         tuple(self._source_tokens.shape)), self.cast))
                      for s in bind(self.model, _units(self._source_base, self.n_layers), self._hook_dict)]
         points = [self._hook_dict[n] for n in missing]
+        tokens = torch.cat([self.tokens, self._source_tokens]) if with_base else self._source_tokens
         with hooked(self.model, src_hooks + [(p, keep(n)) for p, n in zip(points, missing)]), torch.no_grad():
-            logits = self.model(self._source_tokens)
+            logits = self.model(tokens)
         if self.source_logits is None:
-            self.source_logits = logits
+            self.source_logits = logits[first:]
         self._acts.update(kept)
         if self.check_finite:
             self._finite.update({n: bool(torch.isfinite(h).all()) for n, h in kept.items()})
+        return logits[:first] if with_base else None
 
-    def source_run(self, keep: Sequence[str] = ()) -> Tensor:
-        """The source run's logits. ``keep``: hooks whose activations the variants will read, kept
-        by the same run (else :meth:`run` repeats the source forward to gather them)."""
-        self._source_acts(set(keep))
+    def source_run(self) -> Tensor:
+        """The source run's logits."""
+        self._source_acts(set())
         return self.source_logits
 
-    def activation(self, name: str, keep: Sequence[str] = ()) -> Tensor:
-        """The source run's activation at hook ``name`` ``[B, S', ...]`` (``keep`` as in :meth:`source_run`)."""
-        self._source_acts({name, *keep})
+    def activation(self, name: str) -> Tensor:
+        """The source run's activation at hook ``name`` ``[B, S', ...]``."""
+        self._source_acts({name})
         return self._acts[self._hook_dict[name].name or name if name in self._hook_dict else name]
 
     # ---- variants ----------------------------------------------------------------------
