@@ -84,6 +84,7 @@ class Sweep:
         self.n_layers = model.cfg.n_layers
         self.real = RealTokens.unpadded(self.batch, self.seq, tokens.device)
         self._hook_dict = model.hook_dict  # rebuilt by TransformerLens on every access: read once
+        self._masks: dict[tuple, Tensor] = {}
         self.base = [b for u in _units(base, self.n_layers) for b in self._bind_unit(u)]
         if any(b.site.unit.takes_source for b in self.base):
             raise ConfigError("a sweep's base interventions must not take a source; put Φs with a source in the variants.")
@@ -125,8 +126,20 @@ class Sweep:
     # ---- binding -----------------------------------------------------------------------
 
     def _bind_unit(self, unit: Unit, slot: int = 0) -> list[_Bound]:
-        mask = unit.positions.site_mask(self.real)
+        mask = self._site_mask(unit.positions, self.real)
         return [_Bound(site, mask, slot) for site in bind(self.model, [unit], self._hook_dict)]
+
+    def _site_mask(self, spec: Any, real: RealTokens) -> Tensor:
+        """``spec.site_mask(real)``, once per spec and input shape (a sweep's variants repeat them;
+        the masks are never written to)."""
+        try:
+            key = (spec, tuple(real.mask.shape))
+            hash(key)
+        except TypeError:  # a spec that cannot be a key (e.g. holds a list) is resolved every time
+            return spec.site_mask(real)
+        if key not in self._masks:
+            self._masks[key] = spec.site_mask(real)
+        return self._masks[key]
 
     def _base_hooks(self, rows: int, width: int, base_rows: Tensor | None, start: int, *,
                     entering_at: dict[int, int] | None = None, exclude_in: int | None = None) -> list[tuple[Any, Callable]]:
@@ -224,7 +237,7 @@ class Sweep:
         act = self._acts[b.site.hook_name]
         spec = unit.source_positions or unit.positions
         src_real = RealTokens.unpadded(act.shape[0], act.shape[1], act.device)
-        src_mask = spec.site_mask(src_real)
+        src_mask = self._site_mask(spec, src_real)
         if self.check_finite and not self._finite[b.site.hook_name]:  # look closer only when something is off
             check_finite_source(b.site.label, act[src_mask], src_mask, src_real, "pass check_finite=False")
         out = []
