@@ -71,12 +71,21 @@ def environment_line() -> str:
             f"transformers {e['transformers']}, transformer-lens {e['transformer-lens']}, reftlens {e['reftlens']}")
 
 
+def command() -> str:
+    """How this benchmark was started, as run from the repository root (``python benchmarks/x.py ...``),
+    whatever the working directory or absolute path it was started with."""
+    script = os.path.abspath(sys.argv[0])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shown = os.path.relpath(script, root) if script.startswith(root + os.sep) else sys.argv[0]
+    return " ".join(["python", shown, *sys.argv[1:]])
+
+
 def headline(benchmark: str, metric: str, value: float, *, target: str = "", met: bool | None = None,
              peer: str = "", note: str = "") -> None:
     """Print one headline result. ``value`` is a ratio as the metric's name states it
     ("reftlens / floor", "speed-up"); ``target`` the issue's target in words ("≤ 1.02×")."""
     record = {"benchmark": benchmark, "metric": metric, "value": float(value), "target": target, "met": met,
-              "peer": peer, "note": note, "command": " ".join(["python", *sys.argv])}
+              "peer": peer, "note": note, "command": command()}
     print(f"{MARK} {json.dumps(record, ensure_ascii=False)}", flush=True)
 
 

@@ -72,3 +72,14 @@ def test_add_replaces_one_benchmark_in_an_earlier_report_and_marks_another_machi
     again = report.splice(text, [fake_run("quality_bbc", [dict(metric="accuracy gap", value=0.01)], "| q2 |")], env)
     assert "| q2 |" in again and "| quality table |" not in again and "| 0.010 |" in again
     assert "| quality_bbc |" in again and "Run on CPU" not in again and "†" not in again  # the header's machine
+
+
+def test_a_headline_names_its_command_from_the_repository_root(monkeypatch):
+    """Started by absolute path (as report.py does) or from benchmarks/, the command is the same."""
+    common = load("common")
+    for argv0 in [str(BENCH / "bank.py"), str(BENCH / "." / "bank.py")]:
+        monkeypatch.setattr(sys, "argv", [argv0, "--reps", "3"])
+        assert common.command() == "python benchmarks/bank.py --reps 3"
+    monkeypatch.chdir(BENCH)
+    monkeypatch.setattr(sys, "argv", ["bank.py", "--reps", "3"])
+    assert common.command() == "python benchmarks/bank.py --reps 3"

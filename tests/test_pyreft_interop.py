@@ -143,7 +143,12 @@ def smollm2():
 
 def test_smollm2_loreft_matches_pyreft(smollm2):
     """A LoReFT trained by pyreft on the real SmolLM2-135M (d 576, layer 15, rank 4, last token):
-    reftlens reproduces pyreft's logits (made with eager attention, as TransformerLens computes)."""
+    reftlens reproduces pyreft's logits (made with eager attention, as TransformerLens computes).
+
+    Tolerance: float32 rounding through 30 layers, on whatever CPU runs this against the one the
+    fixture was made on (their BLAS kernels sum in different orders): 2e-5 of the largest logit
+    (27 here: 5.4e-4; measured 1.3e-4 on an Intel Xeon with AMX). The trained edit moves logits by
+    over 10, so a wrong Φ, R or position is far outside it."""
     folder = FIXTURES / "smollm2-loreft"
     ref, npz = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
     tokens, cols = torch.as_tensor(npz["tokens"]), torch.as_tensor(npz["columns"])
@@ -155,9 +160,10 @@ def test_smollm2_loreft_matches_pyreft(smollm2):
     assert ref["max_abs_logit_change"] > 10  # trained, far from the identity
     with torch.no_grad():
         base, got = smollm2(tokens), reft(tokens)
-    assert np.abs(base[..., cols].numpy() - npz["base_logits"]).max() <= 1e-5  # bridge == transformers 4.45 (eager)
-    assert np.abs(got[..., cols].numpy() - npz["logits"]).max() <= 1e-5
-    assert np.abs(torch.logsumexp(got.double(), -1).numpy() - npz["logsumexp"]).max() <= 1e-5  # the whole vocabulary
+    tol = 2e-5 * float(np.abs(npz["base_logits"]).max())
+    assert np.abs(base[..., cols].numpy() - npz["base_logits"]).max() <= tol  # bridge == transformers 4.45 (eager)
+    assert np.abs(got[..., cols].numpy() - npz["logits"]).max() <= tol
+    assert np.abs(torch.logsumexp(got.double(), -1).numpy() - npz["logsumexp"]).max() <= tol  # the whole vocabulary
 
 
 @pytest.mark.parametrize("name", ["direft", "consreft", "lobireft", "loreft"])
