@@ -1,6 +1,6 @@
 """Run every benchmark and write one report: benchmarks/REPORT.md (+ benchmarks/report.png).
 
-    python benchmarks/report.py                 # everything, ~45 min on the 2-core CPU machine
+    python benchmarks/report.py                 # everything, ~90 min on the 2-core CPU machine
     python benchmarks/report.py --only patching_vs_tl orthonormal
     python benchmarks/report.py --quick         # a smoke run: tiny sizes, numbers not meaningful
     python benchmarks/report.py --from-logs     # re-render from the last run's logs
@@ -44,7 +44,7 @@ SUITE = [
     ("train_vs_pyreft", ["--max-load", "1.2"], ["--quick"], 6),
     ("epoch_bbc", ["--articles", "80", "--random-arm", "--max-load", "1.2"], ["--articles", "16"], 10),
     ("quality_bbc", ["--train", "400", "--test", "200", "--steps", "60", "--batch", "8"],
-     ["--train", "16", "--test", "10", "--steps", "2"], 8),
+     ["--train", "16", "--test", "10", "--steps", "2"], 14),
     ("bank", [], ["--model", "tiny-llama", "--reps", "1", "--new-tokens", "4", "--batch", "8", "--seq", "16",
                   "--sets", "8", "--steps", "1"], 12),
     ("steering_bbc", [], ["--quick"], 10),
@@ -217,6 +217,10 @@ def main() -> None:
     ap.add_argument("--add", action="store_true",
                     help="replace (or add) only these benchmarks' rows and sections in the existing --out report")
     args = ap.parse_args()
+    if args.add and not Path(args.out).exists():  # checked before anything runs
+        raise SystemExit(f"--add puts runs into an existing report, and {args.out} does not exist; run without --add.")
+    if args.add and args.quick:
+        raise SystemExit("--add with --quick would put smoke-run numbers into the report; use --out for a separate one.")
     logs = Path(args.logs)
     logs.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in SUITE if not args.only or s[0] in args.only]
@@ -230,8 +234,6 @@ def main() -> None:
     png = out.with_name("report.png")
     env = runs[0]["env"] if runs else environment()
     if args.add:
-        if not out.exists():
-            raise SystemExit(f"--add puts runs into an existing report, and {out} does not exist; run without --add.")
         text = splice(out.read_text(), runs, env)  # the plot stays the full run's
         plotted = False
     else:
