@@ -37,6 +37,7 @@ def main(out: str) -> None:
         reft.save(os.path.join(out, "reft"))
         with open(os.path.join(out, "losses.json"), "w") as f:
             json.dump(history.losses, f)
+    dist.barrier()  # no rank tears gloo down while another still uses it (seen: SIGABRT at exit)
     dist.destroy_process_group()
 
 
