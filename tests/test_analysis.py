@@ -440,3 +440,10 @@ def test_the_clean_run_is_run_once(model, sweep):
         model.hook_dict["hook_embed"].fwd_hooks.remove(handle)
     cells = model.cfg.n_layers * (model.cfg.n_heads if sweep == "patch_heads" else CLEAN.shape[1])
     assert rows == ([1, 1, cells] if sweep.endswith("clean_with") else [2, cells]), rows
+
+
+def test_a_sweep_refuses_to_keep_a_hook_the_model_lacks(model):
+    from reftlens.runtime.sweep import Sweep
+
+    with pytest.raises(ConfigError, match=r"keep names hooks this model does not have: \['blocks.0.hook_nope'\]"):
+        Sweep(model, CORRUPT, sources=CLEAN, keep=["blocks.0.hook_nope"])

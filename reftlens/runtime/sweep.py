@@ -94,6 +94,10 @@ class Sweep:
         self._source_tokens = sources
         self._source_base = list(source_base)
         self.source_logits: Tensor | None = None
+        unknown = [n for n in keep if n not in self._hook_dict]
+        if unknown:
+            raise ConfigError(f"keep names hooks this model does not have: {unknown[:3]}; use names such as "
+                              "'blocks.0.hook_resid_pre' (model.hook_dict).")
         self._keep = set(keep)  # kept by the first source run, whenever it happens
 
         auto = strategy == "auto"
