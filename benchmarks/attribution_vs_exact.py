@@ -24,9 +24,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import environment_line, headline
 
 import reftlens
-from common import environment_line, headline
 from reftlens.analysis import patch_sweep
 
 # clean prompt, corrupted prompt, clean answer, corrupted answer
@@ -79,8 +79,11 @@ def tl_exact(model, clean, corrupt, metric, hook: str):
     """transformer_lens.patching's exact sweep for ``hook`` (resid_pre / attn_out / mlp_out)."""
     from transformer_lens import patching
 
-    fn = {"resid_pre": patching.get_act_patch_resid_pre, "attn_out": patching.get_act_patch_attn_out,
-          "mlp_out": patching.get_act_patch_mlp_out}[hook]
+    fn = {
+        "resid_pre": patching.get_act_patch_resid_pre,
+        "attn_out": patching.get_act_patch_attn_out,
+        "mlp_out": patching.get_act_patch_mlp_out,
+    }[hook]
     _, cache = model.run_with_cache(clean)
     return fn(model, corrupt, cache, lambda logits: metric(logits)[0])
 
@@ -91,16 +94,24 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4)
     ap.add_argument("--hooks", nargs="+", default=["resid_pre", "attn_out", "mlp_out"])
     ap.add_argument("--ig-steps", type=int, default=4, help="points on the path for method='attribution-ig'")
-    ap.add_argument("--reps", type=int, default=3, help="timed repeats of the attribution sweeps (the exact one runs once)")
-    ap.add_argument("--tl-pairs", type=int, default=1,
-                    help="pairs on which transformer_lens.patching's exact sweep is also timed (resid_pre; slow)")
+    ap.add_argument(
+        "--reps", type=int, default=3, help="timed repeats of the attribution sweeps (the exact one runs once)"
+    )
+    ap.add_argument(
+        "--tl-pairs",
+        type=int,
+        default=1,
+        help="pairs on which transformer_lens.patching's exact sweep is also timed (resid_pre; slow)",
+    )
     args = ap.parse_args()
     torch.set_grad_enabled(True)
     model = reftlens.load_model(args.model)
     pairs, skipped = pairs_for(model, args.pairs)
     print("# attribution patching (AtP, and AtP with integrated gradients) vs the exact sweep")
     print(environment_line())
-    print(f"# attribution-ig: ig_steps={args.ig_steps}; times are medians of {args.reps} runs (exact: one run), model warm")
+    print(
+        f"# attribution-ig: ig_steps={args.ig_steps}; times are medians of {args.reps} runs (exact: one run), model warm"
+    )
     if skipped:
         print(f"# skipped (token counts differ, or the answers share a first token): {skipped}")
     if not pairs:
@@ -117,45 +128,80 @@ def main() -> None:
         for hook in args.hooks:
             patch_sweep(model, clean, corrupt, metric, hook, method="attribution")  # warm up
             t_exact, exact = timed(lambda: patch_sweep(model, clean, corrupt, metric, hook, batched=True), 1)
-            t_atp, atp = timed(lambda: patch_sweep(model, clean, corrupt, metric, hook, method="attribution"), args.reps)
-            t_ig, ig = timed(lambda: patch_sweep(model, clean, corrupt, metric, hook, method="attribution-ig",
-                                                 ig_steps=args.ig_steps), args.reps)
+            t_atp, atp = timed(
+                lambda: patch_sweep(model, clean, corrupt, metric, hook, method="attribution"), args.reps
+            )
+            t_ig, ig = timed(
+                lambda: patch_sweep(
+                    model, clean, corrupt, metric, hook, method="attribution-ig", ig_steps=args.ig_steps
+                ),
+                args.reps,
+            )
             r_atp, r_ig = pearson(exact.values, atp.values), pearson(exact.values, ig.values)
             summary[hook].append((t_exact, t_atp, r_atp, t_ig, r_ig))
             shape = f"{exact.values.shape[0]} × {exact.values.shape[1]}"
-            print(f"| {clean_text!r} | {hook} | {shape} | {t_exact:.2f} | {t_atp:.3f} | {r_atp:.3f} | {t_ig:.3f} | "
-                  f"{r_ig:.3f} |", flush=True)
+            print(
+                f"| {clean_text!r} | {hook} | {shape} | {t_exact:.2f} | {t_atp:.3f} | {r_atp:.3f} | {t_ig:.3f} | "
+                f"{r_ig:.3f} |",
+                flush=True,
+            )
             if hook == "resid_pre" and i < args.tl_pairs:
                 with torch.no_grad():
                     t_tl, tl = timed(lambda: tl_exact(model, clean, corrupt, metric, hook), 1)
                 tl_rows.append((clean_text, t_tl, t_exact, t_atp, t_ig, float((tl.cpu() - exact.values).abs().max())))
     print()
-    print("| hook | pairs | AtP mean r (min) | AtP-IG mean r (min) | exact (s) | AtP (s) | AtP-IG (s) | "
-          "AtP speed-up | AtP-IG speed-up |")
+    print(
+        "| hook | pairs | AtP mean r (min) | AtP-IG mean r (min) | exact (s) | AtP (s) | AtP-IG (s) | "
+        "AtP speed-up | AtP-IG speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for hook, rows in summary.items():
         te, ta, ti = (sum(r[k] for r in rows) for k in (0, 1, 3))
         ra, ri = [r[2] for r in rows], [r[4] for r in rows]
-        print(f"| {hook} | {len(rows)} | {statistics.mean(ra):.3f} ({min(ra):.3f}) | {statistics.mean(ri):.3f} "
-              f"({min(ri):.3f}) | {te:.1f} | {ta:.2f} | {ti:.2f} | {te / ta:.1f}× | {te / ti:.1f}× |")
+        print(
+            f"| {hook} | {len(rows)} | {statistics.mean(ra):.3f} ({min(ra):.3f}) | {statistics.mean(ri):.3f} "
+            f"({min(ri):.3f}) | {te:.1f} | {ta:.2f} | {ti:.2f} | {te / ta:.1f}× | {te / ti:.1f}× |"
+        )
         if hook == "resid_pre":
             for name, rs, t in (("attribution", ra, ta), ("attribution-ig", ri, ti)):
-                headline("attribution_vs_exact", f"Pearson r of method='{name}' with the exact sweep, resid_pre, "
-                         f"{args.model}, mean over {len(rows)} factual pairs (min {min(rs):.3f})", statistics.mean(rs),
-                         target="≥ 0.9", met=statistics.mean(rs) >= 0.9, peer="patch_sweep(method='exact')")
-                headline("attribution_vs_exact", f"speed-up of method='{name}' over reftlens' exact sweep, resid_pre, "
-                         f"{args.model}", te / t, target="≥ 50×", met=te / t >= 50, peer="patch_sweep(method='exact')")
+                headline(
+                    "attribution_vs_exact",
+                    f"Pearson r of method='{name}' with the exact sweep, resid_pre, "
+                    f"{args.model}, mean over {len(rows)} factual pairs (min {min(rs):.3f})",
+                    statistics.mean(rs),
+                    target="≥ 0.9",
+                    met=statistics.mean(rs) >= 0.9,
+                    peer="patch_sweep(method='exact')",
+                )
+                headline(
+                    "attribution_vs_exact",
+                    f"speed-up of method='{name}' over reftlens' exact sweep, resid_pre, {args.model}",
+                    te / t,
+                    target="≥ 50×",
+                    met=te / t >= 50,
+                    peer="patch_sweep(method='exact')",
+                )
     if tl_rows:
         print()
-        print("| pair | transformer_lens.patching exact (s) | reftlens exact (s) | AtP (s) | AtP-IG (s) | "
-              "AtP-IG vs TL exact | max |Δ| exact vs TL |")
+        print(
+            "| pair | transformer_lens.patching exact (s) | reftlens exact (s) | AtP (s) | AtP-IG (s) | "
+            "AtP-IG vs TL exact | max |Δ| exact vs TL |"
+        )
         print("|---|---|---|---|---|---|---|")
         for text, t_tl, t_exact, t_atp, t_ig, delta in tl_rows:
-            print(f"| {text!r} | {t_tl:.1f} | {t_exact:.2f} | {t_atp:.3f} | {t_ig:.3f} | {t_tl / t_ig:.0f}× | {delta:.1e} |")
+            print(
+                f"| {text!r} | {t_tl:.1f} | {t_exact:.2f} | {t_atp:.3f} | {t_ig:.3f} | {t_tl / t_ig:.0f}× | {delta:.1e} |"
+            )
         t_tl, t_ig = sum(r[1] for r in tl_rows), sum(r[4] for r in tl_rows)
-        headline("attribution_vs_exact", f"speed-up of method='attribution-ig' over transformer_lens.patching's exact "
-                 f"sweep, resid_pre, {args.model}, {len(tl_rows)} pair(s)", t_tl / t_ig, target="≥ 50×",
-                 met=t_tl / t_ig >= 50, peer="transformer_lens.patching")
+        headline(
+            "attribution_vs_exact",
+            f"speed-up of method='attribution-ig' over transformer_lens.patching's exact "
+            f"sweep, resid_pre, {args.model}, {len(tl_rows)} pair(s)",
+            t_tl / t_ig,
+            target="≥ 50×",
+            met=t_tl / t_ig >= 50,
+            peer="transformer_lens.patching",
+        )
 
 
 if __name__ == "__main__":

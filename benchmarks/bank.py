@@ -26,12 +26,27 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-
 from common import environment_line, headline
 
 SETS_LAYERS = [3, 9, 18, 24]  # the paper's instruction-tuning layers (scaled down on smaller models)
-WORDS = ["river", "garden", "planet", "violin", "harbour", "lantern", "meadow", "engine", "castle", "forest", "mirror",
-         "window", "spider", "candle", "rocket", "island"]
+WORDS = [
+    "river",
+    "garden",
+    "planet",
+    "violin",
+    "harbour",
+    "lantern",
+    "meadow",
+    "engine",
+    "castle",
+    "forest",
+    "mirror",
+    "window",
+    "spider",
+    "candle",
+    "rocket",
+    "island",
+]
 
 
 def layers_for(n_layers: int) -> list[int]:
@@ -70,8 +85,11 @@ def bench_generation(model, reps: int, new_tokens: int) -> None:
 
     n_sets, per_set = 8, 4
     bank = ReftModel(model, {f"s{k}": make_set(model, k) for k in range(n_sets)})
-    prompts = [f"Tell me about the {WORDS[(k * per_set + i) % len(WORDS)]} in {i + 2} words:"
-               for k in range(n_sets) for i in range(per_set)]
+    prompts = [
+        f"Tell me about the {WORDS[(k * per_set + i) % len(WORDS)]} in {i + 2} words:"
+        for k in range(n_sets)
+        for i in range(per_set)
+    ]
     adapters = [f"s{k}" for k in range(n_sets) for _ in range(per_set)]
     kw = dict(eos_token_id=None)
 
@@ -79,19 +97,31 @@ def bench_generation(model, reps: int, new_tokens: int) -> None:
         return bank.generate(prompts, new_tokens, adapters=adapters, **kw)
 
     def switching():  # the same engine, one set at a time, each group of 4 prompts in turn
-        return [t for k in range(n_sets) for t in
-                bank.generate(prompts[k * per_set:(k + 1) * per_set], new_tokens, adapters=f"s{k}", **kw)]
+        return [
+            t
+            for k in range(n_sets)
+            for t in bank.generate(prompts[k * per_set : (k + 1) * per_set], new_tokens, adapters=f"s{k}", **kw)
+        ]
 
     same = mixed() == switching()  # warm-up, and the tokens agree
     t_switch, t_mixed, ratio = paired(switching, mixed, reps)
     n_tok = len(prompts) * new_tokens
-    print(f"| mixed-batch generation, {n_sets} sets × {per_set} prompts, {new_tokens} new tokens | "
-          f"switching: {t_switch:.2f} s ({n_tok / t_switch:.0f} tok/s) | mixed: {t_mixed:.2f} s "
-          f"({n_tok / t_mixed:.0f} tok/s) | {t_switch / t_mixed:.2f}× tokens/s (paired {1 / ratio:.2f}×) | "
-          f"same tokens: {same} |", flush=True)
-    headline("bank", f"mixed-batch generation tokens/s ÷ switching sets, {n_sets} sets × {per_set} prompts",
-             1 / ratio, target="≥ 3×", met=1 / ratio >= 3, peer="switching sets, each group of 4 in turn",
-             note=f"same tokens: {same}")
+    print(
+        f"| mixed-batch generation, {n_sets} sets × {per_set} prompts, {new_tokens} new tokens | "
+        f"switching: {t_switch:.2f} s ({n_tok / t_switch:.0f} tok/s) | mixed: {t_mixed:.2f} s "
+        f"({n_tok / t_mixed:.0f} tok/s) | {t_switch / t_mixed:.2f}× tokens/s (paired {1 / ratio:.2f}×) | "
+        f"same tokens: {same} |",
+        flush=True,
+    )
+    headline(
+        "bank",
+        f"mixed-batch generation tokens/s ÷ switching sets, {n_sets} sets × {per_set} prompts",
+        1 / ratio,
+        target="≥ 3×",
+        met=1 / ratio >= 3,
+        peer="switching sets, each group of 4 in turn",
+        note=f"same tokens: {same}",
+    )
 
 
 def bench_bank_size(model, reps: int, batch: int, seq: int, n_sets: int) -> None:
@@ -108,10 +138,19 @@ def bench_bank_size(model, reps: int, batch: int, seq: int, n_sets: int) -> None
         run_single = lambda: single(tokens)  # noqa: E731
         run_bank(), run_single()
         t_single, t_bank, ratio = paired(run_single, run_bank, reps)
-    print(f"| forward {batch} × {seq}, bank of {n_sets} sets ({len(set(adapters))} in the batch) | single set: "
-          f"{t_single:.2f} s | bank: {t_bank:.2f} s | {ratio:.3f}× (paired) | |", flush=True)
-    headline("bank", f"forward with a bank of {n_sets} sets ÷ a single set, {batch}×{seq}", ratio, target="≤ 1.10×",
-             met=ratio <= 1.10, peer="the same batch with a single set")
+    print(
+        f"| forward {batch} × {seq}, bank of {n_sets} sets ({len(set(adapters))} in the batch) | single set: "
+        f"{t_single:.2f} s | bank: {t_bank:.2f} s | {ratio:.3f}× (paired) | |",
+        flush=True,
+    )
+    headline(
+        "bank",
+        f"forward with a bank of {n_sets} sets ÷ a single set, {batch}×{seq}",
+        ratio,
+        target="≤ 1.10×",
+        met=ratio <= 1.10,
+        peer="the same batch with a single set",
+    )
 
 
 def bench_training(model, steps: int) -> None:
@@ -119,22 +158,41 @@ def bench_training(model, steps: int) -> None:
     from reftlens import ReftModel
 
     n_sets, batch_size = 8, 4
-    data = {f"s{k}": [{"prompt": f"Describe the {WORDS[(k + i) % len(WORDS)]} briefly.",
-                       "completion": f" The {WORDS[(k + i) % len(WORDS)]} is {['old', 'new', 'big', 'small'][i % 4]}."}
-                      for i in range(2 * batch_size)] for k in range(n_sets)}
+    data = {
+        f"s{k}": [
+            {
+                "prompt": f"Describe the {WORDS[(k + i) % len(WORDS)]} briefly.",
+                "completion": f" The {WORDS[(k + i) % len(WORDS)]} is {['old', 'new', 'big', 'small'][i % 4]}.",
+            }
+            for i in range(2 * batch_size)
+        ]
+        for k in range(n_sets)
+    }
     kw = dict(max_steps=steps, batch_size=batch_size, lr=1e-2, progress=False, seed=0)
     joint = ReftModel(model, {name: make_set(model, k) for k, name in enumerate(data)})
     rows = [dict(r, adapter=name) for name, rs in data.items() for r in rs]
     t_joint = timed(lambda: reftlens.train(joint, rows, **kw))
     separate = [ReftModel(model, make_set(model, k)) for k in range(n_sets)]
     t_sep = timed(lambda: [reftlens.train(r, data[f"s{k}"], **kw) for k, r in enumerate(separate)])
-    diff = max((a - b).abs().max().item() for k, r in enumerate(separate)
-               for a, b in zip(r.parameters(), [p for iv in joint.bank[f"s{k}"] for p in iv.phi.parameters()]))
-    print(f"| joint training, {n_sets} sets × batch {batch_size}, {steps} steps | {n_sets} runs: {t_sep:.1f} s | "
-          f"one run: {t_joint:.1f} s | {t_sep / t_joint:.2f}× faster | max weight difference {diff:.1e} |", flush=True)
-    headline("bank", f"joint training speed-up, {n_sets} sets × batch {batch_size}, {steps} steps", t_sep / t_joint,
-             target="≥ 1.5×", met=t_sep / t_joint >= 1.5, peer="8 runs one after another",
-             note=f"max weight difference {diff:.1e}")
+    diff = max(
+        (a - b).abs().max().item()
+        for k, r in enumerate(separate)
+        for a, b in zip(r.parameters(), [p for iv in joint.bank[f"s{k}"] for p in iv.phi.parameters()])
+    )
+    print(
+        f"| joint training, {n_sets} sets × batch {batch_size}, {steps} steps | {n_sets} runs: {t_sep:.1f} s | "
+        f"one run: {t_joint:.1f} s | {t_sep / t_joint:.2f}× faster | max weight difference {diff:.1e} |",
+        flush=True,
+    )
+    headline(
+        "bank",
+        f"joint training speed-up, {n_sets} sets × batch {batch_size}, {steps} steps",
+        t_sep / t_joint,
+        target="≥ 1.5×",
+        met=t_sep / t_joint >= 1.5,
+        peer="8 runs one after another",
+        note=f"max weight difference {diff:.1e}",
+    )
 
 
 # ---- --micro: how to run k low-rank Φs over n rows at once ------------------------------------------
@@ -154,8 +212,11 @@ def micro(d: int, r: int, reps: int) -> None:
             out = out.index_copy(0, idx, (h.index_select(0, idx) @ down[g].T + bias[g]) @ up[g])
         return out
 
-    ways = {"dense over the set axis (chosen)": low_rank_many, "gather + einsum": gather,
-            "index_select per set": grouped}
+    ways = {
+        "dense over the set axis (chosen)": low_rank_many,
+        "gather + einsum": gather,
+        "index_select per set": grouped,
+    }
     print(f"# d {d}, rank {r}; best of {reps} µs")
     print("| rows | sets | backward | " + " | ".join(f"{w} (µs)" for w in ways) + " |")
     print("|---|---|---|" + "---|" * len(ways))
@@ -165,7 +226,7 @@ def micro(d: int, r: int, reps: int) -> None:
                 torch.manual_seed(0)
                 h = torch.randn(n, d)
                 which = torch.randint(0, k, (n,))
-                params = [(torch.randn(*s) / d ** 0.5).requires_grad_(backward) for s in ((k, r, d), (k, r), (k, r, d))]
+                params = [(torch.randn(*s) / d**0.5).requires_grad_(backward) for s in ((k, r, d), (k, r), (k, r, d))]
                 ref = grouped(h, which, *params)
                 times = {w: [] for w in ways}
                 for rep in range(reps + 2):
@@ -179,8 +240,10 @@ def micro(d: int, r: int, reps: int) -> None:
                         torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-4, atol=1e-4)
                 # the best of the repetitions, as timeit reports: on a shared machine the median carries other
                 # processes' time slices
-                print(f"| {n} | {k} | {backward} | " + " | ".join(f"{1e6 * min(v):.0f}" for v in times.values())
-                      + " |", flush=True)
+                print(
+                    f"| {n} | {k} | {backward} | " + " | ".join(f"{1e6 * min(v):.0f}" for v in times.values()) + " |",
+                    flush=True,
+                )
 
 
 def main() -> None:
@@ -192,8 +255,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--sets", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--only", nargs="+", choices=["generation", "size", "training"],
-                    default=["generation", "size", "training"])
+    ap.add_argument(
+        "--only", nargs="+", choices=["generation", "size", "training"], default=["generation", "size", "training"]
+    )
     ap.add_argument("--micro", action="store_true", help="only compare the ways to run many low-rank Φs")
     args = ap.parse_args()
     print(environment_line())
@@ -203,8 +267,10 @@ def main() -> None:
     import reftlens
 
     model = reftlens.load_model(args.model)
-    print(f"# {args.model}: d_model {model.cfg.d_model}, {model.cfg.n_layers} layers; sets: LoReFT rank 4 at layers "
-          f"{layers_for(model.cfg.n_layers)}, positions f5+l5")
+    print(
+        f"# {args.model}: d_model {model.cfg.d_model}, {model.cfg.n_layers} layers; sets: LoReFT rank 4 at layers "
+        f"{layers_for(model.cfg.n_layers)}, positions f5+l5"
+    )
     print("| measurement | one set at a time | bank | ratio | |")
     print("|---|---|---|---|---|")
     if "generation" in args.only:

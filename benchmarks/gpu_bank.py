@@ -37,8 +37,9 @@ def main() -> int:
         print("gpu_bank: skipped (no CUDA device here; run it on a machine with a GPU)")
         return 0
 
-    import reftlens
     from common import environment_line, headline
+
+    import reftlens
     from reftlens import Intervention, LoReFT, ReftModel
 
     print(environment_line())
@@ -74,10 +75,16 @@ def main() -> int:
         t_base.append(run(base))
     tokens = args.batch * args.new_tokens
     m, b = tokens / min(t_mixed), tokens / min(t_base)
-    print(f"| {args.model} {args.dtype} | {args.sets} sets, batch {args.batch}, {args.new_tokens} new tokens | "
-          f"mixed bank: {m:.0f} tok/s | base model: {b:.0f} tok/s | {m / b:.3f}× |")
-    headline("gpu_bank", f"mixed-batch tokens/s ÷ base model, {args.sets} sets × batch {args.batch}", m / b,
-             peer="the base model alone, same prompts and path")
+    print(
+        f"| {args.model} {args.dtype} | {args.sets} sets, batch {args.batch}, {args.new_tokens} new tokens | "
+        f"mixed bank: {m:.0f} tok/s | base model: {b:.0f} tok/s | {m / b:.3f}× |"
+    )
+    headline(
+        "gpu_bank",
+        f"mixed-batch tokens/s ÷ base model, {args.sets} sets × batch {args.batch}",
+        m / b,
+        peer="the base model alone, same prompts and path",
+    )
     return 0
 
 

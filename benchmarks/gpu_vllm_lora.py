@@ -83,10 +83,20 @@ def main() -> int:
         refts.append(reft)
         paths.append(str(reftlens.to_peft(reft, os.path.join(work.name, f"adapter{i}"))))
 
-    questions = ["name a colour", "what is 2+3", "say hello", "name a fruit", "count to five", "name a city",
-                 "what is the sun", "name an animal"]
-    prompts = [f"<|im_start|>user\nQuestion {i}: {questions[i % len(questions)]}.<|im_end|>\n<|im_start|>assistant\n"
-               for i in range(args.prompts)]
+    questions = [
+        "name a colour",
+        "what is 2+3",
+        "say hello",
+        "name a fruit",
+        "count to five",
+        "name a city",
+        "what is the sun",
+        "name an animal",
+    ]
+    prompts = [
+        f"<|im_start|>user\nQuestion {i}: {questions[i % len(questions)]}.<|im_end|>\n<|im_start|>assistant\n"
+        for i in range(args.prompts)
+    ]
     ids = [bridge.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     start = bridge.tokenizer.convert_tokens_to_ids(reftlens.models.SMOLLM2_START)
     ids = [[start, *x] for x in ids]  # reftlens's start token for SmolLM2, on both sides
@@ -115,9 +125,17 @@ def main() -> int:
     reftlens_s = time.perf_counter() - t
 
     # vLLM: all prompts at once, one LoRARequest each
-    llm = LLM(model=str(reftlens.models.smollm2_dir()), dtype=args.dtype, enable_lora=True, max_loras=args.adapters,
-              max_lora_rank=max(8, args.rank), max_num_seqs=min(256, args.prompts),
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=False, seed=0)
+    llm = LLM(
+        model=str(reftlens.models.smollm2_dir()),
+        dtype=args.dtype,
+        enable_lora=True,
+        max_loras=args.adapters,
+        max_lora_rank=max(8, args.rank),
+        max_num_seqs=min(256, args.prompts),
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=False,
+        seed=0,
+    )
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     requests = [LoRARequest(f"reft{a}", a + 1, paths[a]) for a in range(args.adapters)]
     inputs = [{"prompt_token_ids": x} for x in ids]
@@ -131,21 +149,38 @@ def main() -> int:
     total = args.prompts * n
     same_tokens = sum(a == b for j in range(args.prompts) for a, b in zip(ours[j], theirs[j]))
     same_rows = sum(ours[j] == theirs[j] for j in range(args.prompts))
-    first_split = [next((k for k, (a, b) in enumerate(zip(ours[j], theirs[j])) if a != b), n) for j in range(args.prompts)]
-    print(f"# {args.adapters} LoReFT adapters (rank {args.rank}, mlp_out, layers 3;9;18;24, all positions) on "
-          f"SmolLM2-135M-Instruct, {args.prompts} prompts, {n} greedy tokens each, {args.dtype}")
+    first_split = [
+        next((k for k, (a, b) in enumerate(zip(ours[j], theirs[j])) if a != b), n) for j in range(args.prompts)
+    ]
+    print(
+        f"# {args.adapters} LoReFT adapters (rank {args.rank}, mlp_out, layers 3;9;18;24, all positions) on "
+        f"SmolLM2-135M-Instruct, {args.prompts} prompts, {n} greedy tokens each, {args.dtype}"
+    )
     print(environment_line())
     print("| engine | time (s) | tokens/s |")
     print("|---|---|---|")
     print(f"| reftlens generate, hooked, one batch per adapter | {reftlens_s:.2f} | {total / reftlens_s:,.0f} |")
     print(f"| vLLM multi-LoRA, to_peft adapters, one batch | {vllm_s:.2f} | {total / vllm_s:,.0f} |")
     print()
-    print(f"tokens identical: {same_tokens}/{total} ({same_tokens / total:.3%}); whole sequences identical: "
-          f"{same_rows}/{args.prompts}; median first differing position: {sorted(first_split)[len(first_split) // 2]}")
-    headline("gpu_vllm_lora", "vLLM multi-LoRA tokens/s / reftlens hooked generation tokens/s", reftlens_s / vllm_s,
-             peer="reftlens generate (unmerged)", note=f"{args.adapters} adapters, {args.dtype}")
-    headline("gpu_vllm_lora", "share of generated tokens identical (vLLM vs reftlens)", same_tokens / total,
-             target="≈ 1 in float32", met=None, peer="reftlens generate (unmerged)")
+    print(
+        f"tokens identical: {same_tokens}/{total} ({same_tokens / total:.3%}); whole sequences identical: "
+        f"{same_rows}/{args.prompts}; median first differing position: {sorted(first_split)[len(first_split) // 2]}"
+    )
+    headline(
+        "gpu_vllm_lora",
+        "vLLM multi-LoRA tokens/s / reftlens hooked generation tokens/s",
+        reftlens_s / vllm_s,
+        peer="reftlens generate (unmerged)",
+        note=f"{args.adapters} adapters, {args.dtype}",
+    )
+    headline(
+        "gpu_vllm_lora",
+        "share of generated tokens identical (vLLM vs reftlens)",
+        same_tokens / total,
+        target="≈ 1 in float32",
+        met=None,
+        peer="reftlens generate (unmerged)",
+    )
     work.cleanup()
     return 0
 

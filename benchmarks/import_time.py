@@ -27,8 +27,9 @@ TIMED = "import time; t = time.perf_counter(); import {0}; print(time.perf_count
 
 def import_seconds(module: str) -> float:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", TIMED.format(module)], capture_output=True, text=True, check=True,
-                         cwd=ROOT, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", TIMED.format(module)], capture_output=True, text=True, check=True, cwd=ROOT, env=env
+    )
     return float(out.stdout.strip())
 
 

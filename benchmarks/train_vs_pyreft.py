@@ -54,7 +54,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
-
 from common import headline
 
 REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
@@ -68,6 +67,7 @@ PARTS = ["pyreft", "time", "mem_reftlens", "mem_floor", "mem_floor_eager", "gene
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def rss_mb(field: str) -> float:
     for line in open("/proc/self/status"):
@@ -107,7 +107,7 @@ def batch_tensors(batch: dict) -> dict:
         pad = T - int(mask[i].sum())
         assert bool(mask[i, pad:].all()), "batches must be left padded"
         n = plens[i] if plens is not None else T - pad
-        pm[i, pad:pad + n] = 1
+        pm[i, pad : pad + n] = 1
         want = list(range(pad, pad + 5)) + list(range(pad + n - 5, pad + n))
         assert batch["intervention_locations"][i][0] == want, (i, batch["intervention_locations"][i][0], want)
     out["prompt_mask"] = pm
@@ -140,6 +140,7 @@ def touch(model: torch.nn.Module) -> None:
 
 def load_bridge():
     import reftlens
+
     model = reftlens.load_model("smollm2-135m")
     touch(model)
     return model
@@ -147,6 +148,7 @@ def load_bridge():
 
 def reft_tied(model):
     from reftlens import Intervention, LoReFT, ReftModel
+
     torch.manual_seed(0)
     return ReftModel(model, Intervention(LoReFT(D_MODEL, RANK), layers=LAYERS, positions="f5+l5"))
 
@@ -157,6 +159,7 @@ def load_floor(attn: str | None = None):
     from transformers.utils import logging as hf_logging
 
     import reftlens.models
+
     hf_logging.disable_progress_bar()
     kw = {"attn_implementation": attn} if attn else {}
     hf = AutoModelForCausalLM.from_pretrained(reftlens.models.smollm2_dir(), dtype=torch.float32, **kw)
@@ -171,6 +174,7 @@ def load_floor(attn: str | None = None):
             if isinstance(output, tuple):  # older transformers return (hidden, ...)
                 return (output[0] + p,) + tuple(output[1:])
             return output + p
+
         return hook
 
     for layer, p in zip(LAYERS, params):
@@ -211,8 +215,9 @@ def reft_step(reft, autocast: bool = False):
 
     def step(b):
         shifted = F.pad(b["labels"][:, 1:], (0, 1), value=-100)  # reftlens aligns labels with logits
-        batch = Batch(tokens=b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"],
-                      labels=shifted)
+        batch = Batch(
+            tokens=b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"], labels=shifted
+        )
         with ctx():
             logits, labels = forward(reft, batch)
         loss = token_losses(logits, labels) / (labels != -100).sum()
@@ -262,6 +267,7 @@ def paired(a: list[float], b: list[float]) -> float:
 
 # ---------------------------------------------------------------- parts (fresh processes)
 
+
 def part_time(data, args) -> dict:
     batches = [batch_tensors(b) for b in data["train"]]
     model = load_bridge()
@@ -276,9 +282,14 @@ def part_time(data, args) -> dict:
         arms["floor_bridge"] = bridge_floor()
     r = interleave(arms, batches, args.warmup, args.steps)
     t = r["times"]
-    out = dict(step_s_median={n: statistics.median(v) for n, v in t.items()}, step_s=t, losses=r["losses"],
-               n_trainable=reft.num_trainable_parameters(), floor_attn=hf.config._attn_implementation,
-               paired_ratio_reftlens_over_floor=paired(t["floor"], t["reftlens"]))
+    out = dict(
+        step_s_median={n: statistics.median(v) for n, v in t.items()},
+        step_s=t,
+        losses=r["losses"],
+        n_trainable=reft.num_trainable_parameters(),
+        floor_attn=hf.config._attn_implementation,
+        paired_ratio_reftlens_over_floor=paired(t["floor"], t["reftlens"]),
+    )
     if "floor_eager" in t:
         out["paired_ratio_reftlens_over_floor_eager"] = paired(t["floor_eager"], t["reftlens"])
         out["paired_ratio_floor_eager_over_floor"] = paired(t["floor"], t["floor_eager"])
@@ -292,7 +303,9 @@ def mem_loop(step, batches, args) -> dict:
     rss0 = reset_peak()  # before the warm-up, as in pyreft_bench.py
     losses = [step(batches[i % len(batches)]) for i in range(args.mem_steps)]
     peak = rss_mb("VmHWM")
-    return dict(rss_before_mb=rss0, peak_rss_mb=peak, peak_rss_delta_mb=peak - rss0, steps=args.mem_steps, losses=losses)
+    return dict(
+        rss_before_mb=rss0, peak_rss_mb=peak, peak_rss_delta_mb=peak - rss0, steps=args.mem_steps, losses=losses
+    )
 
 
 def part_mem_reftlens(data, args) -> dict:
@@ -325,24 +338,42 @@ def part_generate(data, args) -> dict:
     def run_hf(k: int):
         # eos_token_id=None: EOS does not stop it, so both make exactly k tokens
         with torch.no_grad():
-            outs[f"hf_{k}"] = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k, do_sample=False,
-                                          eos_token_id=None, pad_token_id=pad, use_cache=True)[:, n:]
+            outs[f"hf_{k}"] = hf.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=k,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=pad,
+                use_cache=True,
+            )[:, n:]
 
     k = args.new_tokens
     # 1-token runs (prefill + one argmax) split the time into prompt and per-token decode cost
-    arms = {"reftlens": lambda _: run_reft(k), "hf": lambda _: run_hf(k),
-            "reftlens_1": lambda _: run_reft(1), "hf_1": lambda _: run_hf(1)}
+    arms = {
+        "reftlens": lambda _: run_reft(k),
+        "hf": lambda _: run_hf(k),
+        "reftlens_1": lambda _: run_reft(1),
+        "hf_1": lambda _: run_hf(1),
+    }
     r = interleave(arms, [None], 1, args.gen_reps)
     t = r["times"]
     med = {a: statistics.median(v) for a, v in t.items()}
     assert outs[f"reftlens_{k}"].shape[1] == outs[f"hf_{k}"].shape[1] == k
-    return dict(new_tokens=k, s_median=med, s=t, paired_ratio_reftlens_over_hf=paired(t["hf"], t["reftlens"]),
-                decode_ms_per_token={a: 1e3 * (med[a] - med[f"{a}_1"]) / (k - 1) for a in ("reftlens", "hf")},
-                reftlens_ids=outs[f"reftlens_{k}"].tolist(), hf_ids=outs[f"hf_{k}"].tolist())
+    return dict(
+        new_tokens=k,
+        s_median=med,
+        s=t,
+        paired_ratio_reftlens_over_hf=paired(t["hf"], t["reftlens"]),
+        decode_ms_per_token={a: 1e3 * (med[a] - med[f"{a}_1"]) / (k - 1) for a in ("reftlens", "hf")},
+        reftlens_ids=outs[f"reftlens_{k}"].tolist(),
+        hf_ids=outs[f"hf_{k}"].tolist(),
+    )
 
 
 def part_parity(data, args) -> dict:
     from reftlens import Intervention, LoReFT, ReftModel
+
     model = load_bridge()
     b = batch_tensors(data["train"][0])
     g = batch_tensors(data["generate"])
@@ -366,14 +397,17 @@ def part_parity(data, args) -> dict:
         lg_ident = identity(b["input_ids"], **kw)
         lg_base = model(b["input_ids"], attention_mask=b["attention_mask"])
     gen = loaded.generate(g["input_ids"], args.new_tokens, attention_mask=g["attention_mask"], eos_token_id=None)[:, n:]
-    return dict(R_max_abs_err=r_err, n_trainable=loaded.num_trainable_parameters(),
-                loaded_loss=causal_lm_loss(lg_loaded, b["labels"]).item(),
-                loaded_per_example=per_example_loss(lg_loaded, b["labels"]),
-                identity_loss=causal_lm_loss(lg_ident, b["labels"]).item(),
-                identity_per_example=per_example_loss(lg_ident, b["labels"]),
-                base_loss=causal_lm_loss(lg_base, b["labels"]).item(),
-                identity_vs_base_max_abs_logit=float((lg_ident - lg_base).abs().max()),
-                loaded_ids=gen.tolist())
+    return dict(
+        R_max_abs_err=r_err,
+        n_trainable=loaded.num_trainable_parameters(),
+        loaded_loss=causal_lm_loss(lg_loaded, b["labels"]).item(),
+        loaded_per_example=per_example_loss(lg_loaded, b["labels"]),
+        identity_loss=causal_lm_loss(lg_ident, b["labels"]).item(),
+        identity_per_example=per_example_loss(lg_ident, b["labels"]),
+        base_loss=causal_lm_loss(lg_base, b["labels"]).item(),
+        identity_vs_base_max_abs_logit=float((lg_ident - lg_base).abs().max()),
+        loaded_ids=gen.tolist(),
+    )
 
 
 def part_bf16(data, args) -> dict:
@@ -382,6 +416,7 @@ def part_bf16(data, args) -> dict:
     (finfo(float32).min) to bf16, where it overflows to -inf, so the fully masked query rows of
     left padding softmax to NaN (recorded below as left_padded_bf16_loss)."""
     import copy
+
     left = [batch_tensors(b) for b in data["train"]]
     batches = [right_padded(b) for b in left]
     model = load_bridge()
@@ -396,19 +431,31 @@ def part_bf16(data, args) -> dict:
 
     init = dict(fp32=eval_loss(r32, False), bf16=eval_loss(r32, True))
     left_nan = dict(fp32=eval_loss(r32, False, left[0]), bf16=eval_loss(r32, True, left[0]))
-    r = interleave({"fp32": reft_step(r32), "bf16": reft_step(r16, autocast=True)}, batches, args.bf16_warmup, args.bf16_steps)
+    r = interleave(
+        {"fp32": reft_step(r32), "bf16": reft_step(r16, autocast=True)}, batches, args.bf16_warmup, args.bf16_steps
+    )
     t = r["times"]
     r32.eval(), r16.eval()
     after = dict(fp32_trained=eval_loss(r32, False), bf16_trained=eval_loss(r16, False))
     with torch.no_grad():
         dphi = max(float((a - c).abs().max()) for a, c in zip(r32.parameters(), r16.parameters()))
-    return dict(s_median={k: statistics.median(v) for k, v in t.items()}, s=t, paired_ratio_bf16_over_fp32=paired(t["fp32"], t["bf16"]),
-                losses=r["losses"], max_abs_step_loss_diff=max(abs(x - y) for x, y in zip(r["losses"]["fp32"], r["losses"]["bf16"])),
-                init_loss_batch0=init, after_loss_batch0_fp32_eval=after, max_abs_param_diff_after=dphi,
-                left_padded_loss_batch0=left_nan, steps_total=args.bf16_warmup + args.bf16_steps, padding="right")
+    return dict(
+        s_median={k: statistics.median(v) for k, v in t.items()},
+        s=t,
+        paired_ratio_bf16_over_fp32=paired(t["fp32"], t["bf16"]),
+        losses=r["losses"],
+        max_abs_step_loss_diff=max(abs(x - y) for x, y in zip(r["losses"]["fp32"], r["losses"]["bf16"])),
+        init_loss_batch0=init,
+        after_loss_batch0_fp32_eval=after,
+        max_abs_param_diff_after=dphi,
+        left_padded_loss_batch0=left_nan,
+        steps_total=args.bf16_warmup + args.bf16_steps,
+        padding="right",
+    )
 
 
 # ---------------------------------------------------------------- driver
+
 
 def machine_info(threads: int) -> dict:
     cpu = platform.processor() or platform.machine()
@@ -429,12 +476,20 @@ def machine_info(threads: int) -> dict:
         flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
     except (OSError, StopIteration):
         pass
-    return dict(cpu=cpu, arch=platform.machine(), cores=os.cpu_count(), mem_gib=mem, threads=threads,
-                amx_bf16="amx_bf16" in flags, avx512_bf16="avx512_bf16" in flags)
+    return dict(
+        cpu=cpu,
+        arch=platform.machine(),
+        cores=os.cpu_count(),
+        mem_gib=mem,
+        threads=threads,
+        amx_bf16="amx_bf16" in flags,
+        avx512_bf16="avx512_bf16" in flags,
+    )
 
 
 def versions() -> dict:
     from importlib.metadata import version
+
     out = {"python": platform.python_version()}
     for p in ("torch", "transformers", "transformer-lens", "reftlens"):
         try:
@@ -442,6 +497,7 @@ def versions() -> dict:
         except Exception:
             if p == "reftlens":
                 import reftlens
+
                 out[p] = reftlens.__version__
     return out
 
@@ -467,6 +523,7 @@ def ensure_inputs(args) -> None:
         from smollm2_for_hf445 import convert
 
         import reftlens.models
+
         convert(reftlens.models.smollm2_dir(), Path(args.model_dir_445))
     if not Path(args.batches).is_file():
         subprocess.run([sys.executable, str(HERE / "peers" / "make_batches.py"), args.batches], check=True)
@@ -484,11 +541,33 @@ def run_child(part: str, args, argv: list[str]) -> dict:
 def run_pyreft(args) -> dict:
     py = Path(args.pyreft_venv) / "bin" / "python"
     out = Path(args.workdir) / "train_vs_pyreft.pyreft.json"
-    cmd = [str(py), str(HERE / "peers" / "pyreft_bench.py"), "--model-dir", args.model_dir_445, "--batches", args.batches,
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--gen-reps", str(args.gen_reps),
-           "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-           "--parts", "losses", "train_pyreft", "train_floor", "generate",
-           "--init-weights", args.init_weights, "--out", str(out)]
+    cmd = [
+        str(py),
+        str(HERE / "peers" / "pyreft_bench.py"),
+        "--model-dir",
+        args.model_dir_445,
+        "--batches",
+        args.batches,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--gen-reps",
+        str(args.gen_reps),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--threads",
+        str(args.threads),
+        "--parts",
+        "losses",
+        "train_pyreft",
+        "train_floor",
+        "generate",
+        "--init-weights",
+        args.init_weights,
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-6000:])
@@ -507,26 +586,56 @@ def headlines(res: dict) -> None:
     if t:
         s = t["step_s_median"]
         r = s["reftlens"] / s["floor"]
-        headline(name, "training step: reftlens / plain-HF floor (sdpa)", r, target="≤ 1.02×", met=r <= 1.02,
-                 peer="plain transformers + identity edit", note=f"paired {t['paired_ratio_reftlens_over_floor']:.3f}×")
+        headline(
+            name,
+            "training step: reftlens / plain-HF floor (sdpa)",
+            r,
+            target="≤ 1.02×",
+            met=r <= 1.02,
+            peer="plain transformers + identity edit",
+            note=f"paired {t['paired_ratio_reftlens_over_floor']:.3f}×",
+        )
         if p:
             pt, pf = p["train_pyreft"]["step_s_median"], p["train_floor"]["step_s_median"]
             headline(name, "training step: pyreft / its floor (4.45)", pt / pf, peer="pyreft 0.1.0")
-            headline(name, "training step: reftlens / pyreft", s["reftlens"] / pt, peer="pyreft 0.1.0",
-                     note="different processes and transformers versions")
+            headline(
+                name,
+                "training step: reftlens / pyreft",
+                s["reftlens"] / pt,
+                peer="pyreft 0.1.0",
+                note="different processes and transformers versions",
+            )
     fl = res.get("mem_floor", {}).get("peak_rss_delta_mb")
     if fl and "mem_reftlens" in res:
         r = res["mem_reftlens"]["peak_rss_delta_mb"] / fl
-        headline(name, "peak training memory: reftlens / floor", r, target="≤ 1.05×", met=r <= 1.05, peer="plain transformers")
+        headline(
+            name,
+            "peak training memory: reftlens / floor",
+            r,
+            target="≤ 1.05×",
+            met=r <= 1.05,
+            peer="plain transformers",
+        )
     if gd:
         s = gd["s_median"]
         r = s["reftlens"] / s["hf"]
-        headline(name, f"greedy generation ({gd['new_tokens']} tokens): reftlens / HF generate", r, target="≤ 1.02×",
-                 met=r <= 1.02, peer="transformers generate", note=f"ids identical: {gd['reftlens_ids'] == gd['hf_ids']}")
+        headline(
+            name,
+            f"greedy generation ({gd['new_tokens']} tokens): reftlens / HF generate",
+            r,
+            target="≤ 1.02×",
+            met=r <= 1.02,
+            peer="transformers generate",
+            note=f"ids identical: {gd['reftlens_ids'] == gd['hf_ids']}",
+        )
     if bf:
         s = bf["s_median"]
-        headline(name, "bf16 autocast / fp32 step time", s["bf16"] / s["fp32"],
-                 note=f"max |Δloss| {bf['max_abs_step_loss_diff']:.4f}")
+        headline(
+            name,
+            "bf16 autocast / fp32 step time",
+            s["bf16"] / s["fp32"],
+            note=f"max |Δloss| {bf['max_abs_step_loss_diff']:.4f}",
+        )
 
 
 def report(res: dict) -> str:
@@ -534,14 +643,18 @@ def report(res: dict) -> str:
     m, v = res["machine"], res["versions"]
     L.append("# reftlens vs pyreft vs plain transformers: SmolLM2-135M-Instruct, LoReFT r4 @ 3;9;18;24, f5+l5, fp32")
     L.append(f"# command: {res['command']}")
-    L.append(f"# machine: {m['cpu']} ({m['arch']}), {m['cores']} cores, {m['mem_gib']} GiB, {m['threads']} torch threads"
-             f"{', AMX-bf16' if m.get('amx_bf16') else ''}")
+    L.append(
+        f"# machine: {m['cpu']} ({m['arch']}), {m['cores']} cores, {m['mem_gib']} GiB, {m['threads']} torch threads"
+        f"{', AMX-bf16' if m.get('amx_bf16') else ''}"
+    )
     L.append("# main env: " + ", ".join(f"{k} {x}" for k, x in v.items()))
     if "pyreft" in res:
         pv = res["pyreft"]["versions"]
         L.append("# pyreft venv: " + ", ".join(f"{k} {x}" for k, x in pv.items()))
-    L.append("# load average (1 min) at the start of each part: "
-             + ", ".join(f"{k} {x:.2f}" for k, x in res["load1_before_part"].items()))
+    L.append(
+        "# load average (1 min) at the start of each part: "
+        + ", ".join(f"{k} {x:.2f}" for k, x in res["load1_before_part"].items())
+    )
     L.append(f"# quick: {res['quick']}; {res['setup']}")
     L.append("")
 
@@ -551,50 +664,80 @@ def report(res: dict) -> str:
         s = t["step_s_median"]
         L.append("## Training step (forward + backward + AdamW), 8 chat examples per batch, same batches")
         L.append("")
-        L.append("| implementation | transformers | attention | trainable params | median s/step | vs its floor (median ratio) | vs its floor (paired) |")
+        L.append(
+            "| implementation | transformers | attention | trainable params | median s/step | vs its floor (median ratio) | vs its floor (paired) |"
+        )
         L.append("|---|---|---|---|---|---|---|")
-        L.append(f"| reftlens (TransformerLens bridge) | {res['versions']['transformers']} | eager (bridge) | {t['n_trainable']:,} | {f3(s['reftlens'])} | "
-                 f"{s['reftlens'] / s['floor']:.3f}× | {t['paired_ratio_reftlens_over_floor']:.3f}× |")
-        L.append(f"| floor: plain HF + zero vector | {res['versions']['transformers']} | {t['floor_attn']} | 2,304 | {f3(s['floor'])} | 1 | 1 |")
+        L.append(
+            f"| reftlens (TransformerLens bridge) | {res['versions']['transformers']} | eager (bridge) | {t['n_trainable']:,} | {f3(s['reftlens'])} | "
+            f"{s['reftlens'] / s['floor']:.3f}× | {t['paired_ratio_reftlens_over_floor']:.3f}× |"
+        )
+        L.append(
+            f"| floor: plain HF + zero vector | {res['versions']['transformers']} | {t['floor_attn']} | 2,304 | {f3(s['floor'])} | 1 | 1 |"
+        )
         if "floor_eager" in s:
-            L.append(f"| floor: plain HF + zero vector | {res['versions']['transformers']} | eager | 2,304 | {f3(s['floor_eager'])} | "
-                     f"{s['floor_eager'] / s['floor']:.3f}× | {t['paired_ratio_floor_eager_over_floor']:.3f}× |")
+            L.append(
+                f"| floor: plain HF + zero vector | {res['versions']['transformers']} | eager | 2,304 | {f3(s['floor_eager'])} | "
+                f"{s['floor_eager'] / s['floor']:.3f}× | {t['paired_ratio_floor_eager_over_floor']:.3f}× |"
+            )
         if "floor_bridge" in s:
-            L.append(f"| floor on the TransformerLens bridge + zero vector | {res['versions']['transformers']} | eager (bridge) | 2,304 | "
-                     f"{f3(s['floor_bridge'])} | {s['floor_bridge'] / s['floor']:.3f}× | {t['paired_ratio_floor_bridge_over_floor']:.3f}× |")
+            L.append(
+                f"| floor on the TransformerLens bridge + zero vector | {res['versions']['transformers']} | eager (bridge) | 2,304 | "
+                f"{f3(s['floor_bridge'])} | {s['floor_bridge'] / s['floor']:.3f}× | {t['paired_ratio_floor_bridge_over_floor']:.3f}× |"
+            )
         if p:
             pt, pf = p["train_pyreft"]["step_s_median"], p["train_floor"]["step_s_median"]
-            L.append(f"| pyreft 0.1.0 (pyvene 0.1.8) | 4.45.1 | sdpa | {p['losses']['n_trainable']:,} | {f3(pt)} | {pt / pf:.3f}× | |")
+            L.append(
+                f"| pyreft 0.1.0 (pyvene 0.1.8) | 4.45.1 | sdpa | {p['losses']['n_trainable']:,} | {f3(pt)} | {pt / pf:.3f}× | |"
+            )
             L.append(f"| floor: plain HF + zero vector | 4.45.1 | sdpa | 2,304 | {f3(pf)} | 1 | |")
         L.append("")
-        L.append(f"reftlens / floor (5.24, sdpa): **{s['reftlens'] / s['floor']:.3f}×** (paired {t['paired_ratio_reftlens_over_floor']:.3f}×; target ≤ 1.02×)")
+        L.append(
+            f"reftlens / floor (5.24, sdpa): **{s['reftlens'] / s['floor']:.3f}×** (paired {t['paired_ratio_reftlens_over_floor']:.3f}×; target ≤ 1.02×)"
+        )
         if "floor_eager" in s:
-            L.append(f"reftlens / floor (5.24, eager): {s['reftlens'] / s['floor_eager']:.3f}× (paired {t['paired_ratio_reftlens_over_floor_eager']:.3f}×)")
+            L.append(
+                f"reftlens / floor (5.24, eager): {s['reftlens'] / s['floor_eager']:.3f}× (paired {t['paired_ratio_reftlens_over_floor_eager']:.3f}×)"
+            )
         if "floor_bridge" in s:
-            L.append(f"reftlens / floor on the bridge: {s['reftlens'] / s['floor_bridge']:.3f}× (paired {t['paired_ratio_reftlens_over_floor_bridge']:.3f}×): "
-                     "the part of the gap that is reftlens's own")
+            L.append(
+                f"reftlens / floor on the bridge: {s['reftlens'] / s['floor_bridge']:.3f}× (paired {t['paired_ratio_reftlens_over_floor_bridge']:.3f}×): "
+                "the part of the gap that is reftlens's own"
+            )
         if p:
-            L.append(f"pyreft / floor (4.45): {pt / pf:.3f}×; reftlens / pyreft: **{s['reftlens'] / pt:.3f}×**"
-                     f" (different processes and transformers versions: compare the floor-relative ratios)")
+            L.append(
+                f"pyreft / floor (4.45): {pt / pf:.3f}×; reftlens / pyreft: **{s['reftlens'] / pt:.3f}×**"
+                f" (different processes and transformers versions: compare the floor-relative ratios)"
+            )
         L.append(f"measured steps per arm: {len(t['step_s']['reftlens'])} (after {res['setup']['warmup']} warm-up)")
         L.append("")
 
     if any(k in res for k in ("mem_reftlens", "mem_floor")):
-        L.append("## Peak memory during training (fresh process each; RSS peak over warm-up + steps, minus RSS after loading)")
+        L.append(
+            "## Peak memory during training (fresh process each; RSS peak over warm-up + steps, minus RSS after loading)"
+        )
         L.append("")
         L.append("| implementation | steps | RSS after load (MB) | peak delta (MB) | vs its floor |")
         L.append("|---|---|---|---|---|")
         fl = res.get("mem_floor", {}).get("peak_rss_delta_mb")
-        for key, name in (("mem_reftlens", "reftlens"), ("mem_floor", "floor 5.24 (sdpa)"), ("mem_floor_eager", "floor 5.24 (eager)")):
+        for key, name in (
+            ("mem_reftlens", "reftlens"),
+            ("mem_floor", "floor 5.24 (sdpa)"),
+            ("mem_floor_eager", "floor 5.24 (eager)"),
+        ):
             if key in res:
                 r = res[key]
                 ratio = f"{r['peak_rss_delta_mb'] / fl:.3f}×" if fl else ""
-                L.append(f"| {name} | {r['steps']} | {r['rss_before_mb']:.0f} | {r['peak_rss_delta_mb']:.0f} | {ratio} |")
+                L.append(
+                    f"| {name} | {r['steps']} | {r['rss_before_mb']:.0f} | {r['peak_rss_delta_mb']:.0f} | {ratio} |"
+                )
         if p:
             pt, pf = p["train_pyreft"], p["train_floor"]
             n = len(pt["step_s"]) + res["setup"]["warmup"]
-            L.append(f"| pyreft 0.1.0 | {n} | {pt['rss_before_mb']:.0f} | {pt['peak_rss_delta_mb']:.0f} | "
-                     f"{pt['peak_rss_delta_mb'] / pf['peak_rss_delta_mb']:.3f}× |")
+            L.append(
+                f"| pyreft 0.1.0 | {n} | {pt['rss_before_mb']:.0f} | {pt['peak_rss_delta_mb']:.0f} | "
+                f"{pt['peak_rss_delta_mb'] / pf['peak_rss_delta_mb']:.3f}× |"
+            )
             L.append(f"| floor 4.45 (sdpa) | {n} | {pf['rss_before_mb']:.0f} | {pf['peak_rss_delta_mb']:.0f} | 1 |")
         if fl and "mem_reftlens" in res:
             L.append("")
@@ -608,20 +751,31 @@ def report(res: dict) -> str:
         L.append("")
         L.append("| implementation | median s | vs plain HF generate |")
         L.append("|---|---|---|")
-        L.append(f"| reftlens `reft.generate` (identity LoReFT set) | {f3(s['reftlens'])} | {s['reftlens'] / s['hf']:.3f}× (paired {gd['paired_ratio_reftlens_over_hf']:.3f}×) |")
+        L.append(
+            f"| reftlens `reft.generate` (identity LoReFT set) | {f3(s['reftlens'])} | {s['reftlens'] / s['hf']:.3f}× (paired {gd['paired_ratio_reftlens_over_hf']:.3f}×) |"
+        )
         L.append(f"| plain HF 5.24 `model.generate` (sdpa) | {f3(s['hf'])} | 1 |")
         L.append(f"| reftlens, 1 new token (prefill) | {f3(s['reftlens_1'])} | {s['reftlens_1'] / s['hf_1']:.3f}× |")
         L.append(f"| plain HF 5.24, 1 new token (prefill) | {f3(s['hf_1'])} | 1 |")
         if p:
             pg = p["generate"]
-            L.append(f"| pyreft 0.1.0 `reft.generate` (random LoReFT) | {f3(pg['pyreft_s_median'])} | {pg['pyreft_s_median'] / pg['hf_s_median']:.3f}× of 4.45 |")
+            L.append(
+                f"| pyreft 0.1.0 `reft.generate` (random LoReFT) | {f3(pg['pyreft_s_median'])} | {pg['pyreft_s_median'] / pg['hf_s_median']:.3f}× of 4.45 |"
+            )
             L.append(f"| plain HF 4.45 `model.generate` (sdpa) | {f3(pg['hf_s_median'])} | 1 |")
         L.append("")
-        L.append(f"reftlens / HF generate: **{s['reftlens'] / s['hf']:.3f}×** (target ≤ 1.02×); reps: {len(gd['s']['hf'])} after 1 warm-up")
+        L.append(
+            f"reftlens / HF generate: **{s['reftlens'] / s['hf']:.3f}×** (target ≤ 1.02×); reps: {len(gd['s']['hf'])} after 1 warm-up"
+        )
         dm = gd["decode_ms_per_token"]
-        L.append(f"per decoded token (batch of 8, from the 32- and 1-token runs): reftlens {dm['reftlens']:.1f} ms, HF {dm['hf']:.1f} ms")
+        L.append(
+            f"per decoded token (batch of 8, from the 32- and 1-token runs): reftlens {dm['reftlens']:.1f} ms, HF {dm['hf']:.1f} ms"
+        )
         same = gd["reftlens_ids"] == gd["hf_ids"]
-        L.append(f"reftlens identity-set ids == HF 5.24 ids: {same}" + (f"; == HF 4.45 ids (pyreft JSON): {gd['reftlens_ids'] == p['generate']['hf_ids']}" if p else ""))
+        L.append(
+            f"reftlens identity-set ids == HF 5.24 ids: {same}"
+            + (f"; == HF 4.45 ids (pyreft JSON): {gd['reftlens_ids'] == p['generate']['hf_ids']}" if p else "")
+        )
         L.append("")
 
     par = res.get("parity")
@@ -635,14 +789,20 @@ def report(res: dict) -> str:
         L.append("")
         L.append("| quantity | reftlens | pyreft | abs diff |")
         L.append("|---|---|---|---|")
-        L.append(f"| batch-0 loss, pyreft's init | {par['loaded_loss']:.6f} | {pl['pyreft_init_loss']:.6f} | {dl:.1e} |")
+        L.append(
+            f"| batch-0 loss, pyreft's init | {par['loaded_loss']:.6f} | {pl['pyreft_init_loss']:.6f} | {dl:.1e} |"
+        )
         L.append(f"| per-example loss (8), max diff | | | {dpe:.1e} |")
-        L.append(f"| batch-0 loss, no intervention | {par['base_loss']:.6f} | {pl['base_loss']:.6f} | {abs(par['base_loss'] - pl['base_loss']):.1e} |")
+        L.append(
+            f"| batch-0 loss, no intervention | {par['base_loss']:.6f} | {pl['base_loss']:.6f} | {abs(par['base_loss'] - pl['base_loss']):.1e} |"
+        )
         L.append(f"| greedy ids (8 × {len(par['loaded_ids'][0])}), rows identical | {n_rows_same}/8 | | |")
         L.append(f"| trainable params | {par['n_trainable']:,} | {pl['n_trainable']:,} | |")
         L.append("")
         ok = dl < 1e-4 and dpe < 1e-4 and ids_same
-        L.append(f"parity: **{'PASS' if ok else 'FAIL'}** (loss within 1e-4 and identical ids); R loaded to {par['R_max_abs_err']:.1e}")
+        L.append(
+            f"parity: **{'PASS' if ok else 'FAIL'}** (loss within 1e-4 and identical ids); R loaded to {par['R_max_abs_err']:.1e}"
+        )
         L.append("")
         L.append("## Initial loss (batch 0)")
         L.append("")
@@ -660,19 +820,27 @@ def report(res: dict) -> str:
         s = bf["s_median"]
         L.append("## bf16 autocast vs fp32 (reftlens, same init, same batches, interleaved)")
         L.append("")
-        L.append("| precision | median s/step | loss at init (batch 0) | per-step losses | batch-0 loss after training (fp32 eval) |")
+        L.append(
+            "| precision | median s/step | loss at init (batch 0) | per-step losses | batch-0 loss after training (fp32 eval) |"
+        )
         L.append("|---|---|---|---|---|")
         for k in ("fp32", "bf16"):
-            L.append(f"| {k} | {f3(s[k])} | {bf['init_loss_batch0'][k]:.4f} | {', '.join(f'{x:.3f}' for x in bf['losses'][k])} | "
-                     f"{bf['after_loss_batch0_fp32_eval'][k + '_trained']:.4f} |")
+            L.append(
+                f"| {k} | {f3(s[k])} | {bf['init_loss_batch0'][k]:.4f} | {', '.join(f'{x:.3f}' for x in bf['losses'][k])} | "
+                f"{bf['after_loss_batch0_fp32_eval'][k + '_trained']:.4f} |"
+            )
         L.append("")
-        L.append(f"bf16 / fp32 step time: {s['bf16'] / s['fp32']:.3f}× (paired {bf['paired_ratio_bf16_over_fp32']:.3f}×); "
-                 f"max |Δloss| over measured steps {bf['max_abs_step_loss_diff']:.4f}; after {bf['steps_total']} steps "
-                 f"max |Δparam| {bf['max_abs_param_diff_after']:.1e}")
+        L.append(
+            f"bf16 / fp32 step time: {s['bf16'] / s['fp32']:.3f}× (paired {bf['paired_ratio_bf16_over_fp32']:.3f}×); "
+            f"max |Δloss| over measured steps {bf['max_abs_step_loss_diff']:.4f}; after {bf['steps_total']} steps "
+            f"max |Δparam| {bf['max_abs_param_diff_after']:.1e}"
+        )
         lp = bf["left_padded_loss_batch0"]
-        L.append(f"batches right padded (as `reftlens.train` pads them). The same batch left padded: fp32 loss {lp['fp32']:.4f}, "
-                 f"bf16-autocast loss {lp['bf16']:.4f} (TransformerLens 4.3 casts the fp32 mask sentinel to bf16 = -inf: "
-                 "fully masked pad rows give NaN)")
+        L.append(
+            f"batches right padded (as `reftlens.train` pads them). The same batch left padded: fp32 loss {lp['fp32']:.4f}, "
+            f"bf16-autocast loss {lp['bf16']:.4f} (TransformerLens 4.3 casts the fp32 mask sentinel to bf16 = -inf: "
+            "fully masked pad rows give NaN)"
+        )
         L.append("")
     return "\n".join(L)
 
@@ -686,7 +854,9 @@ def main() -> None:
     ap.add_argument("--model-dir-445", default=None, help="default WORKDIR/smollm2-hf445 (made when missing)")
     ap.add_argument("--pyreft-venv", default=os.environ.get("PYREFT_VENV", str(REPO / ".bench" / "venv-pyreft")))
     ap.add_argument("--pyreft-json", default=None, help="reuse a pyreft_bench.py JSON instead of running pyreft")
-    ap.add_argument("--init-weights", default=None, help="pyreft's init (default WORKDIR/train_vs_pyreft.pyreft_init.pt)")
+    ap.add_argument(
+        "--init-weights", default=None, help="pyreft's init (default WORKDIR/train_vs_pyreft.pyreft_init.pt)"
+    )
     ap.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
     ap.add_argument("--steps", type=int, default=12, help="measured training steps per arm")
     ap.add_argument("--warmup", type=int, default=4, help="warm-up iterations (4 = every batch shape once)")
@@ -698,8 +868,12 @@ def main() -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-attention floor")
     ap.add_argument("--no-bridge-floor", action="store_true", help="skip the floor on the TransformerLens bridge")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-load", type=float, default=None,
-                    help="before starting, wait (60 s at a time) until the 1-min load average is below this")
+    ap.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="before starting, wait (60 s at a time) until the 1-min load average is below this",
+    )
     ap.add_argument("--load-tries", type=int, default=5)
     ap.add_argument("--only", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--report", default=None, help="print the tables of an earlier JSON and exit")
@@ -724,17 +898,61 @@ def main() -> None:
         return
 
     ensure_inputs(args)
-    argv = ["--workdir", args.workdir, "--batches", args.batches, "--init-weights", args.init_weights,
-            "--steps", str(args.steps), "--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps),
-            "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens), "--bf16-steps", str(args.bf16_steps),
-            "--bf16-warmup", str(args.bf16_warmup), "--threads", str(args.threads)] + (["--no-eager"] if args.no_eager else []) \
+    argv = (
+        [
+            "--workdir",
+            args.workdir,
+            "--batches",
+            args.batches,
+            "--init-weights",
+            args.init_weights,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--mem-steps",
+            str(args.mem_steps),
+            "--gen-reps",
+            str(args.gen_reps),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--bf16-steps",
+            str(args.bf16_steps),
+            "--bf16-warmup",
+            str(args.bf16_warmup),
+            "--threads",
+            str(args.threads),
+        ]
+        + (["--no-eager"] if args.no_eager else [])
         + (["--no-bridge-floor"] if args.no_bridge_floor else [])
-    res = dict(command=" ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0]) if not sys.argv[0].startswith("/") else sys.argv[0], *sys.argv[1:]]),
-               machine=machine_info(args.threads), versions=versions(), quick=args.quick,
-               setup=dict(layers=LAYERS, rank=RANK, positions="f5+l5 (prompt)", lr=LR, weight_decay=0.0, dtype="float32",
-                          optimizer="AdamW", steps=args.steps, warmup=args.warmup, mem_steps=args.mem_steps,
-                          gen_reps=args.gen_reps, new_tokens=args.new_tokens, batches=args.batches),
-               load1_before_part={}, load_waits=[], part_wall_s={})
+    )
+    res = dict(
+        command=" ".join(
+            shlex.quote(a)
+            for a in [os.path.relpath(sys.argv[0]) if not sys.argv[0].startswith("/") else sys.argv[0], *sys.argv[1:]]
+        ),
+        machine=machine_info(args.threads),
+        versions=versions(),
+        quick=args.quick,
+        setup=dict(
+            layers=LAYERS,
+            rank=RANK,
+            positions="f5+l5 (prompt)",
+            lr=LR,
+            weight_decay=0.0,
+            dtype="float32",
+            optimizer="AdamW",
+            steps=args.steps,
+            warmup=args.warmup,
+            mem_steps=args.mem_steps,
+            gen_reps=args.gen_reps,
+            new_tokens=args.new_tokens,
+            batches=args.batches,
+        ),
+        load1_before_part={},
+        load_waits=[],
+        part_wall_s={},
+    )
     if "parity" in args.parts and "pyreft" not in args.parts and not args.pyreft_json:
         raise SystemExit("parity needs pyreft's init: include the pyreft part or pass --pyreft-json and --init-weights")
     if args.pyreft_json:
@@ -746,7 +964,11 @@ def main() -> None:
         t = time.perf_counter()
         res[part] = run_pyreft(args) if part == "pyreft" else run_child(part, args, argv)
         res["part_wall_s"][part] = round(time.perf_counter() - t, 1)
-        print(f"# {part}: {res['part_wall_s'][part]:.0f} s (load before {res['load1_before_part'][part]:.2f})", file=sys.stderr, flush=True)
+        print(
+            f"# {part}: {res['part_wall_s'][part]:.0f} s (load before {res['load1_before_part'][part]:.2f})",
+            file=sys.stderr,
+            flush=True,
+        )
     res["load1_after"] = os.getloadavg()[0]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")  # first, so a report bug loses nothing

@@ -32,7 +32,9 @@ def main(out: str) -> None:
     dist.init_process_group("gloo")  # "nccl" on GPUs
     torch.set_num_threads(1)
     reft = build()
-    history = reftlens.train(reft, DATA, max_steps=4, batch_size=4, lr=1e-2, group_by_length=False, seed=1, progress=False)
+    history = reftlens.train(
+        reft, DATA, max_steps=4, batch_size=4, lr=1e-2, group_by_length=False, seed=1, progress=False
+    )
     if dist.get_rank() == 0:
         reft.save(os.path.join(out, "reft"))
         with open(os.path.join(out, "losses.json"), "w") as f:

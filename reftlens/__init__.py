@@ -19,6 +19,7 @@ from reftlens.errors import (
     SaveError,
     TrainingError,
 )
+from reftlens.export import from_pyreft, load_hf, merge, save_hf, to_hf, to_peft, to_pyreft
 from reftlens.interventions import (
     DII,
     Collect,
@@ -28,8 +29,8 @@ from reftlens.interventions import (
     LoBiReFT,
     LoReFT,
     MeanAblation,
-    Noise,
     NodiReFT,
+    Noise,
     NoReFT,
     OrthonormalRows,
     Phi,
@@ -41,20 +42,53 @@ from reftlens.interventions import (
     register,
 )
 from reftlens.model import ReftModel
+from reftlens.models import load_model
 from reftlens.positions import parse_positions
 from reftlens.sets import Intervention
-from reftlens.version import __version__
-from reftlens.models import load_model
 from reftlens.training import train
-from reftlens.export import from_pyreft, load_hf, merge, save_hf, to_hf, to_peft, to_pyreft
+from reftlens.version import __version__
 
 __all__ = [
-    "train", "to_hf", "save_hf", "load_hf", "merge", "to_peft", "from_pyreft", "to_pyreft", "NodiReFT",
-    "Intervention", "ReftModel", "load_model", "parse_positions", "register", "Phi",
-    "LoReFT", "NoReFT", "DiReFT", "ConsReFT", "LoBiReFT", "DII", "OrthonormalRows",
-    "Interchange", "ZeroAblation", "MeanAblation", "Steer", "Noise", "Collect",
-    "Scaled", "ProjectOut", "ReFTr1",
-    "ReftError", "PositionError", "CollisionError", "ConfigError", "LoadError", "SaveError", "ExportError",
+    "train",
+    "to_hf",
+    "save_hf",
+    "load_hf",
+    "merge",
+    "to_peft",
+    "from_pyreft",
+    "to_pyreft",
+    "NodiReFT",
+    "Intervention",
+    "ReftModel",
+    "load_model",
+    "parse_positions",
+    "register",
+    "Phi",
+    "LoReFT",
+    "NoReFT",
+    "DiReFT",
+    "ConsReFT",
+    "LoBiReFT",
+    "DII",
+    "OrthonormalRows",
+    "Interchange",
+    "ZeroAblation",
+    "MeanAblation",
+    "Steer",
+    "Noise",
+    "Collect",
+    "Scaled",
+    "ProjectOut",
+    "ReFTr1",
+    "ReftError",
+    "PositionError",
+    "CollisionError",
+    "ConfigError",
+    "LoadError",
+    "SaveError",
+    "ExportError",
     "NonFiniteError",
-    "TrainingError", "AnalysisError", "__version__",
+    "TrainingError",
+    "AnalysisError",
+    "__version__",
 ]

@@ -57,7 +57,9 @@ def demo(model_name: str, steps: int, out: str, lr: float) -> None:
     path = reft.save(out)
     loaded = ReftModel.load(path, model)
     same = loaded.generate(prompts, max_new_tokens=16) == reft.generate(prompts, max_new_tokens=16)
-    print(f"\nsaved to {path} ({', '.join(sorted(p.name for p in path.iterdir()))}); reloaded: same generations = {same}")
+    print(
+        f"\nsaved to {path} ({', '.join(sorted(p.name for p in path.iterdir()))}); reloaded: same generations = {same}"
+    )
 
 
 def tour(model_name: str) -> None:
@@ -71,20 +73,32 @@ def tour(model_name: str) -> None:
     clean, corrupt = "The capital of France is", "The capital of Italy is"
     target = model.tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
     print(f"activation patching on {model_name}: clean {clean!r} → corrupted {corrupt!r}, last token, resid_post")
-    print(f"logit of {model.tokenizer.decode([target])!r} per patched layer (and with a rank-8 DII, a random subspace):")
+    print(
+        f"logit of {model.tokenizer.decode([target])!r} per patched layer (and with a rank-8 DII, a random subspace):"
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for layer in range(model.cfg.n_layers):
-            full = ReftModel(model, Intervention(Interchange(), layers=layer, positions="l1"))([corrupt], sources=[clean])
-            part = ReftModel(model, Intervention(DII(model.cfg.d_model, 8), layers=layer, positions="l1"))([corrupt], sources=[clean])
-            print(f"  layer {layer:2d}: interchange {full[0, -1, target]:8.3f}   DII(rank 8) {part[0, -1, target]:8.3f}")
+            full = ReftModel(model, Intervention(Interchange(), layers=layer, positions="l1"))(
+                [corrupt], sources=[clean]
+            )
+            part = ReftModel(model, Intervention(DII(model.cfg.d_model, 8), layers=layer, positions="l1"))(
+                [corrupt], sources=[clean]
+            )
+            print(
+                f"  layer {layer:2d}: interchange {full[0, -1, target]:8.3f}   DII(rank 8) {part[0, -1, target]:8.3f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reftlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="reftlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train a LoReFT on SmolLM2-135M-Instruct, generate, save, load")
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-llama, tiny-gpt2 or a local HF folder")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="smollm2-135m (default), tiny-llama, tiny-gpt2 or a local HF folder"
+    )
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--out", default="reft-emoji", help="where to save the trained interventions")

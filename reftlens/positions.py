@@ -89,8 +89,7 @@ class PositionSpec:
     def split(self, clamp: bool) -> list["PositionSpec"]:
         """Untied groups: each gets its own Φ."""
         raise ValueError(
-            f"positions {self} cannot be split into untied groups; untied positions need "
-            "'fN+lM' or explicit indices."
+            f"positions {self} cannot be split into untied groups; untied positions need 'fN+lM' or explicit indices."
         )
 
     def to_json(self) -> Any:
@@ -340,8 +339,7 @@ def from_json(data: Any) -> PositionSpec:
         first, last, clamp = data.get("first"), data.get("last"), data.get("clamp_half", False)
         if not (count(first) and count(last) and isinstance(clamp, bool)):
             raise PositionError(
-                f"saved positions {data!r} must be {{'first': N, 'last': M, 'clamp_half': bool}} with counts "
-                "N, M >= 0."
+                f"saved positions {data!r} must be {{'first': N, 'last': M, 'clamp_half': bool}} with counts N, M >= 0."
             )
         if not (first or last):
             raise PositionError(_NOTHING.format(spec=repr(data)))
@@ -353,8 +351,13 @@ def from_json(data: Any) -> PositionSpec:
         return Indices(tuple(indices))
     if isinstance(data, dict) and "slice" in data:
         bounds = data["slice"]
-        if not (isinstance(bounds, (list, tuple)) and len(bounds) == 3 and all(b is None or index(b) for b in bounds[:2])
-                and index(bounds[2]) and bounds[2] > 0):
+        if not (
+            isinstance(bounds, (list, tuple))
+            and len(bounds) == 3
+            and all(b is None or index(b) for b in bounds[:2])
+            and index(bounds[2])
+            and bounds[2] > 0
+        ):
             raise PositionError(
                 f"saved positions {data!r} must be {{'slice': [start, stop, step]}}: ints or null, and a step > 0."
             )

@@ -32,8 +32,8 @@ import torch
 
 from reftlens.errors import LoadError, ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
-from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.interventions.steering import Scaled
+from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import from_json
 
 if TYPE_CHECKING:
@@ -43,14 +43,23 @@ SCHEMA_VERSION = 1
 CONFIG_FILE = "reft_config.json"
 WEIGHTS_FILE = "reft_weights.safetensors"
 BANK_FILE = "reft_bank.json"
-_FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_FLOAT_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def fingerprint(model: Any) -> dict[str, Any]:
     """What a saved set must match: architecture and shapes of the base model."""
     cfg = model.cfg
-    return {"architecture": getattr(cfg, "architecture", None), "d_model": int(cfg.d_model),
-            "n_layers": int(cfg.n_layers), "d_vocab": int(cfg.d_vocab)}
+    return {
+        "architecture": getattr(cfg, "architecture", None),
+        "d_model": int(cfg.d_model),
+        "n_layers": int(cfg.n_layers),
+        "d_vocab": int(cfg.d_vocab),
+    }
 
 
 #: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
@@ -58,16 +67,20 @@ def fingerprint(model: Any) -> dict[str, Any]:
 #: recognises every kind reftlens writes; each writer passes its own kind alone (``markers=``), so
 #: it replaces its own earlier output and refuses another writer's.
 EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
-    (CONFIG_FILE,),                    # ReftModel.save
-    (BANK_FILE,),                      # ReftModel.save of a bank
-    ("reftlens_export.json",),         # export.save_hf
-    ("trainer_state.json",),           # training checkpoints
-    ("config.json", "intkey_*.bin"),   # export.to_pyreft (pyreft/pyvene layout)
+    (CONFIG_FILE,),  # ReftModel.save
+    (BANK_FILE,),  # ReftModel.save of a bank
+    ("reftlens_export.json",),  # export.save_hf
+    ("trainer_state.json",),  # training checkpoints
+    ("config.json", "intkey_*.bin"),  # export.to_pyreft (pyreft/pyvene layout)
 )
 
 
-def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
-               markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS) -> Path:
+def atomic_dir(
+    path: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS,
+) -> Path:
     """Write a folder atomically: fill a temporary sibling, then swap it in by rename.
 
     A crash at any point leaves either the previous folder or the new one, never a mix.
@@ -99,7 +112,9 @@ def atomic_dir(path: str | os.PathLike, write: Callable[[Path], None], *,
     return path
 
 
-def check_save_target(path: str | os.PathLike, *, markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS) -> None:
+def check_save_target(
+    path: str | os.PathLike, *, markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS
+) -> None:
     """Raise :class:`~reftlens.errors.SaveError` unless ``path`` is missing, an empty folder or an
     earlier save recognised by ``markers`` (as :func:`atomic_dir` takes them). Writes nothing, so a
     long job (training) can check where it will save before it starts."""
@@ -156,7 +171,11 @@ def _phi_record(phi: torch.nn.Module) -> dict[str, Any]:
         )
     config = phi.config() if hasattr(phi, "config") else {}
     dtypes = {t.dtype for t in phi.state_dict().values() if t.is_floating_point()}
-    record = {"type": type_name, "config": config, "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None}
+    record = {
+        "type": type_name,
+        "config": config,
+        "dtype": str(next(iter(dtypes))).removeprefix("torch.") if dtypes else None,
+    }
     # rows held at exactly their saved value (e.g. pyreft's R, see OrthonormalRows): held again on load
     held = [name for name, m in phi.named_modules() if isinstance(m, OrthonormalRows) and m.is_held]
     return {**record, "held": held} if held else record
@@ -197,7 +216,9 @@ def set_view(reft: Any, adapter: str) -> Any:
     return SimpleNamespace(phis=phis, units=units, cast=reft.cast, model=getattr(reft, "model", None))
 
 
-def write_bank(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
+def write_bank(
+    reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> None:
     """Write every set of a bank into ``folder`` (``sets/<i>/`` each, and ``reft_bank.json``)."""
     listed = []
     for i, name in enumerate(bank_sets(reft.units)):
@@ -205,8 +226,9 @@ def write_bank(reft: Any, folder: Path, base: dict[str, Any] | None = None, extr
         (folder / sub).mkdir(parents=True)
         write(set_view(reft, name), folder / sub, base, extra)
         listed.append({"name": name, "folder": sub})
-    (folder / BANK_FILE).write_text(json.dumps({"format": "reftlens-bank", "schema_version": SCHEMA_VERSION,
-                                                "sets": listed}, indent=2) + "\n")
+    (folder / BANK_FILE).write_text(
+        json.dumps({"format": "reftlens-bank", "schema_version": SCHEMA_VERSION, "sets": listed}, indent=2) + "\n"
+    )
 
 
 def is_bank(path: str | os.PathLike) -> bool:
@@ -224,8 +246,10 @@ def bank_folders(path: str | os.PathLike) -> dict[str, Path]:
         if meta.get("format") != "reftlens-bank" or not out or not all(isinstance(n, str) for n in out):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError):
-        raise LoadError(f"{file} is not a reftlens bank index (format 'reftlens-bank' with a non-empty list of "
-                        "sets, each a name and a folder); the save is damaged.") from None
+        raise LoadError(
+            f"{file} is not a reftlens bank index (format 'reftlens-bank' with a non-empty list of "
+            "sets, each a name and a folder); the save is damaged."
+        ) from None
     return out
 
 
@@ -240,8 +264,11 @@ def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: di
 
     index = {id(phi): i for i, phi in enumerate(reft.phis)}
     records = [_phi_record(phi) for phi in reft.phis]
-    tensors = {f"phis.{i}.{k}": v.detach().to("cpu").contiguous().clone()
-               for i, phi in enumerate(reft.phis) for k, v in phi.state_dict().items()}
+    tensors = {
+        f"phis.{i}.{k}": v.detach().to("cpu").contiguous().clone()
+        for i, phi in enumerate(reft.phis)
+        for k, v in phi.state_dict().items()
+    }
     units = []
     for u in reft.units:
         try:
@@ -249,19 +276,35 @@ def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: di
             source = u.source_positions.to_json() if u.source_positions is not None else None
         except ValueError as e:
             raise ReftError(f"intervention {u.name!r}: {e}") from None
-        units.append({"name": u.name, "phi": index[id(u.phi)], "layers": list(u.layers), "positions": positions,
-                      "source_positions": source, "hook": u.hook, "stack": u.stack})
+        units.append(
+            {
+                "name": u.name,
+                "phi": index[id(u.phi)],
+                "layers": list(u.layers),
+                "positions": positions,
+                "source_positions": source,
+                "hook": u.hook,
+                "stack": u.stack,
+            }
+        )
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     config = {
-        "format": "reftlens", "schema_version": SCHEMA_VERSION, "reftlens_version": _version(),
-        "phis": records, "units": units, "cast": reft.cast,
+        "format": "reftlens",
+        "schema_version": SCHEMA_VERSION,
+        "reftlens_version": _version(),
+        "phis": records,
+        "units": units,
+        "cast": reft.cast,
         "base_model": base if base is not None else fingerprint(reft.model),
-        "weights_sha256": sha256(folder / WEIGHTS_FILE), **(extra or {}),
+        "weights_sha256": sha256(folder / WEIGHTS_FILE),
+        **(extra or {}),
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | None = None) -> tuple[dict[str, Any], list[torch.nn.Module]]:
+def read(
+    path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | None = None
+) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     """Read and check a save against the base-model fingerprint ``here``: ``(config, phis)``.
 
     Every field of the config is checked (a wrong one raises :class:`LoadError` naming the file
@@ -282,7 +325,9 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
     except UnicodeDecodeError as e:
         raise LoadError(f"{config_path} is not UTF-8 text ({e}); the save is damaged.") from None
     if not isinstance(config, dict):
-        raise LoadError(f"{config_path} must hold a JSON object (the reftlens config); got {_kind(config)}. The save is damaged.")
+        raise LoadError(
+            f"{config_path} must hold a JSON object (the reftlens config); got {_kind(config)}. The save is damaged."
+        )
     if config.get("format") != "reftlens":
         raise LoadError(f"{config_path} is not a reftlens config (format={config.get('format')!r}).")
     version = config.get("schema_version")
@@ -299,11 +344,15 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
         )
     diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
     if diff:
-        raise LoadError(f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on.")
+        raise LoadError(
+            f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on."
+        )
     classes = _check_phis(config, config_path)
     _check_units(config, str(config_path), len(classes), here.get("n_layers"))
     if sha256(weights_path) != config.get("weights_sha256"):
-        raise LoadError(f"{weights_path} does not match the checksum in {CONFIG_FILE}: the file is truncated or was modified.")
+        raise LoadError(
+            f"{weights_path} does not match the checksum in {CONFIG_FILE}: the file is truncated or was modified."
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
@@ -316,7 +365,11 @@ def read(path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | 
             phi.to(_FLOAT_DTYPES[rec["dtype"]])
         state = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"phis.{i}.")}
         for k, v in state.items():
-            if rec["dtype"] is not None and v.is_floating_point() and str(v.dtype).removeprefix("torch.") != rec["dtype"]:
+            if (
+                rec["dtype"] is not None
+                and v.is_floating_point()
+                and str(v.dtype).removeprefix("torch.") != rec["dtype"]
+            ):
                 raise LoadError(f"Φ {i} ({rec['type']}): tensor {k} is {v.dtype} but the config says {rec['dtype']}.")
         try:
             phi.load_state_dict(state, strict=True)
@@ -334,8 +387,10 @@ def _hold(phi: torch.nn.Module, names: Any, where: str) -> None:
     modules = dict(phi.named_modules())
     if not isinstance(names, list) or not all(isinstance(modules.get(n), OrthonormalRows) for n in names):
         rows = [n for n, m in modules.items() if isinstance(m, OrthonormalRows)]
-        raise LoadError(f"{where} must list submodules with orthonormal rows of this Φ (out of {rows}); got {_kind(names)}. "
-                        "The save is damaged.")
+        raise LoadError(
+            f"{where} must list submodules with orthonormal rows of this Φ (out of {rows}); got {_kind(names)}. "
+            "The save is damaged."
+        )
     for n in names:
         modules[n].hold()
 
@@ -344,8 +399,14 @@ def _kind(value: Any) -> str:
     """A short description of a JSON value for messages: ``a list ["loreft"]``, ``null``."""
     if value is None:
         return "null"
-    name = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number"}.get(type(value), type(value).__name__)
+    name = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
     text = json.dumps(value, default=repr, ensure_ascii=False)
     return f"{name} {text}" if len(text) <= 60 else name
 
@@ -359,10 +420,14 @@ def _check_phis(config: dict[str, Any], config_path: Path) -> list[type[torch.nn
     for i, rec in enumerate(records):
         where = f"{config_path}: phis[{i}]"
         if not isinstance(rec, dict):
-            raise LoadError(f"{where} must be an object with type, config and dtype; got {_kind(rec)}. The save is damaged.")
+            raise LoadError(
+                f"{where} must be an object with type, config and dtype; got {_kind(rec)}. The save is damaged."
+            )
         missing = [k for k in ("type", "config", "dtype") if k not in rec]
         if missing:
-            raise LoadError(f"{where} lacks {', '.join(missing)}; a Φ record needs type, config and dtype. The save is damaged.")
+            raise LoadError(
+                f"{where} lacks {', '.join(missing)}; a Φ record needs type, config and dtype. The save is damaged."
+            )
         if not isinstance(rec["type"], str):
             raise LoadError(f"{where}.type must be a string naming a registered Φ type; got {_kind(rec['type'])}.")
         try:
@@ -374,9 +439,7 @@ def _check_phis(config: dict[str, Any], config_path: Path) -> list[type[torch.nn
                 f"{where}.config must be an object of {rec['type']!r}'s constructor arguments; got {_kind(rec['config'])}."
             )
         if rec["dtype"] is not None and rec["dtype"] not in _FLOAT_DTYPES:
-            raise LoadError(
-                f"{where}.dtype must be null or one of {sorted(_FLOAT_DTYPES)}; got {_kind(rec['dtype'])}."
-            )
+            raise LoadError(f"{where}.dtype must be null or one of {sorted(_FLOAT_DTYPES)}; got {_kind(rec['dtype'])}.")
     return classes
 
 
@@ -388,10 +451,14 @@ def _build_phi(cls: type[torch.nn.Module], config: dict[str, Any], where: str) -
         params = None
     if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params):
         named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        required = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty]
+        required = [
+            p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is p.empty
+        ]
         unknown, missing = sorted(set(config) - set(named)), [n for n in required if n not in config]
         if unknown or missing:
-            problems = ([f"unknown key(s) {unknown}"] if unknown else []) + ([f"missing key(s) {missing}"] if missing else [])
+            problems = ([f"unknown key(s) {unknown}"] if unknown else []) + (
+                [f"missing key(s) {missing}"] if missing else []
+            )
             raise LoadError(
                 f"{where} has {' and '.join(problems)} for Φ type {getattr(cls, 'type_name', cls.__name__)!r}, "
                 f"whose constructor takes {named}. The save is damaged or was written for another version of this Φ."
@@ -416,13 +483,17 @@ def _check_units(config: dict[str, Any], file: str, n_phis: int, n_layers: int |
 
     units = config.get("units")
     if not isinstance(units, list):
-        raise LoadError(f"{file}: units must be a list of intervention records; got {_kind(units)}. The save is damaged.")
+        raise LoadError(
+            f"{file}: units must be a list of intervention records; got {_kind(units)}. The save is damaged."
+        )
     if "cast" in config and not isinstance(config["cast"], bool):
         raise LoadError(f"{file}: cast must be true or false; got {_kind(config['cast'])}.")
     for i, u in enumerate(units):
         where = f"{file}: units[{i}]"
         if not isinstance(u, dict):
-            raise LoadError(f"{where} must be an object with {', '.join(_UNIT_FIELDS)}; got {_kind(u)}. The save is damaged.")
+            raise LoadError(
+                f"{where} must be an object with {', '.join(_UNIT_FIELDS)}; got {_kind(u)}. The save is damaged."
+            )
         missing = [k for k in _UNIT_FIELDS if k not in u]
         if missing:
             raise LoadError(
@@ -431,12 +502,21 @@ def _check_units(config: dict[str, Any], file: str, n_phis: int, n_layers: int |
         if not isinstance(u["name"], str):
             raise LoadError(f"{where}.name must be a string; got {_kind(u['name'])}.")
         if not is_int(u["phi"]) or not 0 <= u["phi"] < n_phis:
-            raise LoadError(f"{where}.phi must be the index of one of the {n_phis} saved Φs (0..{n_phis - 1}); got {_kind(u['phi'])}.")
+            raise LoadError(
+                f"{where}.phi must be the index of one of the {n_phis} saved Φs (0..{n_phis - 1}); got {_kind(u['phi'])}."
+            )
         layers = u["layers"]
-        if not isinstance(layers, list) or not layers or not all(is_int(l) for l in layers) or len(set(layers)) != len(layers):
+        if (
+            not isinstance(layers, list)
+            or not layers
+            or not all(is_int(l) for l in layers)
+            or len(set(layers)) != len(layers)
+        ):
             raise LoadError(f"{where}.layers must be a non-empty list of distinct layer indices; got {_kind(layers)}.")
         if n_layers is not None and not all(0 <= l < n_layers for l in layers):
-            raise LoadError(f"{where}.layers {layers} name a layer the model lacks; the model has layers 0..{n_layers - 1}.")
+            raise LoadError(
+                f"{where}.layers {layers} name a layer the model lacks; the model has layers 0..{n_layers - 1}."
+            )
         for key in ("positions", "source_positions"):
             if key == "source_positions" and u[key] is None:
                 continue
@@ -445,7 +525,9 @@ def _check_units(config: dict[str, Any], file: str, n_phis: int, n_layers: int |
             except ValueError as e:
                 raise LoadError(f"{where}.{key}: {e}") from None
         if not isinstance(u["hook"], str) or not u["hook"]:
-            raise LoadError(f"{where}.hook must be a TransformerLens hook name such as 'resid_post'; got {_kind(u['hook'])}.")
+            raise LoadError(
+                f"{where}.hook must be a TransformerLens hook name such as 'resid_post'; got {_kind(u['hook'])}."
+            )
         if u.get("stack") is not None and not is_int(u["stack"]):
             raise LoadError(f"{where}.stack must be null or an int; got {_kind(u['stack'])}.")
 
@@ -461,16 +543,30 @@ def interventions(config: dict[str, Any], phis: list[torch.nn.Module]) -> list[A
     out = []
     for i, u in enumerate(config["units"]):
         try:
-            out.append(Intervention(phis[u["phi"]], layers=u["layers"], positions=from_json(u["positions"]), hook=u["hook"],
-                                    source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
-                                    stack=u.get("stack"), name=u["name"]))
+            out.append(
+                Intervention(
+                    phis[u["phi"]],
+                    layers=u["layers"],
+                    positions=from_json(u["positions"]),
+                    hook=u["hook"],
+                    source_positions=from_json(u["source_positions"]) if u["source_positions"] is not None else None,
+                    stack=u.get("stack"),
+                    name=u["name"],
+                )
+            )
         except ReftError as e:
             raise LoadError(f"{CONFIG_FILE}: units[{i}] ({u['name']!r}): {e}") from None
     return out
 
 
-def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = None, cast: bool | None = None,
-         adapter: str | None = None) -> tuple[Any, bool]:
+def load(
+    path: str | os.PathLike,
+    model: Any,
+    *,
+    dtype: torch.dtype | None = None,
+    cast: bool | None = None,
+    adapter: str | None = None,
+) -> tuple[Any, bool]:
     """Read a saved set for ``model``: ``(interventions, cast)``. Everything is checked before
     anything is returned; :meth:`reftlens.ReftModel.load` wraps the result. A saved bank gives a
     dict of named sets, or with ``adapter=`` the list of that one set."""
@@ -483,7 +579,9 @@ def load(path: str | os.PathLike, model: Any, *, dtype: torch.dtype | None = Non
         loaded = {name: load(folder, model, dtype=dtype, cast=cast) for name, folder in folders.items()}
         return {name: ivs for name, (ivs, _) in loaded.items()}, any(c for _, c in loaded.values())
     if adapter is not None:
-        raise LoadError(f"{path} holds one set, not a bank, so it has no set {adapter!r} to pick; load it without adapter=.")
+        raise LoadError(
+            f"{path} holds one set, not a bank, so it has no set {adapter!r} to pick; load it without adapter=."
+        )
     config, phis = read(path, fingerprint(model), dtype=dtype)
     model_dtype = next(model.parameters()).dtype
     use_cast = config.get("cast", False) if cast is None else cast

@@ -93,8 +93,17 @@ class Intervention:
         return hash((id(self.phi), self.layers, self.hook))
 
     def _key(self) -> tuple:
-        return (id(self.phi), self.layers, self.positions, self.source_positions, self.hook, self.untied,
-                self.overlap, self.stack, self.name)
+        return (
+            id(self.phi),
+            self.layers,
+            self.positions,
+            self.source_positions,
+            self.hook,
+            self.untied,
+            self.overlap,
+            self.stack,
+            self.name,
+        )
 
     def to(self, *args: Any, **kwargs: Any) -> "Intervention":
         """Move or cast Φ (``nn.Module.to`` arguments); returns the intervention itself."""
@@ -107,8 +116,7 @@ class Intervention:
         for layer in layers:
             if not 0 <= layer < n_layers:
                 raise ConfigError(
-                    f"intervention {self.name}: layer {layer} does not exist; the model has layers "
-                    f"0..{n_layers - 1}."
+                    f"intervention {self.name}: layer {layer} does not exist; the model has layers 0..{n_layers - 1}."
                 )
         split_layers = self.untied in (True, "layers")
         split_pos = self.untied in (True, "positions")

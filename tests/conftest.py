@@ -30,3 +30,17 @@ def model(request, tiny_models):
 def plain(model, tokens, mask=None):
     with torch.no_grad():
         return model(tokens, attention_mask=mask)
+
+
+# Tiers: the slow tests are marked so they can be seen and chosen (`-m "not slow"` for a quick run,
+# `-m notebook` for the tutorials). Notebook and multi-process modules mark themselves; a test that
+# takes a real-model fixture is marked here, so a new one is marked without anyone remembering to.
+REAL_MODEL_FIXTURES = {"smollm2", "pyreft_smollm2"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.realmodel)
+        if any(item.get_closest_marker(m) for m in ("notebook", "multiprocess", "realmodel")):
+            item.add_marker(pytest.mark.slow)

@@ -1,10 +1,9 @@
 """The paper's identities on real (tiny) models, and sets of interventions."""
 
-
 import torch
+from conftest import plain
 
 from reftlens import DII, Collect, DiReFT, Interchange, Intervention, LoReFT, ReftModel, Steer, ZeroAblation
-from conftest import plain
 
 PROMPTS = ["the quick brown fox jumps", "a lazy dog", "over the river and through the wood"]
 
@@ -131,10 +130,13 @@ def test_user_defined_phi_module_and_callable(model):
         def forward(self, h):
             return self.s * h
 
-    reft = ReftModel(model, [
-        Intervention(Scale(), layers=1, positions="all"),
-        Intervention(lambda b, s: 0.5 * (b + s), layers=2, positions="l1"),  # with a source
-    ])
+    reft = ReftModel(
+        model,
+        [
+            Intervention(Scale(), layers=1, positions="all"),
+            Intervention(lambda b, s: 0.5 * (b + s), layers=2, positions="l1"),  # with a source
+        ],
+    )
     out = reft(tokens, sources=tokens, attention_mask=mask, source_attention_mask=mask)
     torch.testing.assert_close(out, plain(model, tokens, mask), atol=1e-5, rtol=0)
     with torch.no_grad():

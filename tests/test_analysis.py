@@ -47,7 +47,10 @@ def test_patching_the_last_layer_resid_post_restores_the_clean_run(model):
 
 
 def test_bad_input(model):
-    with pytest.raises(AnalysisError, match=r"clean tokens have shape \(1, 8\) and corrupted tokens \(1, 6\).*same batch size and length"):
+    with pytest.raises(
+        AnalysisError,
+        match=r"clean tokens have shape \(1, 8\) and corrupted tokens \(1, 6\).*same batch size and length",
+    ):
         patch_sweep(model, CLEAN, CORRUPT[:, :6], logit_diff)
     with pytest.raises(ConfigError, match="has no position axis"):
         patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="attn.hook_pattern")
@@ -94,7 +97,9 @@ def test_trace_bounds(model, trace):
     assert "".join(trace.tokens[start:end]).strip() == SUBJECT
     assert trace.values[-1, -1] == pytest.approx(trace.clean, abs=1e-6)  # the whole final state restored
     # before the subject nothing is noisy: restoring there changes nothing
-    torch.testing.assert_close(trace.values[:, :start], torch.full((model.cfg.n_layers, start), trace.corrupted), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        trace.values[:, :start], torch.full((model.cfg.n_layers, start), trace.corrupted), atol=1e-6, rtol=0
+    )
     assert trace.corrupted != pytest.approx(trace.clean, abs=1e-7)
 
 
@@ -163,12 +168,18 @@ def test_sweep_locates_a_trained_refts_edit(model):
 def test_a_non_finite_clean_activation_is_refused_not_patched_in(model, strategy):
     vec = torch.zeros(model.cfg.d_model)
     vec[3] = float("nan")
-    nan_at_2 = ReftModel(model, Intervention(Steer(vec), layers=0, positions=[2]))  # clean run: NaN from layer 0, position 2 on
-    with pytest.raises(NonFiniteError, match=r"intervention 'patch' at blocks.1.hook_in: the source run's activation for "
-                                             r"example 0 at position 2 holds NaN.*pass check_finite=False"):
+    nan_at_2 = ReftModel(
+        model, Intervention(Steer(vec), layers=0, positions=[2])
+    )  # clean run: NaN from layer 0, position 2 on
+    with pytest.raises(
+        NonFiniteError,
+        match=r"intervention 'patch' at blocks.1.hook_in: the source run's activation for "
+        r"example 0 at position 2 holds NaN.*pass check_finite=False",
+    ):
         patch_sweep(model, CLEAN, CORRUPT, logit_diff, layers=[0, 1], clean_with=nan_at_2, strategy=strategy)
-    res = patch_sweep(model, CLEAN, CORRUPT, logit_diff, layers=[0, 1], clean_with=nan_at_2, strategy=strategy,
-                      check_finite=False)  # (layer 1, position 2) is the one NaN clean state among these cells
+    res = patch_sweep(
+        model, CLEAN, CORRUPT, logit_diff, layers=[0, 1], clean_with=nan_at_2, strategy=strategy, check_finite=False
+    )  # (layer 1, position 2) is the one NaN clean state among these cells
     assert res.values[1, 2].isnan() and res.values.isnan().sum() == 1
 
 
@@ -188,14 +199,30 @@ def test_stacked_interventions_apply_in_the_declared_order(model):
     lo = LoReFT(d, 4, init="random")
     base, source = ["the quick brown fox"], ["a lazy dog sat"]
     with pytest.raises(Exception, match="stack="):
-        ReftModel(model, [Intervention(lo, layers=1, positions="l1"), Intervention(Interchange(), layers=1, positions="l1")])
-    patch_on_top = ReftModel(model, [Intervention(lo, layers=1, positions="l1", stack=0),
-                                     Intervention(Interchange(), layers=1, positions="l1", stack=1)])
-    patch_below = ReftModel(model, [Intervention(lo, layers=1, positions="l1", stack=1),
-                                    Intervention(Interchange(), layers=1, positions="l1", stack=0)])
+        ReftModel(
+            model, [Intervention(lo, layers=1, positions="l1"), Intervention(Interchange(), layers=1, positions="l1")]
+        )
+    patch_on_top = ReftModel(
+        model,
+        [
+            Intervention(lo, layers=1, positions="l1", stack=0),
+            Intervention(Interchange(), layers=1, positions="l1", stack=1),
+        ],
+    )
+    patch_below = ReftModel(
+        model,
+        [
+            Intervention(lo, layers=1, positions="l1", stack=1),
+            Intervention(Interchange(), layers=1, positions="l1", stack=0),
+        ],
+    )
     only_patch = ReftModel(model, Intervention(Interchange(), layers=1, positions="l1"))
     with torch.no_grad():
-        top, below, patch = patch_on_top(base, sources=source), patch_below(base, sources=source), only_patch(base, sources=source)
+        top, below, patch = (
+            patch_on_top(base, sources=source),
+            patch_below(base, sources=source),
+            only_patch(base, sources=source),
+        )
         # LoReFT applied to the source's state, by hand
         toks, _ = only_patch.tokenize(source)
         _, cache = model.run_with_cache(toks, names_filter="blocks.1.hook_resid_post")
@@ -225,8 +252,18 @@ def test_replay_reads_only_the_logits_the_metric_needs(model):
 
     for metric, at in [(spread, "auto"), (two, [2, -1]), (two, "all"), (logit_diff_batched, -1)]:
         ref = patch_sweep(model, CLEAN, CORRUPT, metric, hook="resid_pre", strategy="batch", batched=True)
-        ours = patch_sweep(model, CLEAN, CORRUPT, metric, hook="resid_pre", strategy="replay", batched=True,
-                           logits_at=at, layers=[3, 1], batch_size=1)
+        ours = patch_sweep(
+            model,
+            CLEAN,
+            CORRUPT,
+            metric,
+            hook="resid_pre",
+            strategy="replay",
+            batched=True,
+            logits_at=at,
+            layers=[3, 1],
+            batch_size=1,
+        )
         torch.testing.assert_close(ours.values, ref.values[[3, 1]], atol=1e-5, rtol=1e-5)
     with pytest.raises(AnalysisError, match=r"reads logits outside logits_at=\[-1\]"):
         patch_sweep(model, CLEAN, CORRUPT, two, strategy="replay", batched=True, logits_at=[-1])
@@ -243,7 +280,9 @@ def test_replay_refuses_a_model_it_cannot_reproduce(model, monkeypatch):
     strategy='replay' is refused, and 'auto' falls back to whole forwards with the same numbers."""
     handle = model.register_forward_hook(lambda mod, args, out: out * 2)
     try:
-        with pytest.raises(AnalysisError, match=r"strategy='replay' is not available here \(replaying the blocks does not reproduce"):
+        with pytest.raises(
+            AnalysisError, match=r"strategy='replay' is not available here \(replaying the blocks does not reproduce"
+        ):
             patch_sweep(model, CLEAN, CORRUPT, logit_diff, strategy="replay")
         monkeypatch.setattr(patching_module, "REPLAY_MIN_PARAMS", 0)
         auto = patch_sweep(model, CLEAN, CORRUPT, logit_diff)
@@ -263,7 +302,9 @@ def test_a_sweep_runs_its_source_once(model, strategy):
     forwards = []
     handle = model.register_forward_pre_hook(lambda *args: forwards.append(1))
     try:
-        variants = [[restoration(layer, 2, hook)] for hook in ("resid_post", "mlp_out") for layer in range(model.cfg.n_layers)]
+        variants = [
+            [restoration(layer, 2, hook)] for hook in ("resid_post", "mlp_out") for layer in range(model.cfg.n_layers)
+        ]
         sweep.run(variants, lambda indices, logits: None)
     finally:
         handle.remove()
@@ -321,7 +362,9 @@ def test_attribution_equals_a_hand_written_gradient(model, hook, edited):
     torch.testing.assert_close(ours.values, ref.float(), atol=1e-5, rtol=1e-5)
     assert ours.corrupted == pytest.approx(value.item(), abs=1e-5)
     exact = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=hook, **kw)
-    assert torch.corrcoef(torch.stack([ours.values.flatten(), exact.values.flatten()]))[0, 1] > 0.5  # a real approximation
+    assert (
+        torch.corrcoef(torch.stack([ours.values.flatten(), exact.values.flatten()]))[0, 1] > 0.5
+    )  # a real approximation
 
 
 def test_attribution_needs_a_differentiable_metric(model):
@@ -342,8 +385,9 @@ def _steered(model, edited):
 
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(3))
     reft = ReftModel(model, Intervention(Steer(v, alpha=0.5), layers=[0, 1], positions="all", hook="resid_pre"))
-    return dict(clean_with=reft, corrupted_with=reft), [(f"blocks.{l}.hook_resid_pre", lambda h, hook: h + 0.5 * v)
-                                                        for l in (0, 1)]
+    return dict(clean_with=reft, corrupted_with=reft), [
+        (f"blocks.{l}.hook_resid_pre", lambda h, hook: h + 0.5 * v) for l in (0, 1)
+    ]
 
 
 def _cache(model, tokens, steer, names):
@@ -392,7 +436,9 @@ def test_attribution_ig_equals_hand_written_integrated_gradients(model, hook, ed
     torch.testing.assert_close(ours.values, ref.float(), atol=1e-5, rtol=1e-4)
     assert ours.corrupted == pytest.approx(base.item(), abs=1e-5)
     if edited:  # the ReFT moved both runs: the reference above saw it too
-        assert ours.corrupted != pytest.approx(patch_sweep(model, CLEAN, CORRUPT, logit_diff, method="attribution").corrupted)
+        assert ours.corrupted != pytest.approx(
+            patch_sweep(model, CLEAN, CORRUPT, logit_diff, method="attribution").corrupted
+        )
 
 
 def test_a_users_phi_sweeps_like_the_built_in_patching(model):
@@ -434,7 +480,9 @@ def test_the_clean_run_is_run_once(model, sweep):
             patch_heads(model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512)
         else:
             kw, _ = _steered(model, sweep.endswith("clean_with"))
-            patch_sweep(model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512, clean_with=kw.get("clean_with"))
+            patch_sweep(
+                model, CLEAN, CORRUPT, logit_diff, strategy="batch", batch_size=512, clean_with=kw.get("clean_with")
+            )
     finally:
         handle.hook.remove()
         model.hook_dict["hook_embed"].fwd_hooks.remove(handle)

@@ -4,13 +4,32 @@ own set computes alone, in forward, generation, export and training."""
 import pytest
 import torch
 
-from reftlens import (CollisionError, ConfigError, DiReFT, Intervention, LoReFT, NodiReFT, NoReFT, ReftModel, Steer,
-                      ZeroAblation, load_hf, save_hf, to_hf)
+from reftlens import (
+    CollisionError,
+    ConfigError,
+    DiReFT,
+    Intervention,
+    LoReFT,
+    NodiReFT,
+    NoReFT,
+    ReftModel,
+    Steer,
+    ZeroAblation,
+    load_hf,
+    save_hf,
+    to_hf,
+)
 from reftlens.interventions.base import bank_key
 from reftlens.runtime.plan import site_hook
 
-PROMPTS = ["the quick brown fox", "a b", "over the river and through the wood", "hello there", "x y z w",
-           "one two three"]
+PROMPTS = [
+    "the quick brown fox",
+    "a b",
+    "over the river and through the wood",
+    "hello there",
+    "x y z w",
+    "one two three",
+]
 ADAPTERS = ["emoji", "sport", None, "formal", "emoji", "sport"]
 
 
@@ -25,8 +44,10 @@ def make_sets(d, seed=0):
     return {
         "emoji": [Intervention(strong(LoReFT(d, 4, init="random")), layers=[1, 3], positions="f2+l2")],
         "sport": Intervention(strong(LoReFT(d, 4, init="random")), layers=[1, 2], positions="l3"),
-        "formal": [Intervention(strong(DiReFT(d, 2, init="random")), layers=1, positions="l2"),
-                   Intervention(ZeroAblation(d), layers=2, positions=[0])],  # no bank key: one call per set
+        "formal": [
+            Intervention(strong(DiReFT(d, 2, init="random")), layers=1, positions="l2"),
+            Intervention(ZeroAblation(d), layers=2, positions=[0]),
+        ],  # no bank key: one call per set
     }
 
 
@@ -63,7 +84,9 @@ def test_forward_many_is_each_rows_own_phi(cls):
 def test_steer_forward_many_is_exact():
     phis = [Steer(torch.randn(8), scale=s) for s in (1.0, -2.0)]
     h, which = torch.randn(5, 8), torch.tensor([1, 0, 0, 1, 1])
-    assert torch.equal(Steer.forward_many(phis, h, which), torch.stack([phis[w](h[i]) for i, w in enumerate(which.tolist())]))
+    assert torch.equal(
+        Steer.forward_many(phis, h, which), torch.stack([phis[w](h[i]) for i, w in enumerate(which.tolist())])
+    )
 
 
 # ---- forward ------------------------------------------------------------------------------------
@@ -99,8 +122,12 @@ def test_a_set_absent_from_the_batch_adds_no_hook(bank):
 def test_one_name_for_every_example(model, sets, bank):
     tokens, mask = bank.tokenize(PROMPTS)
     with torch.no_grad():
-        torch.testing.assert_close(bank(tokens, attention_mask=mask, adapters="sport"),
-                                   solo_logits(model, sets, "sport", tokens, mask), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            bank(tokens, attention_mask=mask, adapters="sport"),
+            solo_logits(model, sets, "sport", tokens, mask),
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 def test_gradients_reach_only_the_sets_in_the_batch(bank):
@@ -112,13 +139,21 @@ def test_gradients_reach_only_the_sets_in_the_batch(bank):
 
 def test_disjointness_is_checked_within_each_set_per_example(model):
     d = model.cfg.d_model
-    tied = {"a": [Intervention(LoReFT(d, 2), layers=1, positions="f3"), Intervention(LoReFT(d, 2), layers=1, positions="l3")],
-            "b": Intervention(LoReFT(d, 2), layers=1, positions="all")}  # b shares every site with a, never a row
+    tied = {
+        "a": [
+            Intervention(LoReFT(d, 2), layers=1, positions="f3"),
+            Intervention(LoReFT(d, 2), layers=1, positions="l3"),
+        ],
+        "b": Intervention(LoReFT(d, 2), layers=1, positions="all"),
+    }  # b shares every site with a, never a row
     bank = ReftModel(model, tied)
     long, short = "over the river and through the wood", "x"
     bank([short, long, short], adapters=["b", "a", "b"])  # b's "all" on short inputs never meets a's rows
-    with pytest.raises(CollisionError, match=r"'a/loreft\(rank=2\)' \(f3\) and 'a/loreft\(rank=2\)' \(l3\) both edit "
-                                             r"blocks.1.* at example 1"):
+    with pytest.raises(
+        CollisionError,
+        match=r"'a/loreft\(rank=2\)' \(f3\) and 'a/loreft\(rank=2\)' \(l3\) both edit "
+        r"blocks.1.* at example 1",
+    ):
         bank([long, short], adapters=["b", "a"])  # f3 and l3 meet on the short input of set a
 
 
@@ -126,8 +161,11 @@ def test_disjointness_is_checked_within_each_set_per_example(model):
 
 
 def test_unknown_adapter_names_the_name_and_the_sets(bank):
-    with pytest.raises(ConfigError, match=r"adapters\[1\] is 'sprot', which is not a set of this bank; the sets are "
-                                          r"'emoji', 'sport', 'formal'.*add_adapter"):
+    with pytest.raises(
+        ConfigError,
+        match=r"adapters\[1\] is 'sprot', which is not a set of this bank; the sets are "
+        r"'emoji', 'sport', 'formal'.*add_adapter",
+    ):
         bank(PROMPTS[:2], adapters=["emoji", "sprot"])
 
 
@@ -145,8 +183,11 @@ def test_adapters_on_a_plain_set_is_an_error(model, sets):
 
 def test_sets_for_different_models_are_refused(model, sets):
     d = model.cfg.d_model
-    with pytest.raises(ConfigError, match=rf"sets target different models: set 'other' has Φs of width \[{d + 8}\], "
-                                          rf"but sets \['emoji', 'sport', 'formal'\] and this model have d_model={d}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"sets target different models: set 'other' has Φs of width \[{d + 8}\], "
+        rf"but sets \['emoji', 'sport', 'formal'\] and this model have d_model={d}",
+    ):
         ReftModel(model, {**sets, "other": Intervention(LoReFT(d + 8, 2), layers=1)})
 
 
@@ -161,8 +202,12 @@ def test_add_and_remove_a_set_on_a_live_bank(model, sets, bank):
     assert bank.adapters == ["emoji", "sport", "formal", "pirate"] and any(p is extra[0].phi for p in bank.phis)
     with torch.no_grad():
         mixed = bank(tokens, attention_mask=mask, adapters=["pirate", "emoji", None, "pirate", "formal", "sport"])
-    torch.testing.assert_close(mixed[0], ReftModel(model, extra)(tokens[:1], attention_mask=mask[:1])[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(mixed[1], solo_logits(model, sets, "emoji", tokens[1:2], mask[1:2])[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        mixed[0], ReftModel(model, extra)(tokens[:1], attention_mask=mask[:1])[0], rtol=0, atol=1e-5
+    )
+    torch.testing.assert_close(
+        mixed[1], solo_logits(model, sets, "emoji", tokens[1:2], mask[1:2])[0], rtol=0, atol=1e-5
+    )
     assert bank.remove_adapter("pirate") == extra
     assert all(p is not extra[0].phi for p in bank.phis)
     with pytest.raises(ConfigError, match="not a set of this bank"):
@@ -178,9 +223,11 @@ def test_save_and_load_a_bank_and_one_set(model, sets, bank, tmp_path):
     loaded = ReftModel.load(tmp_path / "bank", model)
     assert loaded.adapters == bank.adapters
     with torch.no_grad():
-        assert torch.equal(loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS))
+        assert torch.equal(
+            loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS)
+        )
     one = ReftModel.load(tmp_path / "bank", model, adapter="sport")  # one set out of a saved bank
-    bank.save(tmp_path / "sport", adapter="sport")                      # one set saved as a plain save
+    bank.save(tmp_path / "sport", adapter="sport")  # one set saved as a plain save
     for alone in (one, ReftModel.load(tmp_path / "sport", model)):
         assert alone.bank is None
         with torch.no_grad():
@@ -188,7 +235,9 @@ def test_save_and_load_a_bank_and_one_set(model, sets, bank, tmp_path):
     loaded.remove_adapter("sport")
     loaded.load_adapter("sport", tmp_path / "sport")
     with torch.no_grad():
-        assert torch.equal(loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS))
+        assert torch.equal(
+            loaded(tokens, attention_mask=mask, adapters=ADAPTERS), bank(tokens, attention_mask=mask, adapters=ADAPTERS)
+        )
 
 
 # ---- generation ----------------------------------------------------------------------------------------
@@ -225,8 +274,14 @@ def test_exported_bank_takes_reft_adapters(model, bank, tmp_path):
     real = mask.bool()
     torch.testing.assert_close(theirs[real], ours[real], rtol=0, atol=1e-5)
     left, left_mask = bank.tokenize(PROMPTS)
-    out = hf.generate(input_ids=left, attention_mask=left_mask, reft_adapters=ADAPTERS, max_new_tokens=8,
-                      do_sample=False, pad_token_id=bank.pad_token_id)
+    out = hf.generate(
+        input_ids=left,
+        attention_mask=left_mask,
+        reft_adapters=ADAPTERS,
+        max_new_tokens=8,
+        do_sample=False,
+        pad_token_id=bank.pad_token_id,
+    )
     expected = bank.generate(left, 8, attention_mask=left_mask, adapters=ADAPTERS, eos_token_id=None)
     assert torch.equal(out, expected)
     with pytest.raises(ConfigError, match=r"holds a bank of 3 sets"):
@@ -234,8 +289,9 @@ def test_exported_bank_takes_reft_adapters(model, bank, tmp_path):
     save_hf(hf, tmp_path / "export", tokenizer=tok)
     again = load_hf(tmp_path / "export")
     with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=tokens, attention_mask=mask, reft_adapters=ADAPTERS).logits, theirs,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            again(input_ids=tokens, attention_mask=mask, reft_adapters=ADAPTERS).logits, theirs, rtol=0, atol=1e-5
+        )
 
 
 def test_group_errors_name_every_set(model):
@@ -263,17 +319,28 @@ TRAIN = {  # sets of different sizes: different epochs, schedules and numbers of
 
 def trainable_sets(d, seed=0):
     torch.manual_seed(seed)
-    return {"emoji": [Intervention(LoReFT(d, 4, init="random"), layers=[1, 2], positions="f2+l2")],
-            "sport": Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l2"),
-            "formal": [Intervention(NoReFT(d, 2, init="random"), layers=[0, 3], positions="f1+l1", untied="layers")]}
+    return {
+        "emoji": [Intervention(LoReFT(d, 4, init="random"), layers=[1, 2], positions="f2+l2")],
+        "sport": Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l2"),
+        "formal": [Intervention(NoReFT(d, 2, init="random"), layers=[0, 3], positions="f1+l1", untied="layers")],
+    }
 
 
 def test_joint_training_equals_separate_runs(model, tmp_path):
     import reftlens
 
     d = model.cfg.d_model
-    kw = dict(epochs=2, batch_size=2, grad_accum=2, lr=2e-2, schedule="linear", warmup_steps=1, max_grad_norm=0.5,
-              seed=3, progress=False)
+    kw = dict(
+        epochs=2,
+        batch_size=2,
+        grad_accum=2,
+        lr=2e-2,
+        schedule="linear",
+        warmup_steps=1,
+        max_grad_norm=0.5,
+        seed=3,
+        progress=False,
+    )
     bank = ReftModel(model, trainable_sets(d))
     data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
     history = reftlens.train(bank, data, eval_data=data, **kw)
@@ -282,7 +349,9 @@ def test_joint_training_equals_separate_runs(model, tmp_path):
     for name, rows in TRAIN.items():
         alone = ReftModel(model, separate[name])
         solo = reftlens.train(alone, rows, eval_data=rows, **kw)
-        for a, b in zip(alone.parameters(), [p for ivs in [bank.bank[name]] for iv in ivs for p in iv.phi.parameters()]):
+        for a, b in zip(
+            alone.parameters(), [p for ivs in [bank.bank[name]] for iv in ivs for p in iv.phi.parameters()]
+        ):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
         mine = history.adapter(name)
         assert [r["step"] for r in mine.steps] == [r["step"] for r in solo.steps]
@@ -297,7 +366,9 @@ def test_untied_units_of_a_set_train_together(model):
 
     bank = ReftModel(model, trainable_sets(model.cfg.d_model))
     before = [p.detach().clone() for p in bank.parameters()]
-    reftlens.train(bank, [dict(r, adapter="formal") for r in TRAIN["formal"]], max_steps=2, batch_size=4, progress=False)
+    reftlens.train(
+        bank, [dict(r, adapter="formal") for r in TRAIN["formal"]], max_steps=2, batch_size=4, progress=False
+    )
     changed = [not torch.equal(a, b) for a, b in zip(before, bank.parameters())]
     formal = {id(p) for u in bank.units if u.adapter == "formal" for p in u.phi.parameters()}
     assert changed == [id(p) in formal for p in bank.parameters()]  # only the set with examples moved
@@ -312,7 +383,6 @@ def test_bank_checkpoints_resume_where_an_uninterrupted_run_ends(model, tmp_path
     whole = ReftModel(model, trainable_sets(d))
     full = reftlens.train(whole, data, **kw)
 
-
     class Crash(Exception):
         pass
 
@@ -321,8 +391,14 @@ def test_bank_checkpoints_resume_where_an_uninterrupted_run_ends(model, tmp_path
             raise Crash
 
     with pytest.raises(Crash):
-        reftlens.train(ReftModel(model, trainable_sets(d)), data, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2,
-                       callback=crash_at_3, **kw)
+        reftlens.train(
+            ReftModel(model, trainable_sets(d)),
+            data,
+            checkpoint_dir=tmp_path / "ckpt",
+            checkpoint_every=2,
+            callback=crash_at_3,
+            **kw,
+        )
     resumed = ReftModel(model, trainable_sets(d, seed=9))  # other weights: all come from the checkpoint
     history = reftlens.train(resumed, data, checkpoint_dir=tmp_path / "ckpt", resume=True, **kw)
     assert history.steps == full.steps and history.adapter("sport").steps == full.adapter("sport").steps
@@ -352,7 +428,9 @@ def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the benchmark would run, not skip")
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "benchmarks/gpu_bank.py"], cwd=root, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "benchmarks/gpu_bank.py"], cwd=root, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("gpu_bank: skipped (no CUDA device")
 
@@ -360,7 +438,9 @@ def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
 def test_pyreft_export_of_a_bank_is_refused(bank, tmp_path):
     from reftlens import ExportError, to_pyreft
 
-    with pytest.raises(ExportError, match=r"pyreft holds one intervention set per model.*bank of 3 sets.*Export one set"):
+    with pytest.raises(
+        ExportError, match=r"pyreft holds one intervention set per model.*bank of 3 sets.*Export one set"
+    ):
         to_pyreft(bank, tmp_path / "p")
 
 

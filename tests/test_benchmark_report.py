@@ -27,22 +27,43 @@ def fake_run(name, records, table, rc=0):
     with redirect_stdout(buf):
         for r in records:
             common.headline(name, **r)
-    return {"name": name, "command": f"python benchmarks/{name}.py --x", "wall_s": 1.0, "returncode": rc,
-            "stdout": "# a comment line\n## a section\n" + table + "\n" + buf.getvalue(), "stderr_tail": "boom"}
+    return {
+        "name": name,
+        "command": f"python benchmarks/{name}.py --x",
+        "wall_s": 1.0,
+        "returncode": rc,
+        "stdout": "# a comment line\n## a section\n" + table + "\n" + buf.getvalue(),
+        "stderr_tail": "boom",
+    }
 
 
 def test_report_gathers_headlines_targets_and_failures(tmp_path):
     report = load("report")
     runs = [
-        fake_run("patching_vs_tl", [dict(metric="speed-up", value=14.8, target="≥ 10×", met=True, peer="TL")], "| a | b |\n|---|---|"),
+        fake_run(
+            "patching_vs_tl",
+            [dict(metric="speed-up", value=14.8, target="≥ 10×", met=True, peer="TL")],
+            "| a | b |\n|---|---|",
+        ),
         fake_run("epoch_bbc", [dict(metric="pyreft / reftlens", value=1.18, target="≥ 1.25×", met=False)], "", rc=1),
     ]
-    env = {"date": "d", "machine": "m", "torch_threads": 2, "cuda": "none", "python": "3", "torch": "t",
-           "transformers": "x", "transformer-lens": "4.3", "reftlens": "0.1"}
+    env = {
+        "date": "d",
+        "machine": "m",
+        "torch_threads": 2,
+        "cuda": "none",
+        "python": "3",
+        "torch": "t",
+        "transformers": "x",
+        "transformer-lens": "4.3",
+        "reftlens": "0.1",
+    }
     assert report.draw(runs, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 1000
     text = report.render(runs, env, quick=False, plot="r.png")
     rows = [l for l in text.splitlines() if l.startswith("| patching_vs_tl") or l.startswith("| epoch_bbc")]
-    assert rows[0].startswith("| patching_vs_tl | speed-up | 14.8 | ≥ 10× | yes | TL | `python benchmarks/patching_vs_tl.py --x` |")
+    assert rows[0].startswith(
+        "| patching_vs_tl | speed-up | 14.8 | ≥ 10× | yes | TL | `python benchmarks/patching_vs_tl.py --x` |"
+    )
     assert "| 1.180 | ≥ 1.25× | **no** |" in rows[1]
     assert "::headline::" not in text  # the raw lines are folded into the table
     assert "> a comment line" in text and "#### a section" in text  # a benchmark's own headers stay below the report's
@@ -54,10 +75,21 @@ def test_add_replaces_one_benchmark_in_an_earlier_report_and_marks_another_machi
     suite's order, the rest of the report is kept, a run from another machine is marked, and adding
     the same run again changes nothing."""
     report = load("report")
-    env = {"date": "d", "machine": "CPU A (x86_64, AVX2), 2 cores, 1.0 GiB", "torch_threads": 2, "cuda": "none",
-           "python": "3", "torch": "t", "transformers": "x", "transformer-lens": "4.3", "reftlens": "0.1"}
-    old_runs = [fake_run("patching_vs_tl", [dict(metric="speed-up", value=14.8, target="≥ 10×", met=True)], "| p |"),
-                fake_run("bank", [dict(metric="tokens/s", value=4.7, target="≥ 3×", met=True)], "| bank table |")]
+    env = {
+        "date": "d",
+        "machine": "CPU A (x86_64, AVX2), 2 cores, 1.0 GiB",
+        "torch_threads": 2,
+        "cuda": "none",
+        "python": "3",
+        "torch": "t",
+        "transformers": "x",
+        "transformer-lens": "4.3",
+        "reftlens": "0.1",
+    }
+    old_runs = [
+        fake_run("patching_vs_tl", [dict(metric="speed-up", value=14.8, target="≥ 10×", met=True)], "| p |"),
+        fake_run("bank", [dict(metric="tokens/s", value=4.7, target="≥ 3×", met=True)], "| bank table |"),
+    ]
     old = report.render(old_runs, env, quick=False, plot=None)
     new_run = fake_run("quality_bbc", [dict(metric="accuracy gap", value=-0.02)], "| quality table |")
     elsewhere = dict(env, machine="CPU B (x86_64, AVX512), 2 cores, 1.0 GiB", date="e")

@@ -47,8 +47,15 @@ def test_das_input_errors(planted):
     with pytest.raises(AnalysisError, match="needs 'base', 'source' and 'label'"):
         train_das(model, [{"base": [1, 2], "label": 4}], layers=1, max_steps=1)
     with pytest.raises(AnalysisError, match="same length"):
-        train_das(model, [{"base": [11, 12], "source": [11, 12], "label": 4},
-                          {"base": [11, 12, 13], "source": [11, 12], "label": 4}], layers=1, max_steps=1)
+        train_das(
+            model,
+            [
+                {"base": [11, 12], "source": [11, 12], "label": 4},
+                {"base": [11, 12, 13], "source": [11, 12], "label": 4},
+            ],
+            layers=1,
+            max_steps=1,
+        )
 
 
 def test_principal_angles():

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.multiprocess
 import torch
 
 import reftlens
@@ -19,15 +21,24 @@ def test_two_processes_match_one(tmp_path):
     import ddp_train
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "examples" / "ddp_train.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "examples" / "ddp_train.py"),
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     ddp_losses = json.loads((tmp_path / "losses.json").read_text())
 
     single = ddp_train.build()
-    history = reftlens.train(single, ddp_train.DATA, max_steps=4, batch_size=8, lr=1e-2, group_by_length=False,
-                             seed=1, progress=False)
+    history = reftlens.train(
+        single, ddp_train.DATA, max_steps=4, batch_size=8, lr=1e-2, group_by_length=False, seed=1, progress=False
+    )
     assert ddp_losses == pytest.approx(history.losses, abs=1e-5)
     loaded = reftlens.ReftModel.load(tmp_path / "reft", single.model)
     for a, b in zip(single.parameters(), loaded.parameters()):

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from reftlens import (
-    CollisionError, ConfigError, Interchange, Intervention, LoReFT, NonFiniteError, PositionError, ReftError,
-    ReftModel, ZeroAblation,
+    CollisionError,
+    ConfigError,
+    Interchange,
+    Intervention,
+    LoReFT,
+    NonFiniteError,
+    PositionError,
+    ReftError,
+    ReftModel,
+    ZeroAblation,
 )
 
 
@@ -14,12 +22,17 @@ def lo(model, **kw):
 
 
 def test_wrong_layer(model):
-    with pytest.raises(ConfigError, match=r"intervention loreft\(rank=4\): layer 7 does not exist; the model has layers 0..3"):
+    with pytest.raises(
+        ConfigError, match=r"intervention loreft\(rank=4\): layer 7 does not exist; the model has layers 0..3"
+    ):
         ReftModel(model, Intervention(lo(model), layers=[1, 7]))
 
 
 def test_unknown_hook(model):
-    with pytest.raises(ConfigError, match=r"hook 'resid_middle' at layer 1 \(blocks.1.hook_resid_middle\) does not exist.*hook_resid_post"):
+    with pytest.raises(
+        ConfigError,
+        match=r"hook 'resid_middle' at layer 1 \(blocks.1.hook_resid_middle\) does not exist.*hook_resid_post",
+    ):
         ReftModel(model, Intervention(lo(model), layers=1, hook="resid_middle"))
 
 
@@ -30,7 +43,9 @@ def test_hook_without_a_position_axis(model):
 
 def test_positions_beyond_a_sequence(model):
     reft = ReftModel(model, Intervention(lo(model), layers=1, positions=[0, 6]))
-    with pytest.raises(PositionError, match=r"positions \[0, 6\] ask for real token 6 of example 1, which has 3 real tokens"):
+    with pytest.raises(
+        PositionError, match=r"positions \[0, 6\] ask for real token 6 of example 1, which has 3 real tokens"
+    ):
         reft(["the quick brown fox jumps over", "a b"])
 
 
@@ -59,8 +74,10 @@ def test_device_mismatch(model, monkeypatch):
 def test_a_phi_on_the_meta_device_must_be_materialised_first(model, move):
     with torch.device("meta"):
         phi = lo(model)
-    words = (r"Φ loreft\(rank=4\) of intervention 'steer' is on the meta device: its tensors \(R.A, W.weight, W.bias\) "
-             r"have shapes but no values.*phi.to_empty\(device='cpu'\), then give it values \(phi.load_state_dict")
+    words = (
+        r"Φ loreft\(rank=4\) of intervention 'steer' is on the meta device: its tensors \(R.A, W.weight, W.bias\) "
+        r"have shapes but no values.*phi.to_empty\(device='cpu'\), then give it values \(phi.load_state_dict"
+    )
     with pytest.raises(ConfigError, match=words):
         ReftModel(model, Intervention(phi, layers=1, name="steer"), move=move)
     # the advice works
@@ -109,9 +126,12 @@ def test_a_non_finite_source_is_refused_by_default(model, value, word):
     pad = int((src_mask[1] == 0).sum())
     last = src.shape[1] - 1
     with model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", poison_first_run(1, last, value))]):
-        with pytest.raises(NonFiniteError, match=rf"intervention 'swap' at blocks.1.hook_out: the source run's activation "
-                                                 rf"for example 1 at real token {last - pad} \(padded position {last}\) "
-                                                 rf"holds {word}.*check_finite=False"):
+        with pytest.raises(
+            NonFiniteError,
+            match=rf"intervention 'swap' at blocks.1.hook_out: the source run's activation "
+            rf"for example 1 at real token {last - pad} \(padded position {last}\) "
+            rf"holds {word}.*check_finite=False",
+        ):
             reft(base, sources=src, source_attention_mask=src_mask)
     assert issubclass(NonFiniteError, ReftError)
 
@@ -132,7 +152,9 @@ def test_non_finite_sources_pass_with_check_finite_false(model):
 def test_padded_tokens_without_a_mask(model):
     reft = ReftModel(model, Intervention(lo(model), layers=1, positions="l1"))
     tokens, mask = reft.tokenize(["a", "the quick brown fox"])
-    with pytest.raises(PositionError, match=r"inputs row 0 starts or ends with the pad token 0 but no attention_mask was given"):
+    with pytest.raises(
+        PositionError, match=r"inputs row 0 starts or ends with the pad token 0 but no attention_mask was given"
+    ):
         reft(tokens)
     reft(tokens, attention_mask=mask)
 
@@ -147,7 +169,9 @@ def test_mask_with_gaps(model):
 def test_static_collision_names_both_interventions(model):
     a = Intervention(lo(model), layers=[1, 2], positions="f3", name="a")
     b = Intervention(ZeroAblation(), layers=2, positions=[2, 5], name="b")
-    with pytest.raises(CollisionError, match=r"'a' \(f3\) and 'b' \(\[2, 5\]\) both edit blocks.2.hook_out at real token\(s\) \[2\]"):
+    with pytest.raises(
+        CollisionError, match=r"'a' \(f3\) and 'b' \(\[2, 5\]\) both edit blocks.2.hook_out at real token\(s\) \[2\]"
+    ):
         ReftModel(model, [a, b])
     c = Intervention(ZeroAblation(), layers=2, positions="all", name="c")
     with pytest.raises(CollisionError, match="every position"):
@@ -160,7 +184,10 @@ def test_relative_positions_collide_per_batch(model):
     b = Intervention(lo(model), layers=1, positions="l3", name="last")
     reft = ReftModel(model, [a, b])  # cannot be known before an input
     reft(["the quick brown fox jumps over"])
-    with pytest.raises(CollisionError, match=r"'first' \(f3\) and 'last' \(l3\) both edit blocks.1.hook_out at example 1, real token 0 \(padded position \d+\) of an input with 3 real tokens"):
+    with pytest.raises(
+        CollisionError,
+        match=r"'first' \(f3\) and 'last' \(l3\) both edit blocks.1.hook_out at example 1, real token 0 \(padded position \d+\) of an input with 3 real tokens",
+    ):
         reft(["the quick brown fox jumps over", "a b"])
 
 
@@ -172,20 +199,25 @@ def test_untied_first_last_groups_on_a_short_prompt(model):
     assert n < 10
     with pytest.raises(CollisionError, match=r"untied first/last groups.*overlap='clamp'"):
         reft(short)
-    clamped = ReftModel(model, Intervention(lo(model), layers=1, positions="f5+l5", untied="positions", overlap="clamp"))
+    clamped = ReftModel(
+        model, Intervention(lo(model), layers=1, positions="f5+l5", untied="positions", overlap="clamp")
+    )
     clamped(short)
     # tied, the same spec is one set of positions: overlap merges, no error
     ReftModel(model, Intervention(lo(model), layers=1, positions="f5+l5"))(short)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(layers="x"), "layers must be"),
-    (dict(layers=[1, 1]), "repeat a layer"),
-    (dict(positions="first5"), "unknown position spec 'first5'"),
-    (dict(positions=slice(0, 4, -1)), "positive step"),
-    (dict(untied="both"), "untied must be one of"),
-    (dict(overlap="merge"), "overlap must be"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(layers="x"), "layers must be"),
+        (dict(layers=[1, 1]), "repeat a layer"),
+        (dict(positions="first5"), "unknown position spec 'first5'"),
+        (dict(positions=slice(0, 4, -1)), "positive step"),
+        (dict(untied="both"), "untied must be one of"),
+        (dict(overlap="merge"), "overlap must be"),
+    ],
+)
 def test_bad_intervention_arguments(model, bad, match):
     with pytest.raises(ValueError, match=match):
         Intervention(lo(model), **bad)

@@ -12,8 +12,8 @@ import transformers as T
 import reftlens
 from reftlens import DiReFT, Interchange, Intervention, LoReFT, ReftModel
 from reftlens.export import ExportError, load_hf, save_hf, to_hf
-from reftlens.runtime.hf import decoder_layers
 from reftlens.models import tiny_hf_model, tiny_tokenizer
+from reftlens.runtime.hf import decoder_layers
 
 PROMPTS = ["the quick brown fox", "a", "over the river and"]
 
@@ -21,12 +21,15 @@ PROMPTS = ["the quick brown fox", "a", "over the river and"]
 def build_set(model):
     torch.manual_seed(0)
     d = model.cfg.d_model
-    return ReftModel(model, [
-        Intervention(LoReFT(d, 4, init="random"), layers=[0, 2], positions="f2+l2"),
-        Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l3", hook="attn_out"),
-        Intervention(LoReFT(d, 2, init="random"), layers=model.cfg.n_layers - 1, positions="f1", hook="mlp_out"),
-        Intervention(LoReFT(d, 2, init="random"), layers=1, positions="all", hook="resid_pre"),
-    ])
+    return ReftModel(
+        model,
+        [
+            Intervention(LoReFT(d, 4, init="random"), layers=[0, 2], positions="f2+l2"),
+            Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l3", hook="attn_out"),
+            Intervention(LoReFT(d, 2, init="random"), layers=model.cfg.n_layers - 1, positions="f1", hook="mlp_out"),
+            Intervention(LoReFT(d, 2, init="random"), layers=1, positions="all", hook="resid_pre"),
+        ],
+    )
 
 
 def hf_logits(hf, tokens, mask):
@@ -67,8 +70,17 @@ TINY_CONFIGS = {
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_more_architectures(arch):
     tok = tiny_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = reftlens.load_model(T.AutoModelForCausalLM.from_config(TINY_CONFIGS[arch](common)).eval(), tokenizer=tok)
     reft = build_set(model)
@@ -91,8 +103,9 @@ def test_generate_gives_the_same_tokens_as_reft_generate(model, intervene_on):
     hf = to_hf(reft, intervene_on=intervene_on)
     tokens, mask = reft.tokenize(PROMPTS)
     ours = reft.generate(tokens, 10, attention_mask=mask, eos_token_id=None, intervene_on=intervene_on)
-    theirs = hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
+    theirs = hf.generate(
+        input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     assert torch.equal(ours, theirs)
 
 
@@ -113,7 +126,9 @@ def test_save_and_load_without_transformer_lens(model, tmp_path):
     tokens, mask = reft.tokenize(PROMPTS)
     expected = hf_logits(hf, tokens, mask)
     torch.save({"tokens": tokens, "mask": mask, "logits": expected}, tmp_path / "expected.pt")
-    code = BLOCK_TL + f"""
+    code = (
+        BLOCK_TL
+        + f"""
 import torch, reftlens
 from reftlens.export import load_hf
 m = load_hf({str(path)!r})
@@ -125,8 +140,14 @@ real = e["mask"].bool()
 print("maxdiff", float((got - e["logits"])[real].abs().max()))
 print("tl loaded", "transformer_lens" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tl loaded False" in out.stdout
     assert float(out.stdout.split("maxdiff")[1].split()[0]) < 1e-5
@@ -142,9 +163,12 @@ def test_pickled_base_weights_are_refused_never_unpickled(tiny_models, tmp_path)
     (path / "model.safetensors").unlink()
     state = {k: v for k, v in hf.state_dict().items() if not k.startswith("reft_interventions.")}
     torch.save(state, path / "pytorch_model.bin")  # what save_pretrained(safe_serialization=False) wrote
-    with pytest.raises(reftlens.LoadError, match=rf"{path / 'pytorch_model.bin'}: the base model's weights are a "
-                                                 r"pickled checkpoint.*reftlens loads safetensors only.*"
-                                                 r"model.save_pretrained\(folder\) writes model.safetensors") as err:
+    with pytest.raises(
+        reftlens.LoadError,
+        match=rf"{path / 'pytorch_model.bin'}: the base model's weights are a "
+        r"pickled checkpoint.*reftlens loads safetensors only.*"
+        r"model.save_pretrained\(folder\) writes model.safetensors",
+    ) as err:
         load_hf(path)
     assert "weights_only" not in str(err.value) and "unpickl" not in str(err.value).lower()
     (path / "pytorch_model.bin").unlink()
@@ -170,7 +194,9 @@ def test_save_hf_replaces_only_its_own_earlier_export(tiny_models, tmp_path):
     reft.save(tmp_path / "reft")  # another writer's save is foreign here too
     for folder in (work, tmp_path / "reft"):
         before = files(folder)
-        with pytest.raises(reftlens.SaveError, match=r"is not an earlier save to replace \(it has no reftlens_export.json\)"):
+        with pytest.raises(
+            reftlens.SaveError, match=r"is not an earlier save to replace \(it has no reftlens_export.json\)"
+        ):
             save_hf(hf, folder)
         assert files(folder) == before
     path = save_hf(hf, tmp_path / "exported")
@@ -189,7 +215,9 @@ def test_base_by_reference(tiny_models, tmp_path):
     assert not (path / "model.safetensors").exists()
     tokens, mask = reft.tokenize(PROMPTS)
     real = mask.bool()
-    torch.testing.assert_close(hf_logits(load_hf(path), tokens, mask)[real], hf_logits(hf, tokens, mask)[real], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        hf_logits(load_hf(path), tokens, mask)[real], hf_logits(hf, tokens, mask)[real], atol=1e-6, rtol=0
+    )
 
 
 def test_refusals(model):
@@ -215,8 +243,13 @@ def test_compatibility_mode_is_refused_not_silently_wrong():
 def test_exported_sets_keep_the_stack_order_and_the_collision_check(model):
     d = model.cfg.d_model
     torch.manual_seed(0)
-    stacked = ReftModel(model, [Intervention(reftlens.Steer(torch.randn(d)), layers=1, positions="l2", stack=1),
-                                Intervention(LoReFT(d, 2, init="random"), layers=1, positions="l2", stack=0)])
+    stacked = ReftModel(
+        model,
+        [
+            Intervention(reftlens.Steer(torch.randn(d)), layers=1, positions="l2", stack=1),
+            Intervention(LoReFT(d, 2, init="random"), layers=1, positions="l2", stack=0),
+        ],
+    )
     assert_same(stacked, to_hf(stacked), "left")  # LoReFT first, then the steer, on both paths
     untied = ReftModel(model, Intervention(LoReFT(d, 2), layers=1, positions="f3+l3", untied="positions"))
     hf = to_hf(untied)

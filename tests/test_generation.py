@@ -21,7 +21,7 @@ def reft(model):
 
 def ids(reft, prompts, **kw):
     tokens, mask = reft.tokenize(prompts)
-    return reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None, **kw)[:, tokens.shape[1]:]
+    return reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None, **kw)[:, tokens.shape[1] :]
 
 
 @pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
@@ -67,7 +67,7 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(reft):
 def test_right_padded_prompts_are_moved_to_the_left(reft):
     left = ids(reft, PROMPTS)
     tokens, mask = reft.tokenize(PROMPTS, padding_side="right")
-    right = reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None)[:, tokens.shape[1]:]
+    right = reft.generate(tokens, 16, attention_mask=mask, eos_token_id=None)[:, tokens.shape[1] :]
     assert torch.equal(left, right)
 
 

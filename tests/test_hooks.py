@@ -12,7 +12,9 @@ def hooked(model):
 
 def make(model, **kw):
     torch.manual_seed(0)
-    return ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 4, init="random"), layers=[1, 2], positions="f2+l2", **kw))
+    return ReftModel(
+        model, Intervention(LoReFT(model.cfg.d_model, 4, init="random"), layers=[1, 2], positions="f2+l2", **kw)
+    )
 
 
 def test_an_exception_inside_a_forward_leaves_no_hooks(model):
@@ -20,8 +22,9 @@ def test_an_exception_inside_a_forward_leaves_no_hooks(model):
         def forward(self, h):
             raise RuntimeError("boom")
 
-    reft = ReftModel(model, [Intervention(Steer(torch.ones(model.cfg.d_model)), layers=0),
-                             Intervention(Boom(), layers=2)])
+    reft = ReftModel(
+        model, [Intervention(Steer(torch.ones(model.cfg.d_model)), layers=0), Intervention(Boom(), layers=2)]
+    )
     with pytest.raises(RuntimeError, match="boom"):
         reft("the quick brown fox")
     assert hooked(model) == {}
@@ -80,8 +83,10 @@ def test_sources_are_collected_in_one_forward(model):
     model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: calls.append(x.shape[0]))
     try:
         d = model.cfg.d_model
-        reft = ReftModel(model, [Intervention(DII(d, 2), layers=1, positions="l1"),
-                                 Intervention(DII(d, 2), layers=3, positions="l1")])
+        reft = ReftModel(
+            model,
+            [Intervention(DII(d, 2), layers=1, positions="l1"), Intervention(DII(d, 2), layers=3, positions="l1")],
+        )
         reft(["a b c", "d e f"], sources=["g h i", "j k l"])
     finally:
         model.reset_hooks()

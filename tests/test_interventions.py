@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from reftlens import DII, Collect, ConsReFT, DiReFT, Interchange, LoBiReFT, LoReFT, MeanAblation, Noise, NoReFT, Steer, ZeroAblation
+from reftlens import (
+    DII,
+    Collect,
+    ConsReFT,
+    DiReFT,
+    Interchange,
+    LoBiReFT,
+    LoReFT,
+    MeanAblation,
+    Noise,
+    NoReFT,
+    Steer,
+    ZeroAblation,
+)
 from reftlens.interventions import OrthonormalRows, phi_class, register, registered_types, takes_source
 from reftlens.interventions.base import Phi
 

@@ -36,15 +36,30 @@ TINY_CONFIGS = {
 }
 ARCHS = ("tiny-gpt2", "tiny-llama", *TINY_CONFIGS)
 # which projections can hold the bias a fold adds (natively or through a config switch)
-BIAS_OK = {"tiny-gpt2": (True, True), "tiny-llama": (True, True), "gpt-neox": (True, True),
-           "gemma": (True, False), "qwen2": (False, False), "mistral": (False, False)}
+BIAS_OK = {
+    "tiny-gpt2": (True, True),
+    "tiny-llama": (True, True),
+    "gpt-neox": (True, True),
+    "gemma": (True, False),
+    "qwen2": (False, False),
+    "mistral": (False, False),
+}
 
 
 @pytest.fixture(scope="module")
 def arch_models(tiny_models):
     tok = tiny_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     models = dict(tiny_models)
     for arch, make in TINY_CONFIGS.items():
         torch.manual_seed(0)
@@ -56,11 +71,16 @@ def mergeable_set(model, bias_attn=True, bias_mlp=True, seed=0):
     """LoReFT tied over two layers' mlp_out; DiReFT then LoReFT stacked on one attn_out; all positions."""
     torch.manual_seed(seed)
     d = model.cfg.d_model
-    return ReftModel(model, [
-        Intervention(LoReFT(d, 4, init="random", bias=bias_mlp), layers=[0, 2], hook="mlp_out"),
-        Intervention(DiReFT(d, 2, init="random", bias=bias_attn), layers=1, hook="attn_out", stack=0),
-        Intervention(LoReFT(d, 3, init="random", bias=bias_attn), layers=1, hook="attn_out", stack=1, name="on top"),
-    ]).eval()
+    return ReftModel(
+        model,
+        [
+            Intervention(LoReFT(d, 4, init="random", bias=bias_mlp), layers=[0, 2], hook="mlp_out"),
+            Intervention(DiReFT(d, 2, init="random", bias=bias_attn), layers=1, hook="attn_out", stack=0),
+            Intervention(
+                LoReFT(d, 3, init="random", bias=bias_attn), layers=1, hook="attn_out", stack=1, name="on top"
+            ),
+        ],
+    ).eval()
 
 
 def hf_logits(hf, tokens, mask):
@@ -136,8 +156,9 @@ def test_greedy_generation_gives_the_same_tokens(arch_models, name, tmp_path):
     reft = mergeable_set(model)
     tokens, mask = reft.tokenize(PROMPTS)
     ours = reft.generate(tokens, 10, attention_mask=mask, eos_token_id=None, intervene_on="all")
-    kwargs = dict(input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
-                  eos_token_id=None)
+    kwargs = dict(
+        input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     assert torch.equal(reftlens.merge(reft).generate(**kwargs), ours)
     adapter = peft.PeftModel.from_pretrained(pristine_hf(model), reftlens.to_peft(reft, tmp_path / "a")).eval()
     assert torch.equal(adapter.generate(**kwargs), ours)
@@ -166,7 +187,9 @@ def test_saved_merge_and_adapter_load_with_plain_transformers_and_peft(arch_mode
             expected = reft(tokens, attention_mask=mask)
         torch.save({"tokens": tokens, "mask": mask, "logits": expected}, tmp_path / name / "expected.pt")
         cases[name] = str(tmp_path / name)
-    code = BLOCK + f"""
+    code = (
+        BLOCK
+        + f"""
 import torch
 from transformers import AutoModelForCausalLM
 from peft import AutoPeftModelForCausalLM
@@ -181,8 +204,14 @@ for name, folder in {cases!r}.items():
         print(name, kind, float((got - e["logits"])[real].abs().max()))
 print("blocked", "reftlens" in sys.modules, "transformer_lens" in sys.modules)
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == "blocked False False"
@@ -197,14 +226,28 @@ class Tanh(nn.Module):
         return torch.tanh(h)
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda d: Intervention(LoReFT(d, 2), layers=1, name="resid"), "'resid'.*hook 'resid_post' is not the output of one linear map"),
-    (lambda d: Intervention(LoReFT(d, 2), layers=1, hook="mlp_out", positions="f2+l2", name="fl"),
-     "'fl'.*edits positions f2\\+l2 only.*a weight acts on every position"),
-    (lambda d: Intervention(DII(d, 2), layers=1, hook="attn_out", name="das"), "'das'.*reads s from another \\(source\\) run"),
-    (lambda d: Intervention(Tanh(), layers=1, hook="mlp_out", name="squash"), "'squash'.*no affine form"),
-    (lambda d: Intervention(Noise(0.1, d_model=d), layers=1, hook="mlp_out", name="noise"), "'noise'.*no affine form"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda d: Intervention(LoReFT(d, 2), layers=1, name="resid"),
+            "'resid'.*hook 'resid_post' is not the output of one linear map",
+        ),
+        (
+            lambda d: Intervention(LoReFT(d, 2), layers=1, hook="mlp_out", positions="f2+l2", name="fl"),
+            "'fl'.*edits positions f2\\+l2 only.*a weight acts on every position",
+        ),
+        (
+            lambda d: Intervention(DII(d, 2), layers=1, hook="attn_out", name="das"),
+            "'das'.*reads s from another \\(source\\) run",
+        ),
+        (lambda d: Intervention(Tanh(), layers=1, hook="mlp_out", name="squash"), "'squash'.*no affine form"),
+        (
+            lambda d: Intervention(Noise(0.1, d_model=d), layers=1, hook="mlp_out", name="noise"),
+            "'noise'.*no affine form",
+        ),
+    ],
+)
 def test_what_cannot_fold_is_refused(tiny_models, build, message, tmp_path):
     model = tiny_models["tiny-llama"]
     d = model.cfg.d_model
@@ -218,7 +261,9 @@ def test_what_cannot_fold_is_refused(tiny_models, build, message, tmp_path):
 
 def test_dropout_in_train_mode_is_refused_and_eval_folds(tiny_models):
     model = tiny_models["tiny-gpt2"]
-    reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2, dropout=0.1), layers=1, hook="mlp_out", name="dp"))
+    reft = ReftModel(
+        model, Intervention(LoReFT(model.cfg.d_model, 2, dropout=0.1), layers=1, hook="mlp_out", name="dp")
+    )
     with pytest.raises(ExportError, match="'dp'.*dropout \\(p=0.1\\) is on \\(train mode\\).*reft.eval\\(\\)"):
         reftlens.merge(reft.train())
     reftlens.merge(reft.eval())
@@ -227,8 +272,11 @@ def test_dropout_in_train_mode_is_refused_and_eval_folds(tiny_models):
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
 def test_a_bias_the_class_cannot_hold_is_refused(arch_models, arch, tmp_path):
     reft = mergeable_set(arch_models[arch], bias_attn=False, bias_mlp=True)
-    with pytest.raises(ExportError, match=r"'loreft\(rank=4\)@L0' cannot fold into .*mlp.down_proj: the fold adds a bias"
-                                          r".*no switch.*bias=False"):
+    with pytest.raises(
+        ExportError,
+        match=r"'loreft\(rank=4\)@L0' cannot fold into .*mlp.down_proj: the fold adds a bias"
+        r".*no switch.*bias=False",
+    ):
         reftlens.merge(reft)
     reftlens.to_peft(reft, tmp_path / "adapter")  # a LoRA bias carries it
 
@@ -239,8 +287,10 @@ def test_an_old_peft_without_lora_bias_refuses_only_a_nonzero_bias(tiny_models, 
     with pytest.raises(ExportError, match="has no LoRA bias.*bias=False"):
         reftlens.to_peft(mergeable_set(model), tmp_path / "a")
     path = reftlens.to_peft(mergeable_set(model, bias_attn=False, bias_mlp=False), tmp_path / "b")
-    assert "lora_bias" not in json.loads((path / "adapter_config.json").read_text()) or \
-        not json.loads((path / "adapter_config.json").read_text())["lora_bias"]
+    assert (
+        "lora_bias" not in json.loads((path / "adapter_config.json").read_text())
+        or not json.loads((path / "adapter_config.json").read_text())["lora_bias"]
+    )
 
 
 def test_to_peft_replaces_its_own_folder_and_refuses_others(tiny_models, tmp_path):
@@ -266,8 +316,11 @@ class ScaleShift(Phi):
     def __init__(self, d_model: int, wrong: bool = False):
         super().__init__()
         self.d_model, self.wrong = d_model, wrong
-        self.v, self.a, self.beta = (nn.Parameter(torch.randn(d_model)), nn.Parameter(torch.randn(d_model)),
-                                     nn.Parameter(torch.randn(1)))
+        self.v, self.a, self.beta = (
+            nn.Parameter(torch.randn(d_model)),
+            nn.Parameter(torch.randn(d_model)),
+            nn.Parameter(torch.randn(1)),
+        )
 
     def forward(self, h):
         return h + (h @ self.a + self.beta)[..., None] * self.v
@@ -280,8 +333,13 @@ def test_a_user_phi_with_affine_folds_and_a_wrong_affine_is_caught(tiny_models):
     model = tiny_models["tiny-gpt2"]
     d = model.cfg.d_model
     torch.manual_seed(0)
-    reft = ReftModel(model, [Intervention(ScaleShift(d), layers=[0, 1], hook="attn_out"),
-                             Intervention(Steer(torch.randn(d)), layers=2, hook="mlp_out")])
+    reft = ReftModel(
+        model,
+        [
+            Intervention(ScaleShift(d), layers=[0, 1], hook="attn_out"),
+            Intervention(Steer(torch.randn(d)), layers=2, hook="mlp_out"),
+        ],
+    )
     assert_same_as_hooked(reft, reftlens.merge(reft))
     wrong = ReftModel(model, Intervention(ScaleShift(d, wrong=True), layers=0, hook="attn_out", name="liar"))
     with pytest.raises(ExportError, match="'liar'.*affine\\(\\) disagrees with its forward"):
@@ -289,14 +347,21 @@ def test_a_user_phi_with_affine_folds_and_a_wrong_affine_is_caught(tiny_models):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(1, 3), ranks=st.lists(st.integers(1, 3), min_size=3, max_size=3), conv=st.booleans(),
-       has_bias=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 3),
+    ranks=st.lists(st.integers(1, 3), min_size=3, max_size=3),
+    conv=st.booleans(),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_composition_is_sequential_application(n, ranks, conv, has_bias, seed):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(dtype=torch.float64, generator=g)
     d_in, d_out = 7, 5
     W, b = torch.randn(d_out, d_in, **f64), torch.randn(d_out, **f64) if has_bias else None
-    edits = [Affine(torch.randn(d_out, r, **f64), torch.randn(r, d_out, **f64), torch.randn(r, **f64)) for r in ranks[:n]]
+    edits = [
+        Affine(torch.randn(d_out, r, **f64), torch.randn(r, d_out, **f64), torch.randn(r, **f64)) for r in ranks[:n]
+    ]
     A, B, shift = compose(W.T.contiguous().T if conv else W, b, edits)  # Conv1D hands a transposed view
     x = torch.randn(4, d_in, **f64)
     y = x @ W.T + (0 if b is None else b)
@@ -324,7 +389,12 @@ def test_the_vllm_benchmark_skips_cleanly_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is here: the benchmark would run, not skip")
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_vllm_lora.py")], capture_output=True, text=True,
-                         timeout=120, cwd=root)
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_vllm_lora.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("skipped: ") and "CUDA" in out.stdout

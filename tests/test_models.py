@@ -171,7 +171,10 @@ def test_in_memory_model_with_bare_tokenizer():
     hf, _ = tiny_hf_model("tiny-gpt2")
     bare = PreTrainedTokenizerFast(
         tokenizer_object=models._tiny_backend(),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
     )
     assert bare("a").input_ids[0] != bare.bos_token_id
     bridge = load_model(hf, tokenizer=bare)

@@ -24,8 +24,9 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
 def test_readme_names_the_ci_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    command = ("bash scripts/install.sh && HF_HUB_OFFLINE=1 python3 -m pytest -q "
-               "&& python3 -m mkdocs build --strict --quiet")
+    command = (
+        "bash scripts/install.sh && HF_HUB_OFFLINE=1 python3 -m pytest -q && python3 -m mkdocs build --strict --quiet"
+    )
     assert command in readme.splitlines() and command in ci.splitlines()  # whole lines, identical
 
 

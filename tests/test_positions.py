@@ -61,20 +61,25 @@ def test_specs_that_select_nothing_are_refused(spec):
         parse_positions([])
 
 
-@pytest.mark.parametrize("spec, expected", [("f0+l2", FirstLast(0, 2)), ("f3+l0", FirstLast(3, 0)), ("l1", FirstLast(0, 1))])
+@pytest.mark.parametrize(
+    "spec, expected", [("f0+l2", FirstLast(0, 2)), ("f3+l0", FirstLast(3, 0)), ("l1", FirstLast(0, 1))]
+)
 def test_a_zero_count_beside_a_nonzero_one_is_fine(spec, expected):
     assert parse_positions(spec) == expected
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"first": "2", "last": 0}, r"must be \{'first': N, 'last': M, 'clamp_half': bool\} with counts N, M >= 0"),
-    ({"first": 2}, r"must be \{'first': N, 'last': M"),
-    ({"first": -1, "last": 2}, r"counts N, M >= 0"),
-    ({"indices": [0, "1"]}, r"must be \{'indices': \[...\]\}, a non-empty list of ints"),
-    ({"slice": [0, 2]}, r"must be \{'slice': \[start, stop, step\]\}: ints or null, and a step > 0"),
-    ({"slice": [0, 2, 0]}, r"a step > 0"),
-    ("middle", r"cannot read saved positions 'middle'; expected 'all' or an object"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"first": "2", "last": 0}, r"must be \{'first': N, 'last': M, 'clamp_half': bool\} with counts N, M >= 0"),
+        ({"first": 2}, r"must be \{'first': N, 'last': M"),
+        ({"first": -1, "last": 2}, r"counts N, M >= 0"),
+        ({"indices": [0, "1"]}, r"must be \{'indices': \[...\]\}, a non-empty list of ints"),
+        ({"slice": [0, 2]}, r"must be \{'slice': \[start, stop, step\]\}: ints or null, and a step > 0"),
+        ({"slice": [0, 2, 0]}, r"a step > 0"),
+        ("middle", r"cannot read saved positions 'middle'; expected 'all' or an object"),
+    ],
+)
 def test_malformed_saved_positions_are_position_errors(data, message):
     with pytest.raises(PositionError, match=message):
         from_json(data)

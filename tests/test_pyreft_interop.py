@@ -24,7 +24,15 @@ from torch import nn
 import reftlens
 from reftlens import ConsReFT, DiReFT, Intervention, LoBiReFT, LoReFT, NoReFT, ReftModel, Steer
 from reftlens.errors import CollisionError, ConfigError
-from reftlens.export.pyreft import CODECS, PYREFT_TYPES, NodiReFT, from_pyreft, orthogonal_weight, read_pyreft, to_pyreft
+from reftlens.export.pyreft import (
+    CODECS,
+    PYREFT_TYPES,
+    NodiReFT,
+    from_pyreft,
+    orthogonal_weight,
+    read_pyreft,
+    to_pyreft,
+)
 from reftlens.interventions import OrthonormalRows
 from reftlens.saving import LoadError
 
@@ -32,7 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "pyreft"
 TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"]
 SCRIPT = ROOT / "benchmarks" / "peers" / "make_pyreft_fixtures.py"
-PYREFT_PY = Path(os.environ.get("PYREFT_VENV", Path(__file__).resolve().parent.parent / ".bench" / "venv-pyreft")) / "bin" / "python"
+PYREFT_PY = (
+    Path(os.environ.get("PYREFT_VENV", Path(__file__).resolve().parent.parent / ".bench" / "venv-pyreft"))
+    / "bin"
+    / "python"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +57,11 @@ def llama(tiny_models):
 
 def reference(name):
     folder = FIXTURES / name
-    return folder, json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz", allow_pickle=False)
+    return (
+        folder,
+        json.loads((folder / "reference.json").read_text()),
+        np.load(folder / "reference.npz", allow_pickle=False),
+    )
 
 
 def logits(reft, tokens):
@@ -59,20 +75,24 @@ def phi_states(reft):
 
 def states_equal(a, b):
     return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+        x.keys() == y.keys() and all(x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]) for k in x)
+        for x, y in zip(a, b)
     )
 
 
 def bins(folder):
-    return {p.name: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(Path(folder).glob("intkey_*.bin"))}
+    return {
+        p.name: torch.load(p, map_location="cpu", weights_only=True) for p in sorted(Path(folder).glob("intkey_*.bin"))
+    }
 
 
 def effective(state):
     """What pyreft computes with: the parametrised rotate layer evaluated, the rest as saved."""
     out = {k: v for k, v in state.items() if not k.startswith("rotate_layer.")}
     if "rotate_layer.parametrizations.weight.original" in state:
-        out["rotate"] = orthogonal_weight(state["rotate_layer.parametrizations.weight.original"],
-                                          state["rotate_layer.parametrizations.weight.0.base"])
+        out["rotate"] = orthogonal_weight(
+            state["rotate_layer.parametrizations.weight.original"], state["rotate_layer.parametrizations.weight.0.base"]
+        )
     return out
 
 
@@ -117,8 +137,14 @@ def test_logits_match_pyreft(llama, name):
     for iv, phi in zip(read_pyreft(folder)[0], reft.phis):
         if hasattr(phi, "R"):
             st = iv.state
-            saved = st["rotate_layer"] if "rotate_layer" in st else orthogonal_weight(
-                st["rotate_layer.parametrizations.weight.original"], st["rotate_layer.parametrizations.weight.0.base"])
+            saved = (
+                st["rotate_layer"]
+                if "rotate_layer" in st
+                else orthogonal_weight(
+                    st["rotate_layer.parametrizations.weight.original"],
+                    st["rotate_layer.parametrizations.weight.0.base"],
+                )
+            )
             assert phi.R.is_held and torch.equal(phi.R.weight, saved.T)
 
 
@@ -178,8 +204,10 @@ def test_rotate_layer_matches_pyreft(name):
         if "rotate_layer" in state:
             got = state["rotate_layer"]
         else:
-            got = orthogonal_weight(state["rotate_layer.parametrizations.weight.original"],
-                                    state["rotate_layer.parametrizations.weight.0.base"])
+            got = orthogonal_weight(
+                state["rotate_layer.parametrizations.weight.original"],
+                state["rotate_layer.parametrizations.weight.0.base"],
+            )
         want = npz[f"rotate_{i}"]
         assert got.shape == want.shape
         # a few float32 ulps of the largest entry; a wrong parametrisation is off by ≥ 1e-2
@@ -219,8 +247,11 @@ def test_auto_untied_layout(llama):
     with pytest.raises(ConfigError, match="untied=True"):
         from_pyreft(FIXTURES / "nodireft", llama, positions="f2+l2", untied=True)
     # no default when nothing is recorded (pyreft's own saves): a wrong guess would load silently
-    with pytest.raises(ConfigError, match=r"loreft: pyreft does not save which tokens.*positions=\"l1\" for "
-                                          r"pyreft's README example.*positions=\"f1\+l1\" for its training script"):
+    with pytest.raises(
+        ConfigError,
+        match=r"loreft: pyreft does not save which tokens.*positions=\"l1\" for "
+        r"pyreft's README example.*positions=\"f1\+l1\" for its training script",
+    ):
         from_pyreft(folder, llama)
     # clamping follows pyreft on short prompts: 3 tokens → f1 and l1 only, no collision
     short = torch.tensor([[1, 40, 50]])
@@ -287,8 +318,12 @@ def native_sets(d):
     return {
         "loreft-untied": [Intervention(lo, layers=[1, 3], positions="f2+l2", untied=True)],
         "direft-tied-layers": [Intervention(di, layers=[0, 2], positions="f1+l2")],
-        "mixed": [Intervention(no, layers=1, positions="f2"), Intervention(nd, layers=2, positions="l2"),
-                  Intervention(co, layers=[0, 3], positions="l1"), Intervention(lb, layers=1, positions="l3")],
+        "mixed": [
+            Intervention(no, layers=1, positions="f2"),
+            Intervention(nd, layers=2, positions="l2"),
+            Intervention(co, layers=[0, 3], positions="l1"),
+            Intervention(lb, layers=1, positions="l3"),
+        ],
     }
 
 
@@ -386,8 +421,10 @@ def test_held_R_survives_reftlens_save_and_load(llama, name, tmp_path):
     b = ReftModel.load(tmp_path / "r", llama)
     assert all(m.is_held for phi in b.phis for m in phi.modules() if isinstance(m, OrthonormalRows))
     assert torch.equal(logits(a, npz["tokens"]), logits(b, npz["tokens"]))
-    assert torch.equal(ReftModel.load(tmp_path / "r", llama, dtype=torch.float64, cast=True).phis[0].R.weight,
-                       a.phis[0].R.weight.double())  # a dtype change on load keeps the hold
+    assert torch.equal(
+        ReftModel.load(tmp_path / "r", llama, dtype=torch.float64, cast=True).phis[0].R.weight,
+        a.phis[0].R.weight.double(),
+    )  # a dtype change on load keeps the hold
     # a save of Φs that hold nothing records nothing
     ReftModel(llama, Intervention(LoReFT(llama.cfg.d_model, 2), layers=1, positions="l1")).save(tmp_path / "plain")
     assert "held" not in json.loads((tmp_path / "plain" / "reft_config.json").read_text())["phis"][0]
@@ -400,8 +437,11 @@ def test_a_bad_held_record_is_a_load_error(llama, tmp_path):
     config = json.loads(config_path.read_text())
     config["phis"][0]["held"] = ["W"]
     config_path.write_text(json.dumps(config))
-    with pytest.raises(LoadError, match=r"phis\[0\].held must list submodules with orthonormal rows of this Φ "
-                                        r"\(out of \['R'\]\); got a list \[\"W\"\]"):
+    with pytest.raises(
+        LoadError,
+        match=r"phis\[0\].held must list submodules with orthonormal rows of this Φ "
+        r"\(out of \['R'\]\); got a list \[\"W\"\]",
+    ):
         ReftModel.load(tmp_path / "r", llama)
 
 
@@ -455,8 +495,13 @@ def test_missing_files(llama, tmp_path):
 
 def test_unknown_type_and_component(llama, tmp_path):
     folder = copy_fixture(tmp_path)
-    edit_config(folder, lambda c: c["intervention_types"].__setitem__(0, "<class 'pyvene.models.interventions.VanillaIntervention'>"))
-    with pytest.raises(LoadError, match=r"VanillaIntervention.*Supported pyreft types: LoreftIntervention, NoreftIntervention"):
+    edit_config(
+        folder,
+        lambda c: c["intervention_types"].__setitem__(0, "<class 'pyvene.models.interventions.VanillaIntervention'>"),
+    )
+    with pytest.raises(
+        LoadError, match=r"VanillaIntervention.*Supported pyreft types: LoreftIntervention, NoreftIntervention"
+    ):
         from_pyreft(folder, llama)
     folder = copy_fixture(tmp_path, "noreft")
     edit_config(folder, lambda c: c["representations"][0].__setitem__(1, "mlp_output"))
@@ -478,8 +523,11 @@ def test_base_model_fingerprint(tiny_models, llama, tmp_path):
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["reftlens"]
     assert meta["base_model"] == {"architecture": "LlamaForCausalLM", "d_model": 64, "n_layers": 4, "d_vocab": 400}
     gpt2 = tiny_models["tiny-gpt2"]  # same d_model and n_layers: would load silently
-    with pytest.raises(LoadError, match=r"different base model \(architecture: saved 'LlamaForCausalLM', model "
-                                        r"'GPT2LMHeadModel'\): saved fingerprint .*this model's .*GPT2LMHeadModel"):
+    with pytest.raises(
+        LoadError,
+        match=r"different base model \(architecture: saved 'LlamaForCausalLM', model "
+        r"'GPT2LMHeadModel'\): saved fingerprint .*this model's .*GPT2LMHeadModel",
+    ):
         from_pyreft(tmp_path / "out", gpt2)
     from_pyreft(folder, gpt2, positions=ref["positions"])  # pyreft's own save records none: not checked
 
@@ -494,7 +542,10 @@ def test_model_mismatch(llama, tmp_path):
     folder = copy_fixture(tmp_path, "nodireft")
     for p in folder.glob("intkey_*.bin"):
         state = torch.load(p, weights_only=True)
-        state = {k: (torch.tensor(128) if v.ndim == 0 else torch.cat([v, v], -1) if v.ndim == 2 else v) for k, v in state.items()}
+        state = {
+            k: (torch.tensor(128) if v.ndim == 0 else torch.cat([v, v], -1) if v.ndim == 2 else v)
+            for k, v in state.items()
+        }
         torch.save(state, p)
     with pytest.raises(LoadError, match="hidden size 128.*d_model is 64"):
         from_pyreft(folder, llama)
@@ -532,9 +583,13 @@ def test_to_pyreft_refusals(llama, tmp_path):
     with pytest.raises(ConfigError, match="Steer has no pyreft counterpart"):
         to_pyreft(ReftModel(llama, Intervention(Steer(torch.ones(d)), layers=1, positions="l1")), tmp_path / "a")
     with pytest.raises(ConfigError, match=r"hook blocks\.1\..*resid_post interventions only"):
-        to_pyreft(ReftModel(llama, Intervention(LoReFT(d, 2), layers=1, positions="l1", hook="attn_out")), tmp_path / "b")
-    stacked = [Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=0),
-               Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=1)]
+        to_pyreft(
+            ReftModel(llama, Intervention(LoReFT(d, 2), layers=1, positions="l1", hook="attn_out")), tmp_path / "b"
+        )
+    stacked = [
+        Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=0),
+        Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=1),
+    ]
     with pytest.raises(ConfigError, match="stacked"):
         to_pyreft(ReftModel(llama, stacked), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -559,7 +614,9 @@ def test_to_pyreft_replaces_only_a_pyreft_save(llama, tmp_path):
     reft.save(tmp_path / "reft")
     for folder in (work, hf_folder, tmp_path / "reft"):
         before = files(folder)
-        with pytest.raises(reftlens.SaveError, match=r"not an earlier save to replace \(it has no config.json with intkey_\*.bin\)"):
+        with pytest.raises(
+            reftlens.SaveError, match=r"not an earlier save to replace \(it has no config.json with intkey_\*.bin\)"
+        ):
             to_pyreft(reft, folder)
         assert files(folder) == before
     theirs = tmp_path / "theirs"
@@ -587,18 +644,33 @@ def test_pyreft_loads_to_pyreft_output(llama, tmp_path):
         out = tmp_path / name
         to_pyreft(reft, out)
         np.save(tmp_path / f"{name}.npy", logits(reft, tokens).numpy())
-        cases.append({"dir": str(out), "unit_locations": ref["unit_locations"], "logits_npy": str(tmp_path / f"{name}.npy")})
+        cases.append(
+            {"dir": str(out), "unit_locations": ref["unit_locations"], "logits_npy": str(tmp_path / f"{name}.npy")}
+        )
     # a native set: an untied LoReFT and a DiReFT whose W2 had to be re-factored
     sets = native_sets(llama.cfg.d_model)
-    reft = ReftModel(llama, sets["loreft-untied"] + [Intervention(sets["direft-tied-layers"][0].phi, layers=2, positions="l1")])
+    reft = ReftModel(
+        llama, sets["loreft-untied"] + [Intervention(sets["direft-tied-layers"][0].phi, layers=2, positions="l1")]
+    )
     to_pyreft(reft, tmp_path / "native")
     np.save(tmp_path / "native.npy", logits(reft, tokens).numpy())
     f2, l2, l1 = [[0, 1]] * 2, [[7, 8]] * 2, [[8]] * 2
-    cases.append({"dir": str(tmp_path / "native"), "unit_locations": [f2, f2, l2, l2, l1], "logits_npy": str(tmp_path / "native.npy")})
+    cases.append(
+        {
+            "dir": str(tmp_path / "native"),
+            "unit_locations": [f2, f2, l2, l2, l1],
+            "logits_npy": str(tmp_path / "native.npy"),
+        }
+    )
     (tmp_path / "cases.json").write_text(json.dumps({"tokens": tokens.tolist(), "cases": cases}))
     venv_env = {k: v for k, v in env.items() if k not in ("PYTHONPATH",)}
-    res = subprocess.run([str(PYREFT_PY), str(SCRIPT), "check", "--model-dir", str(model_dir), "--cases", str(tmp_path / "cases.json")],
-                         capture_output=True, text=True, env=venv_env, timeout=300)
+    res = subprocess.run(
+        [str(PYREFT_PY), str(SCRIPT), "check", "--model-dir", str(model_dir), "--cases", str(tmp_path / "cases.json")],
+        capture_output=True,
+        text=True,
+        env=venv_env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     for name, r in report.items():

@@ -10,8 +10,8 @@ import torch
 import reftlens
 import reftlens.saving as saving
 from reftlens import DII, Intervention, LoReFT, MeanAblation, ReftModel, Steer
-from reftlens.interventions import Phi, register
 from reftlens.errors import SaveError
+from reftlens.interventions import Phi, register
 from reftlens.saving import CONFIG_FILE, WEIGHTS_FILE, LoadError, atomic_dir
 
 
@@ -19,13 +19,16 @@ def trained_set(model):
     torch.manual_seed(0)
     d = model.cfg.d_model
     tied = LoReFT(d, 4, init="random")
-    return ReftModel(model, [
-        Intervention(tied, layers=[0, 2], positions="f2+l2"),
-        Intervention(LoReFT(d, 2, init="random"), layers=[1, 3], positions="f3+l3", untied=True, overlap="clamp"),
-        Intervention(Steer(torch.randn(d)), layers=1, positions=slice(2, 4), hook="mlp_out"),
-        Intervention(MeanAblation(torch.randn(d)), layers=3, positions=[-4]),
-        Intervention(DII(d, 3), layers=2, positions="l1", hook="attn_out"),
-    ])
+    return ReftModel(
+        model,
+        [
+            Intervention(tied, layers=[0, 2], positions="f2+l2"),
+            Intervention(LoReFT(d, 2, init="random"), layers=[1, 3], positions="f3+l3", untied=True, overlap="clamp"),
+            Intervention(Steer(torch.randn(d)), layers=1, positions=slice(2, 4), hook="mlp_out"),
+            Intervention(MeanAblation(torch.randn(d)), layers=3, positions=[-4]),
+            Intervention(DII(d, 3), layers=2, positions="l1", hook="attn_out"),
+        ],
+    )
 
 
 def run(reft, model):
@@ -58,7 +61,9 @@ def test_the_folder_holds_no_pickle(model, tmp_path):
 def test_wrong_base_model(tiny_models, tmp_path):
     reft = ReftModel(tiny_models["tiny-llama"], Intervention(LoReFT(64, 4), layers=1))
     reft.save(tmp_path / "r")
-    with pytest.raises(LoadError, match="different base model.*architecture: saved 'LlamaForCausalLM', model 'GPT2LMHeadModel'"):
+    with pytest.raises(
+        LoadError, match="different base model.*architecture: saved 'LlamaForCausalLM', model 'GPT2LMHeadModel'"
+    ):
         ReftModel.load(tmp_path / "r", tiny_models["tiny-gpt2"])
 
 
@@ -168,8 +173,11 @@ def test_saving_onto_a_folder_of_other_files_leaves_them(model, tmp_path):
     (folder / "data.csv").write_text("a,b\n")
     (folder / "sub").mkdir()
     (folder / "sub" / "x.txt").write_text("x")
-    with pytest.raises(SaveError, match=r"holds other files \(data.csv, sub\) and is not an earlier save.*"
-                                        r"has no reft_config.json or reft_bank.json\).*new or empty folder"):
+    with pytest.raises(
+        SaveError,
+        match=r"holds other files \(data.csv, sub\) and is not an earlier save.*"
+        r"has no reft_config.json or reft_bank.json\).*new or empty folder",
+    ):
         trained_set(model).save(folder)
     assert (folder / "data.csv").read_text() == "a,b\n" and (folder / "sub" / "x.txt").read_text() == "x"
     assert sorted(p.name for p in folder.iterdir()) == ["data.csv", "sub"]
@@ -191,8 +199,12 @@ def test_saving_onto_an_earlier_save_or_an_empty_folder_replaces_it(model, tmp_p
 def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
     # the default markers recognise every kind reftlens writes; each writer passes its own kind alone
     # (ReftModel.save here; save_hf, to_pyreft and checkpoints are tested in their own modules)
-    kinds = {"reft": [CONFIG_FILE], "export": ["reftlens_export.json", "config.json"],
-             "checkpoint": ["trainer_state.json", "optimizer.safetensors"], "pyreft": ["config.json", "intkey_a.bin"]}
+    kinds = {
+        "reft": [CONFIG_FILE],
+        "export": ["reftlens_export.json", "config.json"],
+        "checkpoint": ["trainer_state.json", "optimizer.safetensors"],
+        "pyreft": ["config.json", "intkey_a.bin"],
+    }
     for kind, files in kinds.items():
         folder = tmp_path / kind
         folder.mkdir()
@@ -207,8 +219,11 @@ def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
     hf_model_folder = tmp_path / "hf"  # a plain save_pretrained folder is not a pyreft save
     hf_model_folder.mkdir()
     (hf_model_folder / "config.json").write_text("{}")
-    with pytest.raises(SaveError, match=r"has no reft_config.json or reft_bank.json or reftlens_export.json or trainer_state.json "
-                                        r"or config.json with intkey_\*.bin"):
+    with pytest.raises(
+        SaveError,
+        match=r"has no reft_config.json or reft_bank.json or reftlens_export.json or trainer_state.json "
+        r"or config.json with intkey_\*.bin",
+    ):
         atomic_dir(hf_model_folder, lambda tmp: None)
     assert os.listdir(hf_model_folder) == ["config.json"]
     atomic_dir(hf_model_folder, lambda tmp: None, markers=["config.json"])  # a caller can name its own marker
@@ -220,31 +235,76 @@ def set_unit(i, **fields):
 
 
 CORRUPTIONS = {
-    "phis[0].type a list": (lambda c: c["phis"][0].update(type=["loreft"]),
-                            r"phis\[0\].type must be a string naming a registered Φ type; got a list \[\"loreft\"\]"),
-    "phis[0].config unknown key": (lambda c: c["phis"][0]["config"].update(bogus=1),
-                                   r"phis\[0\].config has unknown key\(s\) \['bogus'\] for Φ type 'loreft', whose constructor takes \['d_model', 'rank'"),
-    "phis[0].config missing key": (lambda c: c["phis"][0]["config"].pop("rank"),
-                                   r"phis\[0\].config has missing key\(s\) \['rank'\] for Φ type 'loreft'.*damaged or was written for another version"),
-    "phis[0].config bad value": (lambda c: c["phis"][0]["config"].update(rank="four"),
-                                 r"phis\[0\].config cannot build Φ type 'loreft': TypeError"),
-    "phis[0].config not an object": (lambda c: c["phis"][0].update(config=[64, 4]),
-                                     r"phis\[0\].config must be an object of 'loreft''s constructor arguments; got a list"),
-    "phis[0].dtype": (lambda c: c["phis"][0].update(dtype="int8"),
-                      r"phis\[0\].dtype must be null or one of \['bfloat16', 'float16', 'float32', 'float64'\]; got a string \"int8\""),
-    "phis[0] lacks dtype": (lambda c: c["phis"][0].pop("dtype"), r"phis\[0\] lacks dtype; a Φ record needs type, config and dtype"),
-    "phis[0] not an object": (lambda c: c.update(phis=["loreft"]), r"phis\[0\] must be an object with type, config and dtype"),
+    "phis[0].type a list": (
+        lambda c: c["phis"][0].update(type=["loreft"]),
+        r"phis\[0\].type must be a string naming a registered Φ type; got a list \[\"loreft\"\]",
+    ),
+    "phis[0].config unknown key": (
+        lambda c: c["phis"][0]["config"].update(bogus=1),
+        r"phis\[0\].config has unknown key\(s\) \['bogus'\] for Φ type 'loreft', whose constructor takes \['d_model', 'rank'",
+    ),
+    "phis[0].config missing key": (
+        lambda c: c["phis"][0]["config"].pop("rank"),
+        r"phis\[0\].config has missing key\(s\) \['rank'\] for Φ type 'loreft'.*damaged or was written for another version",
+    ),
+    "phis[0].config bad value": (
+        lambda c: c["phis"][0]["config"].update(rank="four"),
+        r"phis\[0\].config cannot build Φ type 'loreft': TypeError",
+    ),
+    "phis[0].config not an object": (
+        lambda c: c["phis"][0].update(config=[64, 4]),
+        r"phis\[0\].config must be an object of 'loreft''s constructor arguments; got a list",
+    ),
+    "phis[0].dtype": (
+        lambda c: c["phis"][0].update(dtype="int8"),
+        r"phis\[0\].dtype must be null or one of \['bfloat16', 'float16', 'float32', 'float64'\]; got a string \"int8\"",
+    ),
+    "phis[0] lacks dtype": (
+        lambda c: c["phis"][0].pop("dtype"),
+        r"phis\[0\] lacks dtype; a Φ record needs type, config and dtype",
+    ),
+    "phis[0] not an object": (
+        lambda c: c.update(phis=["loreft"]),
+        r"phis\[0\] must be an object with type, config and dtype",
+    ),
     "phis not a list": (lambda c: c.update(phis={"0": {}}), r"phis must be a list of Φ records; got an object"),
-    "base_model not an object": (lambda c: c.update(base_model="gpt2"), r"base_model must be an object with the base model's architecture"),
+    "base_model not an object": (
+        lambda c: c.update(base_model="gpt2"),
+        r"base_model must be an object with the base model's architecture",
+    ),
     "units not a list": (lambda c: c.update(units=None), r"units must be a list of intervention records; got null"),
-    "units[0] lacks layers": (lambda c: c["units"][0].pop("layers"), r"units\[0\] lacks layers; a unit needs name, phi, layers"),
-    "units[0].layers out of range": (set_unit(0, layers=[1, 9]), r"units\[0\].layers \[1, 9\] name a layer the model lacks; the model has layers 0..3"),
-    "units[0].layers a string": (set_unit(0, layers="1"), r"units\[0\].layers must be a non-empty list of distinct layer indices; got a string \"1\""),
-    "units[0].phi out of range": (set_unit(0, phi=3), r"units\[0\].phi must be the index of one of the 1 saved Φs \(0..0\); got a number 3"),
-    "units[0].positions selects nothing": (set_unit(0, positions={"first": 0, "last": 0}), r"units\[0\].positions: position spec .* selects no position"),
-    "units[0].positions unknown": (set_unit(0, positions="middle"), r"units\[0\].positions: cannot read saved positions 'middle'; expected 'all'"),
-    "units[0].positions bad slice": (set_unit(0, positions={"slice": [0, 2]}), r"units\[0\].positions: saved positions .* must be \{'slice': \[start, stop, step\]\}"),
-    "units[0].hook": (set_unit(0, hook=3), r"units\[0\].hook must be a TransformerLens hook name such as 'resid_post'; got a number 3"),
+    "units[0] lacks layers": (
+        lambda c: c["units"][0].pop("layers"),
+        r"units\[0\] lacks layers; a unit needs name, phi, layers",
+    ),
+    "units[0].layers out of range": (
+        set_unit(0, layers=[1, 9]),
+        r"units\[0\].layers \[1, 9\] name a layer the model lacks; the model has layers 0..3",
+    ),
+    "units[0].layers a string": (
+        set_unit(0, layers="1"),
+        r"units\[0\].layers must be a non-empty list of distinct layer indices; got a string \"1\"",
+    ),
+    "units[0].phi out of range": (
+        set_unit(0, phi=3),
+        r"units\[0\].phi must be the index of one of the 1 saved Φs \(0..0\); got a number 3",
+    ),
+    "units[0].positions selects nothing": (
+        set_unit(0, positions={"first": 0, "last": 0}),
+        r"units\[0\].positions: position spec .* selects no position",
+    ),
+    "units[0].positions unknown": (
+        set_unit(0, positions="middle"),
+        r"units\[0\].positions: cannot read saved positions 'middle'; expected 'all'",
+    ),
+    "units[0].positions bad slice": (
+        set_unit(0, positions={"slice": [0, 2]}),
+        r"units\[0\].positions: saved positions .* must be \{'slice': \[start, stop, step\]\}",
+    ),
+    "units[0].hook": (
+        set_unit(0, hook=3),
+        r"units\[0\].hook must be a TransformerLens hook name such as 'resid_post'; got a number 3",
+    ),
     "units[0].stack": (set_unit(0, stack="first"), r"units\[0\].stack must be null or an int"),
     "cast": (lambda c: c.update(cast="yes"), r"cast must be true or false; got a string \"yes\""),
 }
@@ -280,8 +340,12 @@ def test_interventions_checks_the_units_it_is_given(tiny_models, tmp_path):
     with pytest.raises(LoadError, match=r"reft_config.json: units\[0\].layers \[7\] name a layer the model lacks"):
         saving.interventions(bad, phis)
     bad["units"][0].update(layers=[1], positions={"indices": []})
-    with pytest.raises(LoadError, match=r"reft_config.json: units\[0\].positions: saved positions .* non-empty list of ints"):
+    with pytest.raises(
+        LoadError, match=r"reft_config.json: units\[0\].positions: saved positions .* non-empty list of ints"
+    ):
         saving.interventions(bad, phis)
     bad["units"][0].update(positions="all", source_positions="all")  # LoReFT takes no source
-    with pytest.raises(LoadError, match=r"reft_config.json: units\[0\] \('loreft\(rank=4\)'\): source_positions given for"):
+    with pytest.raises(
+        LoadError, match=r"reft_config.json: units\[0\] \('loreft\(rank=4\)'\): source_positions given for"
+    ):
         saving.interventions(bad, phis)

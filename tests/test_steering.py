@@ -6,8 +6,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reftlens import (AnalysisError, ConfigError, Intervention, LoReFT, ProjectOut, ReFTr1, ReftError, ReftModel, Scaled,
-                      Steer, TrainingError, to_hf, train)
+from reftlens import (
+    AnalysisError,
+    ConfigError,
+    Intervention,
+    LoReFT,
+    ProjectOut,
+    ReftError,
+    ReftModel,
+    ReFTr1,
+    Scaled,
+    Steer,
+    TrainingError,
+    to_hf,
+    train,
+)
 from reftlens.analysis.toy import EVEN, ODD, planted_variable_model
 from reftlens.steering import alpha_sweep, auroc, collect, diff_mean, pca, probe
 from reftlens.training import Example, Preference, encode, evaluate
@@ -124,7 +137,6 @@ def test_direction_errors_say_what_to_give():
         auroc(torch.randn(4), torch.tensor([0, 1]))
 
 
-
 # ---- steering: α sweeps, positions, suppression ------------------------------------------------
 
 
@@ -139,8 +151,9 @@ def test_alpha_zero_is_the_identity(steer, model):
     with torch.no_grad():
         assert torch.equal(steer.scaled(0.0)(tokens, attention_mask=mask), model(tokens, attention_mask=mask))
     base = ReftModel(model, Intervention(Steer(model.cfg.d_model), layers=1))  # v = 0: the base model
-    assert alpha_sweep(steer, PROMPTS, [0.0], 12, intervene_on="all", eos_token_id=None)[0] == \
-        base.generate(PROMPTS, 12, intervene_on="all", eos_token_id=None)
+    assert alpha_sweep(steer, PROMPTS, [0.0], 12, intervene_on="all", eos_token_id=None)[0] == base.generate(
+        PROMPTS, 12, intervene_on="all", eos_token_id=None
+    )
 
 
 @pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
@@ -225,8 +238,10 @@ def test_scaled_errors_and_steer_saves_written_with_scale_still_load(steer, tmp_
 
 # ---- ReFT-r1 and the preference objective --------------------------------------------------------
 
-DATA = [{"prompt": p, "completion": "a b a b a", "rejected": "x y z x y"}
-        for p in ["say one", "say two", "tell me three", "go four", "and five", "now six"]]
+DATA = [
+    {"prompt": p, "completion": "a b a b a", "rejected": "x y z x y"}
+    for p in ["say one", "say two", "tell me three", "go four", "and five", "now six"]
+]
 
 
 @settings(max_examples=30, deadline=None)
@@ -269,8 +284,9 @@ def test_reft_r1_trains_saves_loads_and_exports(model, tmp_path):
     torch.testing.assert_close(theirs[real], ours[real], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("make", [lambda d: Steer(d), lambda d: LoReFT(d, 2), lambda d: ReFTr1(d, k=2)],
-                         ids=["steer", "loreft", "reft_r1"])
+@pytest.mark.parametrize(
+    "make", [lambda d: Steer(d), lambda d: LoReFT(d, 2), lambda d: ReFTr1(d, k=2)], ids=["steer", "loreft", "reft_r1"]
+)
 def test_the_preference_objective_trains(model, make, tmp_path):
     torch.manual_seed(0)
     reft = ReftModel(model, Intervention(make(model.cfg.d_model), layers=[1, 2], positions="all"))
@@ -294,9 +310,13 @@ def test_the_preference_objective_measures_both_directions(model):
     def margins():
         with torch.no_grad():
             n = len(examples)
-            rows = [Example(e.prompt, e.completion) for e in examples] + [Example(e.prompt, e.rejected) for e in examples]
-            lp = objective._mean_logprob(rows * 2, torch.tensor([1.0] * 2 * n + [-1.0] * 2 * n), reft.pad_token_id, reft.device)
-            return float((lp[:n] - lp[n:2 * n]).mean()), float((lp[2 * n:3 * n] - lp[3 * n:]).mean())
+            rows = [Example(e.prompt, e.completion) for e in examples] + [
+                Example(e.prompt, e.rejected) for e in examples
+            ]
+            lp = objective._mean_logprob(
+                rows * 2, torch.tensor([1.0] * 2 * n + [-1.0] * 2 * n), reft.pad_token_id, reft.device
+            )
+            return float((lp[:n] - lp[n : 2 * n]).mean()), float((lp[2 * n : 3 * n] - lp[3 * n :]).mean())
 
     up0, down0 = margins()
     train(reft, DATA, max_steps=12, batch_size=len(DATA), lr=0.05, objective=objective, progress=False)
@@ -314,7 +334,7 @@ def test_the_preference_objective_needs_rejected_completions(model):
 
 @pytest.mark.parametrize("intervene_on", ["prompt", "all", "generated"])
 def test_training_edits_the_part_of_the_sequence_generation_edits(model, intervene_on):
-    """"f1+l1" are the ends of the prompt, of the whole sequence or of the completion; the first
+    """ "f1+l1" are the ends of the prompt, of the whole sequence or of the completion; the first
     completion token, predicted at the last prompt position, moves unless only generated tokens are edited."""
     from reftlens.training import collate
     from reftlens.training.loop import edited_part, forward
@@ -325,8 +345,11 @@ def test_training_edits_the_part_of_the_sequence_generation_edits(model, interve
     plan = reft.plan(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=edited_part(batch, intervene_on))
     where = [m.nonzero().squeeze(1).tolist() for m in plan.masks[id(reft.units[0])]]
     n_prompt, n_all = batch.prompt_mask.sum(1).tolist(), batch.attention_mask.sum(1).tolist()
-    ends = {"prompt": [[0, p - 1] for p in n_prompt], "all": [[0, a - 1] for a in n_all],
-            "generated": [[p, a - 1] for p, a in zip(n_prompt, n_all)]}
+    ends = {
+        "prompt": [[0, p - 1] for p in n_prompt],
+        "all": [[0, a - 1] for a in n_all],
+        "generated": [[p, a - 1] for p, a in zip(n_prompt, n_all)],
+    }
     assert where == ends[intervene_on]
     with torch.no_grad():
         edited, labels = forward(reft, batch, intervene_on)

@@ -65,7 +65,7 @@ def test_generate_takes_prepend_bos(model):
     tokens, mask = reft.tokenize(PROMPTS, prepend_bos=False)
     ids = reft.generate(tokens, 4, attention_mask=mask)
     texts = reft.generate(PROMPTS, 4, prepend_bos=False)
-    assert texts == [model.tokenizer.decode(row[tokens.shape[1]:], skip_special_tokens=True) for row in ids.tolist()]
+    assert texts == [model.tokenizer.decode(row[tokens.shape[1] :], skip_special_tokens=True) for row in ids.tolist()]
     chat = [model.tokenizer.bos_token + p for p in PROMPTS]  # starts with its start token already
     assert reft.generate(chat, 4) == reft.generate(PROMPTS, 4)
 
@@ -76,8 +76,9 @@ def test_training_data_takes_prepend_bos(model):
     bos = model.tokenizer.bos_token_id
     default, _, _ = loop._setup_data(reft, rows, None, loop.TrainConfig())
     without, _, _ = loop._setup_data(reft, rows, None, loop.TrainConfig(prepend_bos=False))
-    own, _, _ = loop._setup_data(reft, [{**r, "prompt": model.tokenizer.bos_token + r["prompt"]} for r in rows], None,
-                                 loop.TrainConfig())
+    own, _, _ = loop._setup_data(
+        reft, [{**r, "prompt": model.tokenizer.bos_token + r["prompt"]} for r in rows], None, loop.TrainConfig()
+    )
     for d, w, o in zip(default, without, own):
         assert d.prompt[0] == bos and d.prompt[1:] == w.prompt and o.prompt == d.prompt
     assert reftlens.train(reft, rows, max_steps=1, batch_size=2, prepend_bos=False, progress=False).steps
@@ -87,7 +88,7 @@ def test_analyses_follow_the_rule(model):
     tok = model.tokenizer
     tokens, span = subject_span(model, tok.bos_token + "The Space Needle is in", "Space Needle")
     assert tokens[0, 0] == tok.bos_token_id and tokens[0, 1] != tok.bos_token_id
-    assert tok.decode(tokens[0, span[0]:span[1]]).strip() == "Space Needle"
+    assert tok.decode(tokens[0, span[0] : span[1]]).strip() == "Space Needle"
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +100,17 @@ def smollm2_tokenizer_model():
     from reftlens.models import smollm2_dir
 
     tok = T.AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
-    cfg = T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = T.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     return reftlens.load_model(T.LlamaForCausalLM(cfg).eval(), tokenizer=tok)
 

@@ -38,7 +38,9 @@ def test_identity_init_starts_from_the_base_models_loss(model):
     examples = encode(model, DATA[:4])
     batch = collate(examples, reft.pad_token_id)
     with torch.no_grad():
-        plain = token_losses(model(batch.tokens, attention_mask=batch.attention_mask), batch.labels) / batch.n_target_tokens
+        plain = (
+            token_losses(model(batch.tokens, attention_mask=batch.attention_mask), batch.labels) / batch.n_target_tokens
+        )
     history = reftlens.train(reft, DATA[:4], max_steps=1, batch_size=4, lr=0.0, progress=False, group_by_length=False)
     assert history.losses[0] == pytest.approx(plain.item(), abs=1e-5)
 
@@ -87,7 +89,9 @@ def test_positions_follow_the_prompt_not_the_completion(model):
     ex = encode(model, DATA[:2])
     batch = collate(ex, reft.pad_token_id)
     reft(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask)
-    _, cache = model.run_with_cache(batch.tokens, attention_mask=batch.attention_mask, names_filter="blocks.1.hook_resid_post")
+    _, cache = model.run_with_cache(
+        batch.tokens, attention_mask=batch.attention_mask, names_filter="blocks.1.hook_resid_post"
+    )
     last_prompt = [len(e.prompt) - 1 for e in ex]
     expected = torch.stack([cache["blocks.1.hook_resid_post"][i, p] for i, p in enumerate(last_prompt)])
     torch.testing.assert_close(collect.activations[0], expected, atol=1e-5, rtol=0)
@@ -125,7 +129,9 @@ def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(model, tmp_path):
 
     interrupted = fresh(model, rank=4)
     with pytest.raises(Crash):
-        reftlens.train(interrupted, DATA, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3, callback=crash_at_4, **kw)
+        reftlens.train(
+            interrupted, DATA, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3, callback=crash_at_4, **kw
+        )
     resumed = fresh(model, seed=99, rank=4)  # different init: everything must come from the checkpoint
     history = reftlens.train(resumed, DATA, checkpoint_dir=tmp_path / "ckpt", resume=True, **kw)
     assert [s["step"] for s in history.steps] == [1, 2, 3, 4, 5, 6]
@@ -143,13 +149,18 @@ def test_checkpoints_replace_only_an_earlier_checkpoint(tiny_models, tmp_path):
     (work / "data.csv").write_text("a,b\n")
     fresh(model).save(tmp_path / "reft")  # a ReftModel.save folder is not a checkpoint
     steps = []
-    for target, words in [(notes, "it is a file"), (work, r"it has no trainer_state.json"),
-                          (tmp_path / "reft", r"it has no trainer_state.json")]:
+    for target, words in [
+        (notes, "it is a file"),
+        (work, r"it has no trainer_state.json"),
+        (tmp_path / "reft", r"it has no trainer_state.json"),
+    ]:
         before = target.read_bytes() if target.is_file() else {p.name: p.read_bytes() for p in target.iterdir()}
         with pytest.raises(reftlens.SaveError, match=words):  # refused before the first step, not after it
             reftlens.train(fresh(model), DATA, checkpoint_dir=target, callback=steps.append, **kw)
         assert steps == []
-        assert before == (target.read_bytes() if target.is_file() else {p.name: p.read_bytes() for p in target.iterdir()})
+        assert before == (
+            target.read_bytes() if target.is_file() else {p.name: p.read_bytes() for p in target.iterdir()}
+        )
     ckpt = tmp_path / "ckpt"
     reftlens.train(fresh(model), DATA, checkpoint_dir=ckpt, **kw)
     first = (ckpt / "trainer_state.json").read_text()
@@ -161,22 +172,31 @@ def test_checkpoints_replace_only_an_earlier_checkpoint(tiny_models, tmp_path):
 def test_a_nan_loss_names_the_step_and_the_intervention(model):
     d = model.cfg.d_model
     bad = Steer(torch.zeros(d))
-    reft = ReftModel(model, [Intervention(LoReFT(d, 2), layers=1, positions="l1", name="good"),
-                             Intervention(bad, layers=2, positions="l1", name="exploding")])
+    reft = ReftModel(
+        model,
+        [
+            Intervention(LoReFT(d, 2), layers=1, positions="l1", name="good"),
+            Intervention(bad, layers=2, positions="l1", name="exploding"),
+        ],
+    )
 
     def poison(record):
         if record["step"] == 2:
             with torch.no_grad():
                 bad.vector.fill_(float("nan"))
 
-    with pytest.raises(TrainingError, match=r"loss is nan at step 3 \(epoch 0\): intervention 'exploding' has non-finite parameters"):
+    with pytest.raises(
+        TrainingError, match=r"loss is nan at step 3 \(epoch 0\): intervention 'exploding' has non-finite parameters"
+    ):
         reftlens.train(reft, DATA, max_steps=5, batch_size=4, progress=False, callback=poison)
 
 
 def test_classification_reports_label_accuracy(model):
     data = [{"prompt": f"the {w} fox is", "label": "good" if i % 2 else "bad"} for i, w in enumerate(WORDS)]
     reft = fresh(model, positions="l1")
-    history = reftlens.train(reft, data, eval_data=data, task="classification", max_steps=30, batch_size=6, lr=3e-2, progress=False)
+    history = reftlens.train(
+        reft, data, eval_data=data, task="classification", max_steps=30, batch_size=6, lr=3e-2, progress=False
+    )
     ev = history.evals[-1]
     assert set(ev) == {"step", "loss", "accuracy"} and 0.0 <= ev["accuracy"] <= 1.0
     assert ev["accuracy"] > 0.5  # 12 examples, 2 classes: the edit learns the prompt → label map
@@ -216,8 +236,18 @@ def test_options_and_errors(model):
     with pytest.raises(ValueError, match="no chat template"):
         reftlens.train(reft, DATA, max_steps=1, chat_template=True, progress=False)
     records = []
-    h = reftlens.train(reft, DATA, max_steps=2, precision="bf16", max_grad_norm=1.0, weight_decay=0.01,
-                       eval_data=DATA[:4], eval_every=1, callback=records.append, progress=False)
+    h = reftlens.train(
+        reft,
+        DATA,
+        max_steps=2,
+        precision="bf16",
+        max_grad_norm=1.0,
+        weight_decay=0.01,
+        eval_data=DATA[:4],
+        eval_every=1,
+        callback=records.append,
+        progress=False,
+    )
     assert all(math.isfinite(x) for x in h.losses) and len(h.evals) == 2
     assert [r.get("eval", False) for r in records] == [False, True, False, True]
 
@@ -249,8 +279,9 @@ def test_train_step_is_the_step_of_train(model):
     """The recipe's pieces, run by hand as a notebook would, reproduce train(): same losses, same Φs."""
     from reftlens.training.loop import TrainConfig, _count_steps, _setup_optimizer, _step_batches, train_step
 
-    kw = dict(max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, seed=5, schedule="cosine", warmup_steps=1,
-              max_grad_norm=1.0)
+    kw = dict(
+        max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, seed=5, schedule="cosine", warmup_steps=1, max_grad_norm=1.0
+    )
     a, b = fresh(model), fresh(model)
     history = reftlens.train(a, DATA, progress=False, **kw)
     cfg = TrainConfig(**kw)
@@ -263,11 +294,16 @@ def test_train_step_is_the_step_of_train(model):
     records = []
     for step in range(total):
         epoch, group = _step_batches(examples, cfg, 1, step, steps_per_epoch)
-        records.append(train_step(b, optimizer, scheduler, examples, group, step=step, epoch=epoch,
-                                  max_grad_norm=cfg.max_grad_norm))
+        records.append(
+            train_step(
+                b, optimizer, scheduler, examples, group, step=step, epoch=epoch, max_grad_norm=cfg.max_grad_norm
+            )
+        )
     b.eval()
     assert records == history.steps
-    assert sum(r["tokens"] for r in records) == 2 * sum(len(e.completion) for e in examples)  # two epochs, each example once
+    assert sum(r["tokens"] for r in records) == 2 * sum(
+        len(e.completion) for e in examples
+    )  # two epochs, each example once
     assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
 
 
@@ -277,8 +313,9 @@ def test_training_on_nothing_is_an_error(model):
     for kw in ({}, {"max_steps": 5}, {"epochs": 3, "task": "classification"}):
         with pytest.raises(TrainingError) as err:
             reftlens.train(reft, [], progress=False, **kw)
-        assert str(err.value).startswith("data is empty: there is nothing to train on. Pass a list of "
-                                         "{'prompt': ..., 'completion': ...} dicts")
+        assert str(err.value).startswith(
+            "data is empty: there is nothing to train on. Pass a list of {'prompt': ..., 'completion': ...} dicts"
+        )
         assert "datasets.Dataset" in str(err.value)
     datasets = pytest.importorskip("datasets")
     with pytest.raises(TrainingError, match="^data is empty"):
@@ -292,8 +329,10 @@ def test_evaluating_on_nothing_is_an_error(model):
     reft = fresh(model)
     with pytest.raises(TrainingError) as err:
         reftlens.train(reft, DATA, eval_data=[], max_steps=1, progress=False)
-    assert str(err.value) == ("eval_data is empty: there is nothing to evaluate on. Pass examples of the same "
-                              "form as data, or leave eval_data=None to skip evaluation.")
+    assert str(err.value) == (
+        "eval_data is empty: there is nothing to evaluate on. Pass examples of the same "
+        "form as data, or leave eval_data=None to skip evaluation."
+    )
     with pytest.raises(TrainingError) as err:
         evaluate(reft, [])
     assert str(err.value) == "evaluate got no examples: pass at least one encoded example."
@@ -308,6 +347,7 @@ AVX512_BF16 = {**NO_BF16, "avx512_f": True, "avx512_bf16": True}
 @pytest.fixture
 def fake_cpu(monkeypatch):
     """Pretend to be a CPU with the given torch capability and flags; reset the warn-once flag."""
+
     def fake(capability, flags):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
@@ -364,7 +404,8 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_and_warns_once(model, fake_
     assert str(warned[0].message) == (
         "precision='bf16', but this CPU (torch capability 'AVX2') has no native bfloat16 (no AVX512-BF16 or "
         "AMX-BF16): bf16 would be emulated, up to tens of times slower than fp32, so training runs in fp32. "
-        "Pass precision='bf16-force' to use bf16 autocast anyway.")
+        "Pass precision='bf16-force' to use bf16 autocast anyway."
+    )
     assert issubclass(EmulatedBF16Warning, UserWarning)
     dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16")  # once per process
     assert dtypes == {torch.float32} and warned == []

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.notebook
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -46,8 +48,13 @@ def test_tutorial_runs(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     nb = nbformat.read(TUTORIALS / name, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name="python3", record_timing=False,
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=CELL_TIMEOUT,
+        kernel_name="python3",
+        record_timing=False,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     try:
         client.execute()
     except nbclient.exceptions.CellExecutionError as e:
@@ -67,4 +74,4 @@ def test_tutorial_is_stored_executed(name):
     errors = [o.get("ename") for c in code for o in c.outputs if o.output_type == "error"]
     assert not errors, f"{name}: stored outputs hold errors {errors}"
     assert sum(len(c.outputs) for c in code) >= len(code) // 2, f"{name}: most cells have no stored output"
-    assert nb.cells[0].cell_type == "markdown" and "CI = os.environ.get(\"REFTLENS_CI\") == \"1\"" in code[0].source
+    assert nb.cells[0].cell_type == "markdown" and 'CI = os.environ.get("REFTLENS_CI") == "1"' in code[0].source

@@ -49,11 +49,12 @@ def compute(model_dir: str) -> dict[str, np.ndarray]:
             out[f"ids{i}"] = ids["input_ids"][0].numpy()
             out[f"logits{i}"] = model(**ids).logits[0].float().numpy()
         for i, c in enumerate(CHATS):
-            ids = tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": c}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             out[f"chat_ids{i}"] = ids["input_ids"][0].numpy()
             gen = model.generate(**ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
-            out[f"chat_gen{i}"] = gen[0, ids["input_ids"].shape[1]:].numpy()
+            out[f"chat_gen{i}"] = gen[0, ids["input_ids"].shape[1] :].numpy()
     return out
 
 
@@ -70,6 +71,7 @@ def main() -> None:
         model_dir = args.model_dir
         if model_dir is None:
             from reftlens.models import smollm2_dir
+
             model_dir = str(smollm2_dir())
         np.savez_compressed(args.file, transformers_version=np.array(transformers.__version__), **compute(model_dir))
         print(json.dumps({"wrote": args.file, "transformers": transformers.__version__, "model_dir": model_dir}))
@@ -82,10 +84,18 @@ def main() -> None:
     ids_equal = all(np.array_equal(exp[k], got[k]) for k in got if "ids" in k)
     gen_equal = all(np.array_equal(exp[k], got[k]) for k in got if "gen" in k)
     # Only compare logits when the tokens agree (else the shapes may differ).
-    diffs = [float(np.abs(exp[k] - got[k]).max()) for k in got if k.startswith("logits")] if ids_equal else [float("inf")]
-    report = dict(expected_transformers=str(exp["transformers_version"]), transformers=transformers.__version__,
-                  token_ids_equal=ids_equal, greedy_equal=gen_equal, max_abs_logit_diff=max(diffs),
-                  per_prompt_max_abs_diff=diffs, n_logits=int(sum(got[k].size for k in got if k.startswith("logits"))))
+    diffs = (
+        [float(np.abs(exp[k] - got[k]).max()) for k in got if k.startswith("logits")] if ids_equal else [float("inf")]
+    )
+    report = dict(
+        expected_transformers=str(exp["transformers_version"]),
+        transformers=transformers.__version__,
+        token_ids_equal=ids_equal,
+        greedy_equal=gen_equal,
+        max_abs_logit_diff=max(diffs),
+        per_prompt_max_abs_diff=diffs,
+        n_logits=int(sum(got[k].size for k in got if k.startswith("logits"))),
+    )
     print(json.dumps(report))
     sys.exit(0 if ids_equal and gen_equal and max(diffs) <= args.tol else 1)
 

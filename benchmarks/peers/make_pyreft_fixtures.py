@@ -111,7 +111,9 @@ def cmd_model(out: str) -> None:
 def _load_hf(model_dir: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 def _make_intervention(pyreft, case: dict, gen: torch.Generator):
@@ -139,22 +141,37 @@ def cmd_build(out: str, system_python: str) -> None:
     try:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         env.pop("VIRTUAL_ENV", None)
-        res = subprocess.run([system_python, __file__, "model", str(work / "tiny-llama")], check=True,
-                             capture_output=True, text=True, env=env, cwd=str(ROOT))
+        res = subprocess.run(
+            [system_python, __file__, "model", str(work / "tiny-llama")],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
         made = json.loads(res.stdout.strip().splitlines()[-1])
         hf = _load_hf(str(work / "tiny-llama"))
         here = state_hash(hf)
         if here != made["state_sha256"]:
-            raise SystemExit(f"transformers {transformers.__version__} reads different weights: {here} != {made['state_sha256']}")
+            raise SystemExit(
+                f"transformers {transformers.__version__} reads different weights: {here} != {made['state_sha256']}"
+            )
         tokens = torch.tensor(TOKENS)
         with torch.no_grad():
             base_logits = hf(input_ids=tokens).logits.float().numpy()
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "model.json").write_text(json.dumps({
-            "model": "reftlens tiny-llama (reftlens.models.tiny_hf_model('tiny-llama', seed=0))",
-            "state_sha256": made["state_sha256"], "transformers_pyreft_env": transformers.__version__,
-        }, indent=2) + "\n")
+        (out_dir / "model.json").write_text(
+            json.dumps(
+                {
+                    "model": "reftlens tiny-llama (reftlens.models.tiny_hf_model('tiny-llama', seed=0))",
+                    "state_sha256": made["state_sha256"],
+                    "transformers_pyreft_env": transformers.__version__,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         summary = {}
         for name, case in CASES.items():
             gen = torch.Generator().manual_seed(1000 + len(name))
@@ -163,7 +180,14 @@ def cmd_build(out: str, system_python: str) -> None:
             reps = []
             for layer in case["layers"]:
                 iv = shared if shared is not None else _make_intervention(pyreft, case, gen)
-                reps.append({"layer": layer, "component": "block_output", "low_rank_dimension": case["rank"], "intervention": iv})
+                reps.append(
+                    {
+                        "layer": layer,
+                        "component": "block_output",
+                        "low_rank_dimension": case["rank"],
+                        "intervention": iv,
+                    }
+                )
             rm = pyreft.get_reft_model(hf, pyreft.ReftConfig(representations=reps), set_device=False)
             rm.eval()
             n = len(reps)
@@ -172,7 +196,7 @@ def cmd_build(out: str, system_python: str) -> None:
                 _, cf = rm({"input_ids": tokens}, unit_locations={"sources->base": (None, locs)})
             logits = cf.logits.float().numpy()
             rotates = {}
-            for i, (key, iv) in enumerate(rm.interventions.items()):
+            for i, (key, iv) in enumerate(rm.interventions.items()):  # noqa: B007
                 if hasattr(iv, "rotate_layer"):
                     rotates[f"rotate_{i}"] = iv.rotate_layer.weight.detach().float().numpy()
             folder = out_dir / name
@@ -183,15 +207,31 @@ def cmd_build(out: str, system_python: str) -> None:
             shutil.copytree(tmp, folder)
             np.savez(folder / "reference.npz", tokens=tokens.numpy(), logits=logits, base_logits=base_logits, **rotates)
             effect = float(np.abs(logits - base_logits).max())
-            (folder / "reference.json").write_text(json.dumps({
-                "pyreft_class": case["cls"], "layers": case["layers"], "positions": case["positions"],
-                "pyreft_untied_layout": case["untied"], "rank": case["rank"],
-                "add_bias": case.get("add_bias", False), "shared_object": bool(case.get("shared")),
-                "keys": list(rm.interventions.keys()), "unit_locations": locs, "tokens": TOKENS,
-                "max_abs_logit_change": effect,
-                "versions": {"pyreft": _version("pyreft"), "pyvene": _version("pyvene"),
-                             "transformers": transformers.__version__, "torch": torch.__version__},
-            }, indent=2) + "\n")
+            (folder / "reference.json").write_text(
+                json.dumps(
+                    {
+                        "pyreft_class": case["cls"],
+                        "layers": case["layers"],
+                        "positions": case["positions"],
+                        "pyreft_untied_layout": case["untied"],
+                        "rank": case["rank"],
+                        "add_bias": case.get("add_bias", False),
+                        "shared_object": bool(case.get("shared")),
+                        "keys": list(rm.interventions.keys()),
+                        "unit_locations": locs,
+                        "tokens": TOKENS,
+                        "max_abs_logit_change": effect,
+                        "versions": {
+                            "pyreft": _version("pyreft"),
+                            "pyvene": _version("pyvene"),
+                            "transformers": transformers.__version__,
+                            "torch": torch.__version__,
+                        },
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
             summary[name] = {"keys": len(rm.interventions), "max_abs_logit_change": round(effect, 4)}
         print(json.dumps(summary, indent=2))
     finally:

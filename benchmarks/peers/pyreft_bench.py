@@ -62,6 +62,7 @@ PARTS = ["losses", "train_pyreft", "train_floor", "forward", "generate"]
 
 # ---------------------------------------------------------------- helpers
 
+
 def rss_mb(field: str) -> float:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -94,6 +95,7 @@ def unit_locations(batch: dict) -> dict:
 
 def load_model(model_dir: str):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     model.eval()  # no dropout; pyreft's disable_model_gradients also calls eval()
     for p in model.parameters():
@@ -107,12 +109,20 @@ def load_model(model_dir: str):
 
 def reft_model_for(model):
     import pyreft
+
     torch.manual_seed(0)
     # dtype= is needed: without it LoreftIntervention builds learned_source in bf16.
-    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": RANK,
-             "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size,
-                                                       low_rank_dimension=RANK, dtype=torch.float32)}
-            for layer in LAYERS]
+    reps = [
+        {
+            "layer": layer,
+            "component": "block_output",
+            "low_rank_dimension": RANK,
+            "intervention": pyreft.LoreftIntervention(
+                embed_dim=model.config.hidden_size, low_rank_dimension=RANK, dtype=torch.float32
+            ),
+        }
+        for layer in LAYERS
+    ]
     reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), set_device=False)
     return reft
 
@@ -127,23 +137,38 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
 
 # ---------------------------------------------------------------- parts (each in its own process)
 
+
 def part_losses(model, data, args) -> dict:
     b = tensors(data["train"][0])
     with torch.no_grad():
         base = model(**b)
         reft = reft_model_for(model)
-        _, cf = reft({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                     unit_locations=unit_locations(data["train"][0]), labels=b["labels"])
+        _, cf = reft(
+            {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+            unit_locations=unit_locations(data["train"][0]),
+            labels=b["labels"],
+        )
     if args.init_weights:
         # pyreft's random init, so another implementation can reproduce pyreft_init_loss exactly:
         # phi(h) = h + (h @ W.T + b - h @ R) @ R.T with R [d, r] orthonormal columns.
-        torch.save({layer: dict(R=iv.rotate_layer.weight.detach().clone(), W=iv.learned_source.weight.detach().clone(),
-                                b=iv.learned_source.bias.detach().clone())
-                    for layer, iv in zip(LAYERS, reft.interventions.values())}, args.init_weights)
-    return dict(base_loss=base.loss.item(), pyreft_init_loss=cf.loss.item(),
-                base_per_example=per_example_loss(base.logits, b["labels"]),
-                pyreft_init_per_example=per_example_loss(cf.logits, b["labels"]),
-                n_trainable=sum(p.numel() for p in reft.get_trainable_parameters()))
+        torch.save(
+            {
+                layer: dict(
+                    R=iv.rotate_layer.weight.detach().clone(),
+                    W=iv.learned_source.weight.detach().clone(),
+                    b=iv.learned_source.bias.detach().clone(),
+                )
+                for layer, iv in zip(LAYERS, reft.interventions.values())
+            },
+            args.init_weights,
+        )
+    return dict(
+        base_loss=base.loss.item(),
+        pyreft_init_loss=cf.loss.item(),
+        base_per_example=per_example_loss(base.logits, b["labels"]),
+        pyreft_init_per_example=per_example_loss(cf.logits, b["labels"]),
+        n_trainable=sum(p.numel() for p in reft.get_trainable_parameters()),
+    )
 
 
 def train_loop(step_fn, data, args) -> dict:
@@ -160,8 +185,14 @@ def train_loop(step_fn, data, args) -> dict:
         losses.append(step_fn(b))
         times.append(time.perf_counter() - t)
     peak = rss_mb("VmHWM")
-    return dict(step_s_median=statistics.median(times), step_s=times, losses=losses,
-                rss_before_mb=rss0, peak_rss_mb=peak, peak_rss_delta_mb=peak - rss0)
+    return dict(
+        step_s_median=statistics.median(times),
+        step_s=times,
+        losses=losses,
+        rss_before_mb=rss0,
+        peak_rss_mb=peak,
+        peak_rss_delta_mb=peak - rss0,
+    )
 
 
 def part_train_pyreft(model, data, args) -> dict:
@@ -174,8 +205,11 @@ def part_train_pyreft(model, data, args) -> dict:
 
     def step(batch):
         b = tensors(batch)
-        _, cf = reft({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                     unit_locations=unit_locations(batch), labels=b["labels"])
+        _, cf = reft(
+            {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
+            unit_locations=unit_locations(batch),
+            labels=b["labels"],
+        )
         cf.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -192,6 +226,7 @@ def part_train_floor(model, data, args) -> dict:
     def hook_for(p):
         def hook(module, inputs, output):  # 4.45 Llama layers return a tuple
             return (output[0] + p,) + tuple(output[1:])
+
         return hook
 
     for layer, p in zip(LAYERS, params):
@@ -220,12 +255,21 @@ def part_forward(model, data, args) -> dict:
             model(**b)
             reft(b, unit_locations=locs)
         for _ in range(args.reps):  # interleaved, so machine drift hits both alike
-            t = time.perf_counter(); model(**b); plain.append(time.perf_counter() - t)
-            t = time.perf_counter(); reft(b, unit_locations=locs); withreft.append(time.perf_counter() - t)
-    return dict(shape=list(b["input_ids"].shape), hf_s_median=statistics.median(plain),
-                pyreft_s_median=statistics.median(withreft), hf_s=plain, pyreft_s=withreft,
-                paired_ratio_median=statistics.median(r / p for p, r in zip(plain, withreft)),
-                peak_rss_delta_mb=rss_mb("VmHWM") - rss0)
+            t = time.perf_counter()
+            model(**b)
+            plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            reft(b, unit_locations=locs)
+            withreft.append(time.perf_counter() - t)
+    return dict(
+        shape=list(b["input_ids"].shape),
+        hf_s_median=statistics.median(plain),
+        pyreft_s_median=statistics.median(withreft),
+        hf_s=plain,
+        pyreft_s=withreft,
+        paired_ratio_median=statistics.median(r / p for p, r in zip(plain, withreft)),
+        peak_rss_delta_mb=rss_mb("VmHWM") - rss0,
+    )
 
 
 def part_generate(model, data, args) -> dict:
@@ -234,21 +278,34 @@ def part_generate(model, data, args) -> dict:
     b = tensors(batch, ("input_ids", "attention_mask"))
     n_prompt = b["input_ids"].shape[1]
     # eos_token_id=None: always 32 new tokens, so both sides time the same amount of work.
-    kw = dict(max_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
-              pad_token_id=data["meta"]["pad_token_id"], eos_token_id=None)
+    kw = dict(
+        max_new_tokens=args.new_tokens,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=data["meta"]["pad_token_id"],
+        eos_token_id=None,
+    )
     plain, withreft = [], []
     with torch.no_grad():
         for _ in range(args.gen_reps + 1):  # first round is warm-up
-            t = time.perf_counter(); g_hf = model.generate(**b, **kw); plain.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            g_hf = model.generate(**b, **kw)
+            plain.append(time.perf_counter() - t)
             t = time.perf_counter()
             # intervene_on_prompt=True: the f5+l5 positions index the prompt; the hook is then
             # a no-op on the cached one-token steps.
             _, g_reft = reft.generate(b, unit_locations=unit_locations(batch), intervene_on_prompt=True, **kw)
             withreft.append(time.perf_counter() - t)
     plain, withreft = plain[1:], withreft[1:]
-    return dict(new_tokens=args.new_tokens, hf_s_median=statistics.median(plain),
-                pyreft_s_median=statistics.median(withreft), hf_s=plain, pyreft_s=withreft,
-                hf_ids=g_hf[:, n_prompt:].tolist(), pyreft_ids=g_reft[:, n_prompt:].tolist())
+    return dict(
+        new_tokens=args.new_tokens,
+        hf_s_median=statistics.median(plain),
+        pyreft_s_median=statistics.median(withreft),
+        hf_s=plain,
+        pyreft_s=withreft,
+        hf_ids=g_hf[:, n_prompt:].tolist(),
+        pyreft_ids=g_reft[:, n_prompt:].tolist(),
+    )
 
 
 def run_part(part: str, args) -> dict:
@@ -258,6 +315,7 @@ def run_part(part: str, args) -> dict:
 
 
 # ---------------------------------------------------------------- driver
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,16 +340,47 @@ def main() -> None:
 
     import platform
     from importlib.metadata import version
+
     result = dict(
-        versions={p: version(p) for p in ("torch", "transformers", "pyreft", "pyvene")} | {"python": platform.python_version()},
+        versions={p: version(p) for p in ("torch", "transformers", "pyreft", "pyvene")}
+        | {"python": platform.python_version()},
         machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), threads=args.threads),
-        setup=dict(layers=LAYERS, component="block_output", rank=RANK, positions="f5+l5 tied", lr=LR,
-                   optimizer="AdamW", weight_decay=0.0, dtype="float32", steps=args.steps, warmup=args.warmup, reps=args.reps,
-                   gen_reps=args.gen_reps, memory="VmHWM-VmRSS via /proc/self/clear_refs, fresh process per part"),
+        setup=dict(
+            layers=LAYERS,
+            component="block_output",
+            rank=RANK,
+            positions="f5+l5 tied",
+            lr=LR,
+            optimizer="AdamW",
+            weight_decay=0.0,
+            dtype="float32",
+            steps=args.steps,
+            warmup=args.warmup,
+            reps=args.reps,
+            gen_reps=args.gen_reps,
+            memory="VmHWM-VmRSS via /proc/self/clear_refs, fresh process per part",
+        ),
     )
-    child = [sys.executable, os.path.abspath(__file__), "--model-dir", args.model_dir, "--batches", args.batches,
-             "--steps", str(args.steps), "--warmup", str(args.warmup), "--reps", str(args.reps),
-             "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    child = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--model-dir",
+        args.model_dir,
+        "--batches",
+        args.batches,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--reps",
+        str(args.reps),
+        "--gen-reps",
+        str(args.gen_reps),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--threads",
+        str(args.threads),
+    ]
     if args.init_weights:
         child += ["--init-weights", args.init_weights]
     result["loadavg_before"] = os.getloadavg()  # other work on the machine skews timings

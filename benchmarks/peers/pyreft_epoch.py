@@ -70,13 +70,29 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(0)  # the same init as peers/pyreft_bench.py
-    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": RANK,
-             "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=RANK,
-                                                       dtype=torch.float32)} for layer in LAYERS]
+    reps = [
+        {
+            "layer": layer,
+            "component": "block_output",
+            "low_rank_dimension": RANK,
+            "intervention": pyreft.LoreftIntervention(
+                embed_dim=model.config.hidden_size, low_rank_dimension=RANK, dtype=torch.float32
+            ),
+        }
+        for layer in LAYERS
+    ]
     reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps), set_device=False)
-    torch.save({layer: dict(R=iv.rotate_layer.weight.detach().clone(), W=iv.learned_source.weight.detach().clone(),
-                            b=iv.learned_source.bias.detach().clone())
-                for layer, iv in zip(LAYERS, reft.interventions.values())}, args.init_weights)
+    torch.save(
+        {
+            layer: dict(
+                R=iv.rotate_layer.weight.detach().clone(),
+                W=iv.learned_source.weight.detach().clone(),
+                b=iv.learned_source.bias.detach().clone(),
+            )
+            for layer, iv in zip(LAYERS, reft.interventions.values())
+        },
+        args.init_weights,
+    )
 
     # --- pyreft's data module (make_multiple_position_supervised_data_module), from ids
     ids, locs, labels, idxs = [], [], [], []
@@ -84,20 +100,31 @@ def main() -> None:
         x, n = e["input_ids"], e["prompt_length"]
         ids.append(x)
         labels.append([-100] * n + x[n:])
-        locs.append(get_intervention_locations(last_position=n, first_n=5, last_n=5, pad_mode="last",
-                                               num_interventions=len(LAYERS), share_weights=True))
+        locs.append(
+            get_intervention_locations(
+                last_position=n, first_n=5, last_n=5, pad_mode="last", num_interventions=len(LAYERS), share_weights=True
+            )
+        )
         idxs.append(e["idx"])
-    dataset = datasets.Dataset.from_dict({"input_ids": ids, "intervention_locations": locs, "labels": labels, "idx": idxs})
-    collator = ReftDataCollator(data_collator=transformers.DataCollatorForSeq2Seq(
-        tokenizer=tok, model=model, label_pad_token_id=-100, padding="longest"))
+    dataset = datasets.Dataset.from_dict(
+        {"input_ids": ids, "intervention_locations": locs, "labels": labels, "idx": idxs}
+    )
+    collator = ReftDataCollator(
+        data_collator=transformers.DataCollatorForSeq2Seq(
+            tokenizer=tok, model=model, label_pad_token_id=-100, padding="longest"
+        )
+    )
 
     opt = torch.optim.AdamW(reft.get_trainable_parameters(), lr=args.lr, weight_decay=0.0)
 
     def step(inputs) -> tuple[float, torch.Tensor]:
         # ReftTrainer.compute_loss
         unit_locations = {"sources->base": (None, inputs["intervention_locations"].permute(1, 0, 2).tolist())}
-        _, cf = reft({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
-                     unit_locations=unit_locations, labels=inputs["labels"])
+        _, cf = reft(
+            {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
+            unit_locations=unit_locations,
+            labels=inputs["labels"],
+        )
         cf.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -126,11 +153,23 @@ def main() -> None:
     epoch_s = time.perf_counter() - t_epoch
 
     from importlib.metadata import version
-    out = dict(epoch_s=epoch_s, step_s=step_s, step_s_median=statistics.median(step_s), batch_widths=widths,
-               padded_tokens=sum(w * b for w, b in zip(widths, [args.batch] * (len(widths) - 1) + [len(exs) - args.batch * (len(widths) - 1)])),
-               real_tokens=sum(len(x) for x in ids), losses=losses, per_example=per_example, n_batches=len(widths),
-               versions={p: version(p) for p in ("torch", "transformers", "pyreft", "pyvene")},
-               n_trainable=sum(p.numel() for p in reft.get_trainable_parameters()))
+
+    out = dict(
+        epoch_s=epoch_s,
+        step_s=step_s,
+        step_s_median=statistics.median(step_s),
+        batch_widths=widths,
+        padded_tokens=sum(
+            w * b
+            for w, b in zip(widths, [args.batch] * (len(widths) - 1) + [len(exs) - args.batch * (len(widths) - 1)])
+        ),
+        real_tokens=sum(len(x) for x in ids),
+        losses=losses,
+        per_example=per_example,
+        n_batches=len(widths),
+        versions={p: version(p) for p in ("torch", "transformers", "pyreft", "pyvene")},
+        n_trainable=sum(p.numel() for p in reft.get_trainable_parameters()),
+    )
     with open(args.out, "w") as f:
         json.dump(out, f)
 

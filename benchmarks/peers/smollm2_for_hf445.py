@@ -68,6 +68,7 @@ def main() -> None:
     if src is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from reftlens.models import smollm2_dir
+
         src = smollm2_dir()
     print(convert(Path(src), args.out))
 

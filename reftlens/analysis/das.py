@@ -34,6 +34,7 @@ class DASResult:
 
 def _pairs(model: Any, data: Sequence[dict]) -> tuple[Tensor, Tensor, Tensor]:
     """Stack ``{"base", "source", "label"}`` examples (token ids of equal length; label a token id or string)."""
+
     def ids(x: Any) -> Tensor:
         if isinstance(x, str):
             return text_tokens(model, x)

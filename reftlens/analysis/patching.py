@@ -48,7 +48,9 @@ class PatchResult:
         """A layers × tokens heatmap (matplotlib); saved as PNG when ``path`` is given."""
         from reftlens.analysis.plots import heatmap
 
-        return heatmap(self.values, self.layers, self.tokens, title=title or f"patching {self.hook}", path=path, **kwargs)
+        return heatmap(
+            self.values, self.layers, self.tokens, title=title or f"patching {self.hook}", path=path, **kwargs
+        )
 
 
 def _as_tokens(model: Any, x: Any, what: str) -> Tensor:
@@ -184,14 +186,25 @@ def patch_sweep(
         steps = ig_steps if method == "attribution-ig" else 0
         return _attribution(model, clean, corrupt, metric, hook, layers, base, source_base, cast, steps, check_finite)
     with torch.no_grad():
-        sweep = Sweep(model, corrupt, base=base, sources=clean, source_base=source_base, strategy=strategy,
-                      batch_size=batch_size, cast=cast, check_finite=check_finite,
-                      keep=[hook_name_for(hook, l) for l in layers])
+        sweep = Sweep(
+            model,
+            corrupt,
+            base=base,
+            sources=clean,
+            source_base=source_base,
+            strategy=strategy,
+            batch_size=batch_size,
+            cast=cast,
+            check_finite=check_finite,
+            keep=[hook_name_for(hook, l) for l in layers],
+        )
         base_logits, clean_logits = sweep.base_logits, sweep.source_run()
         if batched is None:
             batched = batch == 1 and _accepts_batched(metric, base_logits)
         if batched and batch != 1:
-            raise AnalysisError("a batched metric needs batch 1 clean/corrupted inputs; use a TL-style metric for batches.")
+            raise AnalysisError(
+                "a batched metric needs batch 1 clean/corrupted inputs; use a TL-style metric for batches."
+            )
         read = None
         if sweep.strategy == "replay":
             read = _read_positions(logits_at, metric, base_logits, batched, min(batch_size, len(layers)))
@@ -205,8 +218,9 @@ def patch_sweep(
             if read is not None:
                 n = logits.shape[0]
                 if not unread or unread[0].shape[0] < n:
-                    unread[:] = [torch.full((n, seq, logits.shape[-1]), float("nan"), dtype=logits.dtype,
-                                            device=logits.device)]
+                    unread[:] = [
+                        torch.full((n, seq, logits.shape[-1]), float("nan"), dtype=logits.dtype, device=logits.device)
+                    ]
                 full = unread[0][:n]
                 full[:, read] = logits
                 logits = full
@@ -238,9 +252,19 @@ def _check_position_hooks(model: Any, names: Sequence[str]) -> None:
             raise ConfigError(f"hook {name} has no position axis at dim 1, so it cannot be swept over positions.")
 
 
-def _attribution(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable, hook: str, layers: list[int],
-                 base: list[Intervention], source_base: list[Intervention], cast: bool, ig_steps: int = 0,
-                 check_finite: bool = True) -> PatchResult:
+def _attribution(
+    model: Any,
+    clean: Tensor,
+    corrupt: Tensor,
+    metric: Callable,
+    hook: str,
+    layers: list[int],
+    base: list[Intervention],
+    source_base: list[Intervention],
+    cast: bool,
+    ig_steps: int = 0,
+    check_finite: bool = True,
+) -> PatchResult:
     """Attribution patching: metric(patched) − metric(corrupted) ≈ (a_clean − a_corrupted) · ḡ.
 
     ``ig_steps == 0``: ḡ = ∂metric/∂a on the corrupted run (AtP): one clean forward, one corrupted
@@ -248,30 +272,47 @@ def _attribution(model: Any, clean: Tensor, corrupt: Tensor, metric: Callable, h
     embeddings (``resid_pre`` of layer 0) lie at the midpoints (j + ½)/k of the straight path from
     the corrupted to the clean ones (integrated gradients), run as one batch of k copies."""
     batch, seq = corrupt.shape
-    reads = lambda cs, **kw: [Intervention(c, layers=l, positions="all", hook=hook, name="read", **kw)  # noqa: E731
-                              for c, l in zip(cs, layers)]
+    reads = lambda cs, **kw: [
+        Intervention(c, layers=l, positions="all", hook=hook, name="read", **kw)  # noqa: E731
+        for c, l in zip(cs, layers)
+    ]
     clean_c, end = [Collect() for _ in layers], Collect()  # end: the path's clean endpoint, layer 0's resid_pre
-    ends = [Intervention(end, layers=0, positions="all", hook="resid_pre", name="path end", stack=1)] if ig_steps else []
+    ends = (
+        [Intervention(end, layers=0, positions="all", hook="resid_pre", name="path end", stack=1)] if ig_steps else []
+    )
     with torch.no_grad():
         clean_logits = execute(model, _plan(model, clean, source_base, reads(clean_c, stack=0) + ends), cast)
     run_c = [Collect(detach=False) for _ in layers]
     if ig_steps:  # rows: the corrupted run, then the k path points; each copy's metric reads its own rows
         n = ig_steps + 1
         alphas = torch.cat([torch.zeros(1), (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps])
-        path = Intervention(Scaled(Interchange(), alphas.repeat_interleave(batch)), layers=0, positions="all",
-                            hook="resid_pre", name="path", stack=0)
+        path = Intervention(
+            Scaled(Interchange(), alphas.repeat_interleave(batch)),
+            layers=0,
+            positions="all",
+            hook="resid_pre",
+            name="path",
+            stack=0,
+        )
         run_plan = _plan(model, corrupt.repeat(n, 1), base, [path] + reads(run_c, stack=1))
         site = next(p for p in run_plan.sites if p.site.unit.origin is path)
         if check_finite:
-            check_finite_source("the integration path's clean end (layer 0's resid_pre)", end.activations[0],
-                                torch.ones(batch, seq, dtype=torch.bool), run_plan.real, "pass check_finite=False")
+            check_finite_source(
+                "the integration path's clean end (layer 0's resid_pre)",
+                end.activations[0],
+                torch.ones(batch, seq, dtype=torch.bool),
+                run_plan.real,
+                "pass check_finite=False",
+            )
         site.source_rows = end.activations[0].repeat(n, 1)
         with torch.enable_grad():
             logits = execute(model, run_plan, cast)
             value = _metric_values_grad(metric, logits[:batch], batch)
-            total = sum(_metric_values_grad(metric, logits[j * batch:(j + 1) * batch], batch) for j in range(1, n))
+            total = sum(_metric_values_grad(metric, logits[j * batch : (j + 1) * batch], batch) for j in range(1, n))
             acts = [c.activations[0] for c in run_c]
-            grads = [None if g is None else g[batch * seq:] for g in torch.autograd.grad(total, acts, allow_unused=True)]
+            grads = [
+                None if g is None else g[batch * seq :] for g in torch.autograd.grad(total, acts, allow_unused=True)
+            ]
         corrupted = [a.detach()[: batch * seq] for a in acts]
     else:
         with torch.enable_grad():
@@ -309,11 +350,14 @@ def _metric_values_grad(metric: Callable, logits: Tensor, batch: int) -> Tensor:
     out = metric(logits)
     out = out if isinstance(out, Tensor) else torch.as_tensor(out)
     if out.numel() != 1:
-        raise AnalysisError(f"method='attribution' needs a metric that returns one number for the run; got shape "
-                            f"{tuple(out.shape)}.")
+        raise AnalysisError(
+            f"method='attribution' needs a metric that returns one number for the run; got shape {tuple(out.shape)}."
+        )
     if not out.requires_grad:
-        raise AnalysisError("method='attribution' differentiates the metric, but it does not depend on the logits "
-                            "through torch operations (did it call .item() or numpy?).")
+        raise AnalysisError(
+            "method='attribution' differentiates the metric, but it does not depend on the logits "
+            "through torch operations (did it call .item() or numpy?)."
+        )
     return out.reshape(())
 
 
@@ -337,7 +381,9 @@ def _read_positions(logits_at: Any, metric: Callable, base: Tensor, batched: boo
     probe = torch.full((rows * batch, *base.shape[1:]), float("nan"), dtype=base.dtype, device=base.device)
     full = base.repeat(rows, 1, 1)
     probe[:, read] = full[:, read]
-    if torch.equal(_metric_values(metric, full, rows, batch, batched), _metric_values(metric, probe, rows, batch, batched)):
+    if torch.equal(
+        _metric_values(metric, full, rows, batch, batched), _metric_values(metric, probe, rows, batch, batched)
+    ):
         return read
     if explicit:
         raise AnalysisError(
@@ -382,11 +428,20 @@ def patch_heads(
         raise ConfigError(f"hook {hook!r} does not exist at every layer of this model.")
     batch = corrupt.shape[0]
     with torch.no_grad():
-        sweep = Sweep(model, corrupt, sources=clean, strategy=strategy, batch_size=batch_size, check_finite=check_finite,
-                      keep=names)
+        sweep = Sweep(
+            model,
+            corrupt,
+            sources=clean,
+            strategy=strategy,
+            batch_size=batch_size,
+            check_finite=check_finite,
+            keep=names,
+        )
         z = sweep.activation(names[0])
         if z.ndim != 4:
-            raise ConfigError(f"hook {names[0]} has shape {tuple(z.shape)}; head patching needs [batch, pos, head, d_head].")
+            raise ConfigError(
+                f"hook {names[0]} has shape {tuple(z.shape)}; head patching needs [batch, pos, head, d_head]."
+            )
         n_heads = z.shape[2]
         if batched is None:
             batched = batch == 1 and _accepts_batched(metric, sweep.base_logits)

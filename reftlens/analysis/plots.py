@@ -7,9 +7,20 @@ from typing import Any, Sequence
 from torch import Tensor
 
 
-def heatmap(values: Tensor, layers: Sequence[int], tokens: Sequence[str], *, title: str = "", path: str | None = None,
-            cmap: str = "RdBu_r", center: float | None = 0.0, label: str = "metric",
-            figsize: tuple[float, float] | None = None, dpi: int = 120, ax: Any = None) -> Any:
+def heatmap(
+    values: Tensor,
+    layers: Sequence[int],
+    tokens: Sequence[str],
+    *,
+    title: str = "",
+    path: str | None = None,
+    cmap: str = "RdBu_r",
+    center: float | None = 0.0,
+    label: str = "metric",
+    figsize: tuple[float, float] | None = None,
+    dpi: int = 120,
+    ax: Any = None,
+) -> Any:
     """Layers (rows) × tokens (columns); returns the matplotlib Figure, saved as PNG when ``path`` is given.
 
     ``figsize`` defaults to a size that fits the grid; ``dpi`` applies to the saved PNG; ``ax`` draws
@@ -17,7 +28,10 @@ def heatmap(values: Tensor, layers: Sequence[int], tokens: Sequence[str], *, tit
     try:
         import matplotlib
 
-        if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        if path is not None and matplotlib.get_backend().lower() not in (
+            "agg",
+            "module://matplotlib_inline.backend_inline",
+        ):
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
     except ImportError:

@@ -17,7 +17,9 @@ from torch import Tensor
 EVEN, ODD = 4, 5  # answer tokens
 
 
-def planted_variable_model(d_model: int = 16, write_layer: int = 1, readout: float = 0.3, seed: int = 0) -> tuple[Any, Tensor, Tensor]:
+def planted_variable_model(
+    d_model: int = 16, write_layer: int = 1, readout: float = 0.3, seed: int = 0
+) -> tuple[Any, Tensor, Tensor]:
     """Return ``(bridge, u, v)``: the TransformerLens model and the planted directions."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -25,9 +27,20 @@ def planted_variable_model(d_model: int = 16, write_layer: int = 1, readout: flo
 
     tok = tiny_tokenizer()
     vocab = len(tok)
-    cfg = GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=4, n_head=2, n_positions=64, tie_word_embeddings=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_embd=d_model,
+        n_layer=4,
+        n_head=2,
+        n_positions=64,
+        tie_word_embeddings=False,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = GPT2LMHeadModel(cfg).eval()
     g = torch.Generator().manual_seed(seed)
     # an orthonormal basis whose first vector is the mean direction, which LayerNorm removes

@@ -32,8 +32,14 @@ from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
 # the hooks a trace restores; "resid", "mlp" and "attn" are ROME's short names for them
-_HOOKS = {"resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_out",
-          "resid": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+_HOOKS = {
+    "resid_post": "resid_post",
+    "mlp_out": "mlp_out",
+    "attn_out": "attn_out",
+    "resid": "resid_post",
+    "mlp": "mlp_out",
+    "attn": "attn_out",
+}
 
 
 def _hook(hook: str) -> str:
@@ -68,8 +74,17 @@ class TraceResult:
 
         tokens = [t + ("*" if self.subject[0] <= i < self.subject[1] else "") for i, t in enumerate(self.tokens)]
         title = f"causal trace ({self.hook}): p({self.answer!r}) clean {self.clean:.3f}, corrupted {self.corrupted:.3f}"
-        return heatmap(self.values, list(range(self.values.shape[0])), tokens, title=title, path=path, cmap="Purples",
-                       center=None, label="p(answer)", **kwargs)
+        return heatmap(
+            self.values,
+            list(range(self.values.shape[0])),
+            tokens,
+            title=title,
+            path=path,
+            cmap="Purples",
+            center=None,
+            label="p(answer)",
+            **kwargs,
+        )
 
 
 def subject_span(model: Any, prompt: str, subject: str) -> tuple[Tensor, tuple[int, int]]:
@@ -77,7 +92,9 @@ def subject_span(model: Any, prompt: str, subject: str) -> tuple[Tensor, tuple[i
     tok = model.tokenizer
     start_char = prompt.find(subject)
     if not subject or start_char < 0:
-        raise AnalysisError(f"subject {subject!r} is not in the prompt {prompt!r}; pass the subject exactly as it appears.")
+        raise AnalysisError(
+            f"subject {subject!r} is not in the prompt {prompt!r}; pass the subject exactly as it appears."
+        )
     tokens = text_tokens(model, prompt)[None]
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
     shift = tokens.shape[1] - len(enc["input_ids"])  # the start token prepended (if the prompt had none)
@@ -93,8 +110,13 @@ def embedding_std(model: Any) -> float:
 
 def corruption(model: Any, span: tuple[int, int], noise: float = 3.0, seed: int = 0) -> Intervention:
     """The corruption as an intervention: Gaussian noise on the subject tokens' embeddings."""
-    return Intervention(Noise(noise * embedding_std(model), seed=seed), layers=0, positions=slice(*span),
-                        hook="resid_pre", name="corrupt subject")
+    return Intervention(
+        Noise(noise * embedding_std(model), seed=seed),
+        layers=0,
+        positions=slice(*span),
+        hook="resid_pre",
+        name="corrupt subject",
+    )
 
 
 def restoration(layers: int | Sequence[int], position: int, hook: str = "resid_post") -> Intervention:
@@ -139,9 +161,16 @@ def causal_trace(
         raise AnalysisError(f"window must be at least 1 layer; got {window}.")
     tokens, span = subject_span(model, prompt, subject)
     n_layers, seq = model.cfg.n_layers, tokens.shape[1]
-    sweep = Sweep(model, tokens.expand(samples, -1), base=[corruption(model, span, noise, seed)], sources=tokens,
-                  strategy="replay", batch_size=batch_size, check_finite=check_finite,
-                  keep=[hook_name_for(hook, l) for l in range(n_layers)])  # what the variants read
+    sweep = Sweep(
+        model,
+        tokens.expand(samples, -1),
+        base=[corruption(model, span, noise, seed)],
+        sources=tokens,
+        strategy="replay",
+        batch_size=batch_size,
+        check_finite=check_finite,
+        keep=[hook_name_for(hook, l) for l in range(n_layers)],
+    )  # what the variants read
     clean_logits = sweep.source_run()
     if answer is None:
         target = int(clean_logits[0, -1].argmax())

@@ -38,8 +38,8 @@ EXPORT_FILE = "reftlens_export.json"
 def hf_fingerprint(config: Any) -> dict[str, Any]:
     """The same fingerprint as :func:`reftlens.saving.fingerprint`, read from an HF config."""
     arch = (getattr(config, "architectures", None) or [None])[0]
-    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+    d = getattr(config, "hidden_size", None) or config.n_embd
+    n = getattr(config, "num_hidden_layers", None) or config.n_layer
     return {"architecture": arch, "d_model": int(d), "n_layers": int(n), "d_vocab": int(config.vocab_size)}
 
 
@@ -63,8 +63,14 @@ def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
     return hf
 
 
-def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None, include_base: bool = True,
-            base_reference: str | None = None) -> Path:
+def save_hf(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    include_base: bool = True,
+    base_reference: str | None = None,
+) -> Path:
     """Save an exported model: the base (``save_pretrained``, without the Φs) and the
     interventions (safetensors + JSON) in ``path/reft``. With ``include_base=False`` only a
     reference to the base (``base_reference``: a hub id or a folder) is written.
@@ -88,7 +94,9 @@ def save_hf(model: nn.Module, path: str | os.PathLike, *, tokenizer: Any = None,
                 tokenizer.save_pretrained(folder)
         (folder / REFT_DIR).mkdir()
         writer = write_bank if module.bank else write
-        writer(module, folder / REFT_DIR, base=hf_fingerprint(model.config), extra={"intervene_on": module.intervene_on})
+        writer(
+            module, folder / REFT_DIR, base=hf_fingerprint(model.config), extra={"intervene_on": module.intervene_on}
+        )
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -111,11 +119,15 @@ def _check_safetensors(folder: Path) -> None:
             "code from it. Re-save the base model as safetensors: model.save_pretrained(folder) writes "
             "model.safetensors by default (transformers 4: safe_serialization=True)."
         )
-    raise LoadError(f"{folder} holds no base-model weights (model.safetensors); save the base with "
-                    "model.save_pretrained(folder), or export with reftlens.save_hf(model, path).")
+    raise LoadError(
+        f"{folder} holds no base-model weights (model.safetensors); save the base with "
+        "model.save_pretrained(folder), or export with reftlens.save_hf(model, path)."
+    )
 
 
-def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
+def load_hf(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> nn.Module:
     """Load a model saved by :func:`save_hf`: transformers only, no TransformerLens.
 
     The base model's weights are read from safetensors only: a base folder holding a pickled
@@ -129,7 +141,9 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     folder = Path(path)
     meta_path = folder / EXPORT_FILE
     if not meta_path.is_file():
-        raise LoadError(f"{folder} is not a reftlens export: {EXPORT_FILE} is missing. Save with reftlens.save_hf(model, path).")
+        raise LoadError(
+            f"{folder} is not a reftlens export: {EXPORT_FILE} is missing. Save with reftlens.save_hf(model, path)."
+        )
     meta = json.loads(meta_path.read_text())
     base = folder if meta["base"] == "." else meta["base"]
     if Path(base).is_dir():

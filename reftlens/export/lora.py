@@ -52,7 +52,9 @@ def to_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str 
     try:
         from peft import LoraConfig
     except ImportError:
-        raise ExportError(f"reftlens.to_peft writes the adapter config with peft, which is not installed: {PEFT_PIP}.") from None
+        raise ExportError(
+            f"reftlens.to_peft writes the adapter config with peft, which is not installed: {PEFT_PIP}."
+        ) from None
     from safetensors.torch import save_file
 
     hf = pristine_hf(reft.model, share=True)  # module names and base weights only: nothing is changed

@@ -80,7 +80,9 @@ def weight_of(module: nn.Module) -> Tensor:
         return module.weight
     if type(module).__name__ == "Conv1D" and module.weight.ndim == 2:  # transformers.pytorch_utils.Conv1D
         return module.weight.T
-    raise ExportError(f"cannot fold into {type(module).__name__}: reftlens folds into nn.Linear and GPT-2's Conv1D only.")
+    raise ExportError(
+        f"cannot fold into {type(module).__name__}: reftlens folds into nn.Linear and GPT-2's Conv1D only."
+    )
 
 
 def compose(weight: Tensor, bias: Tensor | None, edits: Sequence[Affine]) -> tuple[Tensor, Tensor, Tensor]:
@@ -120,13 +122,16 @@ def _refuse_if_not_foldable(unit: Any) -> None:
         )
     site = native_site(unit.hook)
     if site is None or site[0] == "layer":
-        what = ("the residual stream is the sum of the embedding and every block's output" if site is not None
-                else "reftlens knows no single projection whose output it is")
+        what = (
+            "the residual stream is the sum of the embedding and every block's output"
+            if site is not None
+            else "reftlens knows no single projection whose output it is"
+        )
         raise ExportError(
             f"intervention {name!r} cannot fold into weights: its hook {unit.hook!r} is not the output of one linear "
             f"map o = Wx + b ({what}), so no W', b' give W'x + b' = Φ(o). Only attn_out and mlp_out fold (the "
-            "attention output and MLP down projections)" + ("; keep the hooks with reftlens.to_hf(reft) instead."
-                                                            if site is not None else ".")
+            "attention output and MLP down projections)"
+            + ("; keep the hooks with reftlens.to_hf(reft) instead." if site is not None else ".")
         )
     if not isinstance(unit.positions, All):
         raise ExportError(
@@ -166,7 +171,7 @@ def _checked_affine(unit: Any) -> Affine:
         want = phi(h.to(first.dtype)).double()
         got = Affine(*(t.detach().double() for t in e))(h)
     eps = torch.finfo(first.dtype).eps if first.is_floating_point() else 1e-7
-    tol = 100 * eps * d ** 0.5 * (1 + want.abs().max().item())
+    tol = 100 * eps * d**0.5 * (1 + want.abs().max().item())
     err = (want - got).abs().max().item()
     if not err <= tol:
         raise ExportError(
@@ -200,8 +205,10 @@ def folds(reft: Any, hf: nn.Module) -> list[Fold]:
             module = block_module(layers[layer], kind, arch)
             proj = getattr(module, PROJECTIONS[model_type][kind], None)
             if proj is None:
-                raise ExportError(f"{arch} layer {layer}: its {kind} module has no {PROJECTIONS[model_type][kind]!r}; "
-                                  "this model does not have the layout reftlens folds into.")
+                raise ExportError(
+                    f"{arch} layer {layer}: its {kind} module has no {PROJECTIONS[model_type][kind]!r}; "
+                    "this model does not have the layout reftlens folds into."
+                )
             name = names[id(proj)]
             edits.setdefault(name, (kind, layer, [], []))
             edits[name][2].append(e)

@@ -80,16 +80,36 @@ from reftlens.saving import LoadError, atomic_dir, fingerprint
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
 
-__all__ = ["NodiReFT", "from_pyreft", "to_pyreft", "read_pyreft", "orthogonal_weight", "PYREFT_TYPES", "CODECS", "Codec"]
+__all__ = [
+    "NodiReFT",
+    "from_pyreft",
+    "to_pyreft",
+    "read_pyreft",
+    "orthogonal_weight",
+    "PYREFT_TYPES",
+    "CODECS",
+    "Codec",
+]
 
 CONFIG_FILE = "config.json"
 METADATA_KEY = "reftlens"
 
 # pyvene's RepresentationConfig fields, in order, with their defaults
 _REPR_FIELDS = (
-    "layer", "component", "unit", "max_number_of_units", "low_rank_dimension", "intervention_type",
-    "intervention", "subspace_partition", "group_key", "intervention_link_key", "moe_key",
-    "source_representation", "hidden_source_representation", "latent_dim",
+    "layer",
+    "component",
+    "unit",
+    "max_number_of_units",
+    "low_rank_dimension",
+    "intervention_type",
+    "intervention",
+    "subspace_partition",
+    "group_key",
+    "intervention_link_key",
+    "moe_key",
+    "source_representation",
+    "hidden_source_representation",
+    "latent_dim",
 )
 _REPR_DEFAULTS = (0, "block_output", "pos", 1) + (None,) * 10
 
@@ -273,8 +293,11 @@ class LoReFTCodec(Codec):
         phi.W.bias.copy_(_take(state, "bias", (r,), d))
 
     def from_phi(self, phi):
-        return {"weight": phi.W.weight.detach().clone(), "bias": phi.b.detach().clone(),
-                "rotate_layer": _rotate_for_pyreft(phi.R)}
+        return {
+            "weight": phi.W.weight.detach().clone(),
+            "bias": phi.b.detach().clone(),
+            "rotate_layer": _rotate_for_pyreft(phi.R),
+        }
 
 
 class NoReFTCodec(Codec):
@@ -292,8 +315,12 @@ class NoReFTCodec(Codec):
         phi.W.bias.copy_(bias)
 
     def from_phi(self, phi):  # written without proj_layer.bias: build it in pyreft with add_bias=False
-        return {**_dims(phi), "proj_layer.weight": phi.P.weight.detach().clone(),
-                "learned_source.weight": phi.W.weight.detach().clone(), "learned_source.bias": phi.b.detach().clone()}
+        return {
+            **_dims(phi),
+            "proj_layer.weight": phi.P.weight.detach().clone(),
+            "learned_source.weight": phi.W.weight.detach().clone(),
+            "learned_source.bias": phi.b.detach().clone(),
+        }
 
 
 class NodiReFTCodec(NoReFTCodec):
@@ -400,7 +427,7 @@ def _representation(entry: Any, i: int, config_path: Path) -> dict[str, Any]:
             raise LoadError(f"{config_path}: representation {i} has unknown fields {sorted(unknown)}.")
         return {f: entry.get(f, d) for f, d in zip(_REPR_FIELDS, _REPR_DEFAULTS)}
     if isinstance(entry, (list, tuple)) and len(entry) <= len(_REPR_FIELDS):
-        values = list(entry) + list(_REPR_DEFAULTS[len(entry):])
+        values = list(entry) + list(_REPR_DEFAULTS[len(entry) :])
         return dict(zip(_REPR_FIELDS, values))
     raise LoadError(f"{config_path}: representation {i} is not a pyvene RepresentationConfig: {entry!r}.")
 
@@ -409,7 +436,11 @@ def _pyvene_key(rep: dict[str, Any], seen: dict[str, int]) -> str:
     """pyvene's ``_get_representation_key``."""
     c, u, n = str(rep["component"]), str(rep["unit"]), rep["max_number_of_units"]
     u = u.replace(".", "_")
-    proposal = f"comp_{c.replace('.', '_')}_unit_{u}_nunit_{n}" if "." in c else f"layer_{rep['layer']}_comp_{c}_unit_{u}_nunit_{n}"
+    proposal = (
+        f"comp_{c.replace('.', '_')}_unit_{u}_nunit_{n}"
+        if "." in c
+        else f"layer_{rep['layer']}_comp_{c}_unit_{u}_nunit_{n}"
+    )
     seen[proposal] = seen.get(proposal, -1) + 1
     return f"{proposal}#{seen[proposal]}"
 
@@ -460,7 +491,9 @@ def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict
     reps = config.get("representations") if isinstance(config, dict) else None
     types = config.get("intervention_types") if isinstance(config, dict) else None
     if not isinstance(reps, list) or not reps or types is None:
-        raise LoadError(f"{config_path} is not a pyreft/pyvene config: it needs 'representations' and 'intervention_types'.")
+        raise LoadError(
+            f"{config_path} is not a pyreft/pyvene config: it needs 'representations' and 'intervention_types'."
+        )
     if isinstance(types, str):
         types = [types] * len(reps)
     if not isinstance(types, list) or len(types) != len(reps):
@@ -490,7 +523,9 @@ def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict
                 "one intervention object to several representations, without a link key; that loads.)"
             )
         if rep["subspace_partition"] is not None or rep["hidden_source_representation"]:
-            raise LoadError(f"intervention {key}: subspace partitions and constant source representations are not supported.")
+            raise LoadError(
+                f"intervention {key}: subspace partitions and constant source representations are not supported."
+            )
         layer = rep["layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
             raise LoadError(f"intervention {key}: layer {layer!r} is not a layer index.")
@@ -522,8 +557,11 @@ def _metadata_ties(config: dict[str, Any], ivs: Sequence[PyreftIntervention]) ->
 
 
 def _same_state(a: PyreftIntervention, b: PyreftIntervention) -> bool:
-    return (a.type_name == b.type_name and a.state.keys() == b.state.keys()
-            and all(a.state[k].dtype == b.state[k].dtype and torch.equal(a.state[k], b.state[k]) for k in a.state))
+    return (
+        a.type_name == b.type_name
+        and a.state.keys() == b.state.keys()
+        and all(a.state[k].dtype == b.state[k].dtype and torch.equal(a.state[k], b.state[k]) for k in a.state)
+    )
 
 
 def _untied_layout(layers: Sequence[int]) -> bool:
@@ -532,8 +570,14 @@ def _untied_layout(layers: Sequence[int]) -> bool:
     return n % 2 == 0 and list(layers[: n // 2]) == list(layers[n // 2 :])
 
 
-def _resolve_positions(positions: Any, ivs: Sequence[PyreftIntervention], config: dict[str, Any],
-                       untied: bool | str, clamp: bool, folder: Path) -> list[PositionSpec]:
+def _resolve_positions(
+    positions: Any,
+    ivs: Sequence[PyreftIntervention],
+    config: dict[str, Any],
+    untied: bool | str,
+    clamp: bool,
+    folder: Path,
+) -> list[PositionSpec]:
     n = len(ivs)
     if positions is None:
         stored = _metadata_positions(config, ivs)
@@ -541,13 +585,17 @@ def _resolve_positions(positions: Any, ivs: Sequence[PyreftIntervention], config
             return stored
         raise ConfigError(
             f"{folder}: pyreft does not save which tokens its interventions edit, and this folder records none "
-            "(only to_pyreft writes them), so say which ones the checkpoint was trained on: positions=\"l1\" for "
+            '(only to_pyreft writes them), so say which ones the checkpoint was trained on: positions="l1" for '
             "pyreft's README example (the last token), positions=\"f1+l1\" for its training script's default "
-            "(examples/loreft/train.py --position f1+l1), \"f5+l5\" etc. for other --position values, or a list with "
+            '(examples/loreft/train.py --position f1+l1), "f5+l5" etc. for other --position values, or a list with '
             f"one spec per intervention ({n} here, in config order). A wrong guess loads without error but gives "
             "other logits."
         )
-    if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, (str, PositionSpec)) for p in positions):
+    if (
+        isinstance(positions, (list, tuple))
+        and positions
+        and all(isinstance(p, (str, PositionSpec)) for p in positions)
+    ):
         if len(positions) != n:
             raise ConfigError(
                 f"positions lists {len(positions)} specs, but the save has {n} pyreft interventions; give one spec per "
@@ -660,7 +708,9 @@ def from_pyreft(
     d, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
     for iv in ivs:
         if iv.layer >= n_layers:
-            raise LoadError(f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}.")
+            raise LoadError(
+                f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}."
+            )
     if dtype is None:
         dtype = next(model.parameters()).dtype
 
@@ -680,8 +730,10 @@ def from_pyreft(
                 by_group[group] = (iv, phi)
         phis.append(phi)
     specs = _resolve_positions(positions, ivs, config, untied, overlap == "clamp", folder)
-    interventions = [Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
-                     for iv, phi, spec in zip(ivs, phis, specs)]
+    interventions = [
+        Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
+        for iv, phi, spec in zip(ivs, phis, specs)
+    ]
     return ReftModel(model, interventions)
 
 
@@ -754,7 +806,9 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
                 "resid_post interventions only (pyvene's 'block_output')."
             )
         if unit.stack is not None:
-            raise ConfigError(f"intervention {unit.name!r} is stacked (stack={unit.stack}); pyreft interventions cannot stack.")
+            raise ConfigError(
+                f"intervention {unit.name!r} is stacked (stack={unit.stack}); pyreft interventions cannot stack."
+            )
 
     phi_index = {id(phi): i for i, phi in enumerate(reft.phis)}
     seen: dict[str, int] = {}
@@ -762,7 +816,9 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     for _, _, s in entries:
         phi = s.unit.phi
         rep = dict(zip(_REPR_FIELDS, _REPR_DEFAULTS))
-        rep.update(layer=s.layer, component="block_output", unit="pos", max_number_of_units=1, low_rank_dimension=phi.rank)
+        rep.update(
+            layer=s.layer, component="block_output", unit="pos", max_number_of_units=1, low_rank_dimension=phi.rank
+        )
         key = _pyvene_key(rep, seen)
         reps.append([rep[f] for f in _REPR_FIELDS])
         codec = codec_for_phi(phi)
@@ -783,8 +839,14 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
         "mode": "parallel",
         "representations": reps,
         "sorted_keys": keys,
-        METADATA_KEY: {"format": "reftlens-pyreft", "version": 1, "reftlens_version": __version__,
-                       "base_model": fingerprint(reft.model), "positions": positions, "phi": phi_of},
+        METADATA_KEY: {
+            "format": "reftlens-pyreft",
+            "version": 1,
+            "reftlens_version": __version__,
+            "base_model": fingerprint(reft.model),
+            "positions": positions,
+            "phi": phi_of,
+        },
     }
 
     def write(folder: Path) -> None:

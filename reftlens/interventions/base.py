@@ -89,7 +89,9 @@ class Phi(nn.Module):
         return None
 
     @classmethod
-    def forward_many(cls, phis: Sequence["Phi"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+    def forward_many(
+        cls, phis: Sequence["Phi"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]
+    ) -> Float[Tensor, "n d"]:
         """Row ``i`` of the result is ``phis[which[i]](h[i])``, in one computation over the stacked
         parameters of ``phis`` (all with one :meth:`bank_key`)."""
         raise NotImplementedError(f"{cls.__name__} has no forward_many; its bank_key must be None.")
@@ -167,9 +169,7 @@ def as_phi(phi: Any) -> nn.Module:
         return phi
     if callable(phi):
         return FunctionPhi(phi, takes_source(phi))
-    raise TypeError(
-        f"A Φ must be an nn.Module or a callable mapping [..., d] -> [..., d]; got {type(phi).__name__}."
-    )
+    raise TypeError(f"A Φ must be an nn.Module or a callable mapping [..., d] -> [..., d]; got {type(phi).__name__}.")
 
 
 def phi_d_model(phi: nn.Module) -> int | None:
@@ -192,14 +192,23 @@ def bank_key(phi: Any) -> Hashable | None:
     A Φ with a source never batches (its source rows are per set), nor does one that reads which
     example each row comes from (``per_example``: pooling over rows of one set's examples)."""
     fn = getattr(phi, "bank_key", None)
-    if (fn is None or takes_source(phi) or getattr(phi, "per_example", False)
-            or not callable(getattr(type(phi), "forward_many", None))):
+    if (
+        fn is None
+        or takes_source(phi)
+        or getattr(phi, "per_example", False)
+        or not callable(getattr(type(phi), "forward_many", None))
+    ):
         return None
     return fn()
 
 
-def low_rank_many(h: Float[Tensor, "n d"], which: Int[Tensor, " n"], down: Float[Tensor, "k r d"],
-                  bias: Float[Tensor, "k r"] | None, up: Float[Tensor, "k r d"]) -> Float[Tensor, "n d"]:
+def low_rank_many(
+    h: Float[Tensor, "n d"],
+    which: Int[Tensor, " n"],
+    down: Float[Tensor, "k r d"],
+    bias: Float[Tensor, "k r"] | None,
+    up: Float[Tensor, "k r d"],
+) -> Float[Tensor, "n d"]:
     """The edit ``up[which[i]]ᵀ (down[which[i]] h[i] + bias[which[i]])`` of every row, for ``k``
     stacked low-rank Φs (LoReFT, DiReFT, NoReFT, NodiReFT are all this shape).
 

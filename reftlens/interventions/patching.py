@@ -62,7 +62,7 @@ class MeanAblation(Phi):
     [1.0, 2.0]
     """
 
-    def __init__(self, mean: Float[Tensor, "d"] | int):
+    def __init__(self, mean: Float[Tensor, "d"] | int):  # noqa: F821
         super().__init__()
         mean = torch.zeros(mean) if isinstance(mean, int) else torch.as_tensor(mean).detach().clone()
         if mean.ndim != 1:
@@ -89,7 +89,7 @@ class Steer(Phi):
     [[2.0, 0.0]]
     """
 
-    def __init__(self, vector: Float[Tensor, "d"] | int, alpha: float = 1.0, *, scale: float | None = None):
+    def __init__(self, vector: Float[Tensor, "d"] | int, alpha: float = 1.0, *, scale: float | None = None):  # noqa: F821
         super().__init__()
         vector = torch.zeros(vector) if isinstance(vector, int) else torch.as_tensor(vector).detach().clone()
         if vector.ndim != 1:
@@ -114,7 +114,9 @@ class Steer(Phi):
         return (type(self), self.d_model, self.vector.dtype)
 
     @classmethod
-    def forward_many(cls, phis: Sequence["Steer"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+    def forward_many(
+        cls, phis: Sequence["Steer"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]
+    ) -> Float[Tensor, "n d"]:
         """Each row plus its own set's α·v (one gather over the stacked vectors)."""
         return h + torch.stack([phi.alpha * phi.vector for phi in phis])[which]
 

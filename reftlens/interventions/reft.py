@@ -59,7 +59,9 @@ class _LowRank(Phi):
         return (type(self), self.d_model, self.rank, self.has_bias, self.dropout.p, next(self.parameters()).dtype)
 
     @classmethod
-    def forward_many(cls, phis: Sequence["_LowRank"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]) -> Float[Tensor, "n d"]:
+    def forward_many(
+        cls, phis: Sequence["_LowRank"], h: Float[Tensor, "n d"], which: Int[Tensor, " n"]
+    ) -> Float[Tensor, "n d"]:
         downs, biases, ups = zip(*(phi.factors() for phi in phis))
         bias = None if biases[0] is None else torch.stack(biases)
         return h + phis[0].dropout(low_rank_many(h, which, torch.stack(downs), bias, torch.stack(ups)))
@@ -100,6 +102,7 @@ class LoReFT(_LowRank):
     def affine(self) -> Affine:
         R = self.R.weight
         return Affine(R.T, self.W.weight - R, self.b)
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         R = self.R.weight
         return self.W.weight - R, self.W.bias, R
@@ -129,6 +132,7 @@ class NoReFT(_LowRank):
 
     def affine(self) -> Affine:
         return Affine(self.P.weight.T, self.W.weight - self.P.weight, self.b)
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.W.weight - self.P.weight, self.W.bias, self.P.weight
 
@@ -159,6 +163,7 @@ class DiReFT(_LowRank):
 
     def affine(self) -> Affine:
         return Affine(self.W2.T, self.W1.weight, self.b)
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.W1.weight, self.W1.bias, self.W2
 
@@ -194,6 +199,7 @@ class NodiReFT(_LowRank):
 
     def affine(self) -> Affine:
         return Affine(self.P.weight.T, self.W.weight, self.b)
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.W.weight, self.W.bias, self.P.weight
 
@@ -216,6 +222,7 @@ class ConsReFT(_LowRank):
     def affine(self) -> Affine:
         R = self.R.weight
         return Affine(R.T, -R, self.b)
+
     def factors(self) -> tuple[Tensor, Tensor, Tensor]:
         R = self.R.weight
         return -R, self.b, R
@@ -236,5 +243,6 @@ class LoBiReFT(_LowRank):
     def affine(self) -> Affine:
         R = self.R.weight
         return Affine(R.T, R.new_zeros(self.rank, self.d_model), self.b)
+
     def bank_key(self) -> Hashable | None:
         return None  # no h-dependent factor: one call per set is already cheap

@@ -49,7 +49,9 @@ class Scaled(Phi):
     def alpha(self, value: float | Tensor) -> None:
         if isinstance(value, Tensor):
             if value.ndim > 1:
-                raise ConfigError(f"Scaled: alpha must be a number or one value per example [batch]; got shape {tuple(value.shape)}.")
+                raise ConfigError(
+                    f"Scaled: alpha must be a number or one value per example [batch]; got shape {tuple(value.shape)}."
+                )
             value = value.detach()
         else:
             value = float(value)
@@ -65,14 +67,20 @@ class Scaled(Phi):
 
     @property
     def per_example(self) -> bool:
-        return (isinstance(self._alpha, Tensor) and self._alpha.ndim == 1) or bool(getattr(self.phi, "per_example", False))
+        return (isinstance(self._alpha, Tensor) and self._alpha.ndim == 1) or bool(
+            getattr(self.phi, "per_example", False)
+        )
 
     def config(self) -> dict[str, Any]:
         alpha = self._alpha.tolist() if isinstance(self._alpha, Tensor) else self._alpha
         return {"phi": phi_label(self.phi), "alpha": alpha}
 
-    def forward(self, h: Float[Tensor, "n d"], *source: Tensor, examples: Int[Tensor, " n"] | None = None) -> Float[Tensor, "n d"]:
-        inner = self.phi(h, *source, examples=examples) if getattr(self.phi, "per_example", False) else self.phi(h, *source)
+    def forward(
+        self, h: Float[Tensor, "n d"], *source: Tensor, examples: Int[Tensor, " n"] | None = None
+    ) -> Float[Tensor, "n d"]:
+        inner = (
+            self.phi(h, *source, examples=examples) if getattr(self.phi, "per_example", False) else self.phi(h, *source)
+        )
         return h + self._row_alpha(h, examples) * (inner - h)
 
     def _row_alpha(self, h: Tensor, examples: Tensor | None) -> Tensor | float:
@@ -82,8 +90,10 @@ class Scaled(Phi):
         if a.ndim == 0:
             return a.to(h)
         if examples is None:
-            raise ConfigError("Scaled: a per-example alpha needs examples= (the engine passes it; call the Φ "
-                              "through a ReftModel, or pass examples= yourself).")
+            raise ConfigError(
+                "Scaled: a per-example alpha needs examples= (the engine passes it; call the Φ "
+                "through a ReftModel, or pass examples= yourself)."
+            )
         if examples.numel() and int(examples.max()) >= a.shape[0]:
             raise ConfigError(
                 f"Scaled({phi_label(self.phi)}): alpha holds {a.shape[0]} values, one per example, but the batch has "
@@ -110,11 +120,15 @@ class ProjectOut(Phi):
             U = torch.as_tensor(directions).detach().float()
             U = U[None] if U.ndim == 1 else U
             if U.ndim != 2 or U.shape[0] > U.shape[1]:
-                raise ValueError(f"ProjectOut needs a direction [d_model] or directions [r, d_model] with r ≤ d_model; "
-                                 f"got shape {tuple(U.shape)}.")
+                raise ValueError(
+                    f"ProjectOut needs a direction [d_model] or directions [r, d_model] with r ≤ d_model; "
+                    f"got shape {tuple(U.shape)}."
+                )
             q, r = torch.linalg.qr(U.T.double())
             if bool((torch.diagonal(r).abs() < 1e-8 * max(1.0, float(r.abs().max()))).any()):
-                raise ValueError("ProjectOut: the directions are zero or linearly dependent; give independent directions.")
+                raise ValueError(
+                    "ProjectOut: the directions are zero or linearly dependent; give independent directions."
+                )
             U = (q * torch.sign(torch.diagonal(r))).T.float()
         self.register_buffer("U", U)
         self.d_model, self.rank = U.shape[1], U.shape[0]

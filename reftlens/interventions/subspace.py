@@ -67,8 +67,13 @@ class OrthonormalRows(nn.Module):
     def is_held(self) -> bool:
         """Whether R is currently the held value Aᵀ (set by :meth:`set_`, A unchanged since)."""
         held, A = self.held, self.A
-        return (held is not None and held.shape == A.shape and held.dtype == A.dtype
-                and held.device == A.device and torch.equal(held, A.detach()))
+        return (
+            held is not None
+            and held.shape == A.shape
+            and held.dtype == A.dtype
+            and held.device == A.device
+            and torch.equal(held, A.detach())
+        )
 
     @property
     def weight(self) -> Float[Tensor, "r d"]:

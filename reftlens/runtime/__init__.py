@@ -15,5 +15,19 @@ from reftlens.runtime.tl import attach, bind, detach, execute, gather_sources, h
 
 make_hook = site_hook  # the name the first build used
 
-__all__ = ["Plan", "Site", "SitePlan", "resolve", "check_disjoint", "flat_index", "hook_name_for", "site_hook",
-           "bind", "attach", "detach", "execute", "gather_sources", "hooked"]
+__all__ = [
+    "Plan",
+    "Site",
+    "SitePlan",
+    "resolve",
+    "check_disjoint",
+    "flat_index",
+    "hook_name_for",
+    "site_hook",
+    "bind",
+    "attach",
+    "detach",
+    "execute",
+    "gather_sources",
+    "hooked",
+]

@@ -32,8 +32,11 @@ def kv_cache_fix(model: Any) -> Iterator[None]:
             return args, {**kwargs, "past_key_values": kwargs["cache"]}
         return None
 
-    handles = [b.attn.register_forward_pre_hook(pass_cache, with_kwargs=True)
-               for b in getattr(model, "blocks", []) if hasattr(b, "attn")]
+    handles = [
+        b.attn.register_forward_pre_hook(pass_cache, with_kwargs=True)
+        for b in getattr(model, "blocks", [])
+        if hasattr(b, "attn")
+    ]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*past_key_values.*deprecated", category=FutureWarning)

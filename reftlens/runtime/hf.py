@@ -35,10 +35,14 @@ INTERVENE_ON = ("prompt", "all", "generated")
 
 # TL hook (within a block) → (which module of decoder layer L, how to hook it)
 _SITES = {
-    "hook_resid_post": ("layer", "output"), "hook_out": ("layer", "output"),
-    "hook_resid_pre": ("layer", "input"), "hook_in": ("layer", "input"),
-    "hook_attn_out": ("attn", "output"), "attn.hook_out": ("attn", "output"),
-    "hook_mlp_out": ("mlp", "output"), "mlp.hook_out": ("mlp", "output"),
+    "hook_resid_post": ("layer", "output"),
+    "hook_out": ("layer", "output"),
+    "hook_resid_pre": ("layer", "input"),
+    "hook_in": ("layer", "input"),
+    "hook_attn_out": ("attn", "output"),
+    "attn.hook_out": ("attn", "output"),
+    "hook_mlp_out": ("mlp", "output"),
+    "mlp.hook_out": ("mlp", "output"),
 }
 
 
@@ -61,8 +65,10 @@ def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
             continue
         return obj
     arch = type(model).__name__
-    raise ExportError(f"{arch} is not supported for export: reftlens cannot find its decoder layers "
-                      "(supported: Llama-style model.layers, GPT-2 transformer.h, GPT-NeoX gpt_neox.layers).")
+    raise ExportError(
+        f"{arch} is not supported for export: reftlens cannot find its decoder layers "
+        "(supported: Llama-style model.layers, GPT-2 transformer.h, GPT-NeoX gpt_neox.layers)."
+    )
 
 
 def block_module(layer: nn.Module, kind: str, arch: str) -> nn.Module:
@@ -85,8 +91,10 @@ class HFInterventions(nn.Module):
             raise ExportError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
         with_source = [u.name for u in units if u.takes_source]
         if with_source:
-            raise ExportError(f"intervention {with_source[0]!r} takes a source (patching/DII); only sourceless Φs "
-                              "(LoReFT, DiReFT, steering, ...) can be exported for inference.")
+            raise ExportError(
+                f"intervention {with_source[0]!r} takes a source (patching/DII); only sourceless Φs "
+                "(LoReFT, DiReFT, steering, ...) can be exported for inference."
+            )
         self.units = list(units)
         unique: dict[int, nn.Module] = {}
         for u in self.units:
@@ -112,12 +120,16 @@ class HFInterventions(nn.Module):
         for u in sorted(self.units, key=lambda u: u.stack or 0):  # hooks run in registration order
             native = native_site(u.hook)
             if native is None:
-                raise ExportError(f"intervention {u.name!r}: hook {u.hook!r} has no native equivalent in {arch}; "
-                                  f"exportable hooks: resid_pre, resid_post, attn_out, mlp_out.")
+                raise ExportError(
+                    f"intervention {u.name!r}: hook {u.hook!r} has no native equivalent in {arch}; "
+                    f"exportable hooks: resid_pre, resid_post, attn_out, mlp_out."
+                )
             kind, where = native
             for layer in u.layers:
                 if not 0 <= layer < len(layers):
-                    raise ExportError(f"intervention {u.name!r}: layer {layer} does not exist in {arch} ({len(layers)} layers).")
+                    raise ExportError(
+                        f"intervention {u.name!r}: layer {layer} does not exist in {arch} ({len(layers)} layers)."
+                    )
                 module = block_module(layers[layer], kind, arch)
                 site = Site(u, layer, f"layers.{layer}.{kind}.{where}", module)
                 self.sites.append(site)
@@ -144,10 +156,18 @@ class HFInterventions(nn.Module):
         """Each present set's rows for this call (None: not a bank)."""
         if not self.bank:
             if names is not None:
-                raise ExportError("reft_adapters= chooses a set per example, but this model carries one set, not a bank.")
+                raise ExportError(
+                    "reft_adapters= chooses a set per example, but this model carries one set, not a bank."
+                )
             return None
-        if (self._repeat_rows and not isinstance(names, str) and names is not None and len(names)
-                and batch != len(names) and batch % len(names) == 0):
+        if (
+            self._repeat_rows
+            and not isinstance(names, str)
+            and names is not None
+            and len(names)
+            and batch != len(names)
+            and batch % len(names) == 0
+        ):
             names = [n for n in names for _ in range(batch // len(names))]  # generate's row expansion
         return bank_rows(names, self.bank, batch, device)
 
@@ -178,7 +198,9 @@ class HFInterventions(nn.Module):
         self._decode = cached > 0
         rows = self._rows(names, batch, ids.device)
         if self._decode:  # the new token(s): every row (of each set's own examples)
-            plans = every_row(self.sites, self.units, batch, seq, ids.device, rows) if self.intervene_on != "prompt" else []
+            plans = (
+                every_row(self.sites, self.units, batch, seq, ids.device, rows) if self.intervene_on != "prompt" else []
+            )
         else:
             real = RealTokens.from_mask(mask.bool(), ids if not ids.is_floating_point() else None)
             plans, _ = resolve(self.sites, self.units, real, rows)  # relative positions can collide on a short prompt
@@ -218,10 +240,16 @@ def _generate_with_adapters(model: nn.Module, module: HFInterventions) -> Any:
     @functools.wraps(original)
     def generate(*args: Any, reft_adapters: Any = None, **kwargs: Any) -> Any:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if reft_adapters is not None and not isinstance(reft_adapters, str) and ids is not None \
-                and len(reft_adapters) != ids.shape[0]:
-            raise ExportError(f"reft_adapters names {len(reft_adapters)} sets but there are {ids.shape[0]} prompts; "
-                              "give one set name per prompt (None for the base model).")
+        if (
+            reft_adapters is not None
+            and not isinstance(reft_adapters, str)
+            and ids is not None
+            and len(reft_adapters) != ids.shape[0]
+        ):
+            raise ExportError(
+                f"reft_adapters names {len(reft_adapters)} sets but there are {ids.shape[0]} prompts; "
+                "give one set name per prompt (None for the base model)."
+            )
         before = module.adapters, module._repeat_rows
         module.adapters, module._repeat_rows = reft_adapters, True
         try:
@@ -264,7 +292,9 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
         for name, buf in list(fresh.named_buffers()):
             if buf.is_meta:  # non-persistent buffers (e.g. RoPE frequencies) are not in the state dict
                 if name not in buffers:
-                    raise ExportError(f"cannot rebuild {type(original).__name__}: buffer {name} not found in the bridge.")
+                    raise ExportError(
+                        f"cannot rebuild {type(original).__name__}: buffer {name} not found in the bridge."
+                    )
                 owner, _, leaf = name.rpartition(".")
                 fresh.get_submodule(owner).register_buffer(leaf, buffers[name], persistent=False)
     else:

@@ -98,8 +98,9 @@ class Plan:
         return None if self.tokens is None else (self.tokens.shape[0], self.tokens.shape[1])
 
     def __repr__(self) -> str:
-        rows = ", ".join(f"{p.site.hook_name}: {'all' if p.index is None else p.index.numel()} rows"
-                         for p in self.sites)
+        rows = ", ".join(
+            f"{p.site.hook_name}: {'all' if p.index is None else p.index.numel()} rows" for p in self.sites
+        )
         return f"Plan(shape={self.shape}, sites=[{rows}])"
 
 
@@ -111,8 +112,9 @@ def site_masks(units: Sequence[Unit], real: RealTokens, rows: Mapping[str, Tenso
     return {id(u): u.positions.site_mask(real) & rows[u.adapter][:, None] for u in units if u.adapter in rows}
 
 
-def bank_rows(adapters: str | Sequence[str | None] | None, known: Sequence[str], batch: int,
-              device: torch.device | str = "cpu") -> dict[str, Tensor]:
+def bank_rows(
+    adapters: str | Sequence[str | None] | None, known: Sequence[str], batch: int, device: torch.device | str = "cpu"
+) -> dict[str, Tensor]:
     """Each set named in ``adapters`` (one name per example, None for the base model; a single
     name for every example) → a boolean mask of its examples ``[batch]``."""
     if adapters is None:
@@ -159,8 +161,9 @@ def flat_index(mask: Tensor) -> Tensor | None:
     return mask.reshape(-1).nonzero().squeeze(1)
 
 
-def resolve(sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens,
-            rows: Mapping[str, Tensor] | None = None) -> tuple[list[SitePlan], dict[int, Tensor]]:
+def resolve(
+    sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens, rows: Mapping[str, Tensor] | None = None
+) -> tuple[list[SitePlan], dict[int, Tensor]]:
     """Site masks → per-site row indices, checked for collisions: ``(site plans, masks)``.
 
     With a bank's ``rows`` (:func:`bank_rows`) only the sets present get site plans, and those
@@ -174,8 +177,14 @@ def resolve(sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens,
     return (plans if rows is None else stack_groups(plans)), masks
 
 
-def every_row(sites: Sequence[Site], units: Sequence[Unit], batch: int, seq: int, device: torch.device | str,
-              rows: Mapping[str, Tensor] | None = None) -> list[SitePlan]:
+def every_row(
+    sites: Sequence[Site],
+    units: Sequence[Unit],
+    batch: int,
+    seq: int,
+    device: torch.device | str,
+    rows: Mapping[str, Tensor] | None = None,
+) -> list[SitePlan]:
     """Site plans that edit every token of every example (of each bank set's own examples): the
     generated tokens of ``intervene_on="all"``. Checked for collisions."""
     ones = torch.ones(batch, seq, dtype=torch.bool, device=device)
@@ -196,8 +205,10 @@ def widen(plan: Plan, sites: Sequence[Site], width: int, generated: bool) -> lis
     extra = torch.full((batch, width - seq), generated, dtype=torch.bool, device=plan.tokens.device)
     if plan.rows is not None:  # a bank: only the sets present, each on its own examples
         sites = [s for s in sites if id(s.unit) in plan.masks]
-        masks = {id(s.unit): torch.cat([plan.masks[id(s.unit)], extra & plan.rows[s.unit.adapter][:, None]], 1)
-                 for s in sites}
+        masks = {
+            id(s.unit): torch.cat([plan.masks[id(s.unit)], extra & plan.rows[s.unit.adapter][:, None]], 1)
+            for s in sites
+        }
     else:
         masks = {k: torch.cat([m, extra], 1) for k, m in plan.masks.items()}
     if generated:
@@ -246,8 +257,9 @@ def _merge(members: list[SitePlan]) -> SitePlan:
         idx = m.index if m.index is not None else torch.arange(batch * seq, device=device)
         index.append(idx)
         which.append(torch.full_like(idx, k))
-    return SitePlan(members[0].site, torch.cat(index), None, (batch, seq), phis, torch.cat(which),
-                    [m.site for m in members])
+    return SitePlan(
+        members[0].site, torch.cat(index), None, (batch, seq), phis, torch.cat(which), [m.site for m in members]
+    )
 
 
 def _members(plan: SitePlan) -> list[Site]:
@@ -359,9 +371,7 @@ def site_hook(plan: SitePlan, cast: bool = False) -> HookFn:
                 )
             index = plan.index
         if d_expected is not None and h.shape[-1] != d_expected:
-            raise ConfigError(
-                f"intervention {label}: Φ expects width {d_expected}, the hook carries {tuple(h.shape)}."
-            )
+            raise ConfigError(f"intervention {label}: Φ expects width {d_expected}, the hook carries {tuple(h.shape)}.")
         flat = h.reshape(batch * seq, *h.shape[2:])
         rows = flat if index is None else flat.index_select(0, index)
         if dtype is not None and rows.dtype != dtype:
@@ -393,11 +403,17 @@ def _check_output(label: str, out: Any, rows: Tensor) -> None:
     """A Φ must return one floating row per input row, of the same shape: a transposed output
     whose element count happens to match would otherwise scramble values across positions."""
     if not isinstance(out, Tensor):
-        raise ConfigError(f"intervention {label}: Φ returned {type(out).__name__}; it must return a tensor "
-                          f"shaped like its input {tuple(rows.shape)}.")
+        raise ConfigError(
+            f"intervention {label}: Φ returned {type(out).__name__}; it must return a tensor "
+            f"shaped like its input {tuple(rows.shape)}."
+        )
     if out.shape != rows.shape:
-        raise ConfigError(f"intervention {label}: Φ returned shape {tuple(out.shape)} for input rows of shape "
-                          f"{tuple(rows.shape)}; a Φ maps [..., d] -> [..., d] row by row, so both must be equal.")
+        raise ConfigError(
+            f"intervention {label}: Φ returned shape {tuple(out.shape)} for input rows of shape "
+            f"{tuple(rows.shape)}; a Φ maps [..., d] -> [..., d] row by row, so both must be equal."
+        )
     if not out.is_floating_point():
-        raise ConfigError(f"intervention {label}: Φ returned {out.dtype} values; it must return floating "
-                          f"hidden states ({rows.dtype}).")
+        raise ConfigError(
+            f"intervention {label}: Φ returned {out.dtype} values; it must return floating "
+            f"hidden states ({rows.dtype})."
+        )

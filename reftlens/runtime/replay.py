@@ -145,8 +145,15 @@ class BlockReplay:
                 raise UnsupportedReplay(f"block argument {name!r} has a position axis this replay cannot slice")
         return named
 
-    def _blocks(self, start_layer: int, entering: dict[int, Tensor], cache: _PrefixKV, start: int, base_rows: Tensor,
-                read: Sequence[int] | None = None) -> Tensor:
+    def _blocks(
+        self,
+        start_layer: int,
+        entering: dict[int, Tensor],
+        cache: _PrefixKV,
+        start: int,
+        base_rows: Tensor,
+        read: Sequence[int] | None = None,
+    ) -> Tensor:
         """Run blocks from ``start_layer`` to the end on positions ``start..``; ``entering[k]``
         are rows joining before block ``k`` (appended after the rows already running)."""
         h = None
@@ -162,7 +169,9 @@ class BlockReplay:
             h = h[:, [q - start for q in read]]
         return self.model.unembed(self.model.ln_final(h))
 
-    def run(self, entering: dict[int, Tensor], start: int, base_rows: Tensor, read: Sequence[int] | None = None) -> Tensor:
+    def run(
+        self, entering: dict[int, Tensor], start: int, base_rows: Tensor, read: Sequence[int] | None = None
+    ) -> Tensor:
         """Logits ``[rows, S − start, vocab]`` for rows that join before the blocks named in
         ``entering`` (each ``[n_k, S − start, d_model]``, in block order); row i continues recorded
         example ``base_rows[i]``, whose keys and values stand in for positions before ``start``.

@@ -70,9 +70,20 @@ class Sweep:
     ``base_logits`` and ``source_logits`` hold the two reference runs.
     """
 
-    def __init__(self, model: Any, tokens: Tensor, *, base: Sequence[Intervention] = (), sources: Tensor | None = None,
-                 source_base: Sequence[Intervention] = (), strategy: str = "auto", batch_size: int = 128,
-                 cast: bool = False, check_finite: bool = True, keep: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokens: Tensor,
+        *,
+        base: Sequence[Intervention] = (),
+        sources: Tensor | None = None,
+        source_base: Sequence[Intervention] = (),
+        strategy: str = "auto",
+        batch_size: int = 128,
+        cast: bool = False,
+        check_finite: bool = True,
+        keep: Sequence[str] = (),
+    ) -> None:
         if strategy not in ("auto", "replay", "batch"):
             raise AnalysisError(f"strategy must be 'auto', 'replay' or 'batch'; got {strategy!r}.")
         self.model = model
@@ -87,7 +98,9 @@ class Sweep:
         self._masks: dict[tuple, Tensor] = {}
         self.base = [b for u in _units(base, self.n_layers) for b in self._bind_unit(u)]
         if any(b.site.unit.takes_source for b in self.base):
-            raise ConfigError("a sweep's base interventions must not take a source; put Φs with a source in the variants.")
+            raise ConfigError(
+                "a sweep's base interventions must not take a source; put Φs with a source in the variants."
+            )
         stochastic = [b.site.unit.name for b in self.base if not getattr(b.site.unit.phi, "row_wise", True)]
         self._acts: dict[str, Tensor] = {}
         self._finite: dict[str, bool] = {}  # per kept source activation: no NaN or inf anywhere
@@ -96,8 +109,10 @@ class Sweep:
         self.source_logits: Tensor | None = None
         unknown = [n for n in keep if n not in self._hook_dict]
         if unknown:
-            raise ConfigError(f"keep names hooks this model does not have: {unknown[:3]}; use names such as "
-                              "'blocks.0.hook_resid_pre' (model.hook_dict).")
+            raise ConfigError(
+                f"keep names hooks this model does not have: {unknown[:3]}; use names such as "
+                "'blocks.0.hook_resid_pre' (model.hook_dict)."
+            )
         self._keep = set(keep)  # kept by the first source run, whenever it happens
 
         auto = strategy == "auto"
@@ -108,16 +123,29 @@ class Sweep:
         if strategy == "replay":
             try:
                 self.replay = BlockReplay(model, tokens, self._base_hooks(self.batch, self.seq, None, 0))
-                self.replay.verify(self.seq // 2, self._base_hooks(self.batch, self.seq // 2 + self.seq % 2,
-                                                                   torch.arange(self.batch), self.seq // 2, exclude_in=self.n_layers // 2))
+                self.replay.verify(
+                    self.seq // 2,
+                    self._base_hooks(
+                        self.batch,
+                        self.seq // 2 + self.seq % 2,
+                        torch.arange(self.batch),
+                        self.seq // 2,
+                        exclude_in=self.n_layers // 2,
+                    ),
+                )
             except UnsupportedReplay as e:
                 if not auto or stochastic:
-                    raise AnalysisError(f"strategy='replay' is not available here ({e}); use strategy='batch'"
-                                        + (f" (and no {stochastic[0]!r} in the base set)" if stochastic else "") + ".") from e
+                    raise AnalysisError(
+                        f"strategy='replay' is not available here ({e}); use strategy='batch'"
+                        + (f" (and no {stochastic[0]!r} in the base set)" if stochastic else "")
+                        + "."
+                    ) from e
                 strategy = "batch"
         if strategy == "batch" and stochastic:
-            raise AnalysisError(f"base intervention {stochastic[0]!r} draws fresh values per call, so the variants of one "
-                                "example would see different values in whole forwards; use strategy='replay'.")
+            raise AnalysisError(
+                f"base intervention {stochastic[0]!r} draws fresh values per call, so the variants of one "
+                "example would see different values in whole forwards; use strategy='replay'."
+            )
         self.strategy = strategy
         if self.replay is not None:
             self.base_logits = self.replay.logits
@@ -145,8 +173,16 @@ class Sweep:
             self._masks[key] = spec.site_mask(real)
         return self._masks[key]
 
-    def _base_hooks(self, rows: int, width: int, base_rows: Tensor | None, start: int, *,
-                    entering_at: dict[int, int] | None = None, exclude_in: int | None = None) -> list[tuple[Any, Callable]]:
+    def _base_hooks(
+        self,
+        rows: int,
+        width: int,
+        base_rows: Tensor | None,
+        start: int,
+        *,
+        entering_at: dict[int, int] | None = None,
+        exclude_in: int | None = None,
+    ) -> list[tuple[Any, Callable]]:
         """Hooks of the base set over ``rows`` rows continuing ``base_rows`` (None: the base examples
         themselves), on positions ``start..``. Rows that join at block k skip the base set's
         ``hook_in`` edits of block k: their recorded input already carries them."""
@@ -159,7 +195,7 @@ class Sweep:
                 if exclude_in == k:
                     continue
                 if entering_at and k in entering_at:
-                    mask[entering_at[k]:] = False
+                    mask[entering_at[k] :] = False
             plan = SitePlan(b.site, flat_index(mask), None, (rows, width))
             if plan.index is None or plan.index.numel():
                 hooks.append((b.site.hook_point, site_hook(plan, self.cast)))
@@ -172,7 +208,9 @@ class Sweep:
         every hook in ``names``; the first run also keeps the source logits. ``with_base``: the
         plain base run goes as the first rows of the same forward (no set active on either side),
         and its logits are returned."""
-        names = {self._hook_dict[n].name or n if n in self._hook_dict else n for n in names | self._keep}  # aliases → site names
+        names = {
+            self._hook_dict[n].name or n if n in self._hook_dict else n for n in names | self._keep
+        }  # aliases → site names
         missing = sorted(names - set(self._acts))
         if not missing and self.source_logits is not None:
             return None
@@ -188,9 +226,18 @@ class Sweep:
             return fn
 
         src_real = RealTokens.unpadded(*self._source_tokens.shape, self._source_tokens.device)
-        src_hooks = [(s.hook_point, site_hook(SitePlan(s, flat_index(s.unit.positions.site_mask(src_real)), None,
-                                                        tuple(self._source_tokens.shape)), self.cast))
-                     for s in bind(self.model, _units(self._source_base, self.n_layers), self._hook_dict)]
+        src_hooks = [
+            (
+                s.hook_point,
+                site_hook(
+                    SitePlan(
+                        s, flat_index(s.unit.positions.site_mask(src_real)), None, tuple(self._source_tokens.shape)
+                    ),
+                    self.cast,
+                ),
+            )
+            for s in bind(self.model, _units(self._source_base, self.n_layers), self._hook_dict)
+        ]
         points = [self._hook_dict[n] for n in missing]
         tokens = torch.cat([self.tokens, self._source_tokens]) if with_base else self._source_tokens
         with hooked(self.model, src_hooks + [(p, keep(n)) for p, n in zip(points, missing)]), torch.no_grad():
@@ -251,12 +298,19 @@ class Sweep:
             if rows.shape[0] != int(b.mask[i].sum()):
                 raise ConfigError(
                     f"intervention {unit.name!r}: example {i} selects {int(b.mask[i].sum())} base positions but "
-                    f"{rows.shape[0]} source positions; give source_positions= with as many positions.")
+                    f"{rows.shape[0]} source positions; give source_positions= with as many positions."
+                )
             out.append(rows)
         return out
 
-    def run(self, variants: Sequence[Sequence[Intervention]], consume: Consume, *, read: Sequence[int] | None = None,
-            only_read: bool = False) -> None:
+    def run(
+        self,
+        variants: Sequence[Sequence[Intervention]],
+        consume: Consume,
+        *,
+        read: Sequence[int] | None = None,
+        only_read: bool = False,
+    ) -> None:
         """Run every variant; ``consume(indices, logits)`` gets each chunk's variant indices and their
         logits ``[len(indices) * B, S, vocab]`` (row ``i * B + b``: variant ``indices[i]``, example
         ``b``). With ``read``, positions outside it hold NaN; with ``only_read`` as well, the logits
@@ -283,8 +337,10 @@ class Sweep:
                     start = min(start, int(cols[0]))
                 k = block_of(b.site.hook_name)
                 if k is None:
-                    raise AnalysisError(f"intervention {b.site.label} is not inside a block, so it cannot be replayed; "
-                                        "use strategy='batch'.")
+                    raise AnalysisError(
+                        f"intervention {b.site.label} is not inside a block, so it cannot be replayed; "
+                        "use strategy='batch'."
+                    )
                 block = min(block, k)
             starts.setdefault(min(start, self.seq - 1), []).append((block, i))
         for start, items in sorted(starts.items()):
@@ -293,8 +349,15 @@ class Sweep:
                 chunk = items[first : first + per]
                 consume([i for _, i in chunk], self._replayed(chunk, bound, start, read, only_read))
 
-    def _edits(self, chunk: Sequence[int], bound: list[list[_Bound]], rows: int, width: int, start: int,
-               present: Callable[[int], int] | None = None) -> list[tuple[Any, Callable]]:
+    def _edits(
+        self,
+        chunk: Sequence[int],
+        bound: list[list[_Bound]],
+        rows: int,
+        width: int,
+        start: int,
+        present: Callable[[int], int] | None = None,
+    ) -> list[tuple[Any, Callable]]:
         """Hooks for the variants of ``chunk`` (variant c at rows ``c * B ..``): one site plan per
         (hook, Φ, slot), rows in order."""
         groups: dict[tuple[str, int, int], list[tuple[int, _Bound]]] = {}
@@ -311,7 +374,7 @@ class Sweep:
             for c, b in members:
                 mask[c * self.batch : (c + 1) * self.batch] = b.mask[:, start:]
                 if b.source_rows is not None:
-                    sources += [r[int(b.mask[i, :start].sum()):] for i, r in enumerate(b.source_rows)]
+                    sources += [r[int(b.mask[i, :start].sum()) :] for i, r in enumerate(b.source_rows)]
             plan = SitePlan(site, flat_index(mask), torch.cat(sources) if sources else None, (n, width))
             hooks.append((site.hook_point, site_hook(plan, self.cast)))
         return hooks
@@ -323,8 +386,14 @@ class Sweep:
         with hooked(self.model, hooks), torch.no_grad():
             return self.model(self.tokens[base_rows])
 
-    def _replayed(self, chunk: Sequence[tuple[int, int]], bound: list[list[_Bound]], start: int,
-                  read: Sequence[int] | None, only_read: bool = False) -> Tensor:
+    def _replayed(
+        self,
+        chunk: Sequence[tuple[int, int]],
+        bound: list[list[_Bound]],
+        start: int,
+        read: Sequence[int] | None,
+        only_read: bool = False,
+    ) -> Tensor:
         replay = self.replay
         B, width = self.batch, self.seq - start
         n = len(chunk) * B
@@ -358,8 +427,15 @@ class Sweep:
             return full
         return torch.cat([self.base_logits[base_rows, :start], out], 1) if start else out
 
-    def _base_hooks_replay(self, n: int, width: int, base_rows: Tensor, start: int, first_row: dict[int, int],
-                           present: Callable[[int | None], int]) -> list[tuple[Any, Callable]]:
+    def _base_hooks_replay(
+        self,
+        n: int,
+        width: int,
+        base_rows: Tensor,
+        start: int,
+        first_row: dict[int, int],
+        present: Callable[[int | None], int],
+    ) -> list[tuple[Any, Callable]]:
         hooks = []
         for b in self.base:
             k = block_of(b.site.hook_name)
@@ -368,7 +444,7 @@ class Sweep:
             rows = present(k)
             mask = b.mask[base_rows[:rows], start:].clone()
             if k is not None and b.site.hook_name == f"blocks.{k}.hook_in" and k in first_row:
-                mask[first_row[k]:] = False  # their recorded input already carries this edit
+                mask[first_row[k] :] = False  # their recorded input already carries this edit
             plan = SitePlan(b.site, flat_index(mask), None, (rows, width))
             if plan.index is None or plan.index.numel():
                 hooks.append((b.site.hook_point, site_hook(plan, self.cast)))

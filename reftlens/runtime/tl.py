@@ -15,10 +15,19 @@ from torch import Tensor, nn
 
 from reftlens.errors import ConfigError
 from reftlens.interventions.base import phi_d_model
-from reftlens.runtime.compat import pad_row_guard
-from reftlens.runtime.plan import (NO_POSITION_AXIS, HookFn, Plan, Site, SitePlan, check_finite_source, flat_index,
-                                   hook_name_for, site_hook)
 from reftlens.positions import RealTokens
+from reftlens.runtime.compat import pad_row_guard
+from reftlens.runtime.plan import (
+    NO_POSITION_AXIS,
+    HookFn,
+    Plan,
+    Site,
+    SitePlan,
+    check_finite_source,
+    flat_index,
+    hook_name_for,
+    site_hook,
+)
 from reftlens.sets import Unit
 
 _D_MODEL_HOOKS = ("hook_in", "hook_out", "ln2.hook_in", "attn.hook_out", "mlp.hook_out")
@@ -43,7 +52,7 @@ def bind(model: Any, units: Sequence[Unit], hook_dict: dict[str, nn.Module] | No
             point = hook_dict.get(name)
             if point is None:
                 prefix = f"blocks.{layer}."
-                known = sorted({n[len(prefix):] for n in hook_dict if n.startswith(prefix)})
+                known = sorted({n[len(prefix) :] for n in hook_dict if n.startswith(prefix)})
                 raise ConfigError(
                     f"intervention {unit.name!r}: hook {unit.hook!r} at layer {layer} ({name}) does not exist "
                     f"on this model. Hooks at layer {layer}: {', '.join(known)}."
@@ -102,16 +111,23 @@ def hooked(model: Any, hooks: Sequence[tuple[nn.Module, HookFn]]) -> Iterator[An
         detach(handles)
 
 
-def execute(model: Any, plan: Plan, cast: bool = False, extra: Sequence[tuple[nn.Module, HookFn]] = (),
-            **kwargs: Any) -> Any:
+def execute(
+    model: Any, plan: Plan, cast: bool = False, extra: Sequence[tuple[nn.Module, HookFn]] = (), **kwargs: Any
+) -> Any:
     """Run ``model`` on the plan's inputs with its edits (and ``extra`` hooks after them)."""
     guard = pad_row_guard(model, plan.attention_mask)
     with hooked(model, plan_hooks(plan, cast) + list(extra) + guard):
         return model(plan.tokens, attention_mask=plan.attention_mask, **kwargs)
 
 
-def gather_sources(model: Any, plans: Sequence[SitePlan], source_masks: dict[int, Tensor], tokens: Tensor,
-                   real: RealTokens, check_finite: bool = True) -> None:
+def gather_sources(
+    model: Any,
+    plans: Sequence[SitePlan],
+    source_masks: dict[int, Tensor],
+    tokens: Tensor,
+    real: RealTokens,
+    check_finite: bool = True,
+) -> None:
     """Fill ``source_rows`` of every site whose Φ takes a source, in one batched forward of the
     frozen model over the sources (stopping after the last layer needed).
 
@@ -136,7 +152,12 @@ def gather_sources(model: Any, plans: Sequence[SitePlan], source_masks: dict[int
         model(tokens, attention_mask=mask, return_type=None, stop_at_layer=stop if stop < model.cfg.n_layers else None)
     for plan in wanted:
         if check_finite:
-            check_finite_source(plan.site.label, rows[id(plan)], source_masks[id(plan.site.unit)], real,
-                                "build ReftModel(..., check_finite=False)")
+            check_finite_source(
+                plan.site.label,
+                rows[id(plan)],
+                source_masks[id(plan.site.unit)],
+                real,
+                "build ReftModel(..., check_finite=False)",
+            )
     for plan in wanted:
         plan.source_rows = rows[id(plan)]

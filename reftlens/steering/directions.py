@@ -82,8 +82,15 @@ class Activations:
         return change.nonzero().squeeze(1)
 
 
-def collect(model: Any, texts: Sequence[Any], *, layers: int | Sequence[int], hook: str = "resid_post",
-            positions: Any = "all", batch_size: int = 16) -> Activations:
+def collect(
+    model: Any,
+    texts: Sequence[Any],
+    *,
+    layers: int | Sequence[int],
+    hook: str = "resid_post",
+    positions: Any = "all",
+    batch_size: int = 16,
+) -> Activations:
     """Hidden states of ``texts`` at ``hook`` of each of ``layers``, at ``positions`` (any position
     spec, resolved against each text's real tokens; ``slice(1, None)`` skips the start token).
 
@@ -99,8 +106,13 @@ def collect(model: Any, texts: Sequence[Any], *, layers: int | Sequence[int], ho
     if not layers:
         raise AnalysisError("collect needs at least one layer.")
     collectors = {layer: Collect() for layer in layers}
-    reft = ReftModel(model, [Intervention(c, layers=layer, positions=positions, hook=hook, name=f"collect@{layer}")
-                             for layer, c in collectors.items()])
+    reft = ReftModel(
+        model,
+        [
+            Intervention(c, layers=layer, positions=positions, hook=hook, name=f"collect@{layer}")
+            for layer, c in collectors.items()
+        ],
+    )
     stop = max(layers) + 1
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch together
     rows: dict[int, list[Tensor]] = {layer: [] for layer in layers}
@@ -112,8 +124,7 @@ def collect(model: Any, texts: Sequence[Any], *, layers: int | Sequence[int], ho
             plan = reft.plan([texts[i] for i in chunk])
             for c in collectors.values():
                 c.clear()
-            execute(model, plan, reft.cast, return_type=None,
-                    stop_at_layer=stop if stop < model.cfg.n_layers else None)
+            execute(model, plan, reft.cast, return_type=None, stop_at_layer=stop if stop < model.cfg.n_layers else None)
             counts = plan.masks[id(unit)].sum(1).cpu()
             examples.append(torch.tensor(chunk).repeat_interleave(counts))
             for layer, c in collectors.items():
@@ -146,8 +157,10 @@ class Direction:
 
     def __repr__(self) -> str:
         ev = f", explained_variance={self.explained_variance:.3f}" if self.explained_variance is not None else ""
-        return (f"Direction({self.method}, d={self.vector.shape[0]}, norm={self.norm:.4g}, separation={self.separation:.3f}, "
-                f"auroc={self.auroc:.3f}, pos_mean={self.pos_mean:.4g}, neg_mean={self.neg_mean:.4g}{ev})")
+        return (
+            f"Direction({self.method}, d={self.vector.shape[0]}, norm={self.norm:.4g}, separation={self.separation:.3f}, "
+            f"auroc={self.auroc:.3f}, pos_mean={self.pos_mean:.4g}, neg_mean={self.neg_mean:.4g}{ev})"
+        )
 
 
 def diff_mean(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"]) -> Direction:
@@ -173,8 +186,10 @@ def pca(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], *, seed: int = 0) 
     """
     pos, neg = _check(pos, neg, "pca")
     if pos.shape[0] != neg.shape[0]:
-        raise AnalysisError(f"pca pairs pos[i] with neg[i], so both need as many rows; got {pos.shape[0]} and "
-                            f"{neg.shape[0]}. Pair them (e.g. truncate to the shorter) before calling.")
+        raise AnalysisError(
+            f"pca pairs pos[i] with neg[i], so both need as many rows; got {pos.shape[0]} and "
+            f"{neg.shape[0]}. Pair them (e.g. truncate to the shorter) before calling."
+        )
     if pos.shape[0] < 2:
         raise AnalysisError("pca needs at least two pairs.")
     diffs = pos - neg
@@ -190,8 +205,9 @@ def pca(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], *, seed: int = 0) 
     return _direction(v, "pca", float(s[0]) / math.sqrt(max(1, x.shape[0] - 1)), pos, neg, explained_variance=ev)
 
 
-def probe(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], *, l2: float = 1e-4,
-          max_iter: int = 500) -> Direction:
+def probe(
+    pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], *, l2: float = 1e-4, max_iter: int = 500
+) -> Direction:
     """A logistic-regression probe: p(pos | h) = σ(wᵀh + b), fitted by L-BFGS on the mean
     cross-entropy + ``l2``·‖w‖²/2 (in float64, on features centred on the pooled mean); u = w/‖w‖.
     """
@@ -203,8 +219,14 @@ def probe(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], *, l2: f
     xs = (x - center) / scale
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b],
+        max_iter=max_iter,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -216,8 +238,10 @@ def probe(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"], *, l2: f
         opt.step(closure)
     raw = (w.detach() / scale).float()
     if float(raw.norm()) == 0.0:
-        raise AnalysisError("probe: the fitted weights are zero (the classes are not separable by any direction at "
-                            "this l2); lower l2 or check the labels.")
+        raise AnalysisError(
+            "probe: the fitted weights are zero (the classes are not separable by any direction at "
+            "this l2); lower l2 or check the labels."
+        )
     return _direction(raw, "probe", float(raw.norm()), pos, neg)
 
 
@@ -250,34 +274,54 @@ def auroc(scores: Float[Tensor, " n"], labels: Any) -> float:
 def _check(pos: Tensor, neg: Tensor, what: str) -> tuple[Tensor, Tensor]:
     pos, neg = torch.as_tensor(pos).detach().float(), torch.as_tensor(neg).detach().float()
     if pos.ndim != 2 or neg.ndim != 2 or pos.shape[1] != neg.shape[1]:
-        raise AnalysisError(f"{what} takes two [n, d] tensors of the same width d (rows = samples); got "
-                            f"{tuple(pos.shape)} and {tuple(neg.shape)}.")
+        raise AnalysisError(
+            f"{what} takes two [n, d] tensors of the same width d (rows = samples); got "
+            f"{tuple(pos.shape)} and {tuple(neg.shape)}."
+        )
     if pos.shape[0] == 0 or neg.shape[0] == 0:
-        raise AnalysisError(f"{what} needs samples of both classes; got {pos.shape[0]} positive and {neg.shape[0]} negative.")
+        raise AnalysisError(
+            f"{what} needs samples of both classes; got {pos.shape[0]} positive and {neg.shape[0]} negative."
+        )
     return pos, neg.to(pos.device)
 
 
-def _direction(raw: Tensor, method: str, norm: float, pos: Tensor, neg: Tensor,
-               explained_variance: float | None = None) -> Direction:
+def _direction(
+    raw: Tensor, method: str, norm: float, pos: Tensor, neg: Tensor, explained_variance: float | None = None
+) -> Direction:
     u = F.normalize(raw.float(), dim=0)
     p, n = pos @ u, neg @ u
-    pooled_sd = math.sqrt((float(p.var()) if p.numel() > 1 else 0.0) / 2 + (float(n.var()) if n.numel() > 1 else 0.0) / 2)
+    pooled_sd = math.sqrt(
+        (float(p.var()) if p.numel() > 1 else 0.0) / 2 + (float(n.var()) if n.numel() > 1 else 0.0) / 2
+    )
     gap = float(p.mean() - n.mean())
     separation = gap / pooled_sd if pooled_sd > 0 else math.copysign(math.inf, gap) if gap else 0.0
     labels = torch.cat([torch.ones(p.numel()), torch.zeros(n.numel())])
     mean_norm = float(torch.cat([pos, neg]).norm(dim=1).mean())
-    return Direction(u, method, norm, separation, auroc(torch.cat([p, n]), labels), float(p.mean()), float(n.mean()),
-                     mean_norm, explained_variance)
+    return Direction(
+        u,
+        method,
+        norm,
+        separation,
+        auroc(torch.cat([p, n]), labels),
+        float(p.mean()),
+        float(n.mean()),
+        mean_norm,
+        explained_variance,
+    )
 
 
 def _as_matrix(directions: Any) -> tuple[Tensor, bool]:
     if isinstance(directions, Direction):
         return directions.vector[None].float(), True
     if isinstance(directions, (list, tuple)):
-        return torch.stack([d.vector if isinstance(d, Direction) else torch.as_tensor(d) for d in directions]).float(), False
+        return torch.stack(
+            [d.vector if isinstance(d, Direction) else torch.as_tensor(d) for d in directions]
+        ).float(), False
     t = torch.as_tensor(directions).detach().float()
     if t.ndim == 1:
         return t[None], True
     if t.ndim == 2:
         return t, False
-    raise AnalysisError(f"directions must be a Direction, a [d] or [k, d] tensor or a list of them; got shape {tuple(t.shape)}.")
+    raise AnalysisError(
+        f"directions must be a Direction, a [d] or [k, d] tensor or a list of them; got shape {tuple(t.shape)}."
+    )

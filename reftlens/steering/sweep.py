@@ -10,8 +10,15 @@ import torch
 from reftlens.errors import ConfigError
 
 
-def alpha_sweep(reft: Any, prompts: str | Sequence[str], alphas: Sequence[float], max_new_tokens: int = 32, *,
-                batch_size: int | None = None, **generate_kwargs: Any) -> list[list[str]]:
+def alpha_sweep(
+    reft: Any,
+    prompts: str | Sequence[str],
+    alphas: Sequence[float],
+    max_new_tokens: int = 32,
+    *,
+    batch_size: int | None = None,
+    **generate_kwargs: Any,
+) -> list[list[str]]:
     """Generate from every prompt at every α in batched generations: ``out[i][j]`` is prompt ``j``
     steered at ``alphas[i]``, each edit of ``reft`` scaled as Φ_α(h) = h + α·(Φ(h) − h) (for
     ``Steer(v)``: h + α·v). α = 0 is the base model.

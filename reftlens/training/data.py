@@ -47,9 +47,13 @@ class Batch:
     adapters: list[str | None] | None = None  # a bank: each example's set
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(t.to(device) if isinstance(t, Tensor) else t for t in
-                       (self.tokens, self.attention_mask, self.prompt_mask, self.labels, self.class_labels)),
-                     adapters=self.adapters)
+        return Batch(
+            *(
+                t.to(device) if isinstance(t, Tensor) else t
+                for t in (self.tokens, self.attention_mask, self.prompt_mask, self.labels, self.class_labels)
+            ),
+            adapters=self.adapters,
+        )
 
     @property
     def n_target_tokens(self) -> int:
@@ -62,7 +66,9 @@ def rows(data: Any) -> list[dict[str, Any]]:
         return [dict(r) for r in data]
     out = list(data)
     if not all(isinstance(r, dict) for r in out):
-        raise TypeError("training data must be dicts with 'prompt' and 'completion' (or 'label') keys, or a datasets.Dataset with those columns.")
+        raise TypeError(
+            "training data must be dicts with 'prompt' and 'completion' (or 'label') keys, or a datasets.Dataset with those columns."
+        )
     return out
 
 
@@ -70,11 +76,21 @@ def chat_prompt(tokenizer: Any, prompt: str) -> str:
     """Wrap a user prompt in the model's chat template, ready for the assistant's reply."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("chat_template=True, but this model's tokenizer has no chat template.")
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
-def encode(model: Any, data: Any, *, max_length: int = 512, chat_template: bool = False, append_eos: bool = True,
-           label_names: Sequence[str] | None = None, prepend_bos: bool | None = None) -> list[Example]:
+def encode(
+    model: Any,
+    data: Any,
+    *,
+    max_length: int = 512,
+    chat_template: bool = False,
+    append_eos: bool = True,
+    label_names: Sequence[str] | None = None,
+    prepend_bos: bool | None = None,
+) -> list[Example]:
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
     (the label's text is the completion, and ``label_names`` fixes the class order); an
     ``"adapter"`` key names the bank set an example trains; a ``"rejected"`` completion is kept for
@@ -135,8 +151,9 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     return Batch(tokens, attn, prompt, labels, classes, adapters)
 
 
-def batch_order(examples: Sequence[Example], batch_size: int, *, seed: int, epoch: int, group_by_length: bool,
-                shuffle: bool = True) -> list[list[int]]:
+def batch_order(
+    examples: Sequence[Example], batch_size: int, *, seed: int, epoch: int, group_by_length: bool, shuffle: bool = True
+) -> list[list[int]]:
     """Indices of each batch for one epoch; the same (seed, epoch) always gives the same order.
 
     With ``group_by_length`` the shuffled examples are sorted by length within chunks of 50
@@ -147,8 +164,11 @@ def batch_order(examples: Sequence[Example], batch_size: int, *, seed: int, epoc
     order = torch.randperm(len(examples), generator=g).tolist() if shuffle else list(range(len(examples)))
     if group_by_length:
         chunk = batch_size * 50
-        order = [i for s in range(0, len(order), chunk)
-                 for i in sorted(order[s : s + chunk], key=lambda j: -len(examples[j]))]
+        order = [
+            i
+            for s in range(0, len(order), chunk)
+            for i in sorted(order[s : s + chunk], key=lambda j: -len(examples[j]))
+        ]
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     if group_by_length and shuffle:
         perm = torch.randperm(len(batches), generator=g).tolist()

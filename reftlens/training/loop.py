@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import TrainingError
-from reftlens.saving import check_save_target
 from reftlens.runtime.hf import INTERVENE_ON
+from reftlens.saving import check_save_target
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 from reftlens.training.objectives import LanguageModeling, Objective, objective_for, penalties
 
@@ -60,8 +60,10 @@ class History:
 
     def adapter(self, name: str) -> "History":
         """One bank set's history: its own records, as a run of that set alone would write them."""
-        return History([r["sets"][name] for r in self.steps if name in r.get("sets", {})],
-                       [{"step": r["step"], **r["sets"][name]} for r in self.evals if name in r.get("sets", {})])
+        return History(
+            [r["sets"][name] for r in self.steps if name in r.get("sets", {})],
+            [{"step": r["step"], **r["sets"][name]} for r in self.evals if name in r.get("sets", {})],
+        )
 
 
 PRECISIONS = ("fp32", "bf16", "bf16-force")
@@ -103,7 +105,9 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision must be 'fp32', 'bf16' or 'bf16-force'; got {self.precision!r}.")
         if self.batch_size < 1 or self.grad_accum < 1:
-            raise TrainingError(f"batch_size and grad_accum must be positive; got {self.batch_size} and {self.grad_accum}.")
+            raise TrainingError(
+                f"batch_size and grad_accum must be positive; got {self.batch_size} and {self.grad_accum}."
+            )
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
         schedule_fn(self.schedule, self.warmup_steps, 1)  # names a bad schedule before any work
@@ -111,8 +115,10 @@ class TrainConfig:
             raise TrainingError(f"intervene_on must be one of {INTERVENE_ON}; got {self.intervene_on!r}.")
         self.objective = objective_for(self.objective)
         if self.task == "classification" and not isinstance(self.objective, LanguageModeling):
-            raise TrainingError(f"task='classification' trains with the LM loss on the label; objective="
-                                f"{self.objective.name!r} needs task='lm'.")
+            raise TrainingError(
+                f"task='classification' trains with the LM loss on the label; objective="
+                f"{self.objective.name!r} needs task='lm'."
+            )
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
@@ -176,13 +182,32 @@ def train(
 
     >>> history = reftlens.train(reft, [{"prompt": "2+2=", "completion": "4"}], max_steps=10)  # doctest: +SKIP
     """
-    cfg = TrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                      weight_decay=weight_decay, schedule=schedule, warmup_steps=warmup_steps,
-                      max_grad_norm=max_grad_norm, max_length=max_length, seed=seed, precision=precision,
-                      group_by_length=group_by_length, chat_template=chat_template, prepend_bos=prepend_bos, task=task,
-                      label_names=label_names, objective=objective, intervene_on=intervene_on,
-                      eval_every=eval_every, progress=progress,
-                      checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume)
+    cfg = TrainConfig(
+        epochs=epochs,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        warmup_steps=warmup_steps,
+        max_grad_norm=max_grad_norm,
+        max_length=max_length,
+        seed=seed,
+        precision=precision,
+        group_by_length=group_by_length,
+        chat_template=chat_template,
+        prepend_bos=prepend_bos,
+        task=task,
+        label_names=label_names,
+        objective=objective,
+        intervene_on=intervene_on,
+        eval_every=eval_every,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
     if cfg.checkpoint_dir is not None and cfg.checkpoint_every:  # refuse a foreign folder before any work
         check_save_target(cfg.checkpoint_dir, markers=[STATE_FILE])
     world, rank = _dist()
@@ -209,9 +234,20 @@ def train(
             else:
                 set_epochs, group = _bank_step_batches(examples, by_set, cfg, world, step)
                 epoch = max(set_epochs.values())
-            record = train_step(module, optimizer, scheduler, examples, group, step=step, epoch=epoch,
-                                autocast=autocast, max_grad_norm=cfg.max_grad_norm, set_epochs=set_epochs,
-                                objective=cfg.objective, intervene_on=cfg.intervene_on)
+            record = train_step(
+                module,
+                optimizer,
+                scheduler,
+                examples,
+                group,
+                step=step,
+                epoch=epoch,
+                autocast=autocast,
+                max_grad_norm=cfg.max_grad_norm,
+                set_epochs=set_epochs,
+                objective=cfg.objective,
+                intervene_on=cfg.intervene_on,
+            )
             step += 1
             history.steps.append(record)
             bar.update(1)
@@ -234,28 +270,45 @@ def train(
 # ---- setup ---------------------------------------------------------------------------------------
 
 
-def _setup_data(reft: "ReftModel", data: Any, eval_data: Any,
-                cfg: TrainConfig) -> tuple[list[Example], list[Example] | None, Sequence[str] | None]:
+def _setup_data(
+    reft: "ReftModel", data: Any, eval_data: Any, cfg: TrainConfig
+) -> tuple[list[Example], list[Example] | None, Sequence[str] | None]:
     """Tokenized training and evaluation examples, and the label names of a classification task."""
     model, label_names = reft.model, cfg.label_names
     train_rows = _rows(data)
     if not train_rows:
-        raise TrainingError("data is empty: there is nothing to train on. Pass a list of "
-                            "{'prompt': ..., 'completion': ...} dicts ({'prompt': ..., 'label': ...} with "
-                            "task='classification'), or a datasets.Dataset with those columns.")
+        raise TrainingError(
+            "data is empty: there is nothing to train on. Pass a list of "
+            "{'prompt': ..., 'completion': ...} dicts ({'prompt': ..., 'label': ...} with "
+            "task='classification'), or a datasets.Dataset with those columns."
+        )
     if cfg.task == "classification" and label_names is None:
         label_names = sorted({str(r["label"]) for r in train_rows})
     names = label_names if cfg.task == "classification" else None
-    examples = encode(model, train_rows, max_length=cfg.max_length, chat_template=cfg.chat_template, label_names=names,
-                      prepend_bos=cfg.prepend_bos)
+    examples = encode(
+        model,
+        train_rows,
+        max_length=cfg.max_length,
+        chat_template=cfg.chat_template,
+        label_names=names,
+        prepend_bos=cfg.prepend_bos,
+    )
     eval_examples = None
     if eval_data is not None:
         eval_rows = _rows(eval_data)
         if not eval_rows:
-            raise TrainingError("eval_data is empty: there is nothing to evaluate on. Pass examples of the "
-                                "same form as data, or leave eval_data=None to skip evaluation.")
-        eval_examples = encode(model, eval_rows, max_length=cfg.max_length, chat_template=cfg.chat_template,
-                               label_names=names, prepend_bos=cfg.prepend_bos)
+            raise TrainingError(
+                "eval_data is empty: there is nothing to evaluate on. Pass examples of the "
+                "same form as data, or leave eval_data=None to skip evaluation."
+            )
+        eval_examples = encode(
+            model,
+            eval_rows,
+            max_length=cfg.max_length,
+            chat_template=cfg.chat_template,
+            label_names=names,
+            prepend_bos=cfg.prepend_bos,
+        )
     for what, exs in (("data", examples), ("eval_data", eval_examples or [])):
         _check_adapters(reft, exs, what)
     return examples, eval_examples, label_names
@@ -265,8 +318,10 @@ def _check_adapters(reft: "ReftModel", examples: Sequence[Example], what: str) -
     """A bank's examples each name one of its sets; a plain set's examples name none."""
     for i, e in enumerate(examples):
         if reft.bank is None and e.adapter is not None:
-            raise TrainingError(f"{what} example {i} names the set {e.adapter!r} ('adapter'), but this ReftModel holds "
-                                "one set. Build a bank, ReftModel(model, {name: [...], ...}), to train several sets.")
+            raise TrainingError(
+                f"{what} example {i} names the set {e.adapter!r} ('adapter'), but this ReftModel holds "
+                "one set. Build a bank, ReftModel(model, {name: [...], ...}), to train several sets."
+            )
         if reft.bank is not None and e.adapter not in reft.bank:
             raise TrainingError(
                 f"{what} example {i} has adapter {e.adapter!r}, which is not a set of this bank ({reft.adapters}); each "
@@ -275,8 +330,9 @@ def _check_adapters(reft: "ReftModel", examples: Sequence[Example], what: str) -
             )
 
 
-def _bank_schedule(reft: "ReftModel", examples: Sequence[Example], cfg: TrainConfig,
-                   world: int) -> dict[str, tuple[list[int], int, int]] | None:
+def _bank_schedule(
+    reft: "ReftModel", examples: Sequence[Example], cfg: TrainConfig, world: int
+) -> dict[str, tuple[list[int], int, int]] | None:
     """A bank's sets with examples → (their example indices, steps per epoch, total steps), each
     counted as a run of that set alone would count them (None for a plain set)."""
     if reft.bank is None:
@@ -297,8 +353,9 @@ def _count_steps(n_examples: int, cfg: TrainConfig, world: int) -> tuple[int, in
     return steps_per_epoch, total
 
 
-def _setup_optimizer(reft: "ReftModel", cfg: TrainConfig, total: int,
-                     by_set: dict[str, tuple[list[int], int, int]] | None = None) -> tuple[torch.optim.Optimizer, Any]:
+def _setup_optimizer(
+    reft: "ReftModel", cfg: TrainConfig, total: int, by_set: dict[str, tuple[list[int], int, int]] | None = None
+) -> tuple[torch.optim.Optimizer, Any]:
     """AdamW over the trainable Φ parameters, and the learning-rate schedule over ``total`` steps.
     A bank gets one parameter group per set with examples, each with its own schedule."""
     params = [p for p in reft.parameters() if p.requires_grad]
@@ -310,12 +367,15 @@ def _setup_optimizer(reft: "ReftModel", cfg: TrainConfig, total: int,
         return optimizer, scheduler
     groups, owner = [], {}
     for name in by_set:
-        mine = list({id(p): p for u in reft.units if u.adapter == name for p in u.phi.parameters()
-                     if p.requires_grad}.values())
+        mine = list(
+            {id(p): p for u in reft.units if u.adapter == name for p in u.phi.parameters() if p.requires_grad}.values()
+        )
         for p in mine:
             if owner.setdefault(id(p), name) != name:
-                raise TrainingError(f"sets {owner[id(p)]!r} and {name!r} share a Φ parameter; a bank trains each set "
-                                    "apart, so give each set its own Φs.")
+                raise TrainingError(
+                    f"sets {owner[id(p)]!r} and {name!r} share a Φ parameter; a bank trains each set "
+                    "apart, so give each set its own Φs."
+                )
         if mine:
             groups.append({"params": mine, "set": name})
     if not groups:
@@ -325,8 +385,9 @@ def _setup_optimizer(reft: "ReftModel", cfg: TrainConfig, total: int,
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
-def _setup_resume(reft: "ReftModel", cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-                  scheduler: Any) -> tuple[int, History]:
+def _setup_resume(
+    reft: "ReftModel", cfg: TrainConfig, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, History]:
     """The step to start from and the history so far: from the checkpoint with ``resume=True``."""
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
     if cfg.resume and ckpt is not None and (ckpt / STATE_FILE).is_file():
@@ -390,20 +451,26 @@ def _warn_emulated_bf16(capability: str) -> None:
         f"precision='bf16', but this CPU (torch capability {capability!r}) has no native bfloat16 "
         "(no AVX512-BF16 or AMX-BF16): bf16 would be emulated, up to tens of times slower than fp32, "
         "so training runs in fp32. Pass precision='bf16-force' to use bf16 autocast anyway.",
-        EmulatedBF16Warning, stacklevel=4)
+        EmulatedBF16Warning,
+        stacklevel=4,
+    )
 
 
-def _step_batches(examples: Sequence[Example], cfg: TrainConfig, world: int, step: int,
-                  steps_per_epoch: int) -> tuple[int, list[list[int]]]:
+def _step_batches(
+    examples: Sequence[Example], cfg: TrainConfig, world: int, step: int, steps_per_epoch: int
+) -> tuple[int, list[list[int]]]:
     """The epoch of optimizer step ``step`` and its ``grad_accum`` global batches (example indices).
     The order depends only on (seed, epoch), so a resumed run sees the batches it would have seen."""
     epoch, k = divmod(step, steps_per_epoch)
-    order = batch_order(examples, cfg.batch_size * world, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length)
+    order = batch_order(
+        examples, cfg.batch_size * world, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length
+    )
     return epoch, order[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
 
 
-def _bank_step_batches(examples: Sequence[Example], by_set: dict[str, tuple[list[int], int, int]], cfg: TrainConfig,
-                       world: int, step: int) -> tuple[dict[str, int], list[list[int]]]:
+def _bank_step_batches(
+    examples: Sequence[Example], by_set: dict[str, tuple[list[int], int, int]], cfg: TrainConfig, world: int, step: int
+) -> tuple[dict[str, int], list[list[int]]]:
     """Each set's epoch at step ``step`` and the step's micro-batches: micro-batch j holds every
     set's own micro-batch j, side by side (sets whose run has ended take none)."""
     epochs, group = {}, []
@@ -421,10 +488,21 @@ def _bank_step_batches(examples: Sequence[Example], by_set: dict[str, tuple[list
 # ---- one optimizer step --------------------------------------------------------------------------
 
 
-def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, examples: Sequence[Example],
-               group: Sequence[Sequence[int]], *, step: int, epoch: int, autocast: Any = None,
-               max_grad_norm: float | None = None, set_epochs: dict[str, int] | None = None,
-               objective: Objective | None = None, intervene_on: str = "prompt") -> dict[str, Any]:
+def train_step(
+    module: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    examples: Sequence[Example],
+    group: Sequence[Sequence[int]],
+    *,
+    step: int,
+    epoch: int,
+    autocast: Any = None,
+    max_grad_norm: float | None = None,
+    set_epochs: dict[str, int] | None = None,
+    objective: Objective | None = None,
+    intervene_on: str = "prompt",
+) -> dict[str, Any]:
     """One optimizer step over ``group``, the step's micro-batches (indices into ``examples``).
 
     Each process runs its share of every micro-batch; the loss is the objective's mean over the
@@ -437,9 +515,13 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
     objective = objective if objective is not None else LanguageModeling()
     if set_epochs is not None:
         if not isinstance(objective, LanguageModeling) or intervene_on != "prompt":
-            raise TrainingError("a bank trains with the LM loss on prompt positions (objective='lm', "
-                                "intervene_on='prompt'); train other objectives one set at a time.")
-        return _bank_step(module, reft, optimizer, scheduler, examples, group, step, set_epochs, autocast, max_grad_norm)
+            raise TrainingError(
+                "a bank trains with the LM loss on prompt positions (objective='lm', "
+                "intervene_on='prompt'); train other objectives one set at a time."
+            )
+        return _bank_step(
+            module, reft, optimizer, scheduler, examples, group, step, set_epochs, autocast, max_grad_norm
+        )
     pad = reft.pad_token_id
     n_tokens = sum(objective.count(examples[i]) for ids in group for i in ids)  # what the loss averages over
     loss_sum = torch.zeros((), device=reft.device)
@@ -467,7 +549,9 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
         torch.distributed.all_reduce(loss_sum)
     loss = (loss_sum / max(n_tokens, 1)).item()
     if not math.isfinite(loss):
-        raise TrainingError(_diagnose(reft, collate([examples[i] for i in group[0]], pad).to(reft.device), step, epoch, loss))
+        raise TrainingError(
+            _diagnose(reft, collate([examples[i] for i in group[0]], pad).to(reft.device), step, epoch, loss)
+        )
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
     record = {"step": step + 1, "epoch": epoch, "loss": loss, "lr": scheduler.get_last_lr()[0], "tokens": n_tokens}
@@ -479,9 +563,18 @@ def train_step(module: Any, optimizer: torch.optim.Optimizer, scheduler: Any, ex
     return record
 
 
-def _bank_step(module: Any, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any,
-               examples: Sequence[Example], group: Sequence[Sequence[int]], step: int, set_epochs: dict[str, int],
-               autocast: Any, max_grad_norm: float | None) -> dict[str, Any]:
+def _bank_step(
+    module: Any,
+    reft: "ReftModel",
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    examples: Sequence[Example],
+    group: Sequence[Sequence[int]],
+    step: int,
+    set_epochs: dict[str, int],
+    autocast: Any,
+    max_grad_norm: float | None,
+) -> dict[str, Any]:
     """One optimizer step of a bank: every set's micro-batches side by side in one forward, each
     set's loss the mean over its own target tokens (so its gradient is that of its run alone),
     each set's gradient clipped on its own. The record holds each set's record under ``sets``."""
@@ -515,17 +608,39 @@ def _bank_step(module: Any, reft: "ReftModel", optimizer: torch.optim.Optimizer,
     if not all(math.isfinite(v) for v in losses):
         bad = names[next(k for k, v in enumerate(losses) if not math.isfinite(v))]
         rows = [i for ids in group for i in ids if examples[i].adapter == bad]
-        raise TrainingError(f"set {bad!r}: " + _diagnose(reft, collate([examples[i] for i in rows], pad).to(reft.device),
-                                                          step, set_epochs[bad], losses[slot[bad]]))
+        raise TrainingError(
+            f"set {bad!r}: "
+            + _diagnose(
+                reft,
+                collate([examples[i] for i in rows], pad).to(reft.device),
+                step,
+                set_epochs[bad],
+                losses[slot[bad]],
+            )
+        )
     lrs = scheduler.get_last_lr()
     by_group = {g["set"]: k for k, g in enumerate(optimizer.param_groups)}
     if max_grad_norm is not None:
         for g in optimizer.param_groups:
             torch.nn.utils.clip_grad_norm_(g["params"], max_grad_norm)
-    sets = {name: {"step": step + 1, "epoch": set_epochs[name], "loss": losses[k], "lr": lrs[by_group[name]],
-                   "tokens": int(n_tokens[k])} for k, name in enumerate(names)}
-    record = {"step": step + 1, "epoch": max(set_epochs.values()), "loss": sum(losses) / len(losses),
-              "lr": lrs[0], "tokens": int(n_tokens.sum()), "sets": sets}
+    sets = {
+        name: {
+            "step": step + 1,
+            "epoch": set_epochs[name],
+            "loss": losses[k],
+            "lr": lrs[by_group[name]],
+            "tokens": int(n_tokens[k]),
+        }
+        for k, name in enumerate(names)
+    }
+    record = {
+        "step": step + 1,
+        "epoch": max(set_epochs.values()),
+        "loss": sum(losses) / len(losses),
+        "lr": lrs[0],
+        "tokens": int(n_tokens.sum()),
+        "sets": sets,
+    }
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -535,10 +650,18 @@ def _bank_step(module: Any, reft: "ReftModel", optimizer: torch.optim.Optimizer,
 # ---- evaluation ----------------------------------------------------------------------------------
 
 
-def _record_eval(reft: "ReftModel", examples: list[Example], cfg: TrainConfig, label_names: Sequence[str] | None,
-                 step: int, history: History, callback: Callable | None) -> None:
-    metrics = evaluate(reft, examples, batch_size=cfg.batch_size, task=cfg.task, label_names=label_names,
-                       intervene_on=cfg.intervene_on)
+def _record_eval(
+    reft: "ReftModel",
+    examples: list[Example],
+    cfg: TrainConfig,
+    label_names: Sequence[str] | None,
+    step: int,
+    history: History,
+    callback: Callable | None,
+) -> None:
+    metrics = evaluate(
+        reft, examples, batch_size=cfg.batch_size, task=cfg.task, label_names=label_names, intervene_on=cfg.intervene_on
+    )
     record = {"step": step, **metrics}
     history.evals.append(record)
     if callback is not None:
@@ -546,8 +669,15 @@ def _record_eval(reft: "ReftModel", examples: list[Example], cfg: TrainConfig, l
 
 
 @torch.no_grad()
-def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8, task: str = "lm",
-             label_names: Sequence[str] | None = None, intervene_on: str = "prompt") -> dict[str, Any]:
+def evaluate(
+    reft: "ReftModel",
+    examples: list[Example],
+    *,
+    batch_size: int = 8,
+    task: str = "lm",
+    label_names: Sequence[str] | None = None,
+    intervene_on: str = "prompt",
+) -> dict[str, Any]:
     """Mean completion-token loss, and accuracy: per completion token (``lm``) or per example
     (``classification``: the label whose tokens score highest given the prompt). ``intervene_on``
     as in :func:`train`. A bank's examples run with their own sets, and each set's metrics are
@@ -570,8 +700,11 @@ def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8,
         correct_tok = ((logits.argmax(-1) == labels) & target).sum(1).tolist()
         correct_ex = [0] * len(chunk)
         if task == "classification":
-            scores = (_score_first_tokens(reft, chunk, cands, pad) if all(len(c) == 1 for c in cands)
-                      else torch.stack([_score(reft, chunk, c, pad) for c in cands], 1))
+            scores = (
+                _score_first_tokens(reft, chunk, cands, pad)
+                if all(len(c) == 1 for c in cands)
+                else torch.stack([_score(reft, chunk, c, pad) for c in cands], 1)
+            )
             correct_ex = (scores.argmax(1).cpu() == torch.tensor([e.label for e in chunk])).int().tolist()
         for k, e in enumerate(chunk):
             acc = sums.setdefault(e.adapter, [0.0, 0, 0, 0, 0])
@@ -589,7 +722,9 @@ def evaluate(reft: "ReftModel", examples: list[Example], *, batch_size: int = 8,
     return out
 
 
-def _score_first_tokens(reft: "ReftModel", chunk: Sequence[Example], cands: Sequence[tuple[int, ...]], pad: int) -> Tensor:
+def _score_first_tokens(
+    reft: "ReftModel", chunk: Sequence[Example], cands: Sequence[tuple[int, ...]], pad: int
+) -> Tensor:
     """``_score`` for every one-token label at once: the logits after the prompt score them all
     (causal attention: they do not depend on which label follows), so one forward, not one per label."""
     batch = collate([Example(e.prompt, cands[0], adapter=e.adapter) for e in chunk], pad).to(reft.device)
@@ -611,8 +746,9 @@ def _score(reft: "ReftModel", chunk: Sequence[Example], completion: tuple[int, .
 # ---- checkpoints: safetensors + JSON, written atomically -------------------------------------
 
 
-def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
-                    history: History) -> None:
+def save_checkpoint(
+    folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int, history: History
+) -> None:
     """Write the whole training state (Φs, optimizer, scheduler, RNG, history) to ``folder``, atomically.
     ``folder`` must be new, empty or an earlier checkpoint (it holds ``trainer_state.json``)."""
     from safetensors.torch import save_file
@@ -637,7 +773,9 @@ def save_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     atomic_dir(folder, write_all, markers=[STATE_FILE])
 
 
-def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, History]:
+def load_checkpoint(
+    folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any
+) -> tuple[int, History]:
     from safetensors.torch import load_file
 
     from reftlens.saving import load
@@ -645,7 +783,9 @@ def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     saved_set, _ = load(folder / "reft", reft.model, cast=reft.cast)
     if isinstance(saved_set, dict):  # a bank: its sets in order, as reft.phis holds them
         if list(saved_set) != reft.adapters:
-            raise TrainingError(f"checkpoint {folder} holds the sets {list(saved_set)} but this bank has {reft.adapters}.")
+            raise TrainingError(
+                f"checkpoint {folder} holds the sets {list(saved_set)} but this bank has {reft.adapters}."
+            )
         saved_set = [iv for ivs in saved_set.values() for iv in ivs]
     saved_phis = list({id(iv.phi): iv.phi for iv in saved_set}.values())
     if len(saved_phis) != len(reft.phis):
@@ -664,7 +804,9 @@ def load_checkpoint(folder: Path, reft: "ReftModel", optimizer: torch.optim.Opti
     scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors])
+        torch.cuda.set_rng_state_all(
+            [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
+        )
     h = meta["history"]
     return int(meta["step"]), History(h["steps"], h["evals"])
 
@@ -756,12 +898,14 @@ def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: floa
         def fn(h: Tensor, hook: Any = None) -> None:
             if not first and not torch.isfinite(h).all():
                 first.append(f"intervention {site.unit.name!r} at {site.hook_name}")
+
         return fn
 
     from reftlens.runtime.tl import execute
 
-    plan = reft.plan(batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask,
-                     adapters=batch.adapters)
+    plan = reft.plan(
+        batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask, adapters=batch.adapters
+    )
     with torch.no_grad():
         execute(reft.model, plan, reft.cast, extra=[(p.site.hook_point, check(p.site)) for p in plan.sites])
     if first:

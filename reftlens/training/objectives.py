@@ -35,8 +35,9 @@ class Objective:
         """How many terms ``example`` adds to the loss's average."""
         raise NotImplementedError
 
-    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device,
-             intervene_on: str = "prompt") -> Tensor:
+    def loss(
+        self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
+    ) -> Tensor:
         """The loss of ``examples`` summed over their terms (the step divides by the total count);
         ``intervene_on`` says which part of each sequence the positions resolve against."""
         raise NotImplementedError
@@ -51,8 +52,9 @@ class LanguageModeling(Objective):
     def count(self, example: Example) -> int:
         return len(example.completion)
 
-    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device,
-             intervene_on: str = "prompt") -> Tensor:
+    def loss(
+        self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
+    ) -> Tensor:
         from reftlens.training.loop import forward, token_losses
 
         logits, labels = forward(module, collate(examples, pad).to(device), intervene_on)
@@ -99,19 +101,24 @@ class Preference(Objective):
                 "Give each example {'prompt', 'completion' (with the concept), 'rejected' (without it)}."
             )
         if any(u.takes_source for u in reft.units):
-            raise TrainingError("objective='preference' scales each intervention's edit; Φs that take a source cannot be scaled.")
+            raise TrainingError(
+                "objective='preference' scales each intervention's edit; Φs that take a source cannot be scaled."
+            )
         self.view = reft.scaled(0.0)
 
     def count(self, example: Example) -> int:
         return 1
 
-    def loss(self, module: Any, examples: Sequence[Example], pad: int, device: torch.device,
-             intervene_on: str = "prompt") -> Tensor:
+    def loss(
+        self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
+    ) -> Tensor:
         n = len(examples)
         ref = self._references(examples, pad, device)
         pick = torch.randint(len(self.alphas), (n,))
         alpha = torch.tensor(self.alphas)[pick]
-        rows = ([Example(e.prompt, e.completion) for e in examples] + [Example(e.prompt, e.rejected) for e in examples]) * 2
+        rows = (
+            [Example(e.prompt, e.completion) for e in examples] + [Example(e.prompt, e.rejected) for e in examples]
+        ) * 2
         signs = torch.cat([alpha, alpha, -alpha, -alpha])
         lp = self._mean_logprob(rows, signs, pad, device, intervene_on)
         toward_c, toward_r, away_c, away_r = lp[:n], lp[n : 2 * n], lp[2 * n : 3 * n], lp[3 * n :]
@@ -121,8 +128,9 @@ class Preference(Objective):
         down = beta_down * away_r - away_c
         return (F.softplus(-up) + F.softplus(-down)).sum()
 
-    def _mean_logprob(self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device,
-                      intervene_on: str = "prompt") -> Tensor:
+    def _mean_logprob(
+        self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device, intervene_on: str = "prompt"
+    ) -> Tensor:
         """Mean log-probability per completion token of each row, each row's edits scaled by its α."""
         from reftlens.training.loop import forward
 
@@ -154,11 +162,15 @@ def objective_for(objective: str | Objective) -> Objective:
         return objective
     if isinstance(objective, str) and objective in OBJECTIVES:
         return OBJECTIVES[objective]()
-    raise TrainingError(f"objective must be one of {sorted(OBJECTIVES)} or an Objective instance (e.g. "
-                        f"reftlens.training.Preference(alphas=(1, 2))); got {objective!r}.")
+    raise TrainingError(
+        f"objective must be one of {sorted(OBJECTIVES)} or an Objective instance (e.g. "
+        f"reftlens.training.Preference(alphas=(1, 2))); got {objective!r}."
+    )
 
 
 def penalties(reft: "ReftModel") -> Tensor | None:
     """The sum of the Φs' ``penalty()`` terms since their last call (None when no Φ has one)."""
-    terms = [t for phi in reft.phis if callable(getattr(phi, "penalty", None)) for t in [phi.penalty()] if t is not None]
+    terms = [
+        t for phi in reft.phis if callable(getattr(phi, "penalty", None)) for t in [phi.penalty()] if t is not None
+    ]
     return torch.stack(terms).sum() if terms else None
