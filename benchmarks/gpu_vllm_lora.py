@@ -4,7 +4,7 @@ For a CUDA machine with vLLM installed; anywhere else it prints a `skipped: ...`
 
 Each adapter is a mergeable LoReFT set on SmolLM2-135M-Instruct (rank 4 on `mlp_out` at layers
 3;9;18;24, every position, `bias=False` so that vLLM versions without LoRA biases serve it too),
-with its own random weights, converted by `reftlens.to_peft`. Every prompt is assigned one adapter
+with its own random weights, converted by `reftlens.save_peft`. Every prompt is assigned one adapter
 (prompt i → adapter i mod 32). reftlens generates each adapter's prompts as one batch with the
 interventions hooked in (`reft.generate(..., intervene_on="all")`, what the merged weights
 compute); vLLM serves all prompts at once, each with its `LoRARequest`. Both decode greedily for
@@ -81,7 +81,7 @@ def main() -> int:
         # Φs stay float32 (their QR is float32 work); on a half-precision model they run cast
         reft = ReftModel(bridge, Intervention(phi, layers=layers, hook="mlp_out"), cast=dtype != torch.float32).eval()
         refts.append(reft)
-        paths.append(str(reftlens.to_peft(reft, os.path.join(work.name, f"adapter{i}"))))
+        paths.append(str(reftlens.save_peft(reft, os.path.join(work.name, f"adapter{i}"))))
 
     questions = [
         "name a colour",
@@ -160,7 +160,7 @@ def main() -> int:
     print("| engine | time (s) | tokens/s |")
     print("|---|---|---|")
     print(f"| reftlens generate, hooked, one batch per adapter | {reftlens_s:.2f} | {total / reftlens_s:,.0f} |")
-    print(f"| vLLM multi-LoRA, to_peft adapters, one batch | {vllm_s:.2f} | {total / vllm_s:,.0f} |")
+    print(f"| vLLM multi-LoRA, save_peft adapters, one batch | {vllm_s:.2f} | {total / vllm_s:,.0f} |")
     print()
     print(
         f"tokens identical: {same_tokens}/{total} ({same_tokens / total:.3%}); whole sequences identical: "

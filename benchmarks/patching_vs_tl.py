@@ -25,7 +25,7 @@ from transformer_lens import patching
 
 import reftlens
 from reftlens.analysis import patch_sweep
-from reftlens.analysis.patching import REPLAY_MIN_PARAMS
+from reftlens.analysis.activation_patching import REPLAY_MIN_PARAMS
 
 PROMPTS = {
     "smollm2-135m": (

@@ -17,9 +17,22 @@ from reftlens.errors import (
     PositionError,
     ReftError,
     SaveError,
+    StateError,
     TrainingError,
 )
-from reftlens.export import from_pyreft, load_hf, merge, save_hf, to_hf, to_peft, to_pyreft
+from reftlens.export import (
+    from_pyreft,
+    load_hf,
+    load_pyreft,
+    merge,
+    save_hf,
+    save_peft,
+    save_pyreft,
+    to_hf,
+    to_peft,
+    to_pyreft,
+)
+from reftlens.inputs import text_tokens, tokenize
 from reftlens.interventions import (
     DII,
     Collect,
@@ -54,14 +67,19 @@ __all__ = [
     "save_hf",
     "load_hf",
     "merge",
+    "save_peft",
+    "load_pyreft",
+    "save_pyreft",
     "to_peft",
-    "from_pyreft",
     "to_pyreft",
+    "from_pyreft",
     "NodiReFT",
     "Intervention",
     "ReftModel",
     "load_model",
     "parse_positions",
+    "text_tokens",
+    "tokenize",
     "register",
     "Phi",
     "LoReFT",
@@ -90,5 +108,6 @@ __all__ = [
     "NonFiniteError",
     "TrainingError",
     "AnalysisError",
+    "StateError",
     "__version__",
 ]

@@ -39,3 +39,13 @@ class NonFiniteError(ReftError):
 
 class SaveError(ReftError):
     """A save would overwrite something that is not an earlier save of the same kind."""
+
+
+class StateError(LoadError):
+    """A pyreft/pyvene checkpoint's tensors do not fit the intervention they are loaded into
+    (missing, misshapen or non-float); :func:`reftlens.load_pyreft` adds which intervention."""
+
+
+class UnsupportedReplay(AnalysisError):
+    """A model's blocks cannot be replayed from a recorded run; the sweep falls back to whole
+    forwards, so this reaches a user only when they ask for replay by name."""

@@ -17,9 +17,9 @@ from torch import Tensor
 
 from reftlens.errors import ConfigError, ExportError
 from reftlens.runtime.compat import kv_cache_fix
-from reftlens.runtime.hf import INTERVENE_ON
+from reftlens.runtime.hf_backend import INTERVENE_ON
 from reftlens.runtime.plan import every_row, widen
-from reftlens.runtime.tl import hooked, plan_hooks
+from reftlens.runtime.tl_backend import hooked, plan_hooks
 
 
 def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -188,7 +188,7 @@ def _hf_backend(reft: Any, backend: str) -> Any:
     """The plain-transformers twin of the bridge with this set attached (None: use the bridge)."""
     if backend == "bridge":
         return None
-    from reftlens.runtime.hf import twin
+    from reftlens.runtime.hf_backend import twin
 
     try:
         return twin(reft.model, reft.units, reft.cast)

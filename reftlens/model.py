@@ -8,47 +8,19 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from reftlens import inputs as inputs_mod
 from reftlens.errors import ConfigError, PositionError
 from reftlens.interventions.base import phi_d_model, phi_label
-from reftlens.interventions.steering import Scaled
+from reftlens.interventions.directional import Scaled
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import Plan, Site, SitePlan, bank_rows, resolve
-from reftlens.runtime.tl import bind, execute, gather_sources, hooked, plan_hooks
+from reftlens.runtime.tl_backend import bind, execute, gather_sources, hooked, plan_hooks
 from reftlens.sets import Intervention, Unit, check_static_disjoint, set_units
 
 Sets = Intervention | Sequence[Intervention] | Mapping[str, Intervention | Sequence[Intervention]]
 
-#: ChatML's turn marker: chat templates of ChatML models (SmolLM2, Qwen) begin a conversation with it,
-#: so a text that starts with it already has its start token (see :func:`text_tokens`)
-CHAT_START = ("<|im_start|>",)
-
-
-def text_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
-    """The token ids ``[seq]`` of one string, by the rule every reftlens entry point that takes
-    strings follows (``reft(...)``, ``reft.tokenize``, ``reft.generate``, ``train``, the analyses):
-
-    - ``prepend_bos=None`` (default): the model's own setting (``model.cfg.default_prepend_bos``,
-      as TransformerLens's ``to_tokens``); ``True`` / ``False`` override it;
-    - never a second start token: a text that already begins with the tokenizer's BOS string or
-      with ChatML's ``<|im_start|>`` (where the tokenizer has it as one token) gets none added, so
-      chat-formatted prompts (``tokenizer.apply_chat_template(..., tokenize=False)``) are tokenized
-      as the chat template meant.
-
-    >>> text_tokens(model, "hello")[:1].tolist() == [model.tokenizer.bos_token_id]   # doctest: +SKIP
-    True
-    """
-    if prepend_bos is None:
-        prepend_bos = getattr(model.cfg, "default_prepend_bos", True)
-    if prepend_bos and text.startswith(_start_strings(model.tokenizer)):
-        prepend_bos = False
-    return model.to_tokens(text, prepend_bos=prepend_bos)[0]
-
-
-def _start_strings(tok: Any) -> tuple[str, ...]:
-    """Strings that begin a model input: the BOS string, and ChatML's marker where it is one token."""
-    unk = getattr(tok, "unk_token_id", None)
-    chat = [s for s in CHAT_START if tok.convert_tokens_to_ids(s) not in (None, unk)]
-    return tuple(s for s in (getattr(tok, "bos_token", None), *chat) if s)
+# the tokenization rule lives in reftlens.inputs; the name stays importable from here
+text_tokens = inputs_mod.text_tokens
 
 
 class ReftModel(nn.Module):
@@ -185,80 +157,21 @@ class ReftModel(nn.Module):
     def tokenize(
         self, texts: str | Sequence[str], padding_side: str = "left", prepend_bos: bool | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Tokenize strings and pad them to one tensor. Returns ``(tokens, attention_mask)``.
-
-        Start tokens follow :func:`text_tokens`: the model's own setting unless ``prepend_bos``
-        says otherwise, and never a second one on a text that already starts with one (chat
-        formatted prompts)."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-        rows = [text_tokens(self.model, t, prepend_bos) for t in texts]
-        return _pad(rows, self.pad_token_id, padding_side, self.device)
+        """Tokenize strings and pad them to one tensor (:func:`reftlens.inputs.tokenize` on this model).
+        Returns ``(tokens, attention_mask)``."""
+        return inputs_mod.tokenize(self.model, texts, padding_side=padding_side, prepend_bos=prepend_bos)
 
     @property
     def pad_token_id(self) -> int:
-        """The id strings are padded with: the tokenizer's pad token, else its EOS, else 0."""
-        tok = self.model.tokenizer
-        for attr in ("pad_token_id", "eos_token_id"):
-            v = getattr(tok, attr, None)
-            if v is not None:
-                return int(v)
-        return 0
+        """The id strings are padded with (:func:`reftlens.inputs.pad_token_id`)."""
+        return inputs_mod.pad_token_id(self.model.tokenizer)
 
     def encode(
         self, inputs: Any, attention_mask: Tensor | None = None, what: str = "inputs", prepend_bos: bool | None = None
     ) -> tuple[Tensor, RealTokens]:
         """Token ids ``[batch, seq]`` on the model's device and where their real tokens lie, from any
-        input ``reft(...)`` takes (strings are tokenized as :meth:`tokenize` does, with
-        ``prepend_bos``, and left padded; token ids are used as given)."""
-        if hasattr(inputs, "keys") and "input_ids" in inputs:  # a dict or a BatchEncoding
-            attention_mask = inputs.get("attention_mask", attention_mask)
-            inputs = inputs["input_ids"]
-        if isinstance(inputs, str) or (
-            isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
-        ):
-            if attention_mask is not None:
-                raise ValueError(f"attention_mask given with string {what}; strings are padded by reftlens.")
-            tokens, mask = self.tokenize(inputs, prepend_bos=prepend_bos)
-        elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):
-            tokens, mask = _pad(
-                [torch.tensor(r, dtype=torch.long) for r in inputs], self.pad_token_id, "left", self.device
-            )
-        elif isinstance(inputs, Tensor):
-            tokens = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
-            if tokens.ndim != 2 or tokens.is_floating_point():
-                raise ValueError(f"{what} must be token ids [batch, seq]; got {tokens.dtype} {tuple(inputs.shape)}.")
-            tokens = tokens.to(self.device)
-            if attention_mask is None:
-                self._refuse_unmasked_padding(tokens, what)
-                mask = torch.ones_like(tokens, dtype=torch.bool)
-            else:
-                mask = attention_mask.unsqueeze(0) if attention_mask.ndim == 1 else attention_mask
-                if mask.shape != tokens.shape:
-                    raise ValueError(
-                        f"attention_mask for {what} has shape {tuple(mask.shape)} but the tokens have {tuple(tokens.shape)}."
-                    )
-                mask = mask.to(self.device).bool()
-        else:
-            raise TypeError(
-                f"{what} must be a string, a list of strings, token ids or a tokenizer output; got {type(inputs).__name__}."
-            )
-        return tokens, RealTokens.from_mask(mask, tokens)
-
-    def _refuse_unmasked_padding(self, tokens: Tensor, what: str) -> None:
-        tok = self.model.tokenizer
-        pad = getattr(tok, "pad_token_id", None)
-        if pad is None or pad in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None)):
-            return  # pad is indistinguishable from a real token: nothing to detect
-        edges = torch.cat([tokens[:, :1], tokens[:, -1:]], 1)
-        if bool((edges == pad).any()):
-            row = int((edges == pad).any(1).nonzero()[0])
-            raise PositionError(
-                f"{what} row {row} starts or ends with the pad token {pad} but no attention_mask was given. "
-                "Pass attention_mask= (1 for real tokens) so positions are resolved against the real tokens."
-            )
+        input ``reft(...)`` takes (:func:`reftlens.inputs.encode` on this model)."""
+        return inputs_mod.encode(self.model, inputs, attention_mask, what=what, prepend_bos=prepend_bos)
 
     # ---- planning -----------------------------------------------------------------------
 
@@ -604,14 +517,3 @@ def _unique_phis(units: Sequence[Unit]) -> list[nn.Module]:
     for u in units:
         unique.setdefault(id(u.phi), u.phi)
     return list(unique.values())
-
-
-def _pad(rows: Sequence[Tensor], pad_id: int, side: str, device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(r.shape[0] for r in rows)
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sl = slice(width - r.shape[0], width) if side == "left" else slice(0, r.shape[0])
-        tokens[i, sl] = r.to(torch.long).cpu()
-        mask[i, sl] = 1
-    return tokens.to(device), mask.to(device)

@@ -32,7 +32,7 @@ import torch
 
 from reftlens.errors import LoadError, ReftError, SaveError
 from reftlens.interventions.base import FunctionPhi, phi_class
-from reftlens.interventions.steering import Scaled
+from reftlens.interventions.directional import Scaled
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import from_json
 
@@ -71,7 +71,7 @@ EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
     (BANK_FILE,),  # ReftModel.save of a bank
     ("reftlens_export.json",),  # export.save_hf
     ("trainer_state.json",),  # training checkpoints
-    ("config.json", "intkey_*.bin"),  # export.to_pyreft (pyreft/pyvene layout)
+    ("config.json", "intkey_*.bin"),  # export.save_pyreft (pyreft/pyvene layout)
 )
 
 

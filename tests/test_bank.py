@@ -20,7 +20,7 @@ from reftlens import (
     to_hf,
 )
 from reftlens.interventions.base import bank_key
-from reftlens.runtime.plan import site_hook
+from reftlens.runtime.kernel import site_hook
 
 PROMPTS = [
     "the quick brown fox",
@@ -436,16 +436,16 @@ def test_the_gpu_benchmark_skips_cleanly_without_a_gpu():
 
 
 def test_pyreft_export_of_a_bank_is_refused(bank, tmp_path):
-    from reftlens import ExportError, to_pyreft
+    from reftlens import ExportError, save_pyreft
 
     with pytest.raises(
         ExportError, match=r"pyreft holds one intervention set per model.*bank of 3 sets.*Export one set"
     ):
-        to_pyreft(bank, tmp_path / "p")
+        save_pyreft(bank, tmp_path / "p")
 
 
 def test_adding_a_set_reuses_the_generation_twin(model, bank):
-    from reftlens.runtime.hf import twin
+    from reftlens.runtime.hf_backend import twin
 
     hf = twin(model, bank.units)
     bank.add_adapter("extra", Intervention(LoReFT(model.cfg.d_model, 2), layers=1, positions="l1"))

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.multiprocess
 import torch
 
 import reftlens
+
+pytestmark = pytest.mark.multiprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))

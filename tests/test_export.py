@@ -13,7 +13,7 @@ import reftlens
 from reftlens import DiReFT, Interchange, Intervention, LoReFT, ReftModel
 from reftlens.export import ExportError, load_hf, save_hf, to_hf
 from reftlens.models import tiny_hf_model, tiny_tokenizer
-from reftlens.runtime.hf import decoder_layers
+from reftlens.runtime.hf_backend import decoder_layers
 
 PROMPTS = ["the quick brown fox", "a", "over the river and"]
 

@@ -125,7 +125,7 @@ def test_the_transformers_twin_and_the_bridge_generate_the_same(reft, intervene_
 
 
 def test_the_twin_shares_weights_and_follows_training(reft, model):
-    from reftlens.runtime.hf import twin as hf_twin
+    from reftlens.runtime.hf_backend import twin as hf_twin
 
     twin = hf_twin(reft.model, reft.units, reft.cast)
     bridge_ptrs = {p.data_ptr() for p in model.parameters()}

@@ -1,4 +1,4 @@
-"""Folding ReFT into weights: reftlens.merge and reftlens.to_peft give the hooked path's numbers.
+"""Folding ReFT into weights: reftlens.merge and reftlens.save_peft give the hooked path's numbers.
 
 Φ(Wx + b) = (W + U·DW)x + b + U(Db + c) for Φ(h) = h + U(Dh + c): exact for an affine Φ at every
 position on attn_out / mlp_out, on every architecture reftlens merges, with padding on either side.
@@ -22,7 +22,7 @@ from reftlens.export.merge import compose
 from reftlens.interventions import Affine, Phi
 from reftlens.models import tiny_tokenizer
 from reftlens.runtime.compat import fast_attention
-from reftlens.runtime.hf import pristine_hf
+from reftlens.runtime.hf_backend import pristine_hf
 
 peft = pytest.importorskip("peft")
 
@@ -142,7 +142,7 @@ def test_a_merge_without_new_biases_has_the_plain_models_layout(arch_models, arc
 def test_peft_adapter_equals_the_hooked_path(arch_models, arch, tmp_path):
     model = arch_models[arch]
     reft = mergeable_set(model)  # with b: peft's lora_bias carries it, even where the projection has no bias
-    path = reftlens.to_peft(reft, tmp_path / "adapter")
+    path = reftlens.save_peft(reft, tmp_path / "adapter")
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 5 and config["lora_bias"]
     assert config["fan_in_fan_out"] == (arch == "tiny-gpt2")
@@ -160,7 +160,7 @@ def test_greedy_generation_gives_the_same_tokens(arch_models, name, tmp_path):
         input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None
     )
     assert torch.equal(reftlens.merge(reft).generate(**kwargs), ours)
-    adapter = peft.PeftModel.from_pretrained(pristine_hf(model), reftlens.to_peft(reft, tmp_path / "a")).eval()
+    adapter = peft.PeftModel.from_pretrained(pristine_hf(model), reftlens.save_peft(reft, tmp_path / "a")).eval()
     assert torch.equal(adapter.generate(**kwargs), ours)
 
 
@@ -181,7 +181,7 @@ def test_saved_merge_and_adapter_load_with_plain_transformers_and_peft(arch_mode
         reft = mergeable_set(model)
         reftlens.merge(reft).save_pretrained(tmp_path / name / "merged")
         pristine_hf(model).save_pretrained(tmp_path / name / "base")
-        reftlens.to_peft(reft, tmp_path / name / "adapter", base_model_name_or_path=str(tmp_path / name / "base"))
+        reftlens.save_peft(reft, tmp_path / name / "adapter", base_model_name_or_path=str(tmp_path / name / "base"))
         tokens, mask = reft.tokenize(PROMPTS)
         with torch.no_grad():
             expected = reft(tokens, attention_mask=mask)
@@ -255,7 +255,7 @@ def test_what_cannot_fold_is_refused(tiny_models, build, message, tmp_path):
     with pytest.raises(ExportError, match=message):
         reftlens.merge(reft)
     with pytest.raises(ExportError, match=message):
-        reftlens.to_peft(reft, tmp_path / "adapter")
+        reftlens.save_peft(reft, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
 
 
@@ -278,15 +278,15 @@ def test_a_bias_the_class_cannot_hold_is_refused(arch_models, arch, tmp_path):
         r".*no switch.*bias=False",
     ):
         reftlens.merge(reft)
-    reftlens.to_peft(reft, tmp_path / "adapter")  # a LoRA bias carries it
+    reftlens.save_peft(reft, tmp_path / "adapter")  # a LoRA bias carries it
 
 
 def test_an_old_peft_without_lora_bias_refuses_only_a_nonzero_bias(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr("reftlens.export.lora.peft_supports_lora_bias", lambda: False)
     model = tiny_models["tiny-llama"]
     with pytest.raises(ExportError, match="has no LoRA bias.*bias=False"):
-        reftlens.to_peft(mergeable_set(model), tmp_path / "a")
-    path = reftlens.to_peft(mergeable_set(model, bias_attn=False, bias_mlp=False), tmp_path / "b")
+        reftlens.save_peft(mergeable_set(model), tmp_path / "a")
+    path = reftlens.save_peft(mergeable_set(model, bias_attn=False, bias_mlp=False), tmp_path / "b")
     assert (
         "lora_bias" not in json.loads((path / "adapter_config.json").read_text())
         or not json.loads((path / "adapter_config.json").read_text())["lora_bias"]
@@ -295,15 +295,15 @@ def test_an_old_peft_without_lora_bias_refuses_only_a_nonzero_bias(tiny_models, 
 
 def test_to_peft_replaces_its_own_folder_and_refuses_others(tiny_models, tmp_path):
     reft = mergeable_set(tiny_models["tiny-llama"])
-    path = reftlens.to_peft(reft, tmp_path / "a")
-    reftlens.to_peft(reft, path)  # an earlier adapter is replaced
+    path = reftlens.save_peft(reft, tmp_path / "a")
+    reftlens.save_peft(reft, path)  # an earlier adapter is replaced
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(reftlens.SaveError, match="holds other files"):
-        reftlens.to_peft(reft, tmp_path / "mine")
+        reftlens.save_peft(reft, tmp_path / "mine")
     (tmp_path / "file").write_text("x")
     with pytest.raises(reftlens.SaveError, match="it is a file"):
-        reftlens.to_peft(reft, tmp_path / "file")
+        reftlens.save_peft(reft, tmp_path / "file")
 
 
 # ---- the algebra, and user Φs

@@ -44,7 +44,7 @@ def test_public_names_are_the_real_functions():
     import reftlens
     from reftlens import errors
 
-    for name in ("train", "to_hf", "save_hf", "load_hf", "from_pyreft", "to_pyreft", "load_model"):
+    for name in ("train", "to_hf", "save_hf", "load_hf", "load_pyreft", "save_pyreft", "load_model"):
         params = inspect.signature(getattr(reftlens, name)).parameters
         assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()), name
     family = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ReftError)]

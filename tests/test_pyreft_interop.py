@@ -1,4 +1,4 @@
-"""pyreft interop: from_pyreft / to_pyreft against pyreft's own saves and logits.
+"""pyreft interop: load_pyreft / save_pyreft against pyreft's own saves and logits.
 
 The fixtures in tests/fixtures/pyreft/ were written by pyreft 0.1.0 / pyvene 0.1.8 in their own
 venv (benchmarks/peers/make_pyreft_fixtures.py) on reftlens' tiny-llama, with pyreft's logits for
@@ -28,10 +28,10 @@ from reftlens.export.pyreft import (
     CODECS,
     PYREFT_TYPES,
     NodiReFT,
-    from_pyreft,
+    load_pyreft,
     orthogonal_weight,
     read_pyreft,
-    to_pyreft,
+    save_pyreft,
 )
 from reftlens.interventions import OrthonormalRows
 from reftlens.saving import LoadError
@@ -125,7 +125,7 @@ def test_fixtures_are_small_and_pickle_free():
 @pytest.mark.parametrize("name", TYPES)
 def test_logits_match_pyreft(llama, name):
     folder, ref, npz = reference(name)
-    reft = from_pyreft(folder, llama, positions=ref["positions"])
+    reft = load_pyreft(folder, llama, positions=ref["positions"])
     assert [iv.name for iv in reft.interventions] == ref["keys"]
     assert ref["max_abs_logit_change"] > 0.1  # the fixture is far from the identity
     with torch.no_grad():
@@ -179,8 +179,8 @@ def test_smollm2_loreft_matches_pyreft(smollm2):
     ref, npz = json.loads((folder / "reference.json").read_text()), np.load(folder / "reference.npz")
     tokens, cols = torch.as_tensor(npz["tokens"]), torch.as_tensor(npz["columns"])
     with pytest.raises(ConfigError, match=r"positions=\"l1\" for pyreft's README example"):
-        from_pyreft(folder, smollm2)  # pyreft's save does not say which tokens: no silent default
-    reft = from_pyreft(folder, smollm2, positions=ref["positions"])
+        load_pyreft(folder, smollm2)  # pyreft's save does not say which tokens: no silent default
+    reft = load_pyreft(folder, smollm2, positions=ref["positions"])
     (iv,), _ = read_pyreft(folder)
     assert reft.phis[0].R.is_held and torch.equal(reft.phis[0].R.weight, iv.state["rotate_layer"].T)
     assert ref["max_abs_logit_change"] > 10  # trained, far from the identity
@@ -236,31 +236,31 @@ def test_orthogonal_weight_equals_torch_parametrization(shape):
 
 def test_auto_untied_layout(llama):
     folder, ref, _ = reference("loreft")  # layers [1, 3, 1, 3]: pyreft's share_weights=False layout
-    reft = from_pyreft(folder, llama, positions="f2+l2")
+    reft = load_pyreft(folder, llama, positions="f2+l2")
     assert [str(u.positions) for u in reft.units] == ["f2 (clamped to half)"] * 2 + ["l2 (clamped to half)"] * 2
-    reft = from_pyreft(folder, llama, positions=["f2", "f2", "l2", "l2"])  # the same, spelled out
+    reft = load_pyreft(folder, llama, positions=["f2", "f2", "l2", "l2"])  # the same, spelled out
     assert [str(u.positions) for u in reft.units] == ["f2", "f2", "l2", "l2"]
     with pytest.raises(ConfigError, match="one spec per intervention"):
-        from_pyreft(folder, llama, positions=["f2", "l2"])
+        load_pyreft(folder, llama, positions=["f2", "l2"])
     with pytest.raises(CollisionError):  # untied=False: each key edits f2+l2, and layer 1 twice
-        from_pyreft(folder, llama, positions="f2+l2", untied=False)
+        load_pyreft(folder, llama, positions="f2+l2", untied=False)
     with pytest.raises(ConfigError, match="untied=True"):
-        from_pyreft(FIXTURES / "nodireft", llama, positions="f2+l2", untied=True)
+        load_pyreft(FIXTURES / "nodireft", llama, positions="f2+l2", untied=True)
     # no default when nothing is recorded (pyreft's own saves): a wrong guess would load silently
     with pytest.raises(
         ConfigError,
         match=r"loreft: pyreft does not save which tokens.*positions=\"l1\" for "
         r"pyreft's README example.*positions=\"f1\+l1\" for its training script",
     ):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     # clamping follows pyreft on short prompts: 3 tokens → f1 and l1 only, no collision
     short = torch.tensor([[1, 40, 50]])
-    reft = from_pyreft(folder, llama, positions="f2+l2")
+    reft = load_pyreft(folder, llama, positions="f2+l2")
     logits(reft, short)
     with pytest.raises(CollisionError):
-        logits(from_pyreft(folder, llama, positions="f2+l2", overlap="error"), short)
+        logits(load_pyreft(folder, llama, positions="f2+l2", overlap="error"), short)
     with pytest.raises(ConfigError, match="overlap must be 'clamp' or 'error'"):
-        from_pyreft(folder, llama, positions="f2+l2", overlap=False)
+        load_pyreft(folder, llama, positions="f2+l2", overlap=False)
 
 
 def test_upcasts_bf16_pyreft_weights(llama, tmp_path):
@@ -271,7 +271,7 @@ def test_upcasts_bf16_pyreft_weights(llama, tmp_path):
         state = torch.load(p, weights_only=True)
         state["weight"], state["bias"] = state["weight"].bfloat16(), state["bias"].bfloat16()
         torch.save(state, p)
-    reft = from_pyreft(folder, llama, positions="f2+l2")
+    reft = load_pyreft(folder, llama, positions="f2+l2")
     phi = reft.phis[0]
     assert phi.W.weight.dtype == torch.float32
     assert torch.equal(phi.W.weight, bins(folder)[f"intkey_{reft.interventions[0].name}.bin"]["weight"].float())
@@ -283,9 +283,9 @@ def test_upcasts_bf16_pyreft_weights(llama, tmp_path):
 @pytest.mark.parametrize("name", TYPES)
 def test_round_trip_bit_identical(llama, name, tmp_path):
     folder, ref, npz = reference(name)
-    a = from_pyreft(folder, llama, positions=ref["positions"])
-    to_pyreft(a, tmp_path / "out")
-    b = from_pyreft(tmp_path / "out", llama)  # positions come back from the recorded metadata
+    a = load_pyreft(folder, llama, positions=ref["positions"])
+    save_pyreft(a, tmp_path / "out")
+    b = load_pyreft(tmp_path / "out", llama)  # positions come back from the recorded metadata
     assert [str(u.positions) for u in b.units] == [str(u.positions) for u in a.units]
     assert states_equal(phi_states(a), phi_states(b))
     assert torch.equal(logits(a, npz["tokens"]), logits(b, npz["tokens"]))
@@ -330,8 +330,8 @@ def native_sets(d):
 @pytest.mark.parametrize("case", ["loreft-untied", "direft-tied-layers", "mixed"])
 def test_native_set_round_trip(llama, case, tmp_path):
     a = ReftModel(llama, native_sets(llama.cfg.d_model)[case])
-    to_pyreft(a, tmp_path / "out")
-    b = from_pyreft(tmp_path / "out", llama)
+    save_pyreft(a, tmp_path / "out")
+    b = load_pyreft(tmp_path / "out", llama)
     assert len(b.phis) == len(a.phis)  # tying restored from the recorded metadata
     tokens = torch.tensor([[1, 17, 45, 203, 88, 310, 12, 77, 150], [1, 260, 33, 91, 6, 144, 399, 58, 21]])
     la, lb = logits(a, tokens), logits(b, tokens)
@@ -343,7 +343,7 @@ def test_native_set_round_trip(llama, case, tmp_path):
         assert (a.phis[0].R.A - b.phis[0].R.A).abs().max() <= 1e-6  # A = QR(A) to fp32 rounding
         cfg = json.loads((tmp_path / "out" / "config.json").read_text())
         assert [r[0] for r in cfg["representations"]] == [1, 3, 1, 3]  # pyreft's untied layout
-        assert from_pyreft(tmp_path / "out", llama, positions="f2+l2").units[2].positions.last == 2
+        assert load_pyreft(tmp_path / "out", llama, positions="f2+l2").units[2].positions.last == 2
 
 
 def test_trained_loreft_exports_its_effective_R(llama, tmp_path):
@@ -352,10 +352,10 @@ def test_trained_loreft_exports_its_effective_R(llama, tmp_path):
     with torch.no_grad():
         phi.R.A.mul_(1.5).add_(0.1)
     a = ReftModel(llama, Intervention(phi, layers=2, positions="l2"))
-    to_pyreft(a, tmp_path / "out")
+    save_pyreft(a, tmp_path / "out")
     (state,) = bins(tmp_path / "out").values()
     assert torch.allclose(state["rotate_layer"], phi.R.weight.T.detach(), atol=0)
-    b = from_pyreft(tmp_path / "out", llama)
+    b = load_pyreft(tmp_path / "out", llama)
     tokens = torch.tensor([[1, 17, 45, 203, 88, 310]])
     assert (logits(a, tokens) - logits(b, tokens)).abs().max() <= 1e-5
 
@@ -412,7 +412,7 @@ def test_held_rows_exact_until_trained():
 @pytest.mark.parametrize("name", ["loreft", "consreft", "lobireft"])
 def test_held_R_survives_reftlens_save_and_load(llama, name, tmp_path):
     folder, ref, npz = reference(name)
-    a = from_pyreft(folder, llama, positions=ref["positions"])
+    a = load_pyreft(folder, llama, positions=ref["positions"])
     rows = [m for phi in a.phis for m in phi.modules() if isinstance(m, OrthonormalRows)]
     assert rows and all(r.is_held for r in rows)
     assert any(not torch.equal(r.weight, r._qr()) for r in rows)  # without the hold R would differ: not vacuous
@@ -432,7 +432,7 @@ def test_held_R_survives_reftlens_save_and_load(llama, name, tmp_path):
 
 def test_a_bad_held_record_is_a_load_error(llama, tmp_path):
     folder, ref, _ = reference("loreft")
-    from_pyreft(folder, llama, positions=ref["positions"]).save(tmp_path / "r")
+    load_pyreft(folder, llama, positions=ref["positions"]).save(tmp_path / "r")
     config_path = tmp_path / "r" / "reft_config.json"
     config = json.loads(config_path.read_text())
     config["phis"][0]["held"] = ["W"]
@@ -479,18 +479,18 @@ def edit_config(folder, fn):
 
 def test_missing_files(llama, tmp_path):
     with pytest.raises(LoadError, match="does not exist"):
-        from_pyreft(tmp_path / "nope", llama)
+        load_pyreft(tmp_path / "nope", llama)
     folder = copy_fixture(tmp_path)
     (folder / "config.json").rename(folder / "other.json")
     with pytest.raises(LoadError, match="config.json is missing"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     folder = copy_fixture(tmp_path, "lobireft")
     (folder / "intkey_layer_3_comp_block_output_unit_pos_nunit_1#1.bin").unlink()
     with pytest.raises(LoadError, match=r"intkey_layer_3_comp_block_output_unit_pos_nunit_1#1.bin is missing"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(LoadError, match="not valid JSON"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
 
 
 def test_unknown_type_and_component(llama, tmp_path):
@@ -502,24 +502,24 @@ def test_unknown_type_and_component(llama, tmp_path):
     with pytest.raises(
         LoadError, match=r"VanillaIntervention.*Supported pyreft types: LoreftIntervention, NoreftIntervention"
     ):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     folder = copy_fixture(tmp_path, "noreft")
     edit_config(folder, lambda c: c["representations"][0].__setitem__(1, "mlp_output"))
     with pytest.raises(LoadError, match="component 'mlp_output' is not supported.*block_output"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
 
 
 def test_link_key_refused(llama, tmp_path):
     folder = copy_fixture(tmp_path)
     edit_config(folder, lambda c: [r.__setitem__(9, 0) for r in c["representations"]])
     with pytest.raises(LoadError, match="intervention_link_key=0.*edited activations"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
 
 
 def test_base_model_fingerprint(tiny_models, llama, tmp_path):
-    """to_pyreft records the base model; from_pyreft refuses another one (as ReftModel.load does)."""
+    """save_pyreft records the base model; load_pyreft refuses another one (as ReftModel.load does)."""
     folder, ref, _ = reference("loreft")
-    to_pyreft(from_pyreft(folder, llama, positions=ref["positions"]), tmp_path / "out")
+    save_pyreft(load_pyreft(folder, llama, positions=ref["positions"]), tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["reftlens"]
     assert meta["base_model"] == {"architecture": "LlamaForCausalLM", "d_model": 64, "n_layers": 4, "d_vocab": 400}
     gpt2 = tiny_models["tiny-gpt2"]  # same d_model and n_layers: would load silently
@@ -528,8 +528,8 @@ def test_base_model_fingerprint(tiny_models, llama, tmp_path):
         match=r"different base model \(architecture: saved 'LlamaForCausalLM', model "
         r"'GPT2LMHeadModel'\): saved fingerprint .*this model's .*GPT2LMHeadModel",
     ):
-        from_pyreft(tmp_path / "out", gpt2)
-    from_pyreft(folder, gpt2, positions=ref["positions"])  # pyreft's own save records none: not checked
+        load_pyreft(tmp_path / "out", gpt2)
+    load_pyreft(folder, gpt2, positions=ref["positions"])  # pyreft's own save records none: not checked
 
 
 def test_model_mismatch(llama, tmp_path):
@@ -538,7 +538,7 @@ def test_model_mismatch(llama, tmp_path):
     old = folder / "intkey_layer_2_comp_block_output_unit_pos_nunit_1#0.bin"
     old.rename(folder / "intkey_layer_7_comp_block_output_unit_pos_nunit_1#0.bin")
     with pytest.raises(LoadError, match=r"layer 7, but the model has layers 0..3"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     folder = copy_fixture(tmp_path, "nodireft")
     for p in folder.glob("intkey_*.bin"):
         state = torch.load(p, weights_only=True)
@@ -548,13 +548,13 @@ def test_model_mismatch(llama, tmp_path):
         }
         torch.save(state, p)
     with pytest.raises(LoadError, match="hidden size 128.*d_model is 64"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     for p in folder.glob("intkey_*.bin"):  # without the embed_dim buffer the shapes say it
         state = torch.load(p, weights_only=True)
         del state["embed_dim"]
         torch.save(state, p)
     with pytest.raises(LoadError, match=r"shape \(3, 128\).*d_model=64"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
 
 
 class NotATensor:  # pickled by reference: weights_only must refuse it
@@ -566,24 +566,24 @@ def test_bin_that_is_not_plain_tensors(llama, tmp_path):
     target = folder / "intkey_layer_1_comp_block_output_unit_pos_nunit_1#0.bin"
     torch.save({"learned_source": NotATensor()}, target)
     with pytest.raises(LoadError, match="not a plain tensor state dict.*never unpickles code"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     torch.save(nn.Linear(2, 2), target)  # a whole module, as torch.save(model) would write
     with pytest.raises(LoadError, match="not a plain tensor state dict"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     target.write_bytes(b"garbage")
     with pytest.raises(LoadError, match="not a plain tensor state dict"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
     torch.save([torch.zeros(2)], target)
     with pytest.raises(LoadError, match="does not hold a state dict of tensors"):
-        from_pyreft(folder, llama)
+        load_pyreft(folder, llama)
 
 
 def test_to_pyreft_refusals(llama, tmp_path):
     d = llama.cfg.d_model
     with pytest.raises(ConfigError, match="Steer has no pyreft counterpart"):
-        to_pyreft(ReftModel(llama, Intervention(Steer(torch.ones(d)), layers=1, positions="l1")), tmp_path / "a")
+        save_pyreft(ReftModel(llama, Intervention(Steer(torch.ones(d)), layers=1, positions="l1")), tmp_path / "a")
     with pytest.raises(ConfigError, match=r"hook blocks\.1\..*resid_post interventions only"):
-        to_pyreft(
+        save_pyreft(
             ReftModel(llama, Intervention(LoReFT(d, 2), layers=1, positions="l1", hook="attn_out")), tmp_path / "b"
         )
     stacked = [
@@ -591,7 +591,7 @@ def test_to_pyreft_refusals(llama, tmp_path):
         Intervention(LoReFT(d, 2), layers=1, positions="l1", stack=1),
     ]
     with pytest.raises(ConfigError, match="stacked"):
-        to_pyreft(ReftModel(llama, stacked), tmp_path / "c")
+        save_pyreft(ReftModel(llama, stacked), tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -604,7 +604,7 @@ def test_to_pyreft_replaces_only_a_pyreft_save(llama, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     with pytest.raises(reftlens.SaveError, match=r"notes.txt: it is a file"):
-        to_pyreft(reft, notes)
+        save_pyreft(reft, notes)
     assert notes.read_text() == "mine"
     work, hf_folder = tmp_path / "work", tmp_path / "hf"
     work.mkdir()
@@ -617,12 +617,12 @@ def test_to_pyreft_replaces_only_a_pyreft_save(llama, tmp_path):
         with pytest.raises(
             reftlens.SaveError, match=r"not an earlier save to replace \(it has no config.json with intkey_\*.bin\)"
         ):
-            to_pyreft(reft, folder)
+            save_pyreft(reft, folder)
         assert files(folder) == before
     theirs = tmp_path / "theirs"
     shutil.copytree(FIXTURES / "loreft", theirs)  # a pyreft save (pyreft's own) is replaced whole
-    to_pyreft(reft, theirs)
-    to_pyreft(reft, theirs)  # and so is our own
+    save_pyreft(reft, theirs)
+    save_pyreft(reft, theirs)  # and so is our own
     assert not (theirs / "reference.json").exists() and len(list(theirs.glob("intkey_*.bin"))) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "notes.txt", "reft", "theirs", "work"]
 
@@ -640,9 +640,9 @@ def test_pyreft_loads_to_pyreft_output(llama, tmp_path):
     for name in TYPES:
         folder, ref, npz = reference(name)
         tokens = npz["tokens"]
-        reft = from_pyreft(folder, llama, positions=ref["positions"])
+        reft = load_pyreft(folder, llama, positions=ref["positions"])
         out = tmp_path / name
-        to_pyreft(reft, out)
+        save_pyreft(reft, out)
         np.save(tmp_path / f"{name}.npy", logits(reft, tokens).numpy())
         cases.append(
             {"dir": str(out), "unit_locations": ref["unit_locations"], "logits_npy": str(tmp_path / f"{name}.npy")}
@@ -652,7 +652,7 @@ def test_pyreft_loads_to_pyreft_output(llama, tmp_path):
     reft = ReftModel(
         llama, sets["loreft-untied"] + [Intervention(sets["direft-tied-layers"][0].phi, layers=2, positions="l1")]
     )
-    to_pyreft(reft, tmp_path / "native")
+    save_pyreft(reft, tmp_path / "native")
     np.save(tmp_path / "native.npy", logits(reft, tokens).numpy())
     f2, l2, l1 = [[0, 1]] * 2, [[7, 8]] * 2, [[8]] * 2
     cases.append(

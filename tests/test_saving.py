@@ -198,7 +198,7 @@ def test_saving_onto_an_earlier_save_or_an_empty_folder_replaces_it(model, tmp_p
 
 def test_each_writer_replaces_only_its_own_kind(model, tmp_path):
     # the default markers recognise every kind reftlens writes; each writer passes its own kind alone
-    # (ReftModel.save here; save_hf, to_pyreft and checkpoints are tested in their own modules)
+    # (ReftModel.save here; save_hf, save_pyreft and checkpoints are tested in their own modules)
     kinds = {
         "reft": [CONFIG_FILE],
         "export": ["reftlens_export.json", "config.json"],

@@ -14,7 +14,7 @@ import transformers as T
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
 from reftlens.analysis import subject_span
-from reftlens.model import text_tokens
+from reftlens.inputs import text_tokens
 from reftlens.training import loop
 from reftlens.training.data import chat_prompt
 

@@ -15,6 +15,7 @@ import pytest
 
 pytestmark = pytest.mark.notebook
 
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 

@@ -9,7 +9,7 @@ beyond the standard library, numpy and torch):
     # pyreft venv: build every fixture (calls `model` with the system python itself)
     .bench/venv-pyreft/bin/python benchmarks/peers/make_pyreft_fixtures.py build [--out tests/fixtures/pyreft]
 
-    # pyreft venv: load reftlens to_pyreft folders with pyreft and print their logits' parity
+    # pyreft venv: load reftlens save_pyreft folders with pyreft and print their logits' parity
     .bench/venv-pyreft/bin/python benchmarks/peers/make_pyreft_fixtures.py check --model-dir DIR --cases CASES.json
 
 Each fixture folder <type>/ holds pyreft's own `ReftModel.save` output (config.json +

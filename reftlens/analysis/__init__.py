@@ -1,7 +1,7 @@
 """Causal analysis with the intervention algebra: patching sweeps causal tracing and DAS."""
 
+from reftlens.analysis.activation_patching import AnalysisError, PatchResult, patch_heads, patch_sweep
 from reftlens.analysis.das import DASResult, iia, principal_angles, train_das
-from reftlens.analysis.patching import AnalysisError, PatchResult, patch_heads, patch_sweep
 from reftlens.analysis.tracing import TraceResult, causal_trace, corruption, restoration, subject_span
 
 __all__ = [

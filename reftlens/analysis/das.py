@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import AnalysisError
+from reftlens.inputs import text_tokens
 from reftlens.interventions.subspace import DII
-from reftlens.model import text_tokens
 from reftlens.sets import Intervention
 
 

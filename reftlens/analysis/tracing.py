@@ -25,8 +25,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from reftlens.errors import AnalysisError
+from reftlens.inputs import text_tokens
 from reftlens.interventions.patching import Interchange, Noise
-from reftlens.model import text_tokens
 from reftlens.runtime.plan import hook_name_for
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
@@ -149,7 +149,7 @@ def causal_trace(
     from the first restored block, on positions from the restored one on. Positions before the
     subject are not run: the noise enters at the subject and attention is causal, so their clean
     and corrupted states are the same and restoring them gives the corrupted probability.
-    ``check_finite`` as in :func:`~reftlens.analysis.patching.patch_sweep` (for the restored clean states).
+    ``check_finite`` as in :func:`~reftlens.analysis.activation_patching.patch_sweep` (for the restored clean states).
 
     >>> res = causal_trace(model, "The Space Needle is in downtown", "The Space Needle", " Seattle")  # doctest: +SKIP
     >>> res.plot("trace.png")  # doctest: +SKIP

@@ -2,7 +2,7 @@
 
 ReFT edits that depend on positions cannot be merged into weights (pyreft #99); those that act
 at every position on ``attn_out`` / ``mlp_out`` can (:func:`reftlens.merge`,
-:func:`reftlens.to_peft`). This export keeps any sourceless set: it is the base model's own
+:func:`reftlens.save_peft`). This export keeps any sourceless set: it is the base model's own
 class (``LlamaForCausalLM``, ``GPT2LMHeadModel``, ...) rebuilt with bit-identical weights
 outside TransformerLens, plus the Φs as a submodule
 (``model.reft_interventions``) and forward hooks on the decoder layers that correspond to the
@@ -29,7 +29,7 @@ from torch import nn
 
 from reftlens.errors import ExportError, LoadError
 from reftlens.runtime.compat import fast_attention
-from reftlens.runtime.hf import HFInterventions, pristine_hf
+from reftlens.runtime.hf_backend import HFInterventions, pristine_hf
 
 REFT_DIR = "reft"
 EXPORT_FILE = "reftlens_export.json"

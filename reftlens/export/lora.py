@@ -20,7 +20,7 @@ import torch
 
 from reftlens.errors import ExportError
 from reftlens.export.merge import folds
-from reftlens.runtime.hf import pristine_hf
+from reftlens.runtime.hf_backend import pristine_hf
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,7 +34,7 @@ def peft_supports_lora_bias() -> bool:
     return "lora_bias" in {f.name for f in dataclasses.fields(LoraConfig)}
 
 
-def to_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
     """Write ``reft`` as a peft LoRA adapter folder that ``PeftModel.from_pretrained(base, path)``
     loads with peft and transformers alone; same logits as reftlens (fp32: 1e-4).
 
@@ -44,7 +44,7 @@ def to_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str 
     model's own ``name_or_path``). The write is atomic; an earlier adapter folder is replaced,
     a folder holding anything else is refused.
 
-    >>> reftlens.to_peft(reft, "adapter")                               # doctest: +SKIP
+    >>> reftlens.save_peft(reft, "adapter")                               # doctest: +SKIP
     >>> model = peft.PeftModel.from_pretrained(base, "adapter")          # doctest: +SKIP
     """
     from reftlens.saving import atomic_dir
@@ -53,7 +53,7 @@ def to_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str 
         from peft import LoraConfig
     except ImportError:
         raise ExportError(
-            f"reftlens.to_peft writes the adapter config with peft, which is not installed: {PEFT_PIP}."
+            f"reftlens.save_peft writes the adapter config with peft, which is not installed: {PEFT_PIP}."
         ) from None
     from safetensors.torch import save_file
 

@@ -1,4 +1,4 @@
-"""Fold ReFT into the weights: an exact merge (:func:`merge`) and a LoRA adapter (:func:`to_peft`).
+"""Fold ReFT into the weights: an exact merge (:func:`merge`) and a LoRA adapter (:func:`save_peft`).
 
 An intervention applied at every position to the output of a linear map, o = Wx + b, folds into
 that map when its Φ is affine. Write Φ(h) = h + U(Dh + c) (LoReFT: U = Rᵀ, D = W_ϕ − R, c = b_ϕ;
@@ -33,7 +33,7 @@ from reftlens.errors import ExportError
 from reftlens.interventions.base import Affine, phi_label
 from reftlens.positions import All
 from reftlens.runtime.compat import fast_attention
-from reftlens.runtime.hf import block_module, decoder_layers, native_site, pristine_hf
+from reftlens.runtime.hf_backend import block_module, decoder_layers, native_site, pristine_hf
 
 # model_type → the attention and MLP output projections, inside the attention / MLP module. Listed
 # only where that projection's output *is* the module's output (in eval mode: GPT-2's dropout after
@@ -241,7 +241,7 @@ def _with_biases(hf: nn.Module, need: list[Fold]) -> nn.Module:
                 f"U(Db + c) ≠ 0 (max |·| = {f.bias.abs().max().item():.3g}) to a map that has no bias, and {arch}'s "
                 "config has no switch that gives it one. Train it without a shift (LoReFT(d, r, bias=False), "
                 "DiReFT(d, r, bias=False): then the fold adds none), export a LoRA with a bias "
-                "(reftlens.to_peft), or keep the hooks (reftlens.to_hf)."
+                "(reftlens.save_peft), or keep the hooks (reftlens.to_hf)."
             )
     first = next(hf.parameters())
     fresh = AutoModelForCausalLM.from_config(config, dtype=first.dtype)

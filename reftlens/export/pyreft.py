@@ -53,7 +53,7 @@ pyreft's ``act_fn`` (default ``None`` = linear, i.e. identity) wraps ``W h + b``
 pyreft's own ``ReftModel.load`` rebuilds every intervention with the defaults (linear, no
 dropout), so reftlens does the same. reftlens's dropout acts on the edit only.
 
-pyreft does not save positions: they are chosen at data time, so :func:`from_pyreft` asks for
+pyreft does not save positions: they are chosen at data time, so :func:`load_pyreft` asks for
 them (see there).
 
 Per-type knowledge lives in one place: a :class:`Codec` per Φ type (pyreft class name, reftlens
@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from reftlens.errors import ConfigError, ExportError
+from reftlens.errors import ConfigError, ExportError, StateError
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
@@ -82,8 +82,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NodiReFT",
-    "from_pyreft",
-    "to_pyreft",
+    "load_pyreft",
+    "save_pyreft",
     "read_pyreft",
     "orthogonal_weight",
     "PYREFT_TYPES",
@@ -118,7 +118,7 @@ _TYPE_RE = re.compile(r"^<class '(?P<module>[A-Za-z_][\w.]*)\.(?P<cls>[A-Za-z_]\
 # TransformerLens hooks that are pyvene's "block_output" (the decoder layer's output)
 _BLOCK_OUTPUT_HOOKS = ("hook_resid_post", "hook_out")
 
-# from_pyreft refuses a rotate layer further than this from orthonormal (max |R Rᵀ − I|)
+# load_pyreft refuses a rotate layer further than this from orthonormal (max |R Rᵀ − I|)
 _ROTATE_CHECK_ATOL = 1e-4
 
 
@@ -180,10 +180,6 @@ def _trivialised_state(rotate: Tensor, seed: int = 0) -> dict[str, Tensor]:
 
 
 # --------------------------------------------------------------------------- one codec per Φ type
-
-
-class StateError(LoadError):
-    """A pyreft state dict that does not fit its codec; :func:`from_pyreft` adds the key to the message."""
 
 
 def _take(state: dict[str, Tensor], name: str, shape: tuple[int, ...], d_model: int) -> Tensor:
@@ -548,7 +544,7 @@ def _metadata_positions(config: dict[str, Any], ivs: Sequence[PyreftIntervention
 
 
 def _metadata_ties(config: dict[str, Any], ivs: Sequence[PyreftIntervention]) -> dict[str, int]:
-    """Keys that were one reftlens Φ (recorded by to_pyreft): key → Φ index."""
+    """Keys that were one reftlens Φ (recorded by save_pyreft): key → Φ index."""
     meta = config.get(METADATA_KEY)
     phi = meta.get("phi") if isinstance(meta, dict) else None
     if not isinstance(phi, dict):
@@ -585,7 +581,7 @@ def _resolve_positions(
             return stored
         raise ConfigError(
             f"{folder}: pyreft does not save which tokens its interventions edit, and this folder records none "
-            '(only to_pyreft writes them), so say which ones the checkpoint was trained on: positions="l1" for '
+            '(only save_pyreft writes them), so say which ones the checkpoint was trained on: positions="l1" for '
             "pyreft's README example (the last token), positions=\"f1+l1\" for its training script's default "
             '(examples/loreft/train.py --position f1+l1), "f5+l5" etc. for other --position values, or a list with '
             f"one spec per intervention ({n} here, in config order). A wrong guess loads without error but gives "
@@ -619,7 +615,7 @@ def _resolve_positions(
 
 
 def _check_base_model(config: dict[str, Any], model: Any, folder: Path) -> None:
-    """The base-model fingerprint to_pyreft recorded, if any, against ``model``'s (as ReftModel.load)."""
+    """The base-model fingerprint save_pyreft recorded, if any, against ``model``'s (as ReftModel.load)."""
     meta = config.get(METADATA_KEY)
     saved = meta.get("base_model") if isinstance(meta, dict) else None
     if not isinstance(saved, dict):
@@ -639,7 +635,7 @@ def _clamped(spec: PositionSpec, clamp: bool) -> PositionSpec:
     return spec
 
 
-def from_pyreft(
+def load_pyreft(
     path: str | os.PathLike,
     model: Any,
     *,
@@ -654,7 +650,7 @@ def from_pyreft(
     with identical weights (see the module docstring for the mapping), at its layer's
     ``resid_post`` (pyvene's ``block_output``). Only tensors are read (``weights_only=True``).
     Each key gets its own Φ (pyreft's own load does the same, even where one intervention object
-    served several layers in training), except keys that :func:`to_pyreft` recorded as one Φ and
+    served several layers in training), except keys that :func:`save_pyreft` recorded as one Φ and
     whose tensors are still equal: those share it again. pyvene's ``intervention_link_key`` is
     refused: a linked intervention reads the first one's edited activations, not its own layer.
 
@@ -662,7 +658,7 @@ def from_pyreft(
     say which tokens each intervention edits; a wrong guess loads without error and gives other
     logits, so there is no default:
 
-    - ``positions=None`` (default): the positions recorded by :func:`to_pyreft` in config.json;
+    - ``positions=None`` (default): the positions recorded by :func:`save_pyreft` in config.json;
       a folder without them (any save made by pyreft itself) raises a ConfigError that says what
       to pass: ``"l1"`` for pyreft's README example (last token), ``"f1+l1"`` for the default of
       its training script (``examples/loreft/train.py --position``).
@@ -688,14 +684,14 @@ def from_pyreft(
     Errors (:class:`reftlens.saving.LoadError`) name the file, key or tensor: a missing folder,
     config or ``intkey_*.bin``, an unknown intervention type or a component other than
     ``block_output``, a hidden size or layer the model does not have, a ``.bin`` that is not a
-    plain tensor state dict, and (for folders written by :func:`to_pyreft`, which records the
+    plain tensor state dict, and (for folders written by :func:`save_pyreft`, which records the
     base model's fingerprint as :meth:`reftlens.ReftModel.save` does) another base model.
 
     Weights are loaded bit for bit; rotations are held as saved (see
     :class:`~reftlens.OrthonormalRows`), so a loaded LoReFT, ConsReFT or LoBiReFT computes with
     pyreft's own R rather than a re-orthonormalised one.
 
-    >>> reft = from_pyreft("my-pyreft-save", bridge, positions="f5+l5")  # doctest: +SKIP
+    >>> reft = load_pyreft("my-pyreft-save", bridge, positions="f5+l5")  # doctest: +SKIP
     """
     from reftlens.model import ReftModel
     from reftlens.sets import Intervention
@@ -740,7 +736,7 @@ def from_pyreft(
 # --------------------------------------------------------------------------- writing
 
 
-def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
+def save_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     """Write ``reft`` as a pyreft / pyvene ``ReftModel.save`` folder (``config.json`` + ``intkey_*.bin``).
 
     Supported: LoReFT, NoReFT, DiReFT, NodiReFT, ConsReFT and LoBiReFT at ``resid_post``
@@ -750,7 +746,7 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     tensors (no ``intervention_link_key``, which in pyvene means something else), so pyreft runs
     the same function but loads the copies untied. Positions, tying and the base model's
     fingerprint (:func:`reftlens.saving.fingerprint`) are not part of pyreft's format: they are
-    recorded under the config key ``"reftlens"`` (ignored by pyvene), which :func:`from_pyreft`
+    recorded under the config key ``"reftlens"`` (ignored by pyvene), which :func:`load_pyreft`
     reads back and checks.
 
     Tensors: NoReFT/NodiReFT are written without ``proj_layer.bias`` (build them in pyreft with
@@ -778,7 +774,7 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     if getattr(reft, "bank", None) is not None:
         raise ExportError(
             f"pyreft holds one intervention set per model, and this ReftModel is a bank of {len(reft.bank)} sets "
-            f"({list(reft.bank)[:4]}). Export one set: to_pyreft(ReftModel(model, reft.bank[name]), path)."
+            f"({list(reft.bank)[:4]}). Export one set: save_pyreft(ReftModel(model, reft.bank[name]), path)."
         )
 
     entries = []  # (origin index, group index, phi, layer, unit)
@@ -797,12 +793,12 @@ def to_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
         phi, unit = s.unit.phi, s.unit
         if codec_for_phi(phi) is None:
             raise ConfigError(
-                f"intervention {unit.name!r}: Φ {type(phi).__name__} has no pyreft counterpart; to_pyreft writes "
+                f"intervention {unit.name!r}: Φ {type(phi).__name__} has no pyreft counterpart; save_pyreft writes "
                 f"{', '.join(c.phi_type.__name__ for c in CODECS)}."
             )
         if s.hook_name.split(".", 2)[-1] not in _BLOCK_OUTPUT_HOOKS:
             raise ConfigError(
-                f"intervention {unit.name!r}: hook {s.hook_name} has no pyreft counterpart; to_pyreft writes "
+                f"intervention {unit.name!r}: hook {s.hook_name} has no pyreft counterpart; save_pyreft writes "
                 "resid_post interventions only (pyvene's 'block_output')."
             )
         if unit.stack is not None:

@@ -102,7 +102,7 @@ class Affine(NamedTuple):
 
     ``up`` is ``[d, r]``, ``down`` ``[r, d]``, ``shift`` ``[r]``. A Φ that has this form says so
     with an ``affine()`` method returning it (in eval mode: dropout off); that is what lets
-    :func:`reftlens.merge` fold it into the weight of a linear map and :func:`reftlens.to_peft`
+    :func:`reftlens.merge` fold it into the weight of a linear map and :func:`reftlens.save_peft`
     write it as a LoRA. LoReFT is ``(Rᵀ, W − R, b)``, DiReFT ``(W₂ᵀ, W₁, b)``.
     """
 

@@ -3,15 +3,16 @@ batch; a backend executes plans.
 
 - :mod:`~reftlens.runtime.plan` — resolution (positions → rows, per-batch disjointness) and the
   gather → Φ → scatter kernel every backend calls;
-- :mod:`~reftlens.runtime.tl` — the TransformerLens backend (hook points);
-- :mod:`~reftlens.runtime.hf` — the plain-transformers backend (forward hooks on modules);
+- :mod:`~reftlens.runtime.tl_backend` — the TransformerLens backend (hook points);
+- :mod:`~reftlens.runtime.hf_backend` — the plain-transformers backend (forward hooks on modules);
 - :mod:`~reftlens.runtime.replay` and :mod:`~reftlens.runtime.sweep` — many variants of one run
   in batched forwards, replaying only the blocks and positions an edit can change;
 - :mod:`~reftlens.runtime.compat` — every upstream workaround, dated and explained.
 """
 
-from reftlens.runtime.plan import Plan, Site, SitePlan, check_disjoint, flat_index, hook_name_for, resolve, site_hook
-from reftlens.runtime.tl import attach, bind, detach, execute, gather_sources, hooked
+from reftlens.runtime.kernel import site_hook
+from reftlens.runtime.plan import Plan, Site, SitePlan, check_disjoint, flat_index, hook_name_for, resolve
+from reftlens.runtime.tl_backend import attach, bind, detach, execute, gather_sources, hooked
 
 make_hook = site_hook  # the name the first build used
 

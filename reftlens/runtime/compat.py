@@ -58,7 +58,7 @@ def pad_row_guard(model: Any, mask: Tensor | None) -> list[tuple[Any, Any]]:
     0 × NaN carries it into real tokens. A pad row's attention is never read, so setting its
     NaN pattern to 0 changes nothing else. Attached only when autocast is on and some row is padded.
     """
-    from reftlens.runtime.plan import autocast_on
+    from reftlens.runtime.kernel import autocast_on
 
     if mask is None or bool(mask.all()) or not autocast_on(mask.device.type):
         return []

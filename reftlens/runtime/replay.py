@@ -21,15 +21,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from reftlens.errors import UnsupportedReplay
 from reftlens.runtime.compat import kv_cache_fix
 
 _CACHE_ARGS = ("past_key_values", "cache", "layer_past")
 # arguments with a position axis, and which axis: sliced to the live positions in a prefix replay
 _POSITION_ARGS = {"position_embeddings": -2, "position_ids": -1, "cache_position": -1}
-
-
-class UnsupportedReplay(Exception):
-    """This model's blocks cannot be replayed (the caller falls back to whole forwards)."""
 
 
 class _PrefixKV:
@@ -70,7 +67,7 @@ class BlockReplay:
     """
 
     def __init__(self, model: Any, tokens: Tensor, hooks: Sequence[tuple[Any, Callable]] = ()) -> None:
-        from reftlens.runtime.tl import hooked
+        from reftlens.runtime.tl_backend import hooked
 
         blocks = getattr(model, "blocks", None)
         if blocks is None or not hasattr(model, "ln_final") or not hasattr(model, "unembed"):
@@ -186,7 +183,7 @@ class BlockReplay:
     def verify(self, start: int, hooks: Sequence[tuple[Any, Callable]] = ()) -> None:
         """Check that replaying from the middle reproduces the recorded logits (with the recorded
         run's ``hooks`` active, as a replay has them)."""
-        from reftlens.runtime.tl import hooked
+        from reftlens.runtime.tl_backend import hooked
 
         layer = len(self.blocks) // 2
         rows = torch.arange(self.batch, device=self.inputs[0].device)

@@ -24,11 +24,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from reftlens.errors import AnalysisError, ConfigError
+from reftlens.errors import AnalysisError, ConfigError, UnsupportedReplay
 from reftlens.positions import RealTokens
-from reftlens.runtime.plan import Site, SitePlan, check_finite_source, flat_index, site_hook
-from reftlens.runtime.replay import BlockReplay, UnsupportedReplay, block_of
-from reftlens.runtime.tl import bind, hooked
+from reftlens.runtime.kernel import check_finite_source, site_hook
+from reftlens.runtime.plan import Site, SitePlan, flat_index
+from reftlens.runtime.replay import BlockReplay, block_of
+from reftlens.runtime.tl_backend import bind, hooked
 from reftlens.sets import Intervention, Unit
 
 # "auto" replays from this model size on (measured: a 0.3M-parameter model sweeps ~4x faster in

@@ -11,7 +11,7 @@
   ``train(..., objective="preference")`` (RePS-style, bidirectional).
 """
 
+from reftlens.steering.alpha import alpha_sweep
 from reftlens.steering.directions import Activations, Direction, auroc, collect, diff_mean, pca, probe
-from reftlens.steering.sweep import alpha_sweep
 
 __all__ = ["collect", "Activations", "Direction", "diff_mean", "pca", "probe", "auroc", "alpha_sweep"]

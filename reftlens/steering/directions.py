@@ -20,7 +20,7 @@ from torch import Tensor
 from reftlens.errors import AnalysisError
 from reftlens.interventions.patching import Collect
 from reftlens.model import ReftModel
-from reftlens.runtime.tl import execute
+from reftlens.runtime.tl_backend import execute
 from reftlens.sets import Intervention
 
 POOLS = ("mean", "max", "last", "first")

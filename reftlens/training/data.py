@@ -1,7 +1,7 @@
 """Training data: prompt/completion (or prompt/label) examples → token batches.
 
 Each example becomes prompt ids (with the model's start token, by the rule of
-:func:`reftlens.model.text_tokens`: never a second one on a chat-formatted prompt) followed by
+:func:`reftlens.inputs.text_tokens`: never a second one on a chat-formatted prompt) followed by
 completion ids (and EOS); a preference example (``objective="preference"``) also carries the
 ``rejected`` completion. Positions of the interventions are resolved against the prompt part only, so "f5+l5"
 means the first and last five prompt tokens, as in the ReFT paper. Loss is taken on the
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from reftlens.model import text_tokens
+from reftlens.inputs import text_tokens
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def encode(
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
     (the label's text is the completion, and ``label_names`` fixes the class order); an
     ``"adapter"`` key names the bank set an example trains; a ``"rejected"`` completion is kept for
-    the preference objective. Prompts get start tokens by :func:`reftlens.model.text_tokens`
+    the preference objective. Prompts get start tokens by :func:`reftlens.inputs.text_tokens`
     (``prepend_bos``)."""
 
     tok = model.tokenizer

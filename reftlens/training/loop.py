@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import TrainingError
-from reftlens.runtime.hf import INTERVENE_ON
+from reftlens.runtime.hf_backend import INTERVENE_ON
 from reftlens.saving import check_save_target
 from reftlens.training.data import Batch, Example, batch_order, collate, encode
 from reftlens.training.objectives import LanguageModeling, Objective, objective_for, penalties
@@ -901,7 +901,7 @@ def _diagnose(reft: "ReftModel", batch: Batch, step: int, epoch: int, loss: floa
 
         return fn
 
-    from reftlens.runtime.tl import execute
+    from reftlens.runtime.tl_backend import execute
 
     plan = reft.plan(
         batch.tokens, attention_mask=batch.attention_mask, prompt_mask=batch.prompt_mask, adapters=batch.adapters

@@ -2,7 +2,7 @@
 direction out (suppression), and ReFT-r1, AxBench's rank-1 detector-and-steerer.
 
 A Φ here may set ``per_example = True``: the engine then calls it with ``examples=``, the batch row
-of each of its rows (see :func:`reftlens.runtime.plan.site_hook`).
+of each of its rows (see :func:`reftlens.runtime.kernel.site_hook`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from reftlens.errors import ExportError
 from reftlens.positions import RealTokens
 from reftlens.runtime.compat import fast_attention, unwrapped_state
-from reftlens.runtime.plan import Site, SitePlan, bank_rows, every_row, resolve, site_hook
+from reftlens.runtime.kernel import site_hook
+from reftlens.runtime.plan import Site, SitePlan, bank_rows, every_row, resolve
 
 # which tokens a generation edits: the prompt's planned positions, those and every generated token,
 # or the generated tokens only

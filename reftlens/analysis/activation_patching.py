@@ -22,13 +22,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError
+from reftlens.inputs import text_tokens
+from reftlens.interventions.directional import Scaled
 from reftlens.interventions.patching import Collect, Interchange
-from reftlens.interventions.steering import Scaled
-from reftlens.model import text_tokens
 from reftlens.positions import RealTokens
-from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, check_finite_source, hook_name_for, resolve
+from reftlens.runtime.kernel import check_finite_source
+from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, hook_name_for, resolve
 from reftlens.runtime.sweep import REPLAY_MIN_PARAMS, Sweep  # noqa: F401  (re-exported)
-from reftlens.runtime.tl import bind, execute
+from reftlens.runtime.tl_backend import bind, execute
 from reftlens.sets import Intervention
 
 

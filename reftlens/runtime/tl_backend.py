@@ -17,16 +17,15 @@ from reftlens.errors import ConfigError
 from reftlens.interventions.base import phi_d_model
 from reftlens.positions import RealTokens
 from reftlens.runtime.compat import pad_row_guard
+from reftlens.runtime.kernel import check_finite_source, site_hook
 from reftlens.runtime.plan import (
     NO_POSITION_AXIS,
     HookFn,
     Plan,
     Site,
     SitePlan,
-    check_finite_source,
     flat_index,
     hook_name_for,
-    site_hook,
 )
 from reftlens.sets import Unit
 
