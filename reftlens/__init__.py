@@ -19,6 +19,7 @@ from reftlens.errors import (
     SaveError,
     StateError,
     TrainingError,
+    UnsupportedReplay,
 )
 from reftlens.export import (
     from_pyreft,
@@ -109,5 +110,6 @@ __all__ = [
     "TrainingError",
     "AnalysisError",
     "StateError",
+    "UnsupportedReplay",
     "__version__",
 ]
