@@ -49,3 +49,17 @@ def test_public_names_are_the_real_functions():
         assert not any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()), name
     family = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ReftError)]
     assert len(family) >= 9 and all(getattr(reftlens, c.__name__) is c for c in family)
+
+
+def test_deprecated_aliases_warn_and_call_the_new_name():
+    """The pre-0.2 export names still work: each warns with its new name and calls the new function."""
+    import pytest
+
+    import reftlens
+
+    for old, new in [("to_peft", "save_peft"), ("to_pyreft", "save_pyreft"), ("from_pyreft", "load_pyreft")]:
+        fn = getattr(reftlens, old)
+        assert fn.__name__ == old and fn.__wrapped__ is getattr(reftlens, new)
+        with pytest.deprecated_call(match=rf"reftlens\.{old} is deprecated; use reftlens\.{new}"):
+            with pytest.raises(TypeError, match="missing"):  # reached the new function, which wants arguments
+                fn()
