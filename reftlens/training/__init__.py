@@ -1,10 +1,12 @@
 """Training: data (prompt/completion, classification, length grouping) and the loop."""
 
 from reftlens.training.data import Batch, Example, batch_order, chat_prompt, collate, encode
+from reftlens.training.fsdp import shard_base
 from reftlens.training.loop import EmulatedBF16Warning, History, TrainConfig, TrainingError, evaluate, train, train_step
 from reftlens.training.objectives import LanguageModeling, Objective, Preference
 
 __all__ = [
+    "shard_base",
     "train",
     "train_step",
     "evaluate",
