@@ -6,7 +6,7 @@ from transformer_lens import patching
 
 from reftlens import ConfigError, NonFiniteError, Steer
 from reftlens.analysis import AnalysisError, patch_sweep
-from reftlens.analysis import patching as patching_module
+from reftlens.analysis import activation_patching as patching_module
 
 CLEAN = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110]])
 CORRUPT = torch.tensor([[1, 51, 60, 71, 80, 90, 100, 110]])
