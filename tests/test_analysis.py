@@ -6,7 +6,7 @@ from transformer_lens import patching
 
 from reftlens import ConfigError, NonFiniteError, Steer
 from reftlens.analysis import AnalysisError, patch_sweep
-from reftlens.analysis import patching as patching_module
+from reftlens.analysis import activation_patching as patching_module
 
 CLEAN = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110]])
 CORRUPT = torch.tensor([[1, 51, 60, 71, 80, 90, 100, 110]])
@@ -76,6 +76,117 @@ def test_heatmap_is_saved(model, tmp_path):
 
     outer, axes = plt.subplots(1, 2)
     assert res.plot(ax=axes[1]) is outer and axes[1].images  # drawn into the given subplot
+
+
+def test_the_colour_scale_follows_the_values():
+    """Values on one side of 0 (log-probabilities) get a sequential scale over their own range, so a
+    grid of them is not all one colour; values that straddle 0 get a diverging scale centred at 0."""
+    import matplotlib.pyplot as plt
+
+    from reftlens.analysis.plots import heatmap
+
+    logprobs = -torch.linspace(0.5, 6.0, 24).reshape(4, 6)
+    fig = heatmap(logprobs, range(4), list("abcdef"))
+    im = fig.axes[0].images[0]
+    assert im.get_cmap().name == "viridis"
+    assert im.get_clim() == pytest.approx((-6.0, -0.5))
+    signed = torch.tensor([[-1.0, 3.0], [0.5, 2.0]])
+    im2 = heatmap(signed, [0, 1], ["a", "b"]).axes[0].images[0]
+    assert im2.get_cmap().name == "RdBu_r" and im2.get_clim() == pytest.approx((-3.0, 3.0))
+    # the caller decides: a signed difference that happens to be all positive, or a sequential signed grid
+    im3 = heatmap(signed.abs(), [0, 1], ["a", "b"], center=0).axes[0].images[0]
+    assert im3.get_cmap().name == "RdBu_r" and im3.get_clim() == pytest.approx((-3.0, 3.0))
+    im4 = heatmap(signed, [0, 1], ["a", "b"], center=None, cmap="magma").axes[0].images[0]
+    assert im4.get_cmap().name == "magma" and im4.get_clim() == pytest.approx((-1.0, 3.0))
+    plt.close("all")
+    for bad, match in (
+        ({"center": "middle"}, "center must be 'auto', None or a finite number; got 'middle'"),
+        ({"center": float("nan")}, "center must be"),
+        ({"figsize": (0, 2)}, r"figsize must be two positive numbers"),
+        ({"dpi": 0}, "dpi must be a positive integer; got 0"),
+        ({"cmap": 3}, "cmap must be a matplotlib colour map or its name"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            heatmap(signed, [0, 1], ["a", "b"], **bad)
+
+
+def test_the_default_png_is_a_readable_size(tmp_path):
+    """SmolLM2's 30 layers × a 40-token chat prompt: the default PNG stays within 1400 × 900 pixels
+    (it was 2760 × 1080), and a small grid is not blown up."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from reftlens.analysis.plots import heatmap
+
+    heatmap(torch.randn(30, 40), range(30), [f"t{i}" for i in range(40)], path=tmp_path / "big.png")
+    heatmap(torch.randn(4, 8), range(4), [f"t{i}" for i in range(8)], path=tmp_path / "small.png")
+    plt.close("all")
+    width, height = Image.open(tmp_path / "big.png").size
+    assert width <= 1400 and height <= 900, (width, height)
+    small = Image.open(tmp_path / "small.png").size
+    assert small[0] <= width and small[1] <= height and small[0] >= 500, small
+
+
+# ---- progress bars ---------------------------------------------------------------------------
+
+
+def _analysis(model, which):
+    from reftlens.analysis import causal_trace, patch_heads
+
+    return {
+        "patch_sweep": lambda **kw: patch_sweep(model, CLEAN, CORRUPT, logit_diff, batch_size=8, **kw),
+        "patch_heads": lambda **kw: patch_heads(model, CLEAN, CORRUPT, logit_diff, batch_size=8, **kw),
+        "causal_trace": lambda **kw: causal_trace(model, PROMPT, SUBJECT, samples=2, batch_size=8, **kw),
+    }[which]
+
+
+@pytest.mark.parametrize("which", ["patch_sweep", "patch_heads", "causal_trace"])
+def test_long_analyses_show_a_progress_bar_unless_told_not_to(model, which, capfd):
+    run = _analysis(model, which)
+    capfd.readouterr()
+    quiet = run(progress=False)
+    assert capfd.readouterr() == ("", "")
+    loud = run()
+    err = capfd.readouterr().err
+    n = quiet.values.numel() if which != "causal_trace" else model.cfg.n_layers * (len(quiet.tokens) - quiet.subject[0])
+    assert which in err and f"{n}/{n}" in err, err
+    torch.testing.assert_close(loud.values, quiet.values, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=rf"{which}: progress must be True .* or False .*; got 'yes'\."):
+        run(progress="yes")
+
+
+@pytest.mark.parametrize("strategy", ["batch", "replay"])
+def test_a_sweeps_progress_moves_chunk_by_chunk(model, strategy, monkeypatch):
+    """The bar counts the variants and moves after every chunk, so a long sweep shows it going."""
+    from reftlens.runtime import sweep as sweep_module
+
+    events = []
+
+    class Bar:
+        def __init__(self, total, *, desc, enabled, unit):
+            events.append(("open", total, desc, enabled))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            events.append(("close",))
+
+        def update(self, k):
+            events.append(("update", k))
+
+    monkeypatch.setattr(sweep_module, "progress_bar", Bar)
+    sweep = sweep_module.Sweep(model, CORRUPT, sources=CLEAN, strategy=strategy, batch_size=5)
+    variants = [[restoration(layer, pos)] for layer in range(model.cfg.n_layers) for pos in (1, 3, 6)]
+    sweep.run(variants, lambda indices, logits: events.append(("chunk", len(indices))), progress=True, desc="mine")
+    chunks = [e[1] for e in events if e[0] == "chunk"]
+    assert len(chunks) >= 3 and sum(chunks) == len(variants)
+    steps = [e for k in chunks for e in (("chunk", k), ("update", k))]
+    assert events == [("open", len(variants), "mine", True), *steps, ("close",)]
+    with pytest.raises(ConfigError, match="Sweep.run: progress must be True"):
+        sweep.run(variants, lambda indices, logits: None, progress=None)
+    with pytest.raises(ConfigError, match="Sweep.run: desc .* must be a string; got 3"):
+        sweep.run(variants, lambda indices, logits: None, desc=3)
 
 
 # ---- causal tracing ---------------------------------------------------------------------------

@@ -109,6 +109,19 @@ def test_auroc_is_the_share_of_correctly_ordered_pairs(pairs):
     assert auroc(scores, labels) == pytest.approx(float(wins.mean()), abs=1e-12)
 
 
+def test_collect_shows_a_progress_bar_unless_told_not_to(model, capfd):
+    texts = ["the quick brown fox", "a", "over the river"]
+    capfd.readouterr()
+    quiet = collect(model, texts, layers=1, batch_size=2, progress=False)
+    assert capfd.readouterr() == ("", "")
+    loud = collect(model, texts, layers=1, batch_size=2)
+    err = capfd.readouterr().err
+    assert "collect" in err and "3/3" in err, err
+    torch.testing.assert_close(loud[1], quiet[1], atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=r"collect: progress must be True .* or False .*; got 1\."):
+        collect(model, texts, layers=1, progress=1)
+
+
 def test_collected_rows_are_the_hook_activations_whatever_the_padding(model):
     texts = ["the quick brown fox", "a", "over the river"]
     acts = collect(model, texts, layers=[1, 3], positions=slice(1, None), batch_size=2)

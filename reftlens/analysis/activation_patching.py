@@ -26,6 +26,7 @@ from reftlens.inputs import text_tokens
 from reftlens.interventions.directional import Scaled
 from reftlens.interventions.patching import Collect, Interchange
 from reftlens.positions import RealTokens
+from reftlens.progress import check_progress
 from reftlens.runtime.kernel import check_finite_source
 from reftlens.runtime.plan import NO_POSITION_AXIS, Plan, hook_name_for, resolve
 from reftlens.runtime.sweep import REPLAY_MIN_PARAMS, Sweep  # noqa: F401  (re-exported)
@@ -46,7 +47,12 @@ class PatchResult:
     corrupted: float | None = None
 
     def plot(self, path: str | None = None, title: str | None = None, **kwargs: Any) -> Any:
-        """A layers × tokens heatmap (matplotlib); saved as PNG when ``path`` is given."""
+        """A layers × tokens heatmap (matplotlib Figure); saved as PNG when ``path`` is given.
+
+        ``title`` defaults to ``"patching <hook>"``. Other options go to
+        :func:`~reftlens.analysis.plots.heatmap`: ``cmap``, ``center`` (default ``"auto"``: a
+        diverging scale centred at 0 when the values straddle 0, else sequential over their range;
+        ``center=0`` forces the diverging one), ``label``, ``figsize``, ``dpi`` and ``ax``."""
         from reftlens.analysis.plots import heatmap
 
         return heatmap(
@@ -117,6 +123,7 @@ def patch_sweep(
     strategy: str = "auto",
     logits_at: Any = "auto",
     check_finite: bool = True,
+    progress: bool = True,
 ) -> PatchResult:
     """Patch clean activations into the corrupted run at every (layer, position) of ``hook``.
 
@@ -161,6 +168,9 @@ def patch_sweep(
         check_finite: a clean activation with NaN or inf at a patched site raises
             :class:`~reftlens.errors.NonFiniteError` (the layer, example and position) rather than
             filling cells with NaN; ``False`` patches it in as it is.
+        progress: a progress bar (tqdm, on stderr or a notebook widget) counting the patched cells
+            as each chunk of the sweep finishes; ``False`` prints nothing. The attribution methods
+            run a few forwards and show none.
 
     Returns a :class:`PatchResult` with ``values [n_layers, pos]``, equal to
     ``transformer_lens.patching`` on the same inputs to fp32 rounding (``method="exact"``).
@@ -169,19 +179,8 @@ def patch_sweep(
     >>> res.plot("patching.png")  # doctest: +SKIP
     """
     clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
-    n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else list(layers)
-    bad = [l for l in layers if not 0 <= l < n_layers]
-    if bad:
-        raise ConfigError(f"layers {bad} do not exist; the model has layers 0..{n_layers - 1}.")
-    if method not in ("exact", "attribution", "attribution-ig"):
-        raise AnalysisError(f"method must be 'exact', 'attribution' or 'attribution-ig'; got {method!r}.")
-    if method == "attribution-ig" and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
-        raise ConfigError(f"ig_steps must be a positive integer (points on the integration path); got {ig_steps!r}.")
-    _check_position_hooks(model, [hook_name_for(hook, l) for l in layers])
-    batch, seq = corrupt.shape
-    base = _set_of(corrupted_with)
-    source_base = _set_of(clean_with)
+    layers = _check_sweep_options(model, hook, layers, method, ig_steps, progress)
+    base, source_base = _set_of(corrupted_with), _set_of(clean_with)
     cast = bool(getattr(corrupted_with, "cast", False) or getattr(clean_with, "cast", False))
     if method != "exact":
         steps = ig_steps if method == "attribution-ig" else 0
@@ -200,38 +199,76 @@ def patch_sweep(
             keep=[hook_name_for(hook, l) for l in layers],
         )
         base_logits, clean_logits = sweep.base_logits, sweep.source_run()
-        if batched is None:
-            batched = batch == 1 and _accepts_batched(metric, base_logits)
-        if batched and batch != 1:
-            raise AnalysisError(
-                "a batched metric needs batch 1 clean/corrupted inputs; use a TL-style metric for batches."
-            )
+        batched = _metric_form(metric, batched, base_logits)
         read = None
         if sweep.strategy == "replay":
             read = _read_positions(logits_at, metric, base_logits, batched, min(batch_size, len(layers)))
-        phi = Interchange()
-        cells = [(li, p) for p in range(seq) for li in range(len(layers))]
-        variants = [[Intervention(phi, layers=layers[li], positions=[p], hook=hook, name="patch")] for li, p in cells]
-        result = torch.empty(len(layers), seq)
-        unread: list[Tensor] = []  # one NaN-filled [rows, seq, vocab] buffer for every chunk: only `read` is written
-
-        def consume(indices: list[int], logits: Tensor) -> None:
-            if read is not None:
-                n = logits.shape[0]
-                if not unread or unread[0].shape[0] < n:
-                    unread[:] = [
-                        torch.full((n, seq, logits.shape[-1]), float("nan"), dtype=logits.dtype, device=logits.device)
-                    ]
-                full = unread[0][:n]
-                full[:, read] = logits
-                logits = full
-            for i, v in zip(indices, _metric_values(metric, logits, len(indices), batch, batched).cpu()):
-                result[cells[i]] = v
-
-        sweep.run(variants, consume, read=read, only_read=read is not None)
+        result = _patch_cells(sweep, metric, hook, layers, batched, read, progress)
     tokens = [model.tokenizer.decode([t]) for t in corrupt[0].tolist()]
-    m = lambda lg: float(_metric_values(metric, lg, 1, batch, batched)[0])  # noqa: E731
+    m = lambda lg: float(_metric_values(metric, lg, 1, sweep.batch, batched)[0])  # noqa: E731
     return PatchResult(result, layers, tokens, hook, clean=m(clean_logits), corrupted=m(base_logits))
+
+
+def _check_sweep_options(
+    model: Any, hook: str, layers: Sequence[int] | None, method: str, ig_steps: Any, progress: Any
+) -> list[int]:
+    """patch_sweep's options checked; the layers to sweep."""
+    check_progress(progress, "patch_sweep")
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise ConfigError(f"layers {bad} do not exist; the model has layers 0..{n_layers - 1}.")
+    if method not in ("exact", "attribution", "attribution-ig"):
+        raise AnalysisError(f"method must be 'exact', 'attribution' or 'attribution-ig'; got {method!r}.")
+    if method == "attribution-ig" and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
+        raise ConfigError(f"ig_steps must be a positive integer (points on the integration path); got {ig_steps!r}.")
+    _check_position_hooks(model, [hook_name_for(hook, l) for l in layers])
+    return layers
+
+
+def _metric_form(metric: Callable, batched: bool | None, logits: Tensor) -> bool:
+    """Whether ``metric`` is batched (``None``: try it on the base run's ``logits``); batch 1 only."""
+    batch = logits.shape[0]
+    if batched is None:
+        batched = batch == 1 and _accepts_batched(metric, logits)
+    if batched and batch != 1:
+        raise AnalysisError("a batched metric needs batch 1 clean/corrupted inputs; use a TL-style metric for batches.")
+    return batched
+
+
+def _patch_cells(
+    sweep: Sweep,
+    metric: Callable,
+    hook: str,
+    layers: list[int],
+    batched: bool,
+    read: list[int] | None,
+    progress: bool,
+) -> Tensor:
+    """Every (layer, position) cell as one variant of ``sweep``: the metric per cell ``[layer, pos]``."""
+    batch, seq = sweep.batch, sweep.seq
+    phi = Interchange()
+    cells = [(li, p) for p in range(seq) for li in range(len(layers))]
+    variants = [[Intervention(phi, layers=layers[li], positions=[p], hook=hook, name="patch")] for li, p in cells]
+    result = torch.empty(len(layers), seq)
+    unread: list[Tensor] = []  # one NaN-filled [rows, seq, vocab] buffer for every chunk: only `read` is written
+
+    def consume(indices: list[int], logits: Tensor) -> None:
+        if read is not None:
+            n = logits.shape[0]
+            if not unread or unread[0].shape[0] < n:
+                unread[:] = [
+                    torch.full((n, seq, logits.shape[-1]), float("nan"), dtype=logits.dtype, device=logits.device)
+                ]
+            full = unread[0][:n]
+            full[:, read] = logits
+            logits = full
+        for i, v in zip(indices, _metric_values(metric, logits, len(indices), batch, batched).cpu()):
+            result[cells[i]] = v
+
+    sweep.run(variants, consume, read=read, only_read=read is not None, progress=progress, desc="patch_sweep")
+    return result
 
 
 def _set_of(reft: Any) -> list[Intervention]:
@@ -284,37 +321,11 @@ def _attribution(
     with torch.no_grad():
         clean_logits = execute(model, _plan(model, clean, source_base, reads(clean_c, stack=0) + ends), cast)
     run_c = [Collect(detach=False) for _ in layers]
-    if ig_steps:  # rows: the corrupted run, then the k path points; each copy's metric reads its own rows
-        n = ig_steps + 1
-        alphas = torch.cat([torch.zeros(1), (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps])
-        path = Intervention(
-            Scaled(Interchange(), alphas.repeat_interleave(batch)),
-            layers=0,
-            positions="all",
-            hook="resid_pre",
-            name="path",
-            stack=0,
+    if ig_steps:
+        path_end = end.activations[0]
+        value, grads, corrupted = _path_gradients(
+            model, corrupt, metric, base, reads(run_c, stack=1), run_c, path_end, cast, ig_steps, check_finite
         )
-        run_plan = _plan(model, corrupt.repeat(n, 1), base, [path] + reads(run_c, stack=1))
-        site = next(p for p in run_plan.sites if p.site.unit.origin is path)
-        if check_finite:
-            check_finite_source(
-                "the integration path's clean end (layer 0's resid_pre)",
-                end.activations[0],
-                torch.ones(batch, seq, dtype=torch.bool),
-                run_plan.real,
-                "pass check_finite=False",
-            )
-        site.source_rows = end.activations[0].repeat(n, 1)
-        with torch.enable_grad():
-            logits = execute(model, run_plan, cast)
-            value = _metric_values_grad(metric, logits[:batch], batch)
-            total = sum(_metric_values_grad(metric, logits[j * batch : (j + 1) * batch], batch) for j in range(1, n))
-            acts = [c.activations[0] for c in run_c]
-            grads = [
-                None if g is None else g[batch * seq :] for g in torch.autograd.grad(total, acts, allow_unused=True)
-            ]
-        corrupted = [a.detach()[: batch * seq] for a in acts]
     else:
         with torch.enable_grad():
             value = _metric_values_grad(metric, execute(model, _plan(model, corrupt, base, reads(run_c)), cast), batch)
@@ -331,6 +342,53 @@ def _attribution(
     tokens = [model.tokenizer.decode([t]) for t in corrupt[0].tolist()]
     clean_value = float(_metric_values(metric, clean_logits, 1, batch, False)[0])
     return PatchResult(result, layers, tokens, hook, clean=clean_value, corrupted=float(value))
+
+
+def _path_gradients(
+    model: Any,
+    corrupt: Tensor,
+    metric: Callable,
+    base: list[Intervention],
+    reads: list[Intervention],
+    run_c: list[Collect],
+    path_end: Tensor,
+    cast: bool,
+    ig_steps: int,
+    check_finite: bool,
+) -> tuple[Tensor, list[Tensor | None], list[Tensor]]:
+    """Integrated gradients along the path: one batch whose rows are the corrupted run, then the
+    ``ig_steps`` path points (each copy's metric reads its own rows), and one backward. Returns the
+    corrupted run's metric, each layer's summed gradient over the path rows (None where the metric
+    does not depend on it) and the corrupted run's activations."""
+    batch, seq = corrupt.shape
+    n = ig_steps + 1
+    alphas = torch.cat([torch.zeros(1), (torch.arange(ig_steps, dtype=torch.float32) + 0.5) / ig_steps])
+    path = Intervention(
+        Scaled(Interchange(), alphas.repeat_interleave(batch)),
+        layers=0,
+        positions="all",
+        hook="resid_pre",
+        name="path",
+        stack=0,
+    )
+    run_plan = _plan(model, corrupt.repeat(n, 1), base, [path] + reads)
+    site = next(p for p in run_plan.sites if p.site.unit.origin is path)
+    if check_finite:
+        check_finite_source(
+            "the integration path's clean end (layer 0's resid_pre)",
+            path_end,
+            torch.ones(batch, seq, dtype=torch.bool),
+            run_plan.real,
+            "pass check_finite=False",
+        )
+    site.source_rows = path_end.repeat(n, 1)
+    with torch.enable_grad():
+        logits = execute(model, run_plan, cast)
+        value = _metric_values_grad(metric, logits[:batch], batch)
+        total = sum(_metric_values_grad(metric, logits[j * batch : (j + 1) * batch], batch) for j in range(1, n))
+        acts = [c.activations[0] for c in run_c]
+        grads = [None if g is None else g[batch * seq :] for g in torch.autograd.grad(total, acts, allow_unused=True)]
+    return value, grads, [a.detach()[: batch * seq] for a in acts]
 
 
 def _plan(model: Any, tokens: Tensor, interventions: list[Intervention], own: list[Intervention]) -> Plan:
@@ -413,14 +471,16 @@ def patch_heads(
     batch_size: int = 128,
     strategy: str = "auto",
     check_finite: bool = True,
+    progress: bool = True,
 ) -> PatchResult:
     """Patch each attention head's output (all positions) from the clean run into the corrupted one.
 
     Each cell is ``Intervention(Interchange(heads=[h]), layers=l, positions="all", hook=hook)``,
     run through the engine's batched sweep. Returns ``values [n_layers, n_heads]`` (``tokens``
     holds the head labels), equal to ``transformer_lens.patching.get_act_patch_attn_head_out_all_pos``.
-    ``check_finite`` as in :func:`patch_sweep`.
+    ``check_finite`` and ``progress`` (a bar counting the patched heads) as in :func:`patch_sweep`.
     """
+    check_progress(progress, "patch_heads")
     clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
     n_layers = model.cfg.n_layers
     names = [hook_name_for(hook, l) for l in range(n_layers)]
@@ -444,8 +504,7 @@ def patch_heads(
                 f"hook {names[0]} has shape {tuple(z.shape)}; head patching needs [batch, pos, head, d_head]."
             )
         n_heads = z.shape[2]
-        if batched is None:
-            batched = batch == 1 and _accepts_batched(metric, sweep.base_logits)
+        batched = _metric_form(metric, batched, sweep.base_logits)
         phis = [Interchange(heads=[h]) for h in range(n_heads)]
         cells = [(l, h) for l in range(n_layers) for h in range(n_heads)]
         variants = [[Intervention(phis[h], layers=l, positions="all", hook=hook, name=f"patch H{h}")] for l, h in cells]
@@ -455,5 +514,5 @@ def patch_heads(
             for i, v in zip(indices, _metric_values(metric, logits, len(indices), batch, batched).cpu()):
                 values[cells[i]] = v
 
-        sweep.run(variants, consume)
+        sweep.run(variants, consume, progress=progress, desc="patch_heads")
     return PatchResult(values, list(range(n_layers)), [f"H{h}" for h in range(n_heads)], hook)

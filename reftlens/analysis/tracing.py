@@ -27,6 +27,7 @@ from torch import Tensor
 from reftlens.errors import AnalysisError
 from reftlens.inputs import text_tokens
 from reftlens.interventions.patching import Interchange, Noise
+from reftlens.progress import check_progress
 from reftlens.runtime.plan import hook_name_for
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
@@ -68,23 +69,18 @@ class TraceResult:
         return self.values - self.corrupted
 
     def plot(self, path: str | None = None, **kwargs: Any) -> Any:
-        """A layers × tokens heatmap of ``values`` (matplotlib), subject tokens starred; saved as PNG
-        when ``path`` is given."""
+        """A layers × tokens heatmap of ``values`` (matplotlib Figure), subject tokens starred; saved
+        as PNG when ``path`` is given.
+
+        A probability is drawn on a sequential scale (``cmap="Purples"``, ``center=None``) labelled
+        ``"p(answer)"``; every option of :func:`~reftlens.analysis.plots.heatmap` (``title``,
+        ``cmap``, ``center``, ``label``, ``figsize``, ``dpi``, ``ax``) overrides these."""
         from reftlens.analysis.plots import heatmap
 
         tokens = [t + ("*" if self.subject[0] <= i < self.subject[1] else "") for i, t in enumerate(self.tokens)]
         title = f"causal trace ({self.hook}): p({self.answer!r}) clean {self.clean:.3f}, corrupted {self.corrupted:.3f}"
-        return heatmap(
-            self.values,
-            list(range(self.values.shape[0])),
-            tokens,
-            title=title,
-            path=path,
-            cmap="Purples",
-            center=None,
-            label="p(answer)",
-            **kwargs,
-        )
+        options = {"title": title, "cmap": "Purples", "center": None, "label": "p(answer)", **kwargs}
+        return heatmap(self.values, list(range(self.values.shape[0])), tokens, path=path, **options)
 
 
 def subject_span(model: Any, prompt: str, subject: str) -> tuple[Tensor, tuple[int, int]]:
@@ -140,6 +136,7 @@ def causal_trace(
     seed: int = 0,
     batch_size: int = 256,
     check_finite: bool = True,
+    progress: bool = True,
 ) -> TraceResult:
     """Trace where ``model`` recalls ``answer`` for ``prompt`` (default answer: its own greedy prediction).
 
@@ -150,10 +147,13 @@ def causal_trace(
     subject are not run: the noise enters at the subject and attention is causal, so their clean
     and corrupted states are the same and restoring them gives the corrupted probability.
     ``check_finite`` as in :func:`~reftlens.analysis.activation_patching.patch_sweep` (for the restored clean states).
+    ``progress``: a progress bar (tqdm) counting the restorations as each chunk of the sweep
+    finishes; ``False`` prints nothing.
 
     >>> res = causal_trace(model, "The Space Needle is in downtown", "The Space Needle", " Seattle")  # doctest: +SKIP
     >>> res.plot("trace.png")  # doctest: +SKIP
     """
+    check_progress(progress, "causal_trace")
     hook = _hook(hook)
     if samples < 1:
         raise AnalysisError(f"samples must be at least 1; got {samples}.")
@@ -193,7 +193,7 @@ def causal_trace(
         for i, v in zip(indices, p_answer(logits, len(indices))):
             values[cells[i]] = v
 
-    sweep.run(variants, consume, read=[seq - 1], only_read=True)
+    sweep.run(variants, consume, read=[seq - 1], only_read=True, progress=progress, desc="causal_trace")
     clean_p = float(clean_logits[0, -1].float().softmax(-1)[target])
     tok_strs = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
     return TraceResult(values, clean_p, corrupted, tok_strs, span, answer, target, hook)

@@ -701,16 +701,29 @@ def load_pyreft(
     ivs, config = read_pyreft(path)
     folder = Path(path)
     _check_base_model(config, model, folder)
-    d, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
+    _check_layers(ivs, int(model.cfg.n_layers))
+    if dtype is None:
+        dtype = next(model.parameters()).dtype
+    phis = _build_phis(ivs, _metadata_ties(config, ivs), int(model.cfg.d_model), dtype)
+    specs = _resolve_positions(positions, ivs, config, untied, overlap == "clamp", folder)
+    interventions = [
+        Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
+        for iv, phi, spec in zip(ivs, phis, specs)
+    ]
+    return ReftModel(model, interventions)
+
+
+def _check_layers(ivs: Sequence[PyreftIntervention], n_layers: int) -> None:
     for iv in ivs:
         if iv.layer >= n_layers:
             raise LoadError(
                 f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}."
             )
-    if dtype is None:
-        dtype = next(model.parameters()).dtype
 
-    ties = _metadata_ties(config, ivs)
+
+def _build_phis(ivs: Sequence[PyreftIntervention], ties: dict[str, int], d: int, dtype: torch.dtype) -> list[nn.Module]:
+    """One Φ per pyreft intervention, in order; keys that save_pyreft recorded as one Φ (``ties``)
+    share the first one's Φ again while their tensors are still equal."""
     phis: list[nn.Module] = []
     by_group: dict[int, tuple[PyreftIntervention, nn.Module]] = {}
     for iv in ivs:
@@ -725,12 +738,7 @@ def load_pyreft(
             if group is not None and group not in by_group:
                 by_group[group] = (iv, phi)
         phis.append(phi)
-    specs = _resolve_positions(positions, ivs, config, untied, overlap == "clamp", folder)
-    interventions = [
-        Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
-        for iv, phi, spec in zip(ivs, phis, specs)
-    ]
-    return ReftModel(model, interventions)
+    return phis
 
 
 # --------------------------------------------------------------------------- writing
@@ -769,15 +777,28 @@ def save_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
     ``intkey_*.bin``), which is replaced whole; anything else raises
     :class:`~reftlens.errors.SaveError` and is left untouched.
     """
-    from reftlens.version import __version__
-
     if getattr(reft, "bank", None) is not None:
         raise ExportError(
             f"pyreft holds one intervention set per model, and this ReftModel is a bank of {len(reft.bank)} sets "
             f"({list(reft.bank)[:4]}). Export one set: save_pyreft(ReftModel(model, reft.bank[name]), path)."
         )
+    sites = _sites_in_pyreft_order(reft)
+    for s in sites:
+        _check_exportable(s)
+    config, states = _pyreft_config(reft, sites)
 
-    entries = []  # (origin index, group index, phi, layer, unit)
+    def write(folder: Path) -> None:
+        for key, state in states.items():
+            torch.save({k: v.contiguous() for k, v in state.items()}, folder / f"intkey_{key}.bin")
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    return atomic_dir(path, write, markers=[(CONFIG_FILE, "intkey_*.bin")])
+
+
+def _sites_in_pyreft_order(reft: "ReftModel") -> list[Any]:
+    """The set's sites, one pyreft intervention each: by intervention, then by position group
+    (all first-token groups before all last-token groups), layers in order within a group."""
+    entries = []  # (origin index, group index, site)
     for oi, iv in enumerate(reft.interventions):
         groups: dict[str, int] = {}
         for s in reft.sites:
@@ -787,29 +808,36 @@ def save_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
             gi = groups.setdefault(label, len(groups))
             entries.append((oi, gi, s))
     entries.sort(key=lambda e: (e[0], e[1]))  # stable: layers keep their order within a group
+    return [s for _, _, s in entries]
 
-    d = int(reft.model.cfg.d_model)
-    for _, _, s in entries:
-        phi, unit = s.unit.phi, s.unit
-        if codec_for_phi(phi) is None:
-            raise ConfigError(
-                f"intervention {unit.name!r}: Φ {type(phi).__name__} has no pyreft counterpart; save_pyreft writes "
-                f"{', '.join(c.phi_type.__name__ for c in CODECS)}."
-            )
-        if s.hook_name.split(".", 2)[-1] not in _BLOCK_OUTPUT_HOOKS:
-            raise ConfigError(
-                f"intervention {unit.name!r}: hook {s.hook_name} has no pyreft counterpart; save_pyreft writes "
-                "resid_post interventions only (pyvene's 'block_output')."
-            )
-        if unit.stack is not None:
-            raise ConfigError(
-                f"intervention {unit.name!r} is stacked (stack={unit.stack}); pyreft interventions cannot stack."
-            )
+
+def _check_exportable(s: Any) -> None:
+    """A site pyreft can hold: a Φ with a codec, at resid_post, not stacked."""
+    phi, unit = s.unit.phi, s.unit
+    if codec_for_phi(phi) is None:
+        raise ConfigError(
+            f"intervention {unit.name!r}: Φ {type(phi).__name__} has no pyreft counterpart; save_pyreft writes "
+            f"{', '.join(c.phi_type.__name__ for c in CODECS)}."
+        )
+    if s.hook_name.split(".", 2)[-1] not in _BLOCK_OUTPUT_HOOKS:
+        raise ConfigError(
+            f"intervention {unit.name!r}: hook {s.hook_name} has no pyreft counterpart; save_pyreft writes "
+            "resid_post interventions only (pyvene's 'block_output')."
+        )
+    if unit.stack is not None:
+        raise ConfigError(
+            f"intervention {unit.name!r} is stacked (stack={unit.stack}); pyreft interventions cannot stack."
+        )
+
+
+def _pyreft_config(reft: "ReftModel", sites: Sequence[Any]) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+    """pyvene's ``config.json`` (with reftlens's own record under ``"reftlens"``) and each key's tensors."""
+    from reftlens.version import __version__
 
     phi_index = {id(phi): i for i, phi in enumerate(reft.phis)}
     seen: dict[str, int] = {}
     reps, types, keys, positions, phi_of, states = [], [], [], {}, {}, {}
-    for _, _, s in entries:
+    for s in sites:
         phi = s.unit.phi
         rep = dict(zip(_REPR_FIELDS, _REPR_DEFAULTS))
         rep.update(
@@ -827,10 +855,9 @@ def save_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
             positions[key] = None
         with torch.no_grad():
             states[key] = codec.from_phi(phi)
-
     config = {
         "intervention_constant_sources": [True] * len(keys),
-        "intervention_dimensions": [d] * len(keys),
+        "intervention_dimensions": [int(reft.model.cfg.d_model)] * len(keys),
         "intervention_types": types,
         "mode": "parallel",
         "representations": reps,
@@ -844,10 +871,4 @@ def save_pyreft(reft: "ReftModel", path: str | os.PathLike) -> Path:
             "phi": phi_of,
         },
     }
-
-    def write(folder: Path) -> None:
-        for key, state in states.items():
-            torch.save({k: v.contiguous() for k, v in state.items()}, folder / f"intkey_{key}.bin")
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-
-    return atomic_dir(path, write, markers=[(CONFIG_FILE, "intkey_*.bin")])
+    return config, states

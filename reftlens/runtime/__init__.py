@@ -1,12 +1,13 @@
 """The engine: a set of interventions resolves into a :class:`~reftlens.runtime.plan.Plan` for one
 batch; a backend executes plans.
 
-- :mod:`~reftlens.runtime.plan` — resolution (positions → rows, per-batch disjointness) and the
-  gather → Φ → scatter kernel every backend calls;
+- :mod:`~reftlens.runtime.plan` — resolution (positions → rows, per-batch disjointness);
+- :mod:`~reftlens.runtime.kernel` — the gather → Φ → scatter kernel every backend calls;
 - :mod:`~reftlens.runtime.tl_backend` — the TransformerLens backend (hook points);
 - :mod:`~reftlens.runtime.hf_backend` — the plain-transformers backend (forward hooks on modules);
 - :mod:`~reftlens.runtime.replay` and :mod:`~reftlens.runtime.sweep` — many variants of one run
-  in batched forwards, replaying only the blocks and positions an edit can change;
+  in batched forwards, replaying only the blocks and positions an edit can change (a sweep
+  delegates to a whole-forward or a block-replay executor);
 - :mod:`~reftlens.runtime.compat` — every upstream workaround, dated and explained.
 """
 

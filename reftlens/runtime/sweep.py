@@ -14,11 +14,18 @@ over layers × positions gets every trick the built-in patching gets:
   at its first edited block from the recorded base run, covers positions p.. with the recorded keys
   and values of the earlier ones (:mod:`reftlens.runtime.replay`);
 - ``read``: only the positions whose logits a metric reads are unembedded.
+
+:class:`Sweep` holds what every strategy shares — the bound base set, the source run and its kept
+activations, the variants bound to their sites — and delegates the running to an executor:
+``_Whole`` (whole forwards) or ``_Replayed`` (block replay). An executor is a small object with the
+three methods that differ (the base run's logits, the schedule of chunks, one chunk's forward); the
+hooks both attach, the base set's and the variants' edits, come from one pair of helpers on their
+common base class, over a row layout (``_Rows``) that says which rows run at which block.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -26,6 +33,7 @@ from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError, UnsupportedReplay
 from reftlens.positions import RealTokens
+from reftlens.progress import check_progress, progress_bar
 from reftlens.runtime.kernel import check_finite_source, site_hook
 from reftlens.runtime.plan import Site, SitePlan, flat_index
 from reftlens.runtime.replay import BlockReplay, block_of
@@ -68,7 +76,8 @@ class Sweep:
             (which, with no base or source set and sources shaped like ``tokens``, is one forward
             with the base run); hooks not named here cost a source forward when first read.
 
-    ``base_logits`` and ``source_logits`` hold the two reference runs.
+    ``base_logits`` and ``source_logits`` hold the two reference runs; ``strategy`` is the one
+    chosen (``"replay"`` or ``"batch"``) and ``executor`` the object that runs it.
     """
 
     def __init__(
@@ -120,20 +129,10 @@ class Sweep:
         if auto:
             big = sum(p.numel() for p in model.parameters()) >= REPLAY_MIN_PARAMS
             strategy = "replay" if big or stochastic else "batch"
-        self.replay: BlockReplay | None = None
+        executor: _Executor | None = None
         if strategy == "replay":
             try:
-                self.replay = BlockReplay(model, tokens, self._base_hooks(self.batch, self.seq, None, 0))
-                self.replay.verify(
-                    self.seq // 2,
-                    self._base_hooks(
-                        self.batch,
-                        self.seq // 2 + self.seq % 2,
-                        torch.arange(self.batch),
-                        self.seq // 2,
-                        exclude_in=self.n_layers // 2,
-                    ),
-                )
+                executor = _Replayed(self)
             except UnsupportedReplay as e:
                 if not auto or stochastic:
                     raise AnalysisError(
@@ -141,20 +140,14 @@ class Sweep:
                         + (f" (and no {stochastic[0]!r} in the base set)" if stochastic else "")
                         + "."
                     ) from e
-                strategy = "batch"
-        if strategy == "batch" and stochastic:
+        if executor is None and stochastic:
             raise AnalysisError(
                 f"base intervention {stochastic[0]!r} draws fresh values per call, so the variants of one "
                 "example would see different values in whole forwards; use strategy='replay'."
             )
-        self.strategy = strategy
-        if self.replay is not None:
-            self.base_logits = self.replay.logits
-        elif sources is not None and not self.base and not self._source_base and sources.shape == tokens.shape:
-            self.base_logits = self._source_acts(set(), with_base=True)  # both runs: rows of one forward
-        else:
-            with hooked(model, self._base_hooks(self.batch, self.seq, None, 0)), torch.no_grad():
-                self.base_logits = model(tokens)
+        self.executor: _Executor = executor or _Whole(self)
+        self.strategy = self.executor.strategy
+        self.base_logits = self.executor.base_logits()
 
     # ---- binding -----------------------------------------------------------------------
 
@@ -173,34 +166,6 @@ class Sweep:
         if key not in self._masks:
             self._masks[key] = spec.site_mask(real)
         return self._masks[key]
-
-    def _base_hooks(
-        self,
-        rows: int,
-        width: int,
-        base_rows: Tensor | None,
-        start: int,
-        *,
-        entering_at: dict[int, int] | None = None,
-        exclude_in: int | None = None,
-    ) -> list[tuple[Any, Callable]]:
-        """Hooks of the base set over ``rows`` rows continuing ``base_rows`` (None: the base examples
-        themselves), on positions ``start..``. Rows that join at block k skip the base set's
-        ``hook_in`` edits of block k: their recorded input already carries them."""
-        hooks = []
-        for b in self.base:
-            mask = b.mask if base_rows is None else b.mask[base_rows]
-            mask = mask[:, start:].clone()
-            k = block_of(b.site.hook_name)
-            if k is not None and b.site.hook_name == f"blocks.{k}.hook_in":
-                if exclude_in == k:
-                    continue
-                if entering_at and k in entering_at:
-                    mask[entering_at[k] :] = False
-            plan = SitePlan(b.site, flat_index(mask), None, (rows, width))
-            if plan.index is None or plan.index.numel():
-                hooks.append((b.site.hook_point, site_hook(plan, self.cast)))
-        return hooks
 
     # ---- the source run ----------------------------------------------------------------
 
@@ -311,27 +276,174 @@ class Sweep:
         *,
         read: Sequence[int] | None = None,
         only_read: bool = False,
+        progress: bool = False,
+        desc: str = "sweep",
     ) -> None:
         """Run every variant; ``consume(indices, logits)`` gets each chunk's variant indices and their
         logits ``[len(indices) * B, S, vocab]`` (row ``i * B + b``: variant ``indices[i]``, example
         ``b``). With ``read``, positions outside it hold NaN; with ``only_read`` as well, the logits
         are those positions alone, ``[len(indices) * B, len(read), vocab]`` in ``read``'s order
-        (no full-width tensor is built: at a 49k vocabulary it costs more than the unembedding)."""
+        (no full-width tensor is built: at a 49k vocabulary it costs more than the unembedding).
+        ``progress``: a bar (labelled ``desc``) counting the variants done, moved chunk by chunk."""
+        check_progress(progress, "Sweep.run")
+        if not isinstance(desc, str):
+            raise ConfigError(f"Sweep.run: desc (the progress bar's label) must be a string; got {desc!r}.")
         if only_read and read is None:
             raise ConfigError("only_read=True needs read= (the positions to keep).")
         bound = [self._variant_units(v) for v in variants]
         self._pair_sources(bound)
-        per = max(1, self.batch_size // self.batch)
-        if self.replay is None:
-            order = list(range(len(variants)))
-            for first in range(0, len(order), per):
-                chunk = order[first : first + per]
-                logits = self._whole(chunk, bound)
-                consume(chunk, logits[:, list(read)] if only_read else logits)
-            return
-        starts = {}
+        jobs = self.executor.schedule(bound, max(1, self.batch_size // self.batch))
+        with progress_bar(len(variants), desc=desc, enabled=progress, unit="variant") as bar:
+            for indices, job in jobs:
+                consume(indices, self.executor.forward(job, bound, read, only_read))
+                bar.update(len(indices))
+
+
+@dataclass
+class _Rows:
+    """The rows of one batched run of variants. Row r continues base example ``base_rows[r]`` on
+    positions ``start..``. In a replay, rows join the run at the block their variant first edits,
+    ordered by that block: ``joins[k]`` is the first row that joins before block k, so block k
+    runs the rows before the first row of any later block. Whole forwards: every row runs everywhere."""
+
+    base_rows: Tensor
+    start: int = 0
+    joins: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.base_rows.shape[0]
+
+    def at(self, block: int | None) -> int:
+        """How many rows run at ``block`` (a hook outside the blocks: all of them)."""
+        later = [row for k, row in self.joins.items() if block is not None and k > block]
+        return min(later) if later else self.n
+
+
+class _Executor:
+    """A way to run a sweep's variants. Both strategies attach the same two kinds of hooks, built
+    here over a :class:`_Rows` layout: the base set's (:meth:`base_hooks`) and the variants' edits
+    (:meth:`edit_hooks`), each one gather → Φ → scatter per site (:func:`~reftlens.runtime.kernel.site_hook`).
+    They differ in three methods: the base run's logits, the schedule (which variants run together)
+    and one chunk's forward."""
+
+    strategy: str
+
+    def __init__(self, sweep: Sweep) -> None:
+        self.sweep = sweep
+
+    def base_logits(self) -> Tensor:
+        """The base run's logits ``[B, S, vocab]``."""
+        raise NotImplementedError
+
+    def schedule(self, bound: list[list[_Bound]], per: int) -> list[tuple[list[int], Any]]:
+        """Chunks of at most ``per`` variants: ``(variant indices, job for forward)``."""
+        raise NotImplementedError
+
+    def forward(self, job: Any, bound: list[list[_Bound]], read: Sequence[int] | None, only_read: bool) -> Tensor:
+        """One chunk's logits, as :meth:`Sweep.run` hands them to ``consume``."""
+        raise NotImplementedError
+
+    def base_hooks(self, rows: _Rows) -> list[tuple[Any, Callable]]:
+        """Hooks of the base set over ``rows``. Rows that join at block k skip the base set's
+        ``hook_in`` edits of block k, and rows that join at a block skip every edit before the
+        blocks (embeddings): their recorded input already carries them."""
+        sweep = self.sweep
+        width = sweep.seq - rows.start
+        hooks = []
+        for b in sweep.base:
+            k = block_of(b.site.hook_name)
+            if k is None and rows.joins:
+                continue
+            n = rows.at(k)
+            if not n:  # no row runs at this block
+                continue
+            mask = b.mask[rows.base_rows[:n], rows.start :]
+            if k in rows.joins and b.site.hook_name == f"blocks.{k}.hook_in":
+                mask[rows.joins[k] :] = False
+            plan = SitePlan(b.site, flat_index(mask), None, (n, width))
+            if plan.index is None or plan.index.numel():
+                hooks.append((b.site.hook_point, site_hook(plan, sweep.cast)))
+        return hooks
+
+    def edit_hooks(self, chunk: Sequence[int], bound: list[list[_Bound]], rows: _Rows) -> list[tuple[Any, Callable]]:
+        """Hooks for the variants of ``chunk`` (variant c at rows ``c * B ..``): one site plan per
+        (hook, Φ, slot), rows in order."""
+        sweep = self.sweep
+        B, start, width = sweep.batch, rows.start, sweep.seq - rows.start
+        groups: dict[tuple[str, int, int], list[tuple[int, _Bound]]] = {}
+        for c, v in enumerate(chunk):
+            for b in bound[v]:
+                groups.setdefault((b.site.hook_name, id(b.site.unit.phi), b.slot), []).append((c, b))
+        hooks = []
+        for members in groups.values():
+            site = members[0][1].site
+            n = rows.at(block_of(site.hook_name))
+            mask = torch.zeros(n, width, dtype=torch.bool, device=sweep.tokens.device)
+            sources = []
+            for c, b in members:
+                mask[c * B : (c + 1) * B] = b.mask[:, start:]
+                if b.source_rows is not None:
+                    sources += [r[int(b.mask[i, :start].sum()) :] for i, r in enumerate(b.source_rows)]
+            plan = SitePlan(site, flat_index(mask), torch.cat(sources) if sources else None, (n, width))
+            hooks.append((site.hook_point, site_hook(plan, sweep.cast)))
+        return hooks
+
+    def _repeat(self, copies: int) -> Tensor:
+        """``base_rows`` of ``copies`` variants: every base example, once per variant."""
+        return torch.arange(self.sweep.batch, device=self.sweep.tokens.device).repeat(copies)
+
+
+class _Whole(_Executor):
+    """Whole forwards: up to ``per`` variants as rows of one forward of the base tokens."""
+
+    strategy = "batch"
+
+    def base_logits(self) -> Tensor:
+        sweep = self.sweep
+        src = sweep._source_tokens
+        if src is not None and not sweep.base and not sweep._source_base and src.shape == sweep.tokens.shape:
+            return sweep._source_acts(set(), with_base=True)  # both runs: rows of one forward
+        with hooked(sweep.model, self.base_hooks(_Rows(self._repeat(1)))), torch.no_grad():
+            return sweep.model(sweep.tokens)
+
+    def schedule(self, bound: list[list[_Bound]], per: int) -> list[tuple[list[int], Any]]:
+        chunks = [list(range(first, min(first + per, len(bound)))) for first in range(0, len(bound), per)]
+        return [(chunk, chunk) for chunk in chunks]
+
+    def forward(self, job: list[int], bound: list[list[_Bound]], read: Sequence[int] | None, only_read: bool) -> Tensor:
+        sweep = self.sweep
+        rows = _Rows(self._repeat(len(job)))
+        hooks = self.base_hooks(rows) + self.edit_hooks(job, bound, rows)
+        with hooked(sweep.model, hooks), torch.no_grad():
+            logits = sweep.model(sweep.tokens[rows.base_rows])
+        return logits[:, list(read)] if only_read else logits
+
+
+class _Replayed(_Executor):
+    """Block replay (:class:`~reftlens.runtime.replay.BlockReplay`): the base run is recorded once,
+    and each variant runs from its first edited block, on positions from its first edited one.
+    Raises :class:`~reftlens.errors.UnsupportedReplay` when replay does not reproduce the model."""
+
+    strategy = "replay"
+
+    def __init__(self, sweep: Sweep) -> None:
+        super().__init__(sweep)
+        everyone = self._repeat(1)
+        self.replay = BlockReplay(sweep.model, sweep.tokens, self.base_hooks(_Rows(everyone)))
+        half = sweep.seq // 2  # every example re-entering at the middle block, from the middle position
+        self.replay.verify(half, self.base_hooks(_Rows(everyone, half, {sweep.n_layers // 2: 0})))
+
+    def base_logits(self) -> Tensor:
+        return self.replay.logits
+
+    def schedule(self, bound: list[list[_Bound]], per: int) -> list[tuple[list[int], Any]]:
+        """Variants grouped by the first position they edit (one replay width each), sorted within
+        a group by the first block they edit (rows join in block order)."""
+        seq, n_layers = self.sweep.seq, self.sweep.n_layers
+        starts: dict[int, list[tuple[int, int]]] = {}
         for i, bs in enumerate(bound):
-            start, block = self.seq, self.n_layers
+            start, block = seq, n_layers
             for b in bs:
                 cols = b.mask.any(0).nonzero()
                 if cols.numel():
@@ -343,113 +455,44 @@ class Sweep:
                         "use strategy='batch'."
                     )
                 block = min(block, k)
-            starts.setdefault(min(start, self.seq - 1), []).append((block, i))
+            starts.setdefault(min(start, seq - 1), []).append((block, i))
+        jobs = []
         for start, items in sorted(starts.items()):
             items.sort()
             for first in range(0, len(items), per):
                 chunk = items[first : first + per]
-                consume([i for _, i in chunk], self._replayed(chunk, bound, start, read, only_read))
+                jobs.append(([i for _, i in chunk], (start, chunk)))
+        return jobs
 
-    def _edits(
+    def forward(
         self,
-        chunk: Sequence[int],
+        job: tuple[int, list[tuple[int, int]]],
         bound: list[list[_Bound]],
-        rows: int,
-        width: int,
-        start: int,
-        present: Callable[[int], int] | None = None,
-    ) -> list[tuple[Any, Callable]]:
-        """Hooks for the variants of ``chunk`` (variant c at rows ``c * B ..``): one site plan per
-        (hook, Φ, slot), rows in order."""
-        groups: dict[tuple[str, int, int], list[tuple[int, _Bound]]] = {}
-        for c, v in enumerate(chunk):
-            for b in bound[v]:
-                groups.setdefault((b.site.hook_name, id(b.site.unit.phi), b.slot), []).append((c, b))
-        hooks = []
-        for members in groups.values():
-            site = members[0][1].site
-            k = block_of(site.hook_name)
-            n = rows if present is None else present(k)
-            mask = torch.zeros(n, width, dtype=torch.bool, device=self.tokens.device)
-            sources = []
-            for c, b in members:
-                mask[c * self.batch : (c + 1) * self.batch] = b.mask[:, start:]
-                if b.source_rows is not None:
-                    sources += [r[int(b.mask[i, :start].sum()) :] for i, r in enumerate(b.source_rows)]
-            plan = SitePlan(site, flat_index(mask), torch.cat(sources) if sources else None, (n, width))
-            hooks.append((site.hook_point, site_hook(plan, self.cast)))
-        return hooks
-
-    def _whole(self, chunk: Sequence[int], bound: list[list[_Bound]]) -> Tensor:
-        n = len(chunk) * self.batch
-        base_rows = torch.arange(self.batch, device=self.tokens.device).repeat(len(chunk))
-        hooks = self._base_hooks(n, self.seq, base_rows, 0) + self._edits(chunk, bound, n, self.seq, 0)
-        with hooked(self.model, hooks), torch.no_grad():
-            return self.model(self.tokens[base_rows])
-
-    def _replayed(
-        self,
-        chunk: Sequence[tuple[int, int]],
-        bound: list[list[_Bound]],
-        start: int,
         read: Sequence[int] | None,
-        only_read: bool = False,
+        only_read: bool,
     ) -> Tensor:
-        replay = self.replay
-        B, width = self.batch, self.seq - start
-        n = len(chunk) * B
-        base_rows = torch.arange(B, device=self.tokens.device).repeat(len(chunk))
-        entering: dict[int, Tensor] = {}
-        first_row: dict[int, int] = {}
+        sweep, (start, chunk) = self.sweep, job
+        B = sweep.batch
+        joins: dict[int, int] = {}
         for c, (block, _) in enumerate(chunk):
-            first_row.setdefault(block, c * B)
-        blocks = sorted(first_row)
-        for j, k in enumerate(blocks):
-            lo, hi = first_row[k], first_row[blocks[j + 1]] if j + 1 < len(blocks) else n
-            entering[k] = replay.entering(k, start, base_rows[lo:hi])
-
-        def present(k: int | None) -> int:
-            """Rows running at block k: those that joined at or before it."""
-            later = [first_row[b] for b in blocks if b > (k if k is not None else -1)]
-            return min(later) if later else n
-
-        hooks = self._base_hooks_replay(n, width, base_rows, start, first_row, present)
-        hooks += self._edits([v for _, v in chunk], bound, n, width, start, present)
+            joins.setdefault(block, c * B)
+        rows = _Rows(self._repeat(len(chunk)), start, joins)
+        n, base_rows, blocks = rows.n, rows.base_rows, sorted(joins)
+        ends = [joins[k] for k in blocks[1:]] + [n]
+        entering = {k: self.replay.entering(k, start, base_rows[joins[k] : end]) for k, end in zip(blocks, ends)}
+        hooks = self.base_hooks(rows) + self.edit_hooks([v for _, v in chunk], bound, rows)
         live = None if read is None else [q for q in read if q >= start]
-        with hooked(self.model, hooks), torch.no_grad():
-            out = replay.run(entering, start, base_rows, live)
+        with hooked(sweep.model, hooks), torch.no_grad():
+            out = self.replay.run(entering, start, base_rows, live)
         if read is not None:
-            picked = [out[:, live.index(q)] if q >= start else self.base_logits[base_rows, q] for q in read]
+            picked = [out[:, live.index(q)] if q >= start else sweep.base_logits[base_rows, q] for q in read]
             if only_read:
                 return torch.stack(picked, 1)
-            full = torch.full((n, self.seq, out.shape[-1]), float("nan"), dtype=out.dtype, device=out.device)
+            full = torch.full((n, sweep.seq, out.shape[-1]), float("nan"), dtype=out.dtype, device=out.device)
             for q, logits in zip(read, picked):
                 full[:, q] = logits
             return full
-        return torch.cat([self.base_logits[base_rows, :start], out], 1) if start else out
-
-    def _base_hooks_replay(
-        self,
-        n: int,
-        width: int,
-        base_rows: Tensor,
-        start: int,
-        first_row: dict[int, int],
-        present: Callable[[int | None], int],
-    ) -> list[tuple[Any, Callable]]:
-        hooks = []
-        for b in self.base:
-            k = block_of(b.site.hook_name)
-            if k is None:  # outside the blocks (embeddings): already in the recorded block inputs
-                continue
-            rows = present(k)
-            mask = b.mask[base_rows[:rows], start:].clone()
-            if k is not None and b.site.hook_name == f"blocks.{k}.hook_in" and k in first_row:
-                mask[first_row[k] :] = False  # their recorded input already carries this edit
-            plan = SitePlan(b.site, flat_index(mask), None, (rows, width))
-            if plan.index is None or plan.index.numel():
-                hooks.append((b.site.hook_point, site_hook(plan, self.cast)))
-        return hooks
+        return torch.cat([sweep.base_logits[base_rows, :start], out], 1) if start else out
 
 
 def _units(interventions: Sequence[Intervention], n_layers: int) -> list[Unit]:

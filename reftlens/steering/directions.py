@@ -20,6 +20,7 @@ from torch import Tensor
 from reftlens.errors import AnalysisError
 from reftlens.interventions.patching import Collect
 from reftlens.model import ReftModel
+from reftlens.progress import check_progress, progress_bar
 from reftlens.runtime.tl_backend import execute
 from reftlens.sets import Intervention
 
@@ -90,16 +91,19 @@ def collect(
     hook: str = "resid_post",
     positions: Any = "all",
     batch_size: int = 16,
+    progress: bool = True,
 ) -> Activations:
     """Hidden states of ``texts`` at ``hook`` of each of ``layers``, at ``positions`` (any position
     spec, resolved against each text's real tokens; ``slice(1, None)`` skips the start token).
 
     ``texts``: strings or token-id lists. Batches are formed by length (less padding) and run
-    only up to the highest layer asked for.
+    only up to the highest layer asked for. ``progress``: a progress bar (tqdm) counting the texts
+    as each batch finishes; ``False`` prints nothing.
 
     >>> acts = collect(model, ["a cat sat", "dogs bark"], layers=[2, 3])       # doctest: +SKIP
     >>> acts[3].shape, acts.pooled(3).shape                                   # doctest: +SKIP
     """
+    check_progress(progress, "collect")
     layers = [layers] if isinstance(layers, int) else list(layers)
     if not texts:
         raise AnalysisError("collect got no texts: pass at least one string (or token-id list).")
@@ -118,7 +122,7 @@ def collect(
     rows: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     examples: list[Tensor] = []
     unit = reft.units[0]
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(len(texts), desc="collect", enabled=progress, unit="text") as bar:
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             plan = reft.plan([texts[i] for i in chunk])
@@ -129,6 +133,7 @@ def collect(
             examples.append(torch.tensor(chunk).repeat_interleave(counts))
             for layer, c in collectors.items():
                 rows[layer].append(torch.cat(c.activations).float().cpu())
+            bar.update(len(chunk))
     example = torch.cat(examples)
     back = torch.argsort(example, stable=True)  # example-major in the caller's order; positions stay in order
     return Activations({layer: torch.cat(r)[back] for layer, r in rows.items()}, example[back], len(texts), hook)

@@ -920,6 +920,6 @@ def _rows(data: Any) -> list[dict]:
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from reftlens.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+    return progress_bar(total, desc="train", enabled=enabled, initial=initial)
