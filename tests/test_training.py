@@ -8,8 +8,8 @@ import torch
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel, Steer
-from reftlens.training import TrainingError, collate, encode, loop
-from reftlens.training.loop import EmulatedBF16Warning, token_losses
+from reftlens.training import EmulatedBF16Warning, TrainingError, collate, encode, precision
+from reftlens.training.forward import token_losses
 
 WORDS = ["quick", "lazy", "brown", "red", "old", "new", "big", "small", "dark", "cold", "warm", "slow"]
 DATA = [{"prompt": f"the {w} fox", "completion": f" jumps over the {w} dog"} for w in WORDS]
@@ -58,7 +58,7 @@ def test_loss_is_on_completion_tokens_only(model):
 def test_logits_are_computed_only_where_the_loss_reads_them(model):
     """forward() unembeds only positions with a target in some row: same logits there, same
     loss and same gradient as unembedding every position."""
-    from reftlens.training.loop import forward
+    from reftlens.training.forward import forward
 
     reft = fresh(model, positions="l1")
     torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
@@ -205,7 +205,7 @@ def test_classification_reports_label_accuracy(model):
 def test_one_token_labels_are_scored_in_one_forward(model):
     """Classification eval: with one-token labels, one forward scores every label, equal to
     scoring each label in a forward of its own."""
-    from reftlens.training.loop import _score, _score_first_tokens
+    from reftlens.training.evaluate import _score, _score_first_tokens
 
     reft = fresh(model, positions="l1")
     torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
@@ -277,7 +277,8 @@ def test_bf16_autocast_keeps_left_padded_rows_finite(model):
 
 def test_train_step_is_the_step_of_train(model):
     """The recipe's pieces, run by hand as a notebook would, reproduce train(): same losses, same Φs."""
-    from reftlens.training.loop import TrainConfig, _count_steps, _setup_optimizer, _step_batches, train_step
+    from reftlens.training import TrainConfig, train_step
+    from reftlens.training.loop import _count_steps, _setup_optimizer, _step_batches
 
     kw = dict(
         max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, seed=5, schedule="cosine", warmup_steps=1, max_grad_norm=1.0
@@ -352,7 +353,7 @@ def fake_cpu(monkeypatch):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
 
-    monkeypatch.setattr(loop, "_warned_bf16", False)
+    monkeypatch.setattr(precision, "_warned_bf16", False)
     return fake
 
 
@@ -371,21 +372,21 @@ def logits_dtypes(model, reft, **kw):
 
 def test_cpu_bf16_support_reads_torch_capabilities(fake_cpu, monkeypatch):
     fake_cpu("AVX2", NO_BF16)
-    assert loop.cpu_bf16_support() == (False, "AVX2")
+    assert precision.cpu_bf16_support() == (False, "AVX2")
     fake_cpu("AVX512", AVX512_BF16)
-    assert loop.cpu_bf16_support() == (True, "AVX512")
+    assert precision.cpu_bf16_support() == (True, "AVX512")
     fake_cpu("AVX512", {**NO_BF16, "avx512_f": True, "amx_tile": True, "amx_bf16": True})
-    assert loop.cpu_bf16_support() == (True, "AVX512")
+    assert precision.cpu_bf16_support() == (True, "AVX512")
     fake_cpu("DEFAULT", {"architecture": "arm64", "neon": True, "bf16": True})
-    assert loop.cpu_bf16_support() == (True, "DEFAULT")
+    assert precision.cpu_bf16_support() == (True, "DEFAULT")
     fake_cpu("DEFAULT", {"architecture": "arm64", "neon": True, "bf16": False})
-    assert loop.cpu_bf16_support() == (False, "DEFAULT")
+    assert precision.cpu_bf16_support() == (False, "DEFAULT")
     # a torch without get_capabilities: the x86 probes answer
     monkeypatch.delattr(torch.cpu, "get_capabilities")
-    monkeypatch.setattr(loop.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert loop.cpu_bf16_support() == (False, "DEFAULT")
+    assert precision.cpu_bf16_support() == (False, "DEFAULT")
 
 
 def test_bf16_on_a_cpu_with_native_bf16_uses_autocast(model, fake_cpu):
