@@ -416,3 +416,135 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_and_warns_once(model, fake_
     assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
     dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16-force")
     assert dtypes == {torch.bfloat16} and warned == []
+
+
+# ---- the options: one TrainConfig, checked when built --------------------------------------------
+
+BAD_OPTIONS = [
+    ("epochs", 0),
+    ("epochs", 1.5),
+    ("epochs", True),
+    ("max_steps", 0),
+    ("max_steps", "10"),
+    ("batch_size", -1),
+    ("grad_accum", 0),
+    ("lr", float("nan")),
+    ("lr", -1e-3),
+    ("lr", "1e-3"),
+    ("weight_decay", float("inf")),
+    ("schedule", "step"),
+    ("warmup_steps", -1),
+    ("max_grad_norm", 0.0),
+    ("max_grad_norm", float("nan")),
+    ("max_length", 1),
+    ("seed", -3),
+    ("seed", 2.0),
+    ("precision", "fp16"),
+    ("group_by_length", "yes"),
+    ("chat_template", 1),
+    ("prepend_bos", "no"),
+    ("task", "regression"),
+    ("label_names", "yes"),
+    ("label_names", ["a", "a"]),
+    ("label_names", []),
+    ("intervene_on", "completion"),
+    ("eval_every", 0),
+    ("progress", None),
+    ("checkpoint_dir", 3),
+    ("checkpoint_every", 0),
+    ("resume", "true"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_OPTIONS, ids=[f"{n}={v!r}" for n, v in BAD_OPTIONS])
+def test_every_option_is_checked_and_named(name, value):
+    from reftlens.training import TrainConfig
+
+    with pytest.raises(TrainingError) as err:
+        TrainConfig(**{name: value})
+    assert str(err.value).startswith(f"{name} must be ")
+    assert repr(value) in str(err.value)
+
+
+def test_bad_options_are_refused_before_any_work(model):
+    reft = fresh(model)
+    before = weights(reft)
+    with pytest.raises(TrainingError, match=r"^lr must be a finite number >= 0.0; got nan\."):
+        reftlens.train(reft, DATA, max_steps=1, lr=float("nan"), progress=False)
+    with pytest.raises(TrainingError, match=r"no option 'learning_rate'.*TrainConfig: epochs, max_steps"):
+        reftlens.train(reft, DATA, max_steps=1, learning_rate=1e-3, progress=False)
+    with pytest.raises(TrainingError, match=r"no option 'max_step' \(did you mean 'max_steps'\?\)"):
+        reftlens.train(reft, DATA, max_step=1, progress=False)
+    with pytest.raises(TrainingError, match="config must be a TrainConfig"):
+        reftlens.train(reft, DATA, {"max_steps": 1})
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))
+
+
+def test_a_config_and_keywords_are_the_same_run(model):
+    """train(reft, data, TrainConfig(...)) == train(reft, data, **options); keywords override a config."""
+    import inspect
+    from dataclasses import fields
+
+    from reftlens.training import TrainConfig
+
+    kw = dict(max_steps=3, batch_size=4, lr=1e-2, seed=4, progress=False)
+    a, b, c = fresh(model), fresh(model), fresh(model)
+    by_keywords = reftlens.train(a, DATA, **kw)
+    by_config = reftlens.train(b, DATA, TrainConfig(**kw))
+    overridden = reftlens.train(c, DATA, TrainConfig(**{**kw, "lr": 5.0, "max_steps": 9}), lr=1e-2, max_steps=3)
+    assert by_keywords.steps == by_config.steps == overridden.steps
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(weights(a), weights(b), weights(c)))
+    # the options are written once (TrainConfig) and shown in train's signature from there
+    shown = inspect.signature(reftlens.train).parameters
+    for f in fields(TrainConfig):
+        assert shown[f.name].default == f.default and shown[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+# ---- checkpoints: damaged files and another set are refused, naming the file or the difference -----
+
+
+def checkpoint(model, folder):
+    kw = dict(max_steps=2, batch_size=4, lr=1e-2, progress=False)
+    reftlens.train(fresh(model), DATA, checkpoint_dir=folder, checkpoint_every=2, **kw)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json"])
+def test_a_truncated_checkpoint_file_is_named(model, tmp_path, name):
+    from reftlens import LoadError
+
+    ckpt = checkpoint(model, tmp_path / "ckpt")
+    data = (ckpt / name).read_bytes()
+    (ckpt / name).write_bytes(data[: len(data) // 2])
+    reft = fresh(model, seed=7)
+    before = weights(reft)
+    with pytest.raises(LoadError) as err:
+        reftlens.train(reft, DATA, max_steps=4, batch_size=4, checkpoint_dir=ckpt, resume=True, progress=False)
+    assert f"checkpoint file {ckpt / name} is damaged" in str(err.value)
+    assert "resume=False" in str(err.value)
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))  # nothing half-loaded
+
+
+@pytest.mark.parametrize(
+    "other,words",
+    [
+        (dict(layers=(1, 3)), r"has layers \[1, 2\] in the checkpoint but \[1, 3\] here"),
+        (dict(positions="f1+l1"), r"has positions 'f2\+l2' in the checkpoint but 'f1\+l1' here"),
+        (dict(rank=4), r"has Φ configuration \{.*'rank': 8.*\} in the checkpoint but \{.*'rank': 4.*\} here"),
+        (dict(phi="direft"), r"has Φ type 'loreft' in the checkpoint but 'direft' here"),
+    ],
+)
+def test_resuming_another_set_is_refused_naming_the_difference(model, tmp_path, other, words):
+    from reftlens import DiReFT
+
+    ckpt = checkpoint(model, tmp_path / "ckpt")
+    if other.get("phi") == "direft":
+        torch.manual_seed(7)
+        reft = ReftModel(model, Intervention(DiReFT(model.cfg.d_model, 8), layers=[1, 2], positions="f2+l2"))
+    else:
+        reft = fresh(model, seed=7, **other)
+    before = weights(reft)
+    with pytest.raises(TrainingError, match=words) as err:
+        reftlens.train(reft, DATA, max_steps=4, batch_size=4, checkpoint_dir=ckpt, resume=True, progress=False)
+    assert str(ckpt) in str(err.value) and "new checkpoint_dir" in str(err.value)
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from reftlens.errors import LoadError, TrainingError
+from reftlens.positions import from_json
 from reftlens.saving import BANK_FILE, CONFIG_FILE, atomic_dir, bank_folders, load, set_view, write, write_bank
 from reftlens.training.config import History
 
@@ -162,7 +163,7 @@ def _optimizer_state(
 
 def check_same_set(folder: Path, reft: "ReftModel") -> None:
     """Refuse a checkpoint's set ``folder`` that is not ``reft``'s: other sets, or an intervention
-    with other layers, positions, hook or Φ (type or configuration, e.g. its rank)."""
+    with other layers, positions, hook or Φ (type or configuration, e.g. its rank; not its init)."""
     saved = _saved_sets(folder)
     here = _sets_here(reft)
     if list(saved) != list(here):
@@ -181,10 +182,10 @@ def check_same_set(folder: Path, reft: "ReftModel") -> None:
             )
         for a, b in zip(theirs, units):
             for key in a:
-                if a[key] != b[key]:
+                if key != "name" and a[key] != b[key]:  # a name is a label (by default, from the Φ)
                     raise TrainingError(
-                        f"checkpoint {folder.parent}: {where}intervention {b['name']!r} has {key} {a[key]!r} in the "
-                        f"checkpoint but {b[key]!r} here; resume with the set the checkpoint was written for, or "
+                        f"checkpoint {folder.parent}: {where}intervention {b['name']!r} has {key} {_show(key, a[key])} "
+                        f"in the checkpoint but {_show(key, b[key])} here; resume with the set the checkpoint was written for, or "
                         "train into a new checkpoint_dir."
                     )
 
@@ -234,6 +235,16 @@ def _sets_here(reft: "ReftModel") -> dict[str | None, list[dict[str, Any]]]:
             for u in view.units
         ]
     return out
+
+
+def _show(key: str, value: Any) -> str:
+    """A value as the user wrote it: a position spec as its string ('f2+l2'), the rest as is."""
+    if key in ("positions", "source_positions") and value is not None:
+        try:
+            return repr(str(from_json(value)))
+        except Exception:  # a spec saved by a newer reftlens: show its JSON
+            pass
+    return repr(value)
 
 
 def _json(positions: Any) -> Any:
