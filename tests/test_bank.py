@@ -476,6 +476,33 @@ def test_bank_checkpoints_resume_where_an_uninterrupted_run_ends(model, tmp_path
         assert torch.equal(a, b)
 
 
+def test_resuming_a_bank_checkpoint_with_other_sets_is_refused(model, tmp_path):
+    import reftlens
+    from reftlens import TrainingError
+
+    d = model.cfg.d_model
+    data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
+    kw = dict(max_steps=2, batch_size=2, lr=2e-2, progress=False)
+    ckpt = tmp_path / "ckpt"
+    reftlens.train(ReftModel(model, trainable_sets(d)), data, checkpoint_dir=ckpt, checkpoint_every=2, **kw)
+    moved = trainable_sets(d, seed=9)
+    moved["sport"] = Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l3")
+    with pytest.raises(
+        TrainingError, match=r"set 'sport': intervention .* has positions 'l2' in the checkpoint but 'l3'"
+    ):
+        reftlens.train(ReftModel(model, moved), data, checkpoint_dir=ckpt, resume=True, **kw)
+    fewer = {k: v for k, v in trainable_sets(d).items() if k != "formal"}
+    rows = [r for r in data if r["adapter"] != "formal"]
+    with pytest.raises(
+        TrainingError, match=r"holds the sets \['emoji', 'sport', 'formal'\] but this run trains the sets"
+    ):
+        reftlens.train(ReftModel(model, fewer), rows, checkpoint_dir=ckpt, resume=True, **kw)
+    with pytest.raises(TrainingError, match=r"holds the sets .* but this run trains one set"):
+        reftlens.train(
+            ReftModel(model, trainable_sets(d)["sport"]), TRAIN["sport"], checkpoint_dir=ckpt, resume=True, **kw
+        )
+
+
 def test_bank_training_data_must_name_its_sets(model):
     import reftlens
     from reftlens import TrainingError

@@ -119,11 +119,11 @@ class TrainConfig:
             raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
         if self.label_names is not None:
             self.label_names = list(self.label_names)
-        self.objective = objective_for(self.objective)
-        if self.task == "classification" and not isinstance(self.objective, LanguageModeling):
+        objective = objective_for(self.objective)  # checks the name; each run builds its own from it
+        if self.task == "classification" and not isinstance(objective, LanguageModeling):
             raise TrainingError(
                 f"task='classification' trains with the LM loss on the label; objective="
-                f"{self.objective.name!r} needs task='lm'."
+                f"{objective.name!r} needs task='lm'."
             )
 
     @classmethod

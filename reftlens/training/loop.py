@@ -34,6 +34,7 @@ from reftlens.training.checkpoint import STATE_FILE, load_checkpoint, save_check
 from reftlens.training.config import History, TrainConfig
 from reftlens.training.data import Example, batch_order, encode
 from reftlens.training.evaluate import evaluate
+from reftlens.training.objectives import objective_for
 from reftlens.training.precision import autocast_for
 from reftlens.training.step import schedule_fn, set_phis, train_step, world_rank
 
@@ -78,7 +79,8 @@ def train(
     sets = _setup_sets(reft, examples, cfg, world)
     total = max(n for _, _, n in sets.values())
     torch.manual_seed(cfg.seed)
-    cfg.objective.setup(reft, examples, world)
+    objective = objective_for(cfg.objective)  # a name builds a new one (its state is this run's)
+    objective.setup(reft, examples, world)
     optimizer, scheduler = _setup_optimizer(reft, cfg, total, sets)
     step, history = _setup_resume(reft, cfg, optimizer, scheduler)
     module = _setup_model(reft, world)
@@ -101,7 +103,7 @@ def train(
                 autocast=autocast,
                 max_grad_norm=cfg.max_grad_norm,
                 set_epochs=set_epochs,
-                objective=cfg.objective,
+                objective=objective,
                 intervene_on=cfg.intervene_on,
             )
             step += 1
