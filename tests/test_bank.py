@@ -431,6 +431,29 @@ def test_a_bank_trains_with_intervene_on_each_set_as_alone(model, intervene_on):
     assert_bank_trains_each_set_as_alone(model, steering_sets, data, intervene_on=intervene_on)
 
 
+def test_a_custom_objective_with_only_loss_trains_each_set_of_a_bank_as_alone(model):
+    """An Objective that gives a set's summed loss (``loss``), not each example's: the step calls it
+    once per set present in a micro-batch, so a bank still trains each set exactly as alone."""
+    from reftlens.training import Objective, collate
+    from reftlens.training.forward import forward, token_losses
+
+    class SummedLM(Objective):
+        name = "summed-lm"
+        calls = []
+
+        def count(self, example):
+            return len(example.completion)
+
+        def loss(self, module, examples, pad, device, intervene_on="prompt"):
+            SummedLM.calls.append({e.adapter for e in examples})
+            logits, labels = forward(module, collate(examples, pad).to(device), intervene_on)
+            return token_losses(logits, labels)
+
+    data = {name: TRAIN[name] for name in ("emoji", "sport")}
+    assert_bank_trains_each_set_as_alone(model, steering_sets, data, objective=SummedLM())
+    assert all(len(sets) == 1 for sets in SummedLM.calls)  # one set per call
+
+
 def test_untied_units_of_a_set_train_together(model):
     import reftlens
 
