@@ -87,6 +87,10 @@ def train_das(
     ``data``: dicts with ``base`` and ``source`` (strings or token ids, all the same length) and
     ``label`` (the counterfactual next token, an id or a string). Returns the trained set; read
     its accuracy on held-out pairs with :func:`iia`.
+
+    Trains through :func:`reftlens.train`: each pair is an encoded example (the base as the prompt,
+    the label as a one-token completion, the source as its ``source``); AdamW without weight decay
+    at a constant ``lr``, ``batch_size`` pairs a step drawn epoch by epoch, ``max_steps`` steps.
     """
     from reftlens.model import ReftModel
     from reftlens.training import Example, train
