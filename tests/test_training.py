@@ -548,3 +548,13 @@ def test_resuming_another_set_is_refused_naming_the_difference(model, tmp_path, 
         reftlens.train(reft, DATA, max_steps=4, batch_size=4, checkpoint_dir=ckpt, resume=True, progress=False)
     assert str(ckpt) in str(err.value) and "new checkpoint_dir" in str(err.value)
     assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))
+
+
+def test_train_takes_encoded_examples(model):
+    """Examples already encoded (what DAS passes, with sources) train exactly as the dicts they came from."""
+    kw = dict(max_steps=3, batch_size=4, lr=1e-2, seed=1, progress=False)
+    a, b = fresh(model), fresh(model)
+    from_dicts = reftlens.train(a, DATA, **kw)
+    from_examples = reftlens.train(b, encode(model, DATA), **kw)
+    assert from_dicts.steps == from_examples.steps
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
