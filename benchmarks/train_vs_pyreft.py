@@ -207,7 +207,7 @@ def bridge_floor():
 def reft_step(reft, autocast: bool = False):
     """reftlens.train's step: its forward (logits only where the loss reads them) and loss."""
     from reftlens.training.data import Batch
-    from reftlens.training.loop import forward, token_losses
+    from reftlens.training.forward import forward, token_losses
 
     opt = torch.optim.AdamW([p for p in reft.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
     ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext

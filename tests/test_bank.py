@@ -361,6 +361,99 @@ def test_joint_training_equals_separate_runs(model, tmp_path):
         torch.testing.assert_close(mine.evals[-1]["loss"], solo.evals[-1]["loss"], rtol=0, atol=1e-5)
 
 
+def assert_bank_trains_each_set_as_alone(model, sets, data, **kw):
+    """Train ``sets(d)`` as one bank on ``data`` (each set's rows), and each set alone on its own rows:
+    the same Φs, losses, learning rates and evaluations, set by set."""
+    import reftlens
+
+    d = model.cfg.d_model
+    kw = dict(dict(epochs=2, batch_size=2, grad_accum=2, lr=2e-2, warmup_steps=1, max_grad_norm=0.5, seed=3), **kw)
+    bank = ReftModel(model, sets(d))
+    rows = [dict(r, adapter=name) for name, mine in data.items() for r in mine]
+    history = reftlens.train(bank, rows, eval_data=rows, progress=False, **kw)
+    separate = sets(d)
+    for name, mine in data.items():
+        alone = ReftModel(model, separate[name])
+        solo = reftlens.train(alone, mine, eval_data=mine, progress=False, **kw)
+        for a, b in zip(alone.parameters(), [p for iv in bank.bank[name] for p in iv.phi.parameters()]):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert any(not torch.equal(a, b) for a, b in zip(alone.parameters(), sets(d)[name].phi.parameters()))
+        got = history.adapter(name)
+        assert [(r["step"], r["epoch"], r["lr"], r["tokens"]) for r in got.steps] == [
+            (r["step"], r["epoch"], r["lr"], r["tokens"]) for r in solo.steps
+        ]
+        torch.testing.assert_close(got.losses, solo.losses, rtol=0, atol=1e-5)
+        (last,), (solo_last,) = got.evals[-1:], solo.evals[-1:]  # the final evaluation (at the bank's last step)
+        torch.testing.assert_close(
+            [last["loss"], last["accuracy"]], [solo_last["loss"], solo_last["accuracy"]], rtol=0, atol=1e-5
+        )
+    return history
+
+
+def steering_sets(d, seed=0):
+    """Two sets that take no source (the preference objective scales their edits)."""
+    from reftlens import ReFTr1
+
+    torch.manual_seed(seed)
+    return {
+        "emoji": Intervention(LoReFT(d, 2, init="random"), layers=[1, 2], positions="l2"),
+        "sport": Intervention(ReFTr1(d, k=2, l1=0.05), layers=1, positions="all"),  # with an L1 penalty
+    }
+
+
+PREFER = {
+    "emoji": [{"prompt": f"the {w} fox", "completion": " jumps :)", "rejected": f" sleeps {w}"} for w in WORDS[:5]],
+    "sport": [{"prompt": f"a {w} ball", "completion": " is kicked", "rejected": " is red"} for w in WORDS[:3]],
+}
+
+
+def test_a_bank_trains_with_the_preference_objective_each_set_as_alone(model):
+    history = assert_bank_trains_each_set_as_alone(model, steering_sets, PREFER, objective="preference")
+    assert any("penalty" in r for r in history.adapter("sport").steps)  # ReFT-r1's L1, on its own set
+
+
+def test_a_bank_trains_a_classification_task_each_set_as_alone(model):
+    labels = ["no", "yes", "maybe"]
+    data = {
+        "emoji": [{"prompt": f"is the {w} fox fast?", "label": labels[i % 3]} for i, w in enumerate(WORDS[:6])],
+        "sport": [{"prompt": f"a {w} ball?", "label": labels[i % 2]} for i, w in enumerate(WORDS[:3])],
+    }
+    history = assert_bank_trains_each_set_as_alone(
+        model, steering_sets, data, task="classification", label_names=labels
+    )
+    assert set(history.evals[-1]["sets"]) == {"emoji", "sport"}
+    assert 0 <= history.evals[-1]["sets"]["sport"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("intervene_on", ["all", "generated"])
+def test_a_bank_trains_with_intervene_on_each_set_as_alone(model, intervene_on):
+    data = {name: TRAIN[name] for name in ("emoji", "sport")}
+    assert_bank_trains_each_set_as_alone(model, steering_sets, data, intervene_on=intervene_on)
+
+
+def test_a_custom_objective_with_only_loss_trains_each_set_of_a_bank_as_alone(model):
+    """An Objective that gives a set's summed loss (``loss``), not each example's: the step calls it
+    once per set present in a micro-batch, so a bank still trains each set exactly as alone."""
+    from reftlens.training import Objective, collate
+    from reftlens.training.forward import forward, token_losses
+
+    class SummedLM(Objective):
+        name = "summed-lm"
+        calls = []
+
+        def count(self, example):
+            return len(example.completion)
+
+        def loss(self, module, examples, pad, device, intervene_on="prompt"):
+            SummedLM.calls.append({e.adapter for e in examples})
+            logits, labels = forward(module, collate(examples, pad).to(device), intervene_on)
+            return token_losses(logits, labels)
+
+    data = {name: TRAIN[name] for name in ("emoji", "sport")}
+    assert_bank_trains_each_set_as_alone(model, steering_sets, data, objective=SummedLM())
+    assert all(len(sets) == 1 for sets in SummedLM.calls)  # one set per call
+
+
 def test_untied_units_of_a_set_train_together(model):
     import reftlens
 
@@ -404,6 +497,33 @@ def test_bank_checkpoints_resume_where_an_uninterrupted_run_ends(model, tmp_path
     assert history.steps == full.steps and history.adapter("sport").steps == full.adapter("sport").steps
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_resuming_a_bank_checkpoint_with_other_sets_is_refused(model, tmp_path):
+    import reftlens
+    from reftlens import TrainingError
+
+    d = model.cfg.d_model
+    data = [dict(r, adapter=name) for name, rows in TRAIN.items() for r in rows]
+    kw = dict(max_steps=2, batch_size=2, lr=2e-2, progress=False)
+    ckpt = tmp_path / "ckpt"
+    reftlens.train(ReftModel(model, trainable_sets(d)), data, checkpoint_dir=ckpt, checkpoint_every=2, **kw)
+    moved = trainable_sets(d, seed=9)
+    moved["sport"] = Intervention(DiReFT(d, 2, init="random"), layers=1, positions="l3")
+    with pytest.raises(
+        TrainingError, match=r"set 'sport': intervention .* has positions 'l2' in the checkpoint but 'l3'"
+    ):
+        reftlens.train(ReftModel(model, moved), data, checkpoint_dir=ckpt, resume=True, **kw)
+    fewer = {k: v for k, v in trainable_sets(d).items() if k != "formal"}
+    rows = [r for r in data if r["adapter"] != "formal"]
+    with pytest.raises(
+        TrainingError, match=r"holds the sets \['emoji', 'sport', 'formal'\] but this run trains the sets"
+    ):
+        reftlens.train(ReftModel(model, fewer), rows, checkpoint_dir=ckpt, resume=True, **kw)
+    with pytest.raises(TrainingError, match=r"holds the sets .* but this run trains one set"):
+        reftlens.train(
+            ReftModel(model, trainable_sets(d)["sport"]), TRAIN["sport"], checkpoint_dir=ckpt, resume=True, **kw
+        )
 
 
 def test_bank_training_data_must_name_its_sets(model):

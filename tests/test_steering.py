@@ -350,7 +350,7 @@ def test_training_edits_the_part_of_the_sequence_generation_edits(model, interve
     """ "f1+l1" are the ends of the prompt, of the whole sequence or of the completion; the first
     completion token, predicted at the last prompt position, moves unless only generated tokens are edited."""
     from reftlens.training import collate
-    from reftlens.training.loop import edited_part, forward
+    from reftlens.training.forward import edited_part, forward
 
     v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
     reft = ReftModel(model, Intervention(Steer(2 * v / v.norm()), layers=1, positions="f1+l1"))

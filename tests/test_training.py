@@ -8,8 +8,8 @@ import torch
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel, Steer
-from reftlens.training import TrainingError, collate, encode, loop
-from reftlens.training.loop import EmulatedBF16Warning, token_losses
+from reftlens.training import EmulatedBF16Warning, TrainingError, collate, encode, precision
+from reftlens.training.forward import token_losses
 
 WORDS = ["quick", "lazy", "brown", "red", "old", "new", "big", "small", "dark", "cold", "warm", "slow"]
 DATA = [{"prompt": f"the {w} fox", "completion": f" jumps over the {w} dog"} for w in WORDS]
@@ -58,7 +58,7 @@ def test_loss_is_on_completion_tokens_only(model):
 def test_logits_are_computed_only_where_the_loss_reads_them(model):
     """forward() unembeds only positions with a target in some row: same logits there, same
     loss and same gradient as unembedding every position."""
-    from reftlens.training.loop import forward
+    from reftlens.training.forward import forward
 
     reft = fresh(model, positions="l1")
     torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
@@ -205,7 +205,7 @@ def test_classification_reports_label_accuracy(model):
 def test_one_token_labels_are_scored_in_one_forward(model):
     """Classification eval: with one-token labels, one forward scores every label, equal to
     scoring each label in a forward of its own."""
-    from reftlens.training.loop import _score, _score_first_tokens
+    from reftlens.training.evaluate import _score, _score_first_tokens
 
     reft = fresh(model, positions="l1")
     torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=0.1)
@@ -277,7 +277,8 @@ def test_bf16_autocast_keeps_left_padded_rows_finite(model):
 
 def test_train_step_is_the_step_of_train(model):
     """The recipe's pieces, run by hand as a notebook would, reproduce train(): same losses, same Φs."""
-    from reftlens.training.loop import TrainConfig, _count_steps, _setup_optimizer, _step_batches, train_step
+    from reftlens.training import TrainConfig, train_step
+    from reftlens.training.loop import _count_steps, _setup_optimizer, _step_batches
 
     kw = dict(
         max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, seed=5, schedule="cosine", warmup_steps=1, max_grad_norm=1.0
@@ -352,7 +353,7 @@ def fake_cpu(monkeypatch):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
 
-    monkeypatch.setattr(loop, "_warned_bf16", False)
+    monkeypatch.setattr(precision, "_warned_bf16", False)
     return fake
 
 
@@ -371,21 +372,21 @@ def logits_dtypes(model, reft, **kw):
 
 def test_cpu_bf16_support_reads_torch_capabilities(fake_cpu, monkeypatch):
     fake_cpu("AVX2", NO_BF16)
-    assert loop.cpu_bf16_support() == (False, "AVX2")
+    assert precision.cpu_bf16_support() == (False, "AVX2")
     fake_cpu("AVX512", AVX512_BF16)
-    assert loop.cpu_bf16_support() == (True, "AVX512")
+    assert precision.cpu_bf16_support() == (True, "AVX512")
     fake_cpu("AVX512", {**NO_BF16, "avx512_f": True, "amx_tile": True, "amx_bf16": True})
-    assert loop.cpu_bf16_support() == (True, "AVX512")
+    assert precision.cpu_bf16_support() == (True, "AVX512")
     fake_cpu("DEFAULT", {"architecture": "arm64", "neon": True, "bf16": True})
-    assert loop.cpu_bf16_support() == (True, "DEFAULT")
+    assert precision.cpu_bf16_support() == (True, "DEFAULT")
     fake_cpu("DEFAULT", {"architecture": "arm64", "neon": True, "bf16": False})
-    assert loop.cpu_bf16_support() == (False, "DEFAULT")
+    assert precision.cpu_bf16_support() == (False, "DEFAULT")
     # a torch without get_capabilities: the x86 probes answer
     monkeypatch.delattr(torch.cpu, "get_capabilities")
-    monkeypatch.setattr(loop.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    assert loop.cpu_bf16_support() == (False, "DEFAULT")
+    assert precision.cpu_bf16_support() == (False, "DEFAULT")
 
 
 def test_bf16_on_a_cpu_with_native_bf16_uses_autocast(model, fake_cpu):
@@ -415,3 +416,145 @@ def test_bf16_on_a_cpu_without_native_bf16_runs_fp32_and_warns_once(model, fake_
     assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))
     dtypes, warned = logits_dtypes(model, fresh(model), precision="bf16-force")
     assert dtypes == {torch.bfloat16} and warned == []
+
+
+# ---- the options: one TrainConfig, checked when built --------------------------------------------
+
+BAD_OPTIONS = [
+    ("epochs", 0),
+    ("epochs", 1.5),
+    ("epochs", True),
+    ("max_steps", 0),
+    ("max_steps", "10"),
+    ("batch_size", -1),
+    ("grad_accum", 0),
+    ("lr", float("nan")),
+    ("lr", -1e-3),
+    ("lr", "1e-3"),
+    ("weight_decay", float("inf")),
+    ("schedule", "step"),
+    ("warmup_steps", -1),
+    ("max_grad_norm", 0.0),
+    ("max_grad_norm", float("nan")),
+    ("max_length", 1),
+    ("seed", -3),
+    ("seed", 2.0),
+    ("precision", "fp16"),
+    ("group_by_length", "yes"),
+    ("chat_template", 1),
+    ("prepend_bos", "no"),
+    ("task", "regression"),
+    ("label_names", "yes"),
+    ("label_names", ["a", "a"]),
+    ("label_names", []),
+    ("intervene_on", "completion"),
+    ("eval_every", 0),
+    ("progress", None),
+    ("checkpoint_dir", 3),
+    ("checkpoint_every", 0),
+    ("resume", "true"),
+]
+
+
+@pytest.mark.parametrize("name,value", BAD_OPTIONS, ids=[f"{n}={v!r}" for n, v in BAD_OPTIONS])
+def test_every_option_is_checked_and_named(name, value):
+    from reftlens.training import TrainConfig
+
+    with pytest.raises(TrainingError) as err:
+        TrainConfig(**{name: value})
+    assert str(err.value).startswith(f"{name} must be ")
+    assert repr(value) in str(err.value)
+
+
+def test_bad_options_are_refused_before_any_work(model):
+    reft = fresh(model)
+    before = weights(reft)
+    with pytest.raises(TrainingError, match=r"^lr must be a finite number >= 0.0; got nan\."):
+        reftlens.train(reft, DATA, max_steps=1, lr=float("nan"), progress=False)
+    with pytest.raises(TrainingError, match=r"no option 'learning_rate'.*TrainConfig: epochs, max_steps"):
+        reftlens.train(reft, DATA, max_steps=1, learning_rate=1e-3, progress=False)
+    with pytest.raises(TrainingError, match=r"no option 'max_step' \(did you mean 'max_steps'\?\)"):
+        reftlens.train(reft, DATA, max_step=1, progress=False)
+    with pytest.raises(TrainingError, match="config must be a TrainConfig"):
+        reftlens.train(reft, DATA, {"max_steps": 1})
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))
+
+
+def test_a_config_and_keywords_are_the_same_run(model):
+    """train(reft, data, TrainConfig(...)) == train(reft, data, **options); keywords override a config."""
+    import inspect
+    from dataclasses import fields
+
+    from reftlens.training import TrainConfig
+
+    kw = dict(max_steps=3, batch_size=4, lr=1e-2, seed=4, progress=False)
+    a, b, c = fresh(model), fresh(model), fresh(model)
+    by_keywords = reftlens.train(a, DATA, **kw)
+    by_config = reftlens.train(b, DATA, TrainConfig(**kw))
+    overridden = reftlens.train(c, DATA, TrainConfig(**{**kw, "lr": 5.0, "max_steps": 9}), lr=1e-2, max_steps=3)
+    assert by_keywords.steps == by_config.steps == overridden.steps
+    assert all(torch.equal(x, y) and torch.equal(x, z) for x, y, z in zip(weights(a), weights(b), weights(c)))
+    # the options are written once (TrainConfig) and shown in train's signature from there
+    shown = inspect.signature(reftlens.train).parameters
+    for f in fields(TrainConfig):
+        assert shown[f.name].default == f.default and shown[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+# ---- checkpoints: damaged files and another set are refused, naming the file or the difference -----
+
+
+def checkpoint(model, folder):
+    kw = dict(max_steps=2, batch_size=4, lr=1e-2, progress=False)
+    reftlens.train(fresh(model), DATA, checkpoint_dir=folder, checkpoint_every=2, **kw)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["optimizer.safetensors", "trainer_state.json"])
+def test_a_truncated_checkpoint_file_is_named(model, tmp_path, name):
+    from reftlens import LoadError
+
+    ckpt = checkpoint(model, tmp_path / "ckpt")
+    data = (ckpt / name).read_bytes()
+    (ckpt / name).write_bytes(data[: len(data) // 2])
+    reft = fresh(model, seed=7)
+    before = weights(reft)
+    with pytest.raises(LoadError) as err:
+        reftlens.train(reft, DATA, max_steps=4, batch_size=4, checkpoint_dir=ckpt, resume=True, progress=False)
+    assert f"checkpoint file {ckpt / name} is damaged" in str(err.value)
+    assert "resume=False" in str(err.value)
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))  # nothing half-loaded
+
+
+@pytest.mark.parametrize(
+    "other,words",
+    [
+        (dict(layers=(1, 3)), r"has layers \[1, 2\] in the checkpoint but \[1, 3\] here"),
+        (dict(positions="f1+l1"), r"has positions 'f2\+l2' in the checkpoint but 'f1\+l1' here"),
+        (dict(rank=4), r"has Φ configuration \{.*'rank': 8.*\} in the checkpoint but \{.*'rank': 4.*\} here"),
+        (dict(phi="direft"), r"has Φ type 'loreft' in the checkpoint but 'direft' here"),
+    ],
+)
+def test_resuming_another_set_is_refused_naming_the_difference(model, tmp_path, other, words):
+    from reftlens import DiReFT
+
+    ckpt = checkpoint(model, tmp_path / "ckpt")
+    if other.get("phi") == "direft":
+        torch.manual_seed(7)
+        reft = ReftModel(model, Intervention(DiReFT(model.cfg.d_model, 8), layers=[1, 2], positions="f2+l2"))
+    else:
+        reft = fresh(model, seed=7, **other)
+    before = weights(reft)
+    with pytest.raises(TrainingError, match=words) as err:
+        reftlens.train(reft, DATA, max_steps=4, batch_size=4, checkpoint_dir=ckpt, resume=True, progress=False)
+    assert str(ckpt) in str(err.value) and "new checkpoint_dir" in str(err.value)
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(reft)))
+
+
+def test_train_takes_encoded_examples(model):
+    """Examples already encoded (what DAS passes, with sources) train exactly as the dicts they came from."""
+    kw = dict(max_steps=3, batch_size=4, lr=1e-2, seed=1, progress=False)
+    a, b = fresh(model), fresh(model)
+    from_dicts = reftlens.train(a, DATA, **kw)
+    from_examples = reftlens.train(b, encode(model, DATA), **kw)
+    assert from_dicts.steps == from_examples.steps
+    assert all(torch.equal(x, y) for x, y in zip(weights(a), weights(b)))

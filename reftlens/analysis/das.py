@@ -3,7 +3,9 @@
 A ``DII`` (Φ(b, s) = b + Rᵀ(Rs − Rb), R with orthonormal rows) at chosen ⟨layers, positions⟩ is
 trained on counterfactual pairs — a base input, a source input, and the output the model should
 give if the variable took the source's value — to maximise interchange intervention accuracy
-(IIA): how often the intervened base run outputs the counterfactual answer.
+(IIA): how often the intervened base run outputs the counterfactual answer. :func:`train_das`
+trains through :func:`reftlens.train` (the recipe every set trains with): the label is a one-token
+completion of the base input, and the source travels with each example.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from reftlens.errors import AnalysisError
@@ -86,27 +87,36 @@ def train_das(
     ``data``: dicts with ``base`` and ``source`` (strings or token ids, all the same length) and
     ``label`` (the counterfactual next token, an id or a string). Returns the trained set; read
     its accuracy on held-out pairs with :func:`iia`.
+
+    Trains through :func:`reftlens.train`: each pair is an encoded example (the base as the prompt,
+    the label as a one-token completion, the source as its ``source``); AdamW without weight decay
+    at a constant ``lr``, ``batch_size`` pairs a step drawn epoch by epoch, ``max_steps`` steps.
     """
     from reftlens.model import ReftModel
+    from reftlens.training import Example, train
 
     torch.manual_seed(seed)
     dii = DII(model.cfg.d_model, rank)
     reft = ReftModel(model, Intervention(dii, layers=layers, positions=positions, hook=hook, name=f"DAS rank {rank}"))
     base, source, labels = _pairs(model, data)
-    opt = torch.optim.Adam(reft.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    reft.train()
-    for _ in range(max_steps):
-        idx = torch.randint(len(labels), (min(batch_size, len(labels)),), generator=gen).to(labels.device)
-        logits = reft(base[idx], sources=source[idx])
-        loss = F.cross_entropy(logits[:, -1].float(), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    reft.eval()
-    return DASResult(reft, dii, losses, iia(reft, data))
+    # the counterfactual label is a one-token completion of the base: the LM loss on it is the
+    # cross-entropy of the last base position, and the positions resolve against the base
+    examples = [
+        Example(tuple(b), (int(y),), source=tuple(s))
+        for b, s, y in zip(base.tolist(), source.tolist(), labels.tolist())
+    ]
+    history = train(
+        reft,
+        examples,
+        max_steps=max_steps,
+        batch_size=min(batch_size, len(examples)),
+        lr=lr,
+        schedule="constant",
+        group_by_length=False,
+        seed=seed,
+        progress=False,
+    )
+    return DASResult(reft, dii, history.losses, iia(reft, data))
 
 
 def principal_angles(a: Tensor, b: Tensor) -> Tensor:

@@ -29,6 +29,7 @@ class Example:
     label: int | None = None  # index into the label set, for classification
     adapter: str | None = None  # the bank set this example trains
     rejected: tuple[int, ...] | None = None  # the completion to prefer less (preference objective)
+    source: tuple[int, ...] | None = None  # the source input of a Φ that takes one (DAS's counterfactual)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion)
@@ -45,14 +46,18 @@ class Batch:
     labels: Tensor  # [batch, seq], next-token targets aligned with tokens; -100 where no loss
     class_labels: Tensor | None = None
     adapters: list[str | None] | None = None  # a bank: each example's set
+    sources: Tensor | None = None  # [batch, source seq], right padded: the source inputs (DAS)
+    source_mask: Tensor | None = None  # [batch, source seq]
 
     def to(self, device: torch.device | str) -> "Batch":
+        def move(t: Tensor | None) -> Tensor | None:
+            return t.to(device) if isinstance(t, Tensor) else t
+
         return Batch(
-            *(
-                t.to(device) if isinstance(t, Tensor) else t
-                for t in (self.tokens, self.attention_mask, self.prompt_mask, self.labels, self.class_labels)
-            ),
+            *(move(t) for t in (self.tokens, self.attention_mask, self.prompt_mask, self.labels, self.class_labels)),
             adapters=self.adapters,
+            sources=move(self.sources),
+            source_mask=move(self.source_mask),
         )
 
     @property
@@ -148,7 +153,17 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
         labels[i, len(e.prompt) - 1 : len(e) - 1] = torch.tensor(e.completion)
     classes = torch.tensor([e.label for e in examples]) if all(e.label is not None for e in examples) else None
     adapters = [e.adapter for e in examples] if any(e.adapter is not None for e in examples) else None
-    return Batch(tokens, attn, prompt, labels, classes, adapters)
+    sources = source_mask = None
+    if any(e.source is not None for e in examples):
+        if not all(e.source for e in examples):
+            raise ValueError("collate: some examples have a source and some do not; give every example one.")
+        src_width = max(len(e.source) for e in examples)  # type: ignore[arg-type]
+        sources = torch.full((n, src_width), pad_id, dtype=torch.long)
+        source_mask = torch.zeros(n, src_width, dtype=torch.long)
+        for i, e in enumerate(examples):
+            sources[i, : len(e.source)] = torch.tensor(e.source)  # type: ignore[arg-type]
+            source_mask[i, : len(e.source)] = 1  # type: ignore[arg-type]
+    return Batch(tokens, attn, prompt, labels, classes, adapters, sources, source_mask)
 
 
 def batch_order(

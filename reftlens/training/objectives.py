@@ -1,10 +1,11 @@
 """What a training step minimises: the language-modelling loss, or a steering preference.
 
-An objective gives, for a micro-batch of examples, its loss *summed* over what it averages over
-(completion tokens for the LM loss, examples for the preference loss) and how many of those each
-example holds; :func:`~reftlens.training.loop.train_step` divides by the step's total, so gradient
-accumulation and data-parallel processes give the same updates. Φs with a ``penalty()`` (ReFT-r1's
-L1 on its latents) add it to whichever objective runs.
+An objective gives, for a micro-batch of examples, each example's loss *summed* over what it
+averages over (completion tokens for the LM loss, the example itself for the preference loss) and
+how many of those each example holds; :func:`~reftlens.training.step.train_step` divides each set's
+sum by that set's total over the step, so gradient accumulation, data-parallel processes and the
+sets of a bank give the same updates as one set alone. Φs with a ``penalty()`` (ReFT-r1's L1 on its
+latents) add it to whichever objective runs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from reftlens.errors import TrainingError
 from reftlens.training.data import Example, collate
+from reftlens.training.forward import forward, row_losses
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -35,12 +37,31 @@ class Objective:
         """How many terms ``example`` adds to the loss's average."""
         raise NotImplementedError
 
+    def losses(
+        self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
+    ) -> Tensor:
+        """Each example's loss summed over its terms, ``[len(examples)]`` (the step divides each
+        set's sum by the set's count); ``intervene_on`` says which part of each sequence the
+        positions resolve against. The examples of a bank name their sets (``example.adapter``).
+
+        Override this (one forward per micro-batch) or :meth:`loss`; by default each set's
+        examples go to :meth:`loss` apart, and its value lands on the set's first example."""
+        if type(self).loss is Objective.loss:
+            raise NotImplementedError(f"{type(self).__name__}: an Objective overrides losses() or loss().")
+        by_set: dict[str | None, list[int]] = {}
+        for i, e in enumerate(examples):
+            by_set.setdefault(e.adapter, []).append(i)
+        out = []
+        for idx in by_set.values():
+            value = self.loss(module, [examples[i] for i in idx], pad, device, intervene_on)
+            out.append(F.pad(value.reshape(1), (idx[0], len(examples) - idx[0] - 1)))
+        return torch.stack(out).sum(0)
+
     def loss(
         self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
     ) -> Tensor:
-        """The loss of ``examples`` summed over their terms (the step divides by the total count);
-        ``intervene_on`` says which part of each sequence the positions resolve against."""
-        raise NotImplementedError
+        """The loss of ``examples`` (one set's) summed over their terms."""
+        return self.losses(module, examples, pad, device, intervene_on).sum()
 
 
 class LanguageModeling(Objective):
@@ -52,13 +73,11 @@ class LanguageModeling(Objective):
     def count(self, example: Example) -> int:
         return len(example.completion)
 
-    def loss(
+    def losses(
         self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
     ) -> Tensor:
-        from reftlens.training.loop import forward, token_losses
-
         logits, labels = forward(module, collate(examples, pad).to(device), intervene_on)
-        return token_losses(logits, labels)
+        return row_losses(logits, labels)
 
 
 class Preference(Objective):
@@ -104,21 +123,19 @@ class Preference(Objective):
             raise TrainingError(
                 "objective='preference' scales each intervention's edit; Φs that take a source cannot be scaled."
             )
-        self.view = reft.scaled(0.0)
+        self.view = scaled_view(reft)
 
     def count(self, example: Example) -> int:
         return 1
 
-    def loss(
+    def losses(
         self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
     ) -> Tensor:
         n = len(examples)
         ref = self._references(examples, pad, device)
         pick = torch.randint(len(self.alphas), (n,))
         alpha = torch.tensor(self.alphas)[pick]
-        rows = (
-            [Example(e.prompt, e.completion) for e in examples] + [Example(e.prompt, e.rejected) for e in examples]
-        ) * 2
+        rows = (_pairs(examples)) * 2
         signs = torch.cat([alpha, alpha, -alpha, -alpha])
         lp = self._mean_logprob(rows, signs, pad, device, intervene_on)
         toward_c, toward_r, away_c, away_r = lp[:n], lp[n : 2 * n], lp[2 * n : 3 * n], lp[3 * n :]
@@ -126,14 +143,12 @@ class Preference(Objective):
         beta_down = (ref[:, 0] - ref[:, 1]).clamp(min=self.beta_floor)
         up = beta_up * toward_c - toward_r
         down = beta_down * away_r - away_c
-        return (F.softplus(-up) + F.softplus(-down)).sum()
+        return F.softplus(-up) + F.softplus(-down)
 
     def _mean_logprob(
         self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device, intervene_on: str = "prompt"
     ) -> Tensor:
         """Mean log-probability per completion token of each row, each row's edits scaled by its α."""
-        from reftlens.training.loop import forward
-
         for phi in self.view.phis:
             phi.alpha = alpha.to(device)
         logits, labels = forward(self.view, collate(rows, pad).to(device), intervene_on)
@@ -146,11 +161,46 @@ class Preference(Objective):
         """ℓ̄₀(completion), ℓ̄₀(rejected) under the unedited model, ``[n, 2]``, computed once per example."""
         todo = [e for e in dict.fromkeys(examples) if e not in self._reference]
         if todo:
-            rows = [Example(e.prompt, e.completion) for e in todo] + [Example(e.prompt, e.rejected) for e in todo]
+            rows = _pairs(todo)
             lp = self._mean_logprob(rows, torch.zeros(len(rows)), pad, device).cpu()
             for i, e in enumerate(todo):
                 self._reference[e] = (float(lp[i]), float(lp[len(todo) + i]))
         return torch.tensor([self._reference[e] for e in examples], device=device)
+
+
+def _pairs(examples: Sequence[Example]) -> list[Example]:
+    """Each example with its completion, then each with its rejected completion (set kept)."""
+    return [Example(e.prompt, e.completion, adapter=e.adapter) for e in examples] + [
+        Example(e.prompt, e.rejected, adapter=e.adapter)  # type: ignore[arg-type]
+        for e in examples
+    ]
+
+
+def scaled_view(reft: "ReftModel") -> "ReftModel":
+    """``reft`` with every edit scaled by a per-row α (:meth:`~reftlens.ReftModel.scaled`). A
+    bank's view keeps its sets, so each row still runs only its own set's (scaled) Φs."""
+    if reft.bank is None:
+        return reft.scaled(0.0)
+    from reftlens.interventions import Scaled
+    from reftlens.model import ReftModel
+    from reftlens.sets import Intervention
+
+    wrappers: dict[int, Scaled] = {}
+    sets: dict[str, list[Intervention]] = {}
+    for u in reft.units:  # the bound units: an untied set's per-layer Φs are the ones that train
+        phi = wrappers.setdefault(id(u.phi), Scaled(u.phi, 0.0))
+        sets.setdefault(u.adapter, []).append(
+            Intervention(
+                phi,
+                layers=list(u.layers),
+                positions=u.positions,
+                hook=u.hook,
+                source_positions=u.source_positions,
+                stack=u.stack,
+                name=u.name.removeprefix(f"{u.adapter}/"),
+            )
+        )
+    return ReftModel(reft.model, sets, cast=reft.cast, move=False)
 
 
 OBJECTIVES = {"lm": LanguageModeling, "preference": Preference}
@@ -166,11 +216,3 @@ def objective_for(objective: str | Objective) -> Objective:
         f"objective must be one of {sorted(OBJECTIVES)} or an Objective instance (e.g. "
         f"reftlens.training.Preference(alphas=(1, 2))); got {objective!r}."
     )
-
-
-def penalties(reft: "ReftModel") -> Tensor | None:
-    """The sum of the Φs' ``penalty()`` terms since their last call (None when no Φ has one)."""
-    terms = [
-        t for phi in reft.phis if callable(getattr(phi, "penalty", None)) for t in [phi.penalty()] if t is not None
-    ]
-    return torch.stack(terms).sum() if terms else None
