@@ -9,8 +9,8 @@ from reftlens.errors import TrainingError
 from reftlens.training.config import History, TrainConfig
 from reftlens.training.data import Batch, Example, batch_order, chat_prompt, collate, encode
 from reftlens.training.evaluate import evaluate
-from reftlens.training.loop import train
 from reftlens.training.fsdp import shard_base
+from reftlens.training.loop import train
 from reftlens.training.objectives import LanguageModeling, Objective, Preference
 from reftlens.training.precision import EmulatedBF16Warning
 from reftlens.training.step import train_step
