@@ -135,16 +135,16 @@ def load_hf(
     naming the file; re-save it with ``save_pretrained`` (safetensors is its default)."""
     from transformers import AutoModelForCausalLM
 
-    from reftlens.saving import bank_folders, interventions, is_bank, read
+    from reftlens.saving import bank_folders, inside, interventions, is_bank, read, recover
     from reftlens.sets import set_units
 
-    folder = Path(path)
+    folder = recover(path)  # a save_hf interrupted by a crash: its earlier output is restored
     meta_path = folder / EXPORT_FILE
     if not meta_path.is_file():
         raise LoadError(
             f"{folder} is not a reftlens export: {EXPORT_FILE} is missing. Save with reftlens.save_hf(model, path)."
         )
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(inside(folder, EXPORT_FILE, str(meta_path)).read_text())
     base = folder if meta["base"] == "." else meta["base"]
     if Path(base).is_dir():
         _check_safetensors(Path(base))
@@ -153,7 +153,8 @@ def load_hf(
     if device is not None:
         model.to(device)
     here = hf_fingerprint(model.config)
-    saved = bank_folders(folder / REFT_DIR) if is_bank(folder / REFT_DIR) else {None: folder / REFT_DIR}
+    reft_dir = inside(folder, REFT_DIR, f"{folder}: {REFT_DIR}")  # no link leading out of the export
+    saved = bank_folders(reft_dir) if is_bank(reft_dir) else {None: reft_dir}
     units = []
     for name, sub in saved.items():
         config, phis = read(sub, here, dtype=dtype)

@@ -75,7 +75,7 @@ from reftlens.errors import ConfigError, ExportError, StateError
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
-from reftlens.saving import LoadError, atomic_dir, fingerprint
+from reftlens.saving import LoadError, atomic_dir, fingerprint, inside, recover
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -472,9 +472,10 @@ def _load_state(path: Path, key: str) -> dict[str, Tensor]:
 def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict[str, Any]]:
     """Read a pyreft save: its interventions (in pyvene's key order) and its raw config.
 
-    Only ``config.json`` (JSON) and the ``intkey_*.bin`` files (``weights_only=True``) are read.
+    Only ``config.json`` (JSON) and the ``intkey_*.bin`` files (``weights_only=True``) are read,
+    and only inside the folder (a key leading out of it raises :class:`LoadError`).
     """
-    folder = Path(path)
+    folder = recover(path)  # a save_pyreft interrupted by a crash: its earlier output is restored
     if not folder.is_dir():
         raise LoadError(f"{folder} does not exist or is not a folder; expected a pyreft ReftModel.save folder.")
     config_path = folder / CONFIG_FILE
@@ -525,7 +526,7 @@ def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict
         layer = rep["layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
             raise LoadError(f"intervention {key}: layer {layer!r} is not a layer index.")
-        state = _load_state(folder / f"intkey_{key}.bin", key)
+        state = _load_state(inside(folder, f"intkey_{key}.bin", f"{config_path}: intervention {key}"), key)
         out.append(PyreftIntervention(key, cls, layer, rep["component"], state))
     return out, config
 

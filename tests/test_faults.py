@@ -1,0 +1,266 @@
+"""Faults: a writer killed at each step of its write, two writers on one folder, and random
+numeric arguments to the public functions.
+
+Each kill runs in a forked child that SIGKILLs itself at one named step of
+:func:`reftlens.saving.atomic_dir` (``saving._step_hook``) or halfway through writing its files; the
+parent then checks that the destination loads as the earlier save or the new one, and that the
+next write (or load) recovers what the dead writer left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import reftlens
+from reftlens import Intervention, LoReFT, ReftModel, saving
+from reftlens.errors import SaveError
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the fault tests fork")
+
+
+# --------------------------------------------------------------------------- writers
+
+
+def _set(model, seed, hook="resid_post", positions="l1"):
+    torch.manual_seed(seed)
+    d = model.cfg.d_model
+    return ReftModel(model, Intervention(LoReFT(d, 2, init="random"), layers=1, hook=hook, positions=positions))
+
+
+def _bank(model, seed):
+    torch.manual_seed(seed)
+    d = model.cfg.d_model
+    return ReftModel(
+        model,
+        {
+            "a": Intervention(LoReFT(d, 2, init="random"), layers=0, positions="l1"),
+            "b": Intervention(LoReFT(d, 2, init="random"), layers=1, positions="l1"),
+        },
+    )
+
+
+def _load_hf(path, model):
+    return reftlens.load_hf(path)
+
+
+def _load_peft(path, model):
+    """peft reads the folder, not reftlens: where the two renames are used (no exchange), a folder
+    caught between them is restored by the next reftlens write or by saving.recover."""
+    from safetensors.torch import load_file
+
+    path = saving.recover(path)
+    load_file(str(Path(path) / "adapter_model.safetensors"))
+    assert (Path(path) / "adapter_config.json").is_file()
+
+
+# name: (build the object to write from the model and a seed, write it, load the destination, the file
+# whose bytes tell old from new)
+WRITERS = {
+    "set": (_set, lambda obj, p: obj.save(p), ReftModel.load, "reft_weights.safetensors"),
+    "bank": (_bank, lambda obj, p: obj.save(p), ReftModel.load, "sets/0001/reft_weights.safetensors"),
+    "hf": (
+        lambda m, s: reftlens.to_hf(_set(m, s)),
+        lambda obj, p: reftlens.save_hf(obj, p),
+        _load_hf,
+        "reft/reft_weights.safetensors",
+    ),
+    "peft": (
+        lambda m, s: _set(m, s, hook="mlp_out", positions="all"),
+        lambda obj, p: reftlens.save_peft(obj, p),
+        _load_peft,
+        "adapter_model.safetensors",
+    ),
+    "pyreft": (
+        _set,
+        lambda obj, p: reftlens.save_pyreft(obj, p),
+        lambda p, m: reftlens.load_pyreft(p, m),
+        None,  # the one intkey_*.bin
+    ),
+}
+
+
+def _digest(path: Path, file: str | None) -> str:
+    f = path / file if file else next(path.glob("intkey_*.bin"))
+    return hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def _in_child(target, *, kill_at: str | None = None, mid_write: bool = False) -> int:
+    """Run ``target()`` in a forked child; it SIGKILLs itself at step ``kill_at`` of atomic_dir, or
+    after its first data file with ``mid_write``. Returns the child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+
+            def die(step=None):
+                if step is None or step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            saving._step_hook = die
+            if mid_write:
+                import safetensors.torch
+
+                real_save_file, real_torch_save = safetensors.torch.save_file, torch.save
+
+                def save_file(*a, **k):
+                    real_save_file(*a, **k)
+                    die()
+
+                def torch_save(*a, **k):
+                    real_torch_save(*a, **k)
+                    die()
+
+                safetensors.torch.save_file, torch.save = save_file, torch_save
+            target()
+            os._exit(0)
+        except SaveError:
+            os._exit(3)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
+    return _wait(pid)
+
+
+def _wait(pid: int, timeout: float = 60.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError(f"child {pid} hung")
+
+
+def _leftovers(parent: Path, keep: str) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name != keep)
+
+
+# the steps a write goes through, and which content the destination holds after a kill there
+BEFORE = ["locked", "recovered", "tmp-created", "mid-write", "written", "synced"]
+AFTER = ["swapped", "moved-in", "cleaned"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["exchange", "two-renames"])
+@pytest.mark.parametrize("writer", list(WRITERS))
+def test_a_writer_killed_at_any_step_leaves_the_old_or_the_new_save(
+    tiny_models, tmp_path, monkeypatch, writer, exchange
+):
+    if writer == "peft":
+        pytest.importorskip("peft")
+    if not exchange:
+        monkeypatch.setenv("REFTLENS_NO_EXCHANGE", "1")
+    model = tiny_models["tiny-llama"]
+    build, write, load, file = WRITERS[writer]
+    old, new = build(model, 0), build(model, 1)
+    ref_old, ref_new = tmp_path / "ref-old", tmp_path / "ref-new"
+    write(old, ref_old)
+    write(new, ref_new)
+    want_old, want_new = _digest(ref_old, file), _digest(ref_new, file)
+    assert want_old != want_new
+    steps = BEFORE + (["swapped"] if exchange else ["moved-aside", "moved-in"]) + ["cleaned"]
+    for step in steps:
+        parent = tmp_path / step
+        dest = parent / "save"
+        write(old, dest)
+        status = _in_child(lambda: write(new, dest), kill_at=step, mid_write=step == "mid-write")
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (step, status)
+        # a load right after the kill finds the old or the new save (after "moved-aside" it restores the old one)
+        load(dest, model)
+        assert _digest(dest, file) == (want_new if step in AFTER else want_old), step
+        # the next write recovers and cleans everything the dead writer left
+        write(new, dest)
+        assert _digest(dest, file) == want_new
+        assert _leftovers(parent, "save") == [], step
+
+
+def test_a_kill_between_the_two_renames_is_recovered_by_the_next_write(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFTLENS_NO_EXCHANGE", "1")
+    model = tiny_models["tiny-llama"]
+    dest = tmp_path / "save"
+    _set(model, 0).save(dest)
+    want_old = _digest(dest, "reft_weights.safetensors")
+    status = _in_child(lambda: _set(model, 1).save(dest), kill_at="moved-aside")
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    assert not dest.exists()  # the window the two renames leave: the earlier save is moved aside
+    moved = [p.name for p in tmp_path.iterdir()]
+    assert any(n.startswith(".save.old-") for n in moved) and any(n.startswith(".save.tmp-") for n in moved)
+    # the next write of another kind to that folder sees the restored earlier save, not an empty path
+    with pytest.raises(SaveError, match="not an earlier save"):
+        reftlens.save_peft(_set(model, 2, hook="mlp_out", positions="all"), dest)
+    assert _digest(dest, "reft_weights.safetensors") == want_old
+    assert _leftovers(tmp_path, "save") == []
+
+
+# --------------------------------------------------------------------------- concurrent writers
+
+
+def test_a_second_writer_while_one_is_writing_gets_a_save_error(tiny_models, tmp_path):
+    model = tiny_models["tiny-llama"]
+    dest = tmp_path / "save"
+    first, second = _set(model, 0), _set(model, 1)
+    second.save(tmp_path / "ref")
+    go_r, go_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+
+            def pause(step):
+                if step == "written":  # the first writer holds the lock, its files are written
+                    os.write(ready_w, b"1")
+                    os.read(go_r, 1)
+
+            saving._step_hook = pause
+            second.save(dest)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    assert os.read(ready_r, 1) == b"1"
+    with pytest.raises(SaveError, match=rf"cannot save to {dest}: another process \(pid {pid}\) is writing to it"):
+        first.save(dest)
+    os.write(go_w, b"1")
+    assert os.WEXITSTATUS(_wait(pid)) == 0
+    assert _digest(dest, "reft_weights.safetensors") == _digest(tmp_path / "ref", "reft_weights.safetensors")
+    ReftModel.load(dest, model)
+    assert _leftovers(tmp_path, "save") == ["ref"]
+    first.save(dest)  # the lock went with the writer: the folder can be saved to again
+
+
+def test_two_racing_writers_one_wins_whole(tiny_models, tmp_path):
+    model = tiny_models["tiny-llama"]
+    dest = tmp_path / "save"
+    sets = [_set(model, 0), _set(model, 1)]
+    digests = set()
+    for i, s in enumerate(sets):
+        s.save(tmp_path / f"ref{i}")
+        digests.add(_digest(tmp_path / f"ref{i}", "reft_weights.safetensors"))
+    for _ in range(3):
+        pids = []
+        for s in sets:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    s.save(dest)
+                    os._exit(0)
+                except SaveError as e:
+                    os._exit(3 if str(dest) in str(e) and "another process" in str(e) else 1)
+                except BaseException:
+                    os._exit(1)
+            pids.append(pid)
+        codes = sorted(os.WEXITSTATUS(_wait(p)) for p in pids)
+        assert codes in ([0, 0], [0, 3]), codes  # both in turn, or one wins and the other is told
+        assert _digest(dest, "reft_weights.safetensors") in digests
+        ReftModel.load(dest, model)
+        assert _leftovers(tmp_path, "save") == ["ref0", "ref1"]
