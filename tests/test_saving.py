@@ -349,3 +349,60 @@ def test_interventions_checks_the_units_it_is_given(tiny_models, tmp_path):
         LoadError, match=r"reft_config.json: units\[0\] \('loreft\(rank=4\)'\): source_positions given for"
     ):
         saving.interventions(bad, phis)
+
+
+# --------------------------------------------------------------------------- loads stay inside their folder
+
+
+def _bank_of_two(model):
+    torch.manual_seed(0)
+    d = model.cfg.d_model
+    return ReftModel(
+        model,
+        {
+            "a": Intervention(LoReFT(d, 2, init="random"), layers=0, positions="l1"),
+            "b": Intervention(LoReFT(d, 2, init="random"), layers=1, positions="l1"),
+        },
+    )
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_a_bank_index_cannot_lead_out_of_its_folder(model, tmp_path, where):
+    other = tmp_path / "other"
+    trained_set(model).save(other)  # a set elsewhere, which the index must not make the load read
+    bank = tmp_path / "bank"
+    _bank_of_two(model).save(bank)
+    index = json.loads((bank / saving.BANK_FILE).read_text())
+    if where == "absolute":
+        index["sets"][1]["folder"] = str(other)
+    elif where == "dotdot":
+        index["sets"][1]["folder"] = "../other"
+    else:
+        import shutil
+
+        shutil.rmtree(bank / "sets/0001")
+        os.symlink(other, bank / "sets/0001")
+    (bank / saving.BANK_FILE).write_text(json.dumps(index))
+    want = "leads out of" if where != "symlink" else "is a link to .*outside"
+    with pytest.raises(LoadError, match=rf"reft_bank.json: set 'b' folder.*{want}"):
+        ReftModel.load(bank, model)
+
+
+def test_a_config_linked_from_outside_the_folder_is_refused(model, tmp_path):
+    trained_set(model).save(tmp_path / "other")
+    path = tmp_path / "r"
+    trained_set(model).save(path)
+    (path / CONFIG_FILE).unlink()
+    os.symlink(tmp_path / "other" / CONFIG_FILE, path / CONFIG_FILE)
+    with pytest.raises(LoadError, match=rf"{CONFIG_FILE}: .*is a link to .*outside .*Nothing was read"):
+        ReftModel.load(path, model)
+
+
+def test_saving_inside_refuses_every_escape(tmp_path):
+    (tmp_path / "x").mkdir()
+    assert saving.inside(tmp_path, "x", "w") == tmp_path / "x"
+    for bad in ["/etc/passwd", "../x", "x/../../y", ""]:
+        with pytest.raises(LoadError, match="^w "):
+            saving.inside(tmp_path, bad, "w")
+    with pytest.raises(LoadError, match="must be a non-empty relative path"):
+        saving.inside(tmp_path, 3, "w")
