@@ -56,14 +56,103 @@ _FLOAT_DTYPES = {
 
 
 def fingerprint(model: Any) -> dict[str, Any]:
-    """What a saved set must match: architecture and shapes of the base model."""
+    """What a saved set must match: architecture and shapes of the base model, and a cheap check
+    of its weights (:func:`weights_fingerprint`; absent where the model's transformers module
+    cannot be reached)."""
     cfg = model.cfg
-    return {
+    out = {
         "architecture": getattr(cfg, "architecture", None),
         "d_model": int(cfg.d_model),
         "n_layers": int(cfg.n_layers),
         "d_vocab": int(cfg.d_vocab),
     }
+    hf = getattr(model, "original_model", None)
+    weights = weights_fingerprint(hf) if isinstance(hf, torch.nn.Module) else None
+    return {**out, "weights": weights} if weights else out
+
+
+def weights_fingerprint(hf: torch.nn.Module) -> dict[str, list[float]] | None:
+    """A few numbers that tell one set of base weights from another of the same shape, cheaply:
+    ``embedding``, 16 fixed entries of the input embedding and its mean and RMS; ``layer 0``, the
+    mean and RMS of each weight of the first decoder layer (by name). Layout-free statistics, so
+    a TransformerLens bridge and its plain transformers twin agree; compared with a tolerance
+    (:func:`fingerprint_diff`), so the same model in bf16 and in fp32 agree."""
+    from reftlens.runtime.hf_backend import decoder_layers
+
+    try:
+        emb = hf.get_input_embeddings().weight
+        layer = decoder_layers(hf)[0]
+    except Exception:
+        return None
+    with torch.no_grad():
+        W = emb.detach().float()
+        rows = torch.linspace(0, W.shape[0] - 1, 4).long().tolist()
+        cols = torch.linspace(0, W.shape[1] - 1, 4).long().tolist()
+        out = {"embedding": [W[r, c].item() for r in rows for c in cols] + _stats(W)}
+        out["layer 0"] = [x for _, w in sorted(layer.named_parameters()) for x in _stats(w.detach().float())]
+    return {k: [float(f"{x:.6g}") for x in v] for k, v in out.items()}
+
+
+def _stats(w: torch.Tensor) -> list[float]:
+    return [w.mean().item(), w.pow(2).mean().sqrt().item()]
+
+
+def fingerprint_diff(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """How the base model ``here`` differs from the fingerprint a save recorded (empty: it matches).
+
+    Shapes must be equal; the weight check compares each part within 2% (bf16 rounding passes,
+    other weights do not), and is skipped for saves made before it was recorded."""
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if k != "weights" and saved.get(k) != v
+    ]
+    old, new = saved.get("weights"), here.get("weights")
+    if diff or not isinstance(old, dict) or not isinstance(new, dict):
+        return diff
+    for part, values in new.items():
+        kept = old.get(part)
+        if not isinstance(kept, list) or len(kept) != len(values):
+            continue  # recorded by another reftlens: nothing to compare
+        a, b = torch.tensor(kept, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if not bool(torch.isfinite(a).all()) or bool(
+            ((a - b).abs() > 0.02 * (a.abs() + b.abs()) / 2 + 1e-3 * scale).any()
+        ):
+            diff.append(
+                f"the weights of its {part} differ (same shapes, other values: saved check {kept[:3]}..., "
+                f"model {values[:3]}...)"
+            )
+    return diff
+
+
+def _widths(model: Any) -> dict[str, int]:
+    """The sizes a Φ of this model can have (a hook's width), by name."""
+    cfg = model.cfg
+    out = {"d_model": int(cfg.d_model)}
+    for name in ("d_mlp", "d_head"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            out[name] = v
+    if isinstance(getattr(cfg, "d_head", None), int) and isinstance(getattr(cfg, "n_heads", None), int):
+        out["n_heads × d_head"] = cfg.d_head * cfg.n_heads
+    return out
+
+
+#: config keys of the registered Φs that are sizes (a width, or a rank below it): checked against
+#: the base model before a Φ is built, so a damaged config never allocates a huge tensor
+SIZE_KEYS = ("d_model", "vector", "mean", "directions", "rank", "k")
+
+
+def _check_sizes(config: dict[str, Any], widths: dict[str, int], where: str) -> None:
+    """Refuse an integer size in a Φ's config larger than every width of the base model."""
+    limit = max(widths.values())
+    for key in SIZE_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= limit:
+            shown = ", ".join(f"{k} {n}" for k, n in widths.items())
+            raise LoadError(
+                f"{where}.{key} is {v}, but the base model's widths are {shown}: no Φ of this model has a size "
+                f"above {limit}. The save is damaged or belongs to another model; nothing was allocated."
+            )
 
 
 #: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
@@ -536,9 +625,16 @@ def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: di
 
 
 def read(
-    path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    here: dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+    widths: dict[str, int] | None = None,
 ) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     """Read and check a save against the base-model fingerprint ``here``: ``(config, phis)``.
+
+    ``widths``: the base model's widths by name (default: its ``d_model``); every size in a Φ's
+    config must be at most the largest, checked before any Φ is built.
 
     Every field of the config is checked (a wrong one raises :class:`LoadError` naming the file
     and the field, e.g. ``phis[0].type``) before any tensor is read.
@@ -576,7 +672,7 @@ def read(
             f"{config_path}: base_model must be an object with the base model's {', '.join(here)}; got {_kind(saved)}. "
             "The save is damaged."
         )
-    diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
+    diff = fingerprint_diff(saved, here)
     if diff:
         raise LoadError(
             f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on."
@@ -593,6 +689,9 @@ def read(
         raise LoadError(f"{weights_path} cannot be read ({e}).") from None
 
     phis = []
+    bounds = widths or {"d_model": int(here["d_model"])}
+    for i, rec in enumerate(config["phis"]):  # every size first: nothing is allocated for a damaged config
+        _check_sizes(rec["config"], bounds, f"{config_path}: phis[{i}].config")
     for i, (rec, cls) in enumerate(zip(config["phis"], classes)):
         phi = _build_phi(cls, rec["config"], f"{config_path}: phis[{i}].config")
         if rec["dtype"] is not None:  # load_state_dict copies into the existing dtype: match the saved one first
@@ -818,7 +917,7 @@ def load(
         raise LoadError(
             f"{path} holds one set, not a bank, so it has no set {adapter!r} to pick; load it without adapter=."
         )
-    config, phis = read(path, fingerprint(model), dtype=dtype)
+    config, phis = read(path, fingerprint(model), dtype=dtype, widths=_widths(model))
     model_dtype = next(model.parameters()).dtype
     use_cast = config.get("cast", False) if cast is None else cast
     phi_dtypes = {t.dtype for p in phis for t in p.state_dict().values() if t.is_floating_point()}

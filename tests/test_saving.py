@@ -406,3 +406,74 @@ def test_saving_inside_refuses_every_escape(tmp_path):
             saving.inside(tmp_path, bad, "w")
     with pytest.raises(LoadError, match="must be a non-empty relative path"):
         saving.inside(tmp_path, 3, "w")
+
+
+# --------------------------------------------------------------------------- sizes and fingerprints
+
+
+@pytest.mark.parametrize(
+    "phi, key",
+    [
+        (lambda d: LoReFT(d, 2), "d_model"),
+        (lambda d: LoReFT(d, 2), "rank"),
+        (lambda d: Steer(torch.ones(d)), "vector"),
+        (lambda d: MeanAblation(torch.ones(d)), "mean"),
+        (lambda d: reftlens.ProjectOut(torch.ones(1, d)), "directions"),
+        (lambda d: reftlens.ProjectOut(torch.ones(1, d)), "rank"),
+    ],
+)
+def test_a_huge_size_in_a_config_is_refused_before_anything_is_allocated(model, tmp_path, phi, key):
+    path = tmp_path / "r"
+    ReftModel(model, Intervention(phi(model.cfg.d_model), layers=1, positions="l1")).save(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["phis"][0]["config"][key] = 10**12  # 4 TB as float32: building it would fail or kill the process
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(
+        LoadError,
+        match=rf"phis\[0\]\.config\.{key} is {10**12}, but the base model's widths are d_model {model.cfg.d_model}.*"
+        "nothing was allocated",
+    ):
+        ReftModel.load(path, model)
+
+
+def test_a_same_shape_model_with_other_weights_is_refused(model, tmp_path):
+    path = tmp_path / "r"
+    trained_set(model).save(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    assert set(config["base_model"]["weights"]) == {"embedding", "layer 0"}
+    W = model.original_model.get_input_embeddings().weight
+    saved = W.detach().clone()
+    try:
+        with torch.no_grad():
+            W.mul_(1 + 1e-3)  # a rounding-sized change (bf16 is ~4e-3): the same model
+        ReftModel.load(path, model)
+        with torch.no_grad():
+            W.add_(torch.randn_like(W))  # other weights, same shapes
+        with pytest.raises(
+            LoadError, match=r"different base model \(the weights of its embedding differ \(same shapes"
+        ):
+            ReftModel.load(path, model)
+    finally:
+        with torch.no_grad():
+            W.copy_(saved)
+    ReftModel.load(path, model)
+    del config["base_model"]["weights"]  # a save from before the weight check: shapes only, still loads
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    ReftModel.load(path, model)
+
+
+def test_the_weight_check_names_the_layer_that_differs(model, tmp_path):
+    path = tmp_path / "r"
+    trained_set(model).save(path)
+    from reftlens.runtime.hf_backend import decoder_layers
+
+    w = next(decoder_layers(model.original_model)[0].parameters())
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.add_(1.0)
+        with pytest.raises(LoadError, match=r"the weights of its layer 0 differ"):
+            ReftModel.load(path, model)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)

@@ -75,7 +75,7 @@ from reftlens.errors import ConfigError, ExportError, StateError
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
-from reftlens.saving import LoadError, atomic_dir, fingerprint, inside, recover
+from reftlens.saving import LoadError, atomic_dir, fingerprint, fingerprint_diff, inside, recover
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -615,6 +615,16 @@ def _resolve_positions(
     return [_clamped(spec, clamp)] * n
 
 
+def _saved_width(state: dict[str, Any]) -> int | None:
+    """The hidden size a pyreft intervention was trained on: its ``embed_dim``, else the larger
+    side of its weight matrices (a rank is never above the width)."""
+    embed = state.get("embed_dim")
+    if isinstance(embed, torch.Tensor) and embed.numel() == 1:
+        return int(embed)
+    sides = [max(t.shape) for t in state.values() if isinstance(t, torch.Tensor) and t.ndim == 2]
+    return max(sides) if sides else None
+
+
 def _check_base_model(config: dict[str, Any], model: Any, folder: Path) -> None:
     """The base-model fingerprint save_pyreft recorded, if any, against ``model``'s (as ReftModel.load)."""
     meta = config.get(METADATA_KEY)
@@ -622,11 +632,12 @@ def _check_base_model(config: dict[str, Any], model: Any, folder: Path) -> None:
     if not isinstance(saved, dict):
         return  # pyreft's own saves record no base model
     here = fingerprint(model)
-    diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
+    diff = fingerprint_diff(saved, here)
     if diff:
+        kept, shapes = ({k: v for k, v in f.items() if k != "weights"} for f in (saved, here))
         raise LoadError(
-            f"{folder} was trained on a different base model ({'; '.join(diff)}): saved fingerprint {saved}, this "
-            f"model's {here}. Load it onto the model it was trained on."
+            f"{folder} was trained on a different base model ({'; '.join(diff)}): saved fingerprint {kept}, this "
+            f"model's {shapes}. Load it onto the model it was trained on."
         )
 
 
@@ -704,6 +715,18 @@ def load_pyreft(
     _check_base_model(config, model, folder)
     d, n_layers = int(model.cfg.d_model), int(model.cfg.n_layers)
     for iv in ivs:
+        width = _saved_width(iv.state)
+        if width is not None and width != d:
+            raise LoadError(
+                f"intervention {iv.key} was trained on a model of hidden size (width) {width}, but this model's "
+                f"d_model is {d}"
+                + (
+                    f" (and it is at layer {iv.layer}, beyond this model's 0..{n_layers - 1})"
+                    if iv.layer >= n_layers
+                    else ""
+                )
+                + ". Load it onto the model it was trained on."
+            )
         if iv.layer >= n_layers:
             raise LoadError(
                 f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}."
