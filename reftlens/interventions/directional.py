@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from reftlens.errors import ConfigError
-from reftlens.interventions.base import Phi, phi_label, register, takes_source
+from reftlens.interventions.base import Phi, finite_number, finite_tensor, phi_label, register, size, takes_source
 
 
 class Scaled(Phi):
@@ -52,9 +52,9 @@ class Scaled(Phi):
                 raise ConfigError(
                     f"Scaled: alpha must be a number or one value per example [batch]; got shape {tuple(value.shape)}."
                 )
-            value = value.detach()
+            value = finite_tensor(value.detach(), "alpha")
         else:
-            value = float(value)
+            value = finite_number(value, "alpha")
         self._alpha = value
 
     @property
@@ -115,9 +115,13 @@ class ProjectOut(Phi):
     def __init__(self, directions: Float[Tensor, "*r d"] | int, rank: int = 1):
         super().__init__()
         if isinstance(directions, int):
-            U = torch.zeros(rank, directions)
+            d = size(directions, "ProjectOut: directions (a width)")
+            r = size(rank, "ProjectOut: rank")
+            if r > d:
+                raise ConfigError(f"ProjectOut: rank must be at most the width {d}; got rank={rank!r}.")
+            U = torch.zeros(r, d)
         else:
-            U = torch.as_tensor(directions).detach().float()
+            U = finite_tensor(torch.as_tensor(directions).detach().float(), "ProjectOut: directions")
             U = U[None] if U.ndim == 1 else U
             if U.ndim != 2 or U.shape[0] > U.shape[1]:
                 raise ValueError(
