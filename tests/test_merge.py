@@ -430,7 +430,9 @@ def test_a_nan_in_a_phi_is_reported_as_non_finite_weights_by_every_fold(model, t
     with torch.no_grad():
         next(phi.parameters()).view(-1)[0] = float("nan")
     for export in (lambda: reftlens.save_peft(reft, tmp_path / "a"), lambda: reftlens.merge(reft)):
-        with pytest.raises(ExportError, match=rf"intervention {re.escape(repr(reft.units[0].name))}: its Φ .*non-finite weights") as e:
+        with pytest.raises(
+            ExportError, match=rf"intervention {re.escape(repr(reft.units[0].name))}: its Φ .*non-finite weights"
+        ) as e:
             export()
         assert "disagrees" not in str(e.value)
     assert not (tmp_path / "a").exists()
