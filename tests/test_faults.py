@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import sys
 import time
@@ -264,3 +265,104 @@ def test_two_racing_writers_one_wins_whole(tiny_models, tmp_path):
         assert _digest(dest, "reft_weights.safetensors") in digests
         ReftModel.load(dest, model)
         assert _leftovers(tmp_path, "save") == ["ref0", "ref1"]
+
+
+# --------------------------------------------------------------------------- numeric arguments (property-based)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from reftlens import ReftError, Steer  # noqa: E402
+from reftlens.errors import PositionError  # noqa: E402
+from reftlens.positions import parse_positions  # noqa: E402
+from reftlens.steering import alpha_sweep  # noqa: E402
+
+#: non-finite, negative, zero, fractional and wrong-typed values
+ANY_VALUE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -1.0, 0.5, 2.5]),
+    st.integers(-3, 6),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(["4", "", "nan"]),
+)
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def _finite(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _refused(call, words: str) -> None:
+    with pytest.raises(ReftError, match=words):
+        call()
+
+
+@pytest.fixture(scope="module")
+def steer(tiny_models):
+    model = tiny_models["tiny-llama"]
+    return ReftModel(model, Intervention(Steer(torch.ones(model.cfg.d_model)), layers=1, positions="all"))
+
+
+@FAST
+@given(v=ANY_VALUE)
+def test_steer_alpha_and_scaled_take_finite_numbers_only(steer, v):
+    d = steer.model.cfg.d_model
+    if _finite(v):
+        h = torch.zeros(1, d)
+        assert torch.allclose(Steer(torch.ones(d), alpha=v)(h), torch.full((1, d), float(v)))
+        steer.scaled(v)
+    else:
+        _refused(lambda: Steer(torch.ones(d), alpha=v), "Steer: alpha must be a finite number")
+        _refused(lambda: steer.scaled(v), "alpha must be a finite number")
+        _refused(lambda: alpha_sweep(steer, ["a"], [1.0, v], 1), r"alphas\[1\] must be a finite number")
+
+
+@FAST
+@given(v=ANY_VALUE)
+def test_generate_counts_and_sampling_arguments(steer, v):
+    tokens = steer.tokenize(["a b"])[0]
+    run = dict(eos_token_id=None, seed=0)
+    if _count(v):
+        assert steer.generate(tokens, v, **run).shape == (1, tokens.shape[1] + v)
+    else:
+        _refused(lambda: steer.generate(tokens, v, **run), "max_new_tokens must be a positive integer")
+    if _finite(v) and v > 0:
+        steer.generate(tokens, 1, do_sample=True, temperature=v, **run)
+    else:
+        _refused(lambda: steer.generate(tokens, 1, do_sample=True, temperature=v, **run), "temperature must be")
+    if v is None or _count(v):
+        steer.generate(tokens, 1, do_sample=True, top_k=v, **run)
+    else:
+        _refused(lambda: steer.generate(tokens, 1, do_sample=True, top_k=v, **run), "top_k must be None or an integer")
+    if v is None or (_finite(v) and 0 < v <= 1):
+        steer.generate(tokens, 1, do_sample=True, top_p=v, **run)
+    else:
+        _refused(lambda: steer.generate(tokens, 1, do_sample=True, top_p=v, **run), "top_p must be None or a number")
+
+
+@FAST
+@given(v=ANY_VALUE)
+def test_loreft_rank(v):
+    if _count(v) and v <= 16:
+        assert LoReFT(16, v).rank == v
+    else:
+        _refused(lambda: LoReFT(16, v), "rank")
+
+
+@FAST
+@given(first=st.integers(-3, 4), last=st.integers(-3, 4))
+def test_first_last_position_counts(first, last):
+    spec = f"f{first}+l{last}"
+    if first >= 0 and last >= 0 and first + last > 0:
+        parsed = parse_positions(spec)
+        assert (parsed.first, parsed.last) == (first, last)
+    else:
+        with pytest.raises(PositionError, match=re.escape(spec)):
+            parse_positions(spec)
