@@ -699,6 +699,15 @@ def load_pyreft(
     plain tensor state dict, and (for folders written by :func:`save_pyreft`, which records the
     base model's fingerprint as :meth:`reftlens.ReftModel.save` does) another base model.
 
+    Start tokens: pyreft's pipeline tokenizes with the Hugging Face tokenizer, which for SmolLM2
+    adds no start token, while reftlens prepends the model's (see :func:`reftlens.text_tokens`):
+    pass ``prepend_bos=False`` to ``reft(...)``, ``reft.generate`` and ``collect`` to reproduce
+    pyreft's tokenization (on one-token prompts the last-position logits otherwise differ by up
+    to 45). Which token reftlens prepends depends on the load: ``load_model("smollm2-135m")``
+    configures its offline copy with start token ``<|endoftext|>`` (id 0) and pad
+    ``<empty_output>`` (id 16) (see docs/export.md, "Start tokens"), while a SmolLM2 folder loaded with
+    ``load_model(folder)`` keeps its own tokenizer config (``<|im_start|>``, pad ``<|im_end|>``).
+
     Weights are loaded bit for bit; rotations are held as saved (see
     :class:`~reftlens.OrthonormalRows`), so a loaded LoReFT, ConsReFT or LoBiReFT computes with
     pyreft's own R rather than a re-orthonormalised one.
