@@ -85,16 +85,19 @@ def weights_fingerprint(hf: torch.nn.Module) -> dict[str, list[float]] | None:
     except Exception:
         return None
     with torch.no_grad():
-        W = emb.detach().float()
+        W = emb.detach()
         rows = torch.linspace(0, W.shape[0] - 1, 4).long().tolist()
         cols = torch.linspace(0, W.shape[1] - 1, 4).long().tolist()
-        out = {"embedding": [W[r, c].item() for r in rows for c in cols] + _stats(W)}
-        out["layer 0"] = [x for _, w in sorted(layer.named_parameters()) for x in _stats(w.detach().float())]
+        out = {"embedding": [W[r, c].float().item() for r in rows for c in cols] + _stats(W)}
+        out["layer 0"] = [x for _, w in sorted(layer.named_parameters()) for x in _stats(w.detach())]
     return {k: [float(f"{x:.6g}") for x in v] for k, v in out.items()}
 
 
-def _stats(w: torch.Tensor) -> list[float]:
-    return [w.mean().item(), w.pow(2).mean().sqrt().item()]
+def _stats(w: torch.Tensor, most: int = 1 << 16) -> list[float]:
+    """Mean and RMS of at most ``most`` evenly strided entries of ``w`` (cheap on any model size)."""
+    flat = w.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // most)].double()
+    return [sample.mean().item(), sample.pow(2).mean().sqrt().item()]
 
 
 def fingerprint_diff(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:

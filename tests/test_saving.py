@@ -249,7 +249,7 @@ CORRUPTIONS = {
     ),
     "phis[0].config bad value": (
         lambda c: c["phis"][0]["config"].update(rank="four"),
-        r"phis\[0\].config cannot build Φ type 'loreft': TypeError",
+        r"phis\[0\].config cannot build Φ type 'loreft': ConfigError: LoReFT\(d_model, rank\) takes integers",
     ),
     "phis[0].config not an object": (
         lambda c: c["phis"][0].update(config=[64, 4]),
