@@ -245,7 +245,11 @@ def atomic_dir(
                     old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
                     os.replace(path, old / path.name)
                     _step("moved-aside")
-                    os.replace(tmp, path)
+                    try:
+                        os.replace(tmp, path)
+                    except BaseException:
+                        os.replace(old / path.name, path)  # put the earlier save back at once
+                        raise
                     _step("moved-in")
                     shutil.rmtree(old, ignore_errors=True)
             else:

@@ -62,6 +62,28 @@ def _load_peft(path, model):
     assert (Path(path) / "adapter_config.json").is_file()
 
 
+def _train_checkpoint(seed, path):
+    """A training run of one step that checkpoints into ``path`` (its set built afresh from ``seed``)."""
+    model = seed[1]
+    reftlens.train(
+        _set(model, seed[0]),
+        [{"prompt": "a b", "completion": " c"}] * 2,
+        max_steps=1,
+        batch_size=2,
+        progress=False,
+        checkpoint_dir=path,
+        checkpoint_every=1,
+    )
+
+
+def _load_checkpoint(path, model):
+    """What a resume reads (training's own resume is the training module's; where the two renames
+    are used, saving.recover first restores a checkpoint caught between them)."""
+    path = saving.recover(path)
+    assert (path / "trainer_state.json").is_file()
+    ReftModel.load(path / "reft", model)
+
+
 # name: (build the object to write from the model and a seed, write it, load the destination, the file
 # whose bytes tell old from new)
 WRITERS = {
@@ -78,6 +100,12 @@ WRITERS = {
         lambda obj, p: reftlens.save_peft(obj, p),
         _load_peft,
         "adapter_model.safetensors",
+    ),
+    "checkpoint": (
+        lambda m, s: (s, m),
+        _train_checkpoint,
+        _load_checkpoint,
+        "reft/reft_weights.safetensors",
     ),
     "pyreft": (
         _set,
