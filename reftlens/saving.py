@@ -251,13 +251,13 @@ def atomic_dir(
                         os.replace(old / path.name, path)  # put the earlier save back at once
                         raise
                     _step("moved-in")
-                    shutil.rmtree(old, ignore_errors=True)
+                    _remove(old)
             else:
                 os.replace(tmp, path)
                 _step("moved-in")
             _fsync_dir(path.parent)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(tmp)
         _step("cleaned")
     return path
 
@@ -290,7 +290,18 @@ def _recover(path: Path) -> None:
                 _fsync_dir(path.parent)
                 break
     for leftover in tmps + olds:
-        shutil.rmtree(leftover, ignore_errors=True)
+        _remove(leftover)
+
+
+def _remove(p: Path) -> None:
+    """Delete a leftover: a folder with its contents, or a link or file itself (never a link's target)."""
+    if p.is_symlink() or p.is_file():
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def recover(path: str | os.PathLike) -> Path:

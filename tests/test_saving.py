@@ -477,3 +477,13 @@ def test_the_weight_check_names_the_layer_that_differs(model, tmp_path):
     finally:
         with torch.no_grad():
             w.copy_(saved)
+
+
+def test_saving_over_a_link_to_an_earlier_save_leaves_no_leftover(model, tmp_path):
+    real = tmp_path / "real"
+    trained_set(model).save(real)
+    os.symlink(real, tmp_path / "link")
+    trained_set(model).save(tmp_path / "link")
+    assert not (tmp_path / "link").is_symlink() and ReftModel.load(tmp_path / "link", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # the link's target is untouched
+    assert (real / CONFIG_FILE).is_file()
