@@ -168,11 +168,16 @@ class ReFTr1(Phi):
 
     def __init__(self, d_model: int, k: int = 8, l1: float = 1e-3):
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"ReFTr1(d_model, ...) takes a positive integer width; got d_model={d_model!r}.")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"ReFTr1: k (the top latents averaged per example) must be a positive integer; got {k!r}.")
-        self.d_model, self.k, self.l1 = d_model, k, float(l1)
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ConfigError(f"ReFTr1(d_model, ...) takes a positive integer width; got d_model={d_model!r}.")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(
+                f"ReFTr1: k (the top latents averaged per example) must be a positive integer; got {k!r}."
+            )
+        l1 = finite_number(l1, "ReFTr1: l1")
+        if l1 < 0:
+            raise ConfigError(f"ReFTr1: l1 (a penalty weight) must be at least 0; got {l1!r}.")
+        self.d_model, self.k, self.l1 = d_model, k, l1
         self.w = nn.Parameter(torch.randn(d_model) / d_model**0.5)
         self._pending: list[Tensor] = []
 
