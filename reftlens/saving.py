@@ -1,7 +1,9 @@
 """Save and load intervention sets: safetensors for tensors, JSON for everything else.
 
 No pickle anywhere, so loading an untrusted folder never runs code: a saved set names each
-Φ by its registered type name, and only registered types load. Writes are atomic.
+Φ by its registered type name, and only registered types load. Writes are atomic, crash-safe and
+one at a time (:func:`atomic_dir`); loads recover an interrupted write (:func:`recover`), read only
+inside the folder (:func:`inside`) and check every size against the base model before building.
 
 Folder layout::
 

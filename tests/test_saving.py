@@ -487,3 +487,34 @@ def test_saving_over_a_link_to_an_earlier_save_leaves_no_leftover(model, tmp_pat
     assert not (tmp_path / "link").is_symlink() and ReftModel.load(tmp_path / "link", model)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # the link's target is untouched
     assert (real / CONFIG_FILE).is_file()
+
+
+def _caught_between_the_renames(model, tmp_path):
+    """What a writer killed between its two renames leaves: the earlier save moved aside, no destination."""
+    dest = tmp_path / "save"
+    trained_set(model).save(dest)
+    aside = tmp_path / ".save.old-dead"
+    aside.mkdir()
+    os.replace(dest, aside / "save")
+    (tmp_path / ".save.tmp-dead").mkdir()
+    return dest
+
+
+def test_a_load_restores_a_save_caught_between_the_renames(model, tmp_path):
+    dest = _caught_between_the_renames(model, tmp_path)
+    ReftModel.load(dest, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["save"]  # restored, leftovers deleted
+
+
+def test_a_load_during_a_write_or_without_write_access(model, tmp_path, monkeypatch):
+    dest = _caught_between_the_renames(model, tmp_path)
+    with saving._locked(dest.absolute()):  # another writer holds the folder (flock: per open file)
+        with pytest.raises(LoadError, match=rf"{dest} is being written by another process right now"):
+            ReftModel.load(dest, model)
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(saving, "_locked", read_only)
+    ReftModel.load(dest, model)  # no lock to take (a read-only folder): the moved-aside save is read in place
+    assert not dest.exists()
