@@ -22,6 +22,69 @@ from reftlens.runtime.plan import every_row, widen
 from reftlens.runtime.tl_backend import hooked, plan_hooks
 
 
+def check_generate_args(
+    reft: Any,
+    prompts: Any,
+    attention_mask: Tensor | None,
+    prepend_bos: bool | None,
+    max_new_tokens: Any,
+    do_sample: Any,
+    temperature: Any,
+    top_k: Any,
+    top_p: Any,
+    seed: Any = None,
+) -> None:
+    """Refuse a bad generation argument with a :class:`~reftlens.errors.ConfigError` naming it,
+    before anything runs: ``max_new_tokens`` a positive int (not a bool, float or string);
+    ``do_sample`` a bool; ``temperature`` a finite number, > 0 when sampling; ``top_k`` None or an
+    int ≥ 1; ``top_p`` None or a number in (0, 1]; ``seed`` None or an int; and the longest prompt
+    plus ``max_new_tokens`` within the model's context (``model.cfg.n_ctx``)."""
+    check_sampling_args(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+    n_ctx = getattr(reft.model.cfg, "n_ctx", None)
+    if isinstance(n_ctx, int) and prompts is not None:
+        from reftlens.inputs import encode
+
+        tokens, real = encode(reft.model, prompts, attention_mask, what="prompts", prepend_bos=prepend_bos)
+        longest = int(real.mask.sum(1).max()) if tokens.numel() else 0
+        if longest + max_new_tokens > n_ctx:
+            raise ConfigError(
+                f"the longest prompt is {longest} tokens and max_new_tokens={max_new_tokens}: {longest + max_new_tokens} "
+                f"tokens, beyond the model's context of {n_ctx} (model.cfg.n_ctx). Shorten the prompt or lower "
+                "max_new_tokens."
+            )
+
+
+def check_sampling_args(
+    max_new_tokens: Any, do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any = None
+) -> None:
+    """The argument checks of :func:`check_generate_args` that need no model (``alpha_sweep`` runs them too)."""
+    import math
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_real(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be a positive integer (a number of tokens); got {max_new_tokens!r}.")
+    if not isinstance(do_sample, bool):
+        raise ConfigError(f"do_sample must be True or False; got {do_sample!r}.")
+    if not is_real(temperature):
+        raise ConfigError(f"temperature must be a finite number; got {temperature!r}.")
+    if do_sample and temperature <= 0:
+        raise ConfigError(
+            f"temperature must be above 0 when sampling (do_sample=True); got {temperature!r}. For greedy decoding "
+            "pass do_sample=False."
+        )
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ConfigError(f"top_k must be None or an integer of at least 1 (the tokens kept); got {top_k!r}.")
+    if top_p is not None and (not is_real(top_p) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p must be None or a number in (0, 1] (the probability mass kept); got {top_p!r}.")
+    if seed is not None and not is_int(seed):
+        raise ConfigError(f"seed must be None or an integer; got {seed!r}.")
+
+
 def to_left_padding(tokens: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
     """Move every row's real tokens to the right end (what batched decoding needs)."""
     mask = mask.bool()
@@ -76,12 +139,13 @@ def generate(
     adapters: str | Sequence[str | None] | None = None,
 ) -> list[str] | Tensor:
     """See :meth:`reftlens.ReftModel.generate`."""
+    check_generate_args(
+        reft, prompts, attention_mask, prepend_bos, max_new_tokens, do_sample, temperature, top_k, top_p, seed
+    )
     if backend not in ("auto", "hf", "bridge"):
         raise ValueError(f"backend must be 'auto', 'hf' or 'bridge'; got {backend!r}.")
     if intervene_on not in INTERVENE_ON:
         raise ValueError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1; got {max_new_tokens}.")
     model = reft.model
     text_in = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from reftlens.errors import PositionError
+from reftlens.errors import ConfigError, PositionError
 from reftlens.positions import RealTokens
 
 #: ChatML's turn marker: chat templates of ChatML models (SmolLM2, Qwen) begin a conversation with it,
@@ -21,7 +21,17 @@ from reftlens.positions import RealTokens
 CHAT_START = ("<|im_start|>",)
 
 
-def text_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
+TRUNCATION = (None, "left", "right")
+
+
+def text_tokens(
+    model: Any,
+    text: str,
+    prepend_bos: bool | None = None,
+    *,
+    max_length: int | None = None,
+    truncation: str | None = None,
+) -> Tensor:
     """The token ids ``[seq]`` of one string, by the rule every reftlens entry point that takes
     strings follows (``reft(...)``, ``reft.tokenize``, ``reft.generate``, ``train``, the analyses):
 
@@ -30,7 +40,11 @@ def text_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tenso
     - never a second start token: a text that already begins with the tokenizer's BOS string or
       with ChatML's ``<|im_start|>`` (where the tokenizer has it as one token) gets none added, so
       chat-formatted prompts (``tokenizer.apply_chat_template(..., tokenize=False)``) are tokenized
-      as the chat template meant.
+      as the chat template meant;
+    - never silently cut: a text longer than ``max_length`` (default: the model's context,
+      ``model.cfg.n_ctx``) raises :class:`~reftlens.errors.ConfigError` with its length and the
+      limit, unless ``truncation`` says which side to cut: ``"left"`` keeps the last tokens (the
+      start token goes with the first ones), ``"right"`` the first.
 
     >>> text_tokens(model, "hello")[:1].tolist() == [model.tokenizer.bos_token_id]   # doctest: +SKIP
     True
@@ -39,7 +53,43 @@ def text_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tenso
         prepend_bos = getattr(model.cfg, "default_prepend_bos", True)
     if prepend_bos and text.startswith(_start_strings(model.tokenizer)):
         prepend_bos = False
-    return model.to_tokens(text, prepend_bos=prepend_bos)[0]
+    limit = context_limit(model, max_length, truncation)
+    return fit(model.to_tokens(text, prepend_bos=prepend_bos, truncate=False)[0], limit, truncation, "the text")
+
+
+def context_limit(model: Any, max_length: Any = None, truncation: Any = None) -> int | None:
+    """The most tokens an input may have: ``max_length`` if given (checked: a positive int, at most
+    the model's context), else the context ``model.cfg.n_ctx``; ``truncation`` is checked too."""
+    if truncation not in TRUNCATION:
+        raise ConfigError(f"truncation must be None, 'left' or 'right'; got {truncation!r}.")
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    n_ctx = n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else None
+    if max_length is None:
+        return n_ctx
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ConfigError(f"max_length must be a positive integer (a number of tokens) or None; got {max_length!r}.")
+    if n_ctx is not None and max_length > n_ctx:
+        raise ConfigError(
+            f"max_length={max_length} is beyond the model's context of {n_ctx} tokens (model.cfg.n_ctx); "
+            f"give at most {n_ctx}."
+        )
+    return max_length
+
+
+def fit(row: Tensor, limit: int | None, truncation: str | None, what: str) -> Tensor:
+    """``row`` (token ids ``[seq]``) if it has at most ``limit`` tokens; else cut on the side
+    ``truncation`` names, or :class:`~reftlens.errors.ConfigError` with the length and the limit."""
+    if limit is None or row.shape[0] <= limit:
+        return row
+    if truncation == "left":
+        return row[-limit:]
+    if truncation == "right":
+        return row[:limit]
+    raise ConfigError(
+        f"{what} is {row.shape[0]} tokens long, beyond the limit of {limit} tokens (the model's context, "
+        "model.cfg.n_ctx, or max_length=); reftlens never cuts an input silently. Shorten it, or pass "
+        "truncation='left' (keep the last tokens) or 'right' (keep the first) with max_length= where strings go in."
+    )
 
 
 def _start_strings(tok: Any) -> tuple[str, ...]:
@@ -63,10 +113,17 @@ def device_of(model: Any) -> torch.device:
 
 
 def tokenize(
-    model: Any, texts: str | Sequence[str], *, padding_side: str = "left", prepend_bos: bool | None = None
+    model: Any,
+    texts: str | Sequence[str],
+    *,
+    padding_side: str = "left",
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+    truncation: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Tokenize strings by :func:`text_tokens` and pad them to one tensor on the model's device.
-    Returns ``(tokens, attention_mask)``.
+    Returns ``(tokens, attention_mask)``. ``max_length`` / ``truncation``: as :func:`text_tokens`
+    (a text beyond the model's context is refused unless told which side to cut).
 
     >>> tokens, mask = tokenize(model, ["a b c", "a"])                       # doctest: +SKIP
     """
@@ -74,7 +131,7 @@ def tokenize(
         texts = [texts]
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-    rows = [text_tokens(model, t, prepend_bos) for t in texts]
+    rows = [text_tokens(model, t, prepend_bos, max_length=max_length, truncation=truncation) for t in texts]
     return pad(rows, pad_token_id(model.tokenizer), padding_side, device_of(model))
 
 
@@ -85,11 +142,16 @@ def encode(
     *,
     what: str = "inputs",
     prepend_bos: bool | None = None,
+    max_length: int | None = None,
+    truncation: str | None = None,
 ) -> tuple[Tensor, RealTokens]:
     """Token ids ``[batch, seq]`` on the model's device and where their real tokens lie, from any
     input ``reft(...)`` takes: strings (tokenized by :func:`tokenize` with ``prepend_bos``, left
     padded), lists of token id lists (left padded), a tensor of token ids (with ``attention_mask``
-    when padded) or a tokenizer output."""
+    when padded) or a tokenizer output. Every row must fit ``max_length`` (default: the model's
+    context ``model.cfg.n_ctx``), else :class:`~reftlens.errors.ConfigError`, unless
+    ``truncation`` ("left" / "right") says which side of each row to cut."""
+    limit = context_limit(model, max_length, truncation)
     if hasattr(inputs, "keys") and "input_ids" in inputs:  # a dict or a BatchEncoding
         attention_mask = inputs.get("attention_mask", attention_mask)
         inputs = inputs["input_ids"]
@@ -99,9 +161,11 @@ def encode(
     ):
         if attention_mask is not None:
             raise ValueError(f"attention_mask given with string {what}; strings are padded by reftlens.")
-        tokens, mask = tokenize(model, inputs, prepend_bos=prepend_bos)
+        tokens, mask = tokenize(model, inputs, prepend_bos=prepend_bos, max_length=max_length, truncation=truncation)
     elif isinstance(inputs, (list, tuple)) and inputs and all(isinstance(r, (list, tuple)) for r in inputs):
-        rows = [torch.tensor(r, dtype=torch.long) for r in inputs]
+        rows = [
+            fit(torch.tensor(r, dtype=torch.long), limit, truncation, f"{what} row {i}") for i, r in enumerate(inputs)
+        ]
         tokens, mask = pad(rows, pad_token_id(model.tokenizer), "left", device)
     elif isinstance(inputs, Tensor):
         tokens = inputs.unsqueeze(0) if inputs.ndim == 1 else inputs
@@ -118,6 +182,10 @@ def encode(
                     f"attention_mask for {what} has shape {tuple(mask.shape)} but the tokens have {tuple(tokens.shape)}."
                 )
             mask = mask.to(device).bool()
+        if limit is not None and tokens.shape[1] > limit:  # cut (or refuse) each row's real tokens
+            rows = [fit(t[m], limit, truncation, f"{what} row {i}") for i, (t, m) in enumerate(zip(tokens, mask))]
+            tokens, mask = pad(rows, pad_token_id(model.tokenizer), "left", device)
+            mask = mask.bool()
     else:
         raise TypeError(
             f"{what} must be a string, a list of strings, token ids or a tokenizer output; got {type(inputs).__name__}."

@@ -26,8 +26,7 @@ import copy
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -196,24 +195,22 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if _cache_is_valid(final):
         return final
     gguf_dir = _smollm2_package_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}.tmp-", dir=root))
-    try:
-        _convert_smollm2(gguf_dir, tmp)
-        if _cache_is_valid(final):  # another process finished first
-            return final
-        if final.exists():  # stale (older format) or half-foreign: move it aside first
-            stale = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_SUBDIR}.old-", dir=root))
-            os.replace(final, stale / "x")
-            shutil.rmtree(stale, ignore_errors=True)
+    from reftlens.errors import SaveError
+    from reftlens.saving import atomic_dir
+
+    # atomic_dir: crash-safe (an interrupted build leaves no folder that loads, and its ~500 MB
+    # temporary folder is deleted by the next build), one builder at a time (the others wait for it)
+    deadline = time.monotonic() + 600
+    while True:
         try:
-            os.replace(tmp, final)
-        except OSError:
-            if not _cache_is_valid(final):  # someone else won the race only if theirs is valid
+            atomic_dir(final, lambda out: _convert_smollm2(gguf_dir, out), markers=[("*",)])
+            return final
+        except SaveError:
+            if not final.parent.joinpath(f".{final.name}.lock").exists() or time.monotonic() > deadline:
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        if _cache_is_valid(final):  # another process was building it: use theirs
+            return final
+        time.sleep(1.0)
 
 
 def _cache_is_valid(folder: Path) -> bool:

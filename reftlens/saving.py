@@ -1,7 +1,9 @@
 """Save and load intervention sets: safetensors for tensors, JSON for everything else.
 
 No pickle anywhere, so loading an untrusted folder never runs code: a saved set names each
-Φ by its registered type name, and only registered types load. Writes are atomic.
+Φ by its registered type name, and only registered types load. Writes are atomic, crash-safe and
+one at a time (:func:`atomic_dir`); loads recover an interrupted write (:func:`recover`), read only
+inside the folder (:func:`inside`) and check every size against the base model before building.
 
 Folder layout::
 
@@ -18,15 +20,19 @@ A bank of named sets saves each set as such a folder under ``sets/`` and lists t
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import inspect
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -52,14 +58,106 @@ _FLOAT_DTYPES = {
 
 
 def fingerprint(model: Any) -> dict[str, Any]:
-    """What a saved set must match: architecture and shapes of the base model."""
+    """What a saved set must match: architecture and shapes of the base model, and a cheap check
+    of its weights (:func:`weights_fingerprint`; absent where the model's transformers module
+    cannot be reached)."""
     cfg = model.cfg
-    return {
+    out = {
         "architecture": getattr(cfg, "architecture", None),
         "d_model": int(cfg.d_model),
         "n_layers": int(cfg.n_layers),
         "d_vocab": int(cfg.d_vocab),
     }
+    hf = getattr(model, "original_model", None)
+    weights = weights_fingerprint(hf) if isinstance(hf, torch.nn.Module) else None
+    return {**out, "weights": weights} if weights else out
+
+
+def weights_fingerprint(hf: torch.nn.Module) -> dict[str, list[float]] | None:
+    """A few numbers that tell one set of base weights from another of the same shape, cheaply:
+    ``embedding``, 16 fixed entries of the input embedding and its mean and RMS; ``layer 0``, the
+    mean and RMS of each weight of the first decoder layer (by name). Layout-free statistics, so
+    a TransformerLens bridge and its plain transformers twin agree; compared with a tolerance
+    (:func:`fingerprint_diff`), so the same model in bf16 and in fp32 agree."""
+    from reftlens.runtime.hf_backend import decoder_layers
+
+    try:
+        emb = hf.get_input_embeddings().weight
+        layer = decoder_layers(hf)[0]
+    except Exception:
+        return None
+    with torch.no_grad():
+        W = emb.detach()
+        rows = torch.linspace(0, W.shape[0] - 1, 4).long().tolist()
+        cols = torch.linspace(0, W.shape[1] - 1, 4).long().tolist()
+        out = {"embedding": [W[r, c].float().item() for r in rows for c in cols] + _stats(W)}
+        out["layer 0"] = [x for _, w in sorted(layer.named_parameters()) for x in _stats(w.detach())]
+    return {k: [float(f"{x:.6g}") for x in v] for k, v in out.items()}
+
+
+def _stats(w: torch.Tensor, most: int = 1 << 16) -> list[float]:
+    """Mean and RMS of at most ``most`` evenly strided entries of ``w`` (cheap on any model size)."""
+    flat = w.reshape(-1)
+    sample = flat[:: max(1, flat.numel() // most)].double()
+    return [sample.mean().item(), sample.pow(2).mean().sqrt().item()]
+
+
+def fingerprint_diff(saved: dict[str, Any], here: dict[str, Any]) -> list[str]:
+    """How the base model ``here`` differs from the fingerprint a save recorded (empty: it matches).
+
+    Shapes must be equal; the weight check compares each part within 2% (bf16 rounding passes,
+    other weights do not), and is skipped for saves made before it was recorded."""
+    diff = [
+        f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if k != "weights" and saved.get(k) != v
+    ]
+    old, new = saved.get("weights"), here.get("weights")
+    if diff or not isinstance(old, dict) or not isinstance(new, dict):
+        return diff
+    for part, values in new.items():
+        kept = old.get(part)
+        if not isinstance(kept, list) or len(kept) != len(values):
+            continue  # recorded by another reftlens: nothing to compare
+        a, b = torch.tensor(kept, dtype=torch.float64), torch.tensor(values, dtype=torch.float64)
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if not bool(torch.isfinite(a).all()) or bool(
+            ((a - b).abs() > 0.02 * (a.abs() + b.abs()) / 2 + 1e-3 * scale).any()
+        ):
+            diff.append(
+                f"the weights of its {part} differ (same shapes, other values: saved check {kept[:3]}..., "
+                f"model {values[:3]}...)"
+            )
+    return diff
+
+
+def _widths(model: Any) -> dict[str, int]:
+    """The sizes a Φ of this model can have (a hook's width), by name."""
+    cfg = model.cfg
+    out = {"d_model": int(cfg.d_model)}
+    for name in ("d_mlp", "d_head"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            out[name] = v
+    if isinstance(getattr(cfg, "d_head", None), int) and isinstance(getattr(cfg, "n_heads", None), int):
+        out["n_heads × d_head"] = cfg.d_head * cfg.n_heads
+    return out
+
+
+#: config keys of the registered Φs that are sizes (a width, or a rank below it): checked against
+#: the base model before a Φ is built, so a damaged config never allocates a huge tensor
+SIZE_KEYS = ("d_model", "vector", "mean", "directions", "rank", "k")
+
+
+def _check_sizes(config: dict[str, Any], widths: dict[str, int], where: str) -> None:
+    """Refuse an integer size in a Φ's config larger than every width of the base model."""
+    limit = max(widths.values())
+    for key in SIZE_KEYS:
+        v = config.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= limit:
+            shown = ", ".join(f"{k} {n}" for k, n in widths.items())
+            raise LoadError(
+                f"{where}.{key} is {v}, but the base model's widths are {shown}: no Φ of this model has a size "
+                f"above {limit}. The save is damaged or belongs to another model; nothing was allocated."
+            )
 
 
 #: What identifies an earlier save that a new one may replace: each entry is a glob pattern, or a
@@ -75,41 +173,256 @@ EARLIER_SAVE_MARKERS: tuple[tuple[str, ...], ...] = (
 )
 
 
+#: Test hook: called with the name of each step of :func:`atomic_dir` (see :data:`WRITE_STEPS`); the
+#: fault-injection tests set it in a child process to kill it at that step. None in normal use.
+_step_hook: Callable[[str], None] | None = None
+
+#: The steps of a write, in order, at which :func:`atomic_dir` calls :data:`_step_hook`. "swapped" is
+#: the one-call exchange (Linux ``renameat2(RENAME_EXCHANGE)``); "moved-aside" and "moved-in" are the
+#: two renames used where the exchange is unavailable (``REFTLENS_NO_EXCHANGE=1`` forces them).
+WRITE_STEPS = (
+    "locked",
+    "recovered",
+    "tmp-created",
+    "written",
+    "synced",
+    "moved-aside",
+    "swapped",
+    "moved-in",
+    "cleaned",
+)
+
+
+def _step(name: str) -> None:
+    if _step_hook is not None:
+        _step_hook(name)
+
+
 def atomic_dir(
     path: str | os.PathLike,
     write: Callable[[Path], None],
     *,
     markers: Iterable[str | Sequence[str]] = EARLIER_SAVE_MARKERS,
 ) -> Path:
-    """Write a folder atomically: fill a temporary sibling, then swap it in by rename.
+    """Write a folder atomically and crash-safely; one writer at a time.
 
-    A crash at any point leaves either the previous folder or the new one, never a mix.
-    ``path`` may be new, an empty folder, or an earlier save recognised by ``markers`` (see
-    :data:`EARLIER_SAVE_MARKERS`), which is replaced whole. A file, or a folder holding anything
-    else, raises :class:`~reftlens.errors.SaveError` before anything is written.
+    The protocol, all under an exclusive lock on the sibling file ``.NAME.lock`` (held with
+    ``fcntl.flock``, so the kernel releases it when the process dies: no stale lock):
+
+    1. recover: leftovers of an earlier, interrupted write are resolved (:func:`recover`): if
+       ``path`` is missing but ``.NAME.old-*/NAME`` (the earlier save, moved aside) exists, it is
+       moved back; every ``.NAME.tmp-*`` and ``.NAME.old-*`` is then deleted;
+    2. ``write`` fills a new temporary sibling ``.NAME.tmp-*``; every file and folder is fsynced;
+    3. the temporary folder takes the place of ``path``: on Linux by one ``renameat2`` call that
+       exchanges the two (``path`` exists at every instant, old or new), elsewhere by moving the
+       earlier save aside to ``.NAME.old-*/NAME`` and the new one in (a crash between the two
+       leaves the earlier save there, which step 1 of the next write, or the next load, restores);
+    4. the earlier save is deleted, the parent folder fsynced, the lock released.
+
+    A kill at any instant therefore leaves ``path`` loadable as the old or the new content (or
+    recoverable by the next access). ``path`` may be new, an empty folder, or an earlier save
+    recognised by ``markers`` (see :data:`EARLIER_SAVE_MARKERS`), which is replaced whole. A file,
+    or a folder holding anything else, raises :class:`~reftlens.errors.SaveError` before anything
+    is written, and so does another process writing to ``path`` at the same time.
     """
     path, markers = Path(path).absolute(), list(markers)
-    check_save_target(path, markers=markers)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):  # make the bytes durable before the rename publishes them
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        check_save_target(path, markers=markers)  # again: something may have appeared there while writing
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _locked(path):
+        _step("locked")
+        _recover(path)
+        _step("recovered")
+        check_save_target(path, markers=markers)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        _step("tmp-created")
+        try:
+            write(tmp)
+            _step("written")
+            _fsync_tree(tmp)  # make the bytes durable before the rename publishes them
+            _step("synced")
+            check_save_target(path, markers=markers)  # again: something may have appeared there while writing
+            if path.exists() or path.is_symlink():
+                if _exchange(tmp, path):  # tmp now holds the earlier save
+                    _step("swapped")
+                else:
+                    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                    os.replace(path, old / path.name)
+                    _step("moved-aside")
+                    try:
+                        os.replace(tmp, path)
+                    except BaseException:
+                        os.replace(old / path.name, path)  # put the earlier save back at once
+                        raise
+                    _step("moved-in")
+                    _remove(old)
+            else:
+                os.replace(tmp, path)
+                _step("moved-in")
+            _fsync_dir(path.parent)
+        finally:
+            _remove(tmp)
+        _step("cleaned")
     return path
+
+
+def _leftovers(path: Path) -> tuple[list[Path], list[Path]]:
+    """The ``.NAME.tmp-*`` and ``.NAME.old-*`` siblings of ``path`` (newest first)."""
+    parent = path.parent
+    if not parent.is_dir():
+        return [], []
+
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    tmps = sorted(parent.glob(f".{glob.escape(path.name)}.tmp-*"), key=mtime, reverse=True)
+    olds = sorted(parent.glob(f".{glob.escape(path.name)}.old-*"), key=mtime, reverse=True)
+    return tmps, olds
+
+
+def _recover(path: Path) -> None:
+    """Resolve what an interrupted write left (the caller holds the lock): restore the earlier
+    save if ``path`` is missing, then delete every temporary and moved-aside folder."""
+    tmps, olds = _leftovers(path)
+    if not path.exists() and not path.is_symlink():
+        for old in olds:
+            if (old / path.name).is_dir():
+                os.replace(old / path.name, path)
+                _fsync_dir(path.parent)
+                break
+    for leftover in tmps + olds:
+        _remove(leftover)
+
+
+def _remove(p: Path) -> None:
+    """Delete a leftover: a folder with its contents, or a link or file itself (never a link's target)."""
+    if p.is_symlink() or p.is_file():
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def recover(path: str | os.PathLike) -> Path:
+    """Make ``path`` readable after an interrupted :func:`atomic_dir` write; returns the folder to read.
+
+    Every load calls this first. When no write is in progress it does what step 1 of
+    :func:`atomic_dir` does (restore the earlier save moved aside, delete leftovers). Where the lock
+    cannot be taken (a read-only folder) it returns the moved-aside earlier save to read from, if
+    ``path`` itself is missing. While another process writes to ``path`` it changes nothing, and a
+    missing ``path`` raises :class:`~reftlens.errors.LoadError` (the write is not finished)."""
+    path = Path(path).absolute()
+    tmps, olds = _leftovers(path)
+    if not tmps and not olds:
+        return path
+    try:
+        with _locked(path):
+            _recover(path)
+        return path
+    except SaveError:  # another process is writing
+        if path.exists():
+            return path
+        raise LoadError(
+            f"{path} is being written by another process right now (its earlier save is moved aside); "
+            "load it again when that save has finished."
+        ) from None
+    except OSError:  # cannot take the lock (read-only): read the moved-aside save in place
+        if path.exists():
+            return path
+        for old in olds:
+            if (old / path.name).is_dir():
+                return old / path.name
+        return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive write lock of ``path`` (the sibling file ``.NAME.lock``), or raise
+    :class:`~reftlens.errors.SaveError` naming the folder if another process holds it.
+
+    The lock is ``fcntl.flock`` on the file, so a killed holder never leaves a stale lock; the
+    file is deleted on release (re-checking after locking that it is still the file at that path)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer at a time is then up to the caller
+        yield
+        return
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise SaveError(
+                f"cannot save to {path}: another process (pid {holder}) is writing to it right now (it holds "
+                f"{lock.name}). Two concurrent writes to one folder are refused so that one wins whole; wait for "
+                "the other save to finish, or save to another folder."
+            ) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder deleted the file after we opened it: lock the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        finally:
+            os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic call (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if os.environ.get("REFTLENS_NO_EXCHANGE") == "1" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    for d in [*(p for p in folder.rglob("*") if p.is_dir() and not p.is_symlink()), folder]:
+        _fsync_dir(d)
 
 
 def check_save_target(
@@ -237,20 +550,49 @@ def is_bank(path: str | os.PathLike) -> bool:
 
 
 def bank_folders(path: str | os.PathLike) -> dict[str, Path]:
-    """A saved bank's sets: name → folder, in order."""
+    """A saved bank's sets: name → folder, in order. Each folder must lie inside the bank's folder
+    (a relative path, no ``..``, no link leading out), else :class:`~reftlens.errors.LoadError`."""
     file = Path(path) / BANK_FILE
     try:
-        meta = json.loads(file.read_text())
+        meta = json.loads(inside(path, BANK_FILE, f"{file}").read_text())
         listed = meta["sets"]
-        out = {e["name"]: Path(path) / e["folder"] for e in listed}
-        if meta.get("format") != "reftlens-bank" or not out or not all(isinstance(n, str) for n in out):
+        out = {e["name"]: e["folder"] for e in listed}
+        if (
+            meta.get("format") != "reftlens-bank"
+            or not out
+            or not all(isinstance(n, str) for n in out)
+            or not all(isinstance(f, str) for f in out.values())
+        ):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError):
         raise LoadError(
             f"{file} is not a reftlens bank index (format 'reftlens-bank' with a non-empty list of "
             "sets, each a name and a folder); the save is damaged."
         ) from None
-    return out
+    return {name: inside(path, sub, f"{file}: set {name!r} folder") for name, sub in out.items()}
+
+
+def inside(folder: str | os.PathLike, relative: Any, where: str) -> Path:
+    """``folder / relative``, refused with :class:`~reftlens.errors.LoadError` (naming ``where``)
+    unless it stays inside ``folder``: a relative path without ``..`` that, links followed,
+    resolves inside ``folder``. Every path a load reads from a config or index goes through this,
+    so a damaged or hostile save cannot make a load read another folder's files."""
+    if not isinstance(relative, str) or not relative:
+        raise LoadError(f"{where} must be a non-empty relative path inside {folder}; got {_kind(relative)}.")
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts or relative.startswith(("/", "\\")) or "\x00" in relative:
+        raise LoadError(
+            f"{where} is {relative!r}, which leads out of {folder}: a save may only name files inside its own "
+            "folder (relative paths, no '..'). The save is damaged or was edited by hand; nothing was read."
+        )
+    root = Path(folder).resolve()
+    target = (Path(folder) / rel).resolve()
+    if target != root and root not in target.parents:
+        raise LoadError(
+            f"{where}: {Path(folder) / rel} is a link to {target}, outside {root}. A save may only read files "
+            "inside its own folder; copy the files in instead of linking them. Nothing was read."
+        )
+    return Path(folder) / rel
 
 
 def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
@@ -303,9 +645,16 @@ def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: di
 
 
 def read(
-    path: str | os.PathLike, here: dict[str, Any], *, dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    here: dict[str, Any],
+    *,
+    dtype: torch.dtype | None = None,
+    widths: dict[str, int] | None = None,
 ) -> tuple[dict[str, Any], list[torch.nn.Module]]:
     """Read and check a save against the base-model fingerprint ``here``: ``(config, phis)``.
+
+    ``widths``: the base model's widths by name (default: its ``d_model``); every size in a Φ's
+    config must be at most the largest, checked before any Φ is built.
 
     Every field of the config is checked (a wrong one raises :class:`LoadError` naming the file
     and the field, e.g. ``phis[0].type``) before any tensor is read.
@@ -318,6 +667,7 @@ def read(
     for f in (config_path, weights_path):
         if not f.is_file():
             raise LoadError(f"{folder} is not a reftlens save: {f.name} is missing. Save with reft.save(path).")
+        inside(folder, f.name, f"{folder}: {f.name}")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
@@ -342,7 +692,7 @@ def read(
             f"{config_path}: base_model must be an object with the base model's {', '.join(here)}; got {_kind(saved)}. "
             "The save is damaged."
         )
-    diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
+    diff = fingerprint_diff(saved, here)
     if diff:
         raise LoadError(
             f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on."
@@ -359,6 +709,9 @@ def read(
         raise LoadError(f"{weights_path} cannot be read ({e}).") from None
 
     phis = []
+    bounds = widths or {"d_model": int(here["d_model"])}
+    for i, rec in enumerate(config["phis"]):  # every size first: nothing is allocated for a damaged config
+        _check_sizes(rec["config"], bounds, f"{config_path}: phis[{i}].config")
     for i, (rec, cls) in enumerate(zip(config["phis"], classes)):
         phi = _build_phi(cls, rec["config"], f"{config_path}: phis[{i}].config")
         if rec["dtype"] is not None:  # load_state_dict copies into the existing dtype: match the saved one first
@@ -569,7 +922,9 @@ def load(
 ) -> tuple[Any, bool]:
     """Read a saved set for ``model``: ``(interventions, cast)``. Everything is checked before
     anything is returned; :meth:`reftlens.ReftModel.load` wraps the result. A saved bank gives a
-    dict of named sets, or with ``adapter=`` the list of that one set."""
+    dict of named sets, or with ``adapter=`` the list of that one set. A save interrupted by a
+    crash is recovered first (:func:`recover`)."""
+    path = recover(path)
     if is_bank(path):
         folders = bank_folders(path)
         if adapter is not None:
@@ -582,7 +937,7 @@ def load(
         raise LoadError(
             f"{path} holds one set, not a bank, so it has no set {adapter!r} to pick; load it without adapter=."
         )
-    config, phis = read(path, fingerprint(model), dtype=dtype)
+    config, phis = read(path, fingerprint(model), dtype=dtype, widths=_widths(model))
     model_dtype = next(model.parameters()).dtype
     use_cast = config.get("cast", False) if cast is None else cast
     phi_dtypes = {t.dtype for p in phis for t in p.state_dict().values() if t.is_floating_point()}

@@ -256,3 +256,34 @@ def test_exported_sets_keep_the_stack_order_and_the_collision_check(model):
     short = torch.tensor([[1, 5, 6, 7]])
     with pytest.raises(reftlens.CollisionError, match="both edit layers.1.layer.output"):
         hf(input_ids=short, attention_mask=torch.ones_like(short))
+
+
+def test_load_hf_refuses_interventions_linked_from_outside_the_export(model, tmp_path):
+    import os
+    import shutil
+
+    from reftlens.saving import LoadError
+
+    hf = to_hf(build_set(model))
+    save_hf(hf, tmp_path / "a")
+    save_hf(hf, tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "reft")
+    os.symlink(tmp_path / "a" / "reft", tmp_path / "b" / "reft")
+    with pytest.raises(LoadError, match=r"b: reft: .*is a link to .*outside"):
+        load_hf(tmp_path / "b")
+
+
+def test_load_pyreft_refuses_an_intkey_file_linked_from_outside(model, tmp_path):
+    import os
+
+    from reftlens.saving import LoadError
+
+    torch.manual_seed(0)
+    reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2, init="random"), layers=1, positions="l1"))
+    reftlens.save_pyreft(reft, tmp_path / "a")
+    reftlens.save_pyreft(reft, tmp_path / "b")
+    (intkey,) = (tmp_path / "b").glob("intkey_*.bin")
+    intkey.unlink()
+    os.symlink(next((tmp_path / "a").glob("intkey_*.bin")), intkey)
+    with pytest.raises(LoadError, match=r"config.json: intervention layer_1.*is a link to .*outside"):
+        reftlens.load_pyreft(tmp_path / "b", model)

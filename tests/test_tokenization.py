@@ -130,3 +130,32 @@ def test_smollm2_chat_prompts_get_no_second_start_token(smollm2_tokenizer_model)
     assert list(example.prompt) == ids
     tokens, _ = reft.tokenize([chat])
     assert tokens[0].tolist() == ids
+
+
+def test_inputs_beyond_the_context_are_refused_never_cut_silently(model):
+    """A text longer than model.cfg.n_ctx: TransformerLens would cut it to n_ctx (tiny-llama), or a
+    learned position embedding would fail with an IndexError (tiny-gpt2, GPT-2's layout)."""
+    from reftlens import ConfigError
+    from reftlens.inputs import encode, tokenize
+
+    n_ctx = model.cfg.n_ctx
+    reft = reft_of(model)
+    long = "x " * (n_ctx + 10)
+    n = text_tokens(model, long, max_length=n_ctx + 0, truncation="left").shape[0]
+    assert n == n_ctx
+    full = model.to_tokens(long, truncate=False)[0]
+    with pytest.raises(ConfigError, match=rf"the text is {full.shape[0]} tokens long, beyond the limit of {n_ctx}"):
+        reft(long)
+    with pytest.raises(ConfigError, match=rf"inputs row 0 is {full.shape[0]} tokens long"):
+        reft([full.tolist()])
+    with pytest.raises(ConfigError, match=rf"inputs row 0 is {full.shape[0]} tokens long"):
+        encode(model, full[None])
+    left = text_tokens(model, long, truncation="left")
+    right = text_tokens(model, long, truncation="right")
+    assert torch.equal(left, full[-n_ctx:]) and torch.equal(right, full[:n_ctx])
+    tokens, mask = tokenize(model, ["a b", long], truncation="right", max_length=8)
+    assert tokens.shape == (2, 8) and torch.equal(tokens[1], full[:8])
+    tokens, real = encode(model, full[None], truncation="left")
+    assert torch.equal(tokens[0], full[-n_ctx:])
+    with pytest.raises(ConfigError, match=rf"max_length={n_ctx + 1} is beyond the model's context of {n_ctx}"):
+        text_tokens(model, "a", max_length=n_ctx + 1)

@@ -35,12 +35,17 @@ REFT_DIR = "reft"
 EXPORT_FILE = "reftlens_export.json"
 
 
-def hf_fingerprint(config: Any) -> dict[str, Any]:
-    """The same fingerprint as :func:`reftlens.saving.fingerprint`, read from an HF config."""
+def hf_fingerprint(config: Any, model: nn.Module | None = None) -> dict[str, Any]:
+    """The same fingerprint as :func:`reftlens.saving.fingerprint`, read from an HF config (and,
+    given the ``model``, its weight check)."""
+    from reftlens.saving import weights_fingerprint
+
     arch = (getattr(config, "architectures", None) or [None])[0]
     d = getattr(config, "hidden_size", None) or config.n_embd
     n = getattr(config, "num_hidden_layers", None) or config.n_layer
-    return {"architecture": arch, "d_model": int(d), "n_layers": int(n), "d_vocab": int(config.vocab_size)}
+    out = {"architecture": arch, "d_model": int(d), "n_layers": int(n), "d_vocab": int(config.vocab_size)}
+    weights = weights_fingerprint(model) if model is not None else None
+    return {**out, "weights": weights} if weights else out
 
 
 def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
@@ -95,7 +100,10 @@ def save_hf(
         (folder / REFT_DIR).mkdir()
         writer = write_bank if module.bank else write
         writer(
-            module, folder / REFT_DIR, base=hf_fingerprint(model.config), extra={"intervene_on": module.intervene_on}
+            module,
+            folder / REFT_DIR,
+            base=hf_fingerprint(model.config, model),
+            extra={"intervene_on": module.intervene_on},
         )
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -135,16 +143,16 @@ def load_hf(
     naming the file; re-save it with ``save_pretrained`` (safetensors is its default)."""
     from transformers import AutoModelForCausalLM
 
-    from reftlens.saving import bank_folders, interventions, is_bank, read
+    from reftlens.saving import bank_folders, inside, interventions, is_bank, read, recover
     from reftlens.sets import set_units
 
-    folder = Path(path)
+    folder = recover(path)  # a save_hf interrupted by a crash: its earlier output is restored
     meta_path = folder / EXPORT_FILE
     if not meta_path.is_file():
         raise LoadError(
             f"{folder} is not a reftlens export: {EXPORT_FILE} is missing. Save with reftlens.save_hf(model, path)."
         )
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(inside(folder, EXPORT_FILE, str(meta_path)).read_text())
     base = folder if meta["base"] == "." else meta["base"]
     if Path(base).is_dir():
         _check_safetensors(Path(base))
@@ -152,8 +160,9 @@ def load_hf(
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
     if device is not None:
         model.to(device)
-    here = hf_fingerprint(model.config)
-    saved = bank_folders(folder / REFT_DIR) if is_bank(folder / REFT_DIR) else {None: folder / REFT_DIR}
+    here = hf_fingerprint(model.config, model)
+    reft_dir = inside(folder, REFT_DIR, f"{folder}: {REFT_DIR}")  # no link leading out of the export
+    saved = bank_folders(reft_dir) if is_bank(reft_dir) else {None: reft_dir}
     units = []
     for name, sub in saved.items():
         config, phis = read(sub, here, dtype=dtype)

@@ -72,6 +72,12 @@ def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: st
             "shift (LoReFT(d, r, bias=False), DiReFT(d, r, bias=False)) so the adapter needs none."
         )
     rank = max(f.rank for f in found)
+    if rank < 1:
+        raise ExportError(
+            f"the edits of {', '.join(repr(s) for f in found for s in f.sources)} fold to rank 0 (their Φs' affine() has "
+            "no directions, so they change nothing), and a LoRA adapter needs rank ≥ 1 (peft refuses r=0). There is "
+            "no adapter to write: drop these interventions, or check the Φ's affine()."
+        )
     conv1d = {type(hf.get_submodule(f.name)).__name__ == "Conv1D" for f in found}
     tensors: dict[str, torch.Tensor] = {}
     for f in found:

@@ -158,7 +158,20 @@ def _checked_affine(unit: Any) -> Affine:
     """The Φ's affine form, checked against its own forward on random rows (a wrong affine()
     in a user Φ would otherwise fold silently wrong numbers)."""
     phi = unit.phi
+    for key, t in phi.state_dict().items():  # a NaN would otherwise surface as "affine() disagrees by nan"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ExportError(
+                f"intervention {unit.name!r}: its Φ ({phi_label(phi)}) has non-finite weights ({key}: "
+                f"{int((~torch.isfinite(t)).sum())} NaN or inf values), which no exported model can run. Retrain or "
+                "reload it (a NaN usually comes from a diverged training run); nothing was written."
+            )
     e = phi.affine()
+    bad = [n for n, t in zip(("up", "down", "shift"), e) if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ExportError(
+            f"intervention {unit.name!r}: its Φ's affine() has non-finite weights (in {', '.join(bad)}); nothing was "
+            "written."
+        )
     first = next(iter(phi.parameters()), e.up)
     d = e.up.shape[0]
     if not (e.up.ndim == 2 and e.down.shape == (e.up.shape[1], d) and e.shift.shape == (e.up.shape[1],)):

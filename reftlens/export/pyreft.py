@@ -75,7 +75,7 @@ from reftlens.errors import ConfigError, ExportError, StateError
 from reftlens.interventions.reft import ConsReFT, DiReFT, LoBiReFT, LoReFT, NodiReFT, NoReFT
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import FirstLast, PositionSpec, from_json, parse_positions
-from reftlens.saving import LoadError, atomic_dir, fingerprint
+from reftlens.saving import LoadError, atomic_dir, fingerprint, fingerprint_diff, inside, recover
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -472,9 +472,10 @@ def _load_state(path: Path, key: str) -> dict[str, Tensor]:
 def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict[str, Any]]:
     """Read a pyreft save: its interventions (in pyvene's key order) and its raw config.
 
-    Only ``config.json`` (JSON) and the ``intkey_*.bin`` files (``weights_only=True``) are read.
+    Only ``config.json`` (JSON) and the ``intkey_*.bin`` files (``weights_only=True``) are read,
+    and only inside the folder (a key leading out of it raises :class:`LoadError`).
     """
-    folder = Path(path)
+    folder = recover(path)  # a save_pyreft interrupted by a crash: its earlier output is restored
     if not folder.is_dir():
         raise LoadError(f"{folder} does not exist or is not a folder; expected a pyreft ReftModel.save folder.")
     config_path = folder / CONFIG_FILE
@@ -525,7 +526,7 @@ def read_pyreft(path: str | os.PathLike) -> tuple[list[PyreftIntervention], dict
         layer = rep["layer"]
         if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
             raise LoadError(f"intervention {key}: layer {layer!r} is not a layer index.")
-        state = _load_state(folder / f"intkey_{key}.bin", key)
+        state = _load_state(inside(folder, f"intkey_{key}.bin", f"{config_path}: intervention {key}"), key)
         out.append(PyreftIntervention(key, cls, layer, rep["component"], state))
     return out, config
 
@@ -614,6 +615,16 @@ def _resolve_positions(
     return [_clamped(spec, clamp)] * n
 
 
+def _saved_width(state: dict[str, Any]) -> int | None:
+    """The hidden size a pyreft intervention was trained on: its ``embed_dim``, else the larger
+    side of its weight matrices (a rank is never above the width)."""
+    embed = state.get("embed_dim")
+    if isinstance(embed, torch.Tensor) and embed.numel() == 1:
+        return int(embed)
+    sides = [max(t.shape) for t in state.values() if isinstance(t, torch.Tensor) and t.ndim == 2]
+    return max(sides) if sides else None
+
+
 def _check_base_model(config: dict[str, Any], model: Any, folder: Path) -> None:
     """The base-model fingerprint save_pyreft recorded, if any, against ``model``'s (as ReftModel.load)."""
     meta = config.get(METADATA_KEY)
@@ -621,11 +632,12 @@ def _check_base_model(config: dict[str, Any], model: Any, folder: Path) -> None:
     if not isinstance(saved, dict):
         return  # pyreft's own saves record no base model
     here = fingerprint(model)
-    diff = [f"{k}: saved {saved.get(k)!r}, model {v!r}" for k, v in here.items() if saved.get(k) != v]
+    diff = fingerprint_diff(saved, here)
     if diff:
+        kept, shapes = ({k: v for k, v in f.items() if k != "weights"} for f in (saved, here))
         raise LoadError(
-            f"{folder} was trained on a different base model ({'; '.join(diff)}): saved fingerprint {saved}, this "
-            f"model's {here}. Load it onto the model it was trained on."
+            f"{folder} was trained on a different base model ({'; '.join(diff)}): saved fingerprint {kept}, this "
+            f"model's {shapes}. Load it onto the model it was trained on."
         )
 
 
@@ -687,6 +699,15 @@ def load_pyreft(
     plain tensor state dict, and (for folders written by :func:`save_pyreft`, which records the
     base model's fingerprint as :meth:`reftlens.ReftModel.save` does) another base model.
 
+    Start tokens: pyreft's pipeline tokenizes with the Hugging Face tokenizer, which for SmolLM2
+    adds no start token, while reftlens prepends the model's (see :func:`reftlens.text_tokens`):
+    pass ``prepend_bos=False`` to ``reft(...)``, ``reft.generate`` and ``collect`` to reproduce
+    pyreft's tokenization (on one-token prompts the last-position logits otherwise differ by up
+    to 45). Which token reftlens prepends depends on the load: ``load_model("smollm2-135m")``
+    configures its offline copy with start token ``<|endoftext|>`` (id 0) and pad
+    ``<empty_output>`` (id 16) (see docs/export.md, "Start tokens"), while a SmolLM2 folder loaded with
+    ``load_model(folder)`` keeps its own tokenizer config (``<|im_start|>``, pad ``<|im_end|>``).
+
     Weights are loaded bit for bit; rotations are held as saved (see
     :class:`~reftlens.OrthonormalRows`), so a loaded LoReFT, ConsReFT or LoBiReFT computes with
     pyreft's own R rather than a re-orthonormalised one.
@@ -715,6 +736,18 @@ def load_pyreft(
 
 def _check_layers(ivs: Sequence[PyreftIntervention], n_layers: int) -> None:
     for iv in ivs:
+        width = _saved_width(iv.state)
+        if width is not None and width != d:
+            raise LoadError(
+                f"intervention {iv.key} was trained on a model of hidden size (width) {width}, but this model's "
+                f"d_model is {d}"
+                + (
+                    f" (and it is at layer {iv.layer}, beyond this model's 0..{n_layers - 1})"
+                    if iv.layer >= n_layers
+                    else ""
+                )
+                + ". Load it onto the model it was trained on."
+            )
         if iv.layer >= n_layers:
             raise LoadError(
                 f"intervention {iv.key} is at layer {iv.layer}, but the model has layers 0..{n_layers - 1}."

@@ -16,7 +16,43 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from reftlens.errors import ConfigError
+
 _REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def finite_number(value: Any, what: str) -> float:
+    """``value`` as a float, or :class:`~reftlens.errors.ConfigError` naming ``what`` if it is not
+    a real, finite number (NaN, ±inf, a bool, a string)."""
+    import math
+    import numbers
+
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number; got {value!r}.")
+    return float(value)
+
+
+def finite_tensor(value: Tensor, what: str) -> Tensor:
+    """``value`` unchanged, or :class:`~reftlens.errors.ConfigError` naming ``what`` and the first
+    non-finite entry if it holds NaN or ±inf."""
+    if value.is_floating_point() or value.is_complex():
+        bad = ~torch.isfinite(value)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in bad.nonzero()[0])
+            raise ConfigError(
+                f"{what} holds {int(bad.sum())} non-finite value(s) (first: {value[where].item()} at index "
+                f"{where if len(where) > 1 else where[0]}); give finite values."
+            )
+    return value
+
+
+def size(value: Any, what: str, *, minimum: int = 1) -> int:
+    """``value`` as an int ≥ ``minimum``, or :class:`~reftlens.errors.ConfigError` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{what} must be an integer of at least {minimum}; got {value!r}.")
+    return value
 
 
 def register(type_name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:

@@ -15,7 +15,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from reftlens.errors import ConfigError
-from reftlens.interventions.base import Phi, phi_label, register, takes_source
+from reftlens.interventions.base import Phi, finite_number, finite_tensor, phi_label, register, size, takes_source
 
 
 class Scaled(Phi):
@@ -52,9 +52,9 @@ class Scaled(Phi):
                 raise ConfigError(
                     f"Scaled: alpha must be a number or one value per example [batch]; got shape {tuple(value.shape)}."
                 )
-            value = value.detach()
+            value = finite_tensor(value.detach(), "alpha")
         else:
-            value = float(value)
+            value = finite_number(value, "alpha")
         self._alpha = value
 
     @property
@@ -115,9 +115,13 @@ class ProjectOut(Phi):
     def __init__(self, directions: Float[Tensor, "*r d"] | int, rank: int = 1):
         super().__init__()
         if isinstance(directions, int):
-            U = torch.zeros(rank, directions)
+            d = size(directions, "ProjectOut: directions (a width)")
+            r = size(rank, "ProjectOut: rank")
+            if r > d:
+                raise ConfigError(f"ProjectOut: rank must be at most the width {d}; got rank={rank!r}.")
+            U = torch.zeros(r, d)
         else:
-            U = torch.as_tensor(directions).detach().float()
+            U = finite_tensor(torch.as_tensor(directions).detach().float(), "ProjectOut: directions")
             U = U[None] if U.ndim == 1 else U
             if U.ndim != 2 or U.shape[0] > U.shape[1]:
                 raise ValueError(
@@ -164,11 +168,16 @@ class ReFTr1(Phi):
 
     def __init__(self, d_model: int, k: int = 8, l1: float = 1e-3):
         super().__init__()
-        if not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"ReFTr1(d_model, ...) takes a positive integer width; got d_model={d_model!r}.")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"ReFTr1: k (the top latents averaged per example) must be a positive integer; got {k!r}.")
-        self.d_model, self.k, self.l1 = d_model, k, float(l1)
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+            raise ConfigError(f"ReFTr1(d_model, ...) takes a positive integer width; got d_model={d_model!r}.")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(
+                f"ReFTr1: k (the top latents averaged per example) must be a positive integer; got {k!r}."
+            )
+        l1 = finite_number(l1, "ReFTr1: l1")
+        if l1 < 0:
+            raise ConfigError(f"ReFTr1: l1 (a penalty weight) must be at least 0; got {l1!r}.")
+        self.d_model, self.k, self.l1 = d_model, k, l1
         self.w = nn.Parameter(torch.randn(d_model) / d_model**0.5)
         self._pending: list[Tensor] = []
 

@@ -8,7 +8,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from reftlens.interventions.base import Affine, Phi, register
+from reftlens.errors import ConfigError
+from reftlens.interventions.base import Affine, Phi, finite_number, finite_tensor, register, size
 
 
 @register("interchange")
@@ -64,7 +65,10 @@ class MeanAblation(Phi):
 
     def __init__(self, mean: Float[Tensor, "d"] | int):  # noqa: F821
         super().__init__()
-        mean = torch.zeros(mean) if isinstance(mean, int) else torch.as_tensor(mean).detach().clone()
+        if isinstance(mean, int):
+            mean = torch.zeros(size(mean, "MeanAblation: mean (a width)"))
+        else:
+            mean = finite_tensor(torch.as_tensor(mean).detach().clone(), "MeanAblation: mean")
         if mean.ndim != 1:
             raise ValueError(f"MeanAblation needs a mean vector of shape [d_model]; got shape {tuple(mean.shape)}.")
         self.register_buffer("mean", mean)
@@ -91,12 +95,17 @@ class Steer(Phi):
 
     def __init__(self, vector: Float[Tensor, "d"] | int, alpha: float = 1.0, *, scale: float | None = None):  # noqa: F821
         super().__init__()
-        vector = torch.zeros(vector) if isinstance(vector, int) else torch.as_tensor(vector).detach().clone()
+        if isinstance(vector, int):
+            vector = torch.zeros(size(vector, "Steer: vector (a width)"))
+        else:
+            vector = finite_tensor(torch.as_tensor(vector).detach().clone(), "Steer: vector")
         if vector.ndim != 1:
             raise ValueError(f"Steer needs a vector of shape [d_model]; got shape {tuple(vector.shape)}.")
         self.vector = nn.Parameter(vector.float() if not vector.is_floating_point() else vector)
         # `scale` is what saves before `alpha` called it; they still load
-        self.alpha = float(alpha if scale is None else scale)
+        self.alpha = finite_number(
+            alpha if scale is None else scale, "Steer: alpha" if scale is None else "Steer: scale"
+        )
         self.d_model = vector.shape[0]
 
     def config(self) -> dict[str, Any]:
@@ -136,7 +145,9 @@ class Noise(Phi):
 
     def __init__(self, std: float, seed: int | None = 0, d_model: int | None = None):
         super().__init__()
-        self.std = float(std)
+        self.std = finite_number(std, "Noise: std")
+        if self.std < 0:
+            raise ConfigError(f"Noise: std must be at least 0 (a standard deviation); got {std!r}.")
         self.seed = seed
         self.d_model = d_model
 

@@ -19,7 +19,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from reftlens.interventions.base import Affine, Phi, low_rank_many, register
+from reftlens.errors import ConfigError
+from reftlens.interventions.base import Affine, Phi, finite_number, low_rank_many, register
 from reftlens.interventions.subspace import OrthonormalRows, _check_rank
 
 _INITS = ("identity", "random")
@@ -42,6 +43,9 @@ class _LowRank(Phi):
             raise ValueError(f"{type(self).__name__}: init must be one of {_INITS}; got {init!r}.")
         if init == "identity" and not self.identity_init_possible:
             raise ValueError(f"{type(self).__name__} cannot start at the identity; use init='random'.")
+        dropout = finite_number(dropout, f"{type(self).__name__}: dropout")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"{type(self).__name__}: dropout must be in [0, 1) (a probability); got {dropout!r}.")
         self.d_model, self.rank, self.init, self.has_bias = d_model, rank, init, bool(bias)
         self.dropout = nn.Dropout(dropout)
 

@@ -8,14 +8,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from reftlens.errors import ConfigError
 from reftlens.interventions.base import Phi, register
 
 
 def _check_rank(cls: str, d_model: int, rank: int) -> None:
-    if not (isinstance(d_model, int) and isinstance(rank, int)):
-        raise TypeError(f"{cls}(d_model, rank) takes integers; got d_model={d_model!r}, rank={rank!r}.")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (d_model, rank)):
+        raise ConfigError(f"{cls}(d_model, rank) takes integers; got d_model={d_model!r}, rank={rank!r}.")
     if not 1 <= rank <= d_model:
-        raise ValueError(
+        raise ConfigError(
             f"{cls}: rank must be between 1 and d_model={d_model}; got rank={rank}. "
             "A subspace of a d_model-wide hidden state has at most d_model dimensions."
         )

@@ -30,8 +30,23 @@ def alpha_sweep(
     >>> steer = ReftModel(model, Intervention(Steer(direction.vector), layers=6, positions="all"))  # doctest: +SKIP
     >>> alpha_sweep(steer, ["Tell me a story."], [0, 4, 8], 24, intervene_on="all")                # doctest: +SKIP
     """
+    from reftlens.generation import check_sampling_args
+    from reftlens.interventions.base import finite_number
+
+    check_sampling_args(
+        max_new_tokens,
+        generate_kwargs.get("do_sample", False),
+        generate_kwargs.get("temperature", 1.0),
+        generate_kwargs.get("top_k"),
+        generate_kwargs.get("top_p"),
+        generate_kwargs.get("seed"),
+    )
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ConfigError(f"batch_size must be None or a positive integer (rows per generation); got {batch_size!r}.")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    alphas = [float(a) for a in alphas]
+    if isinstance(alphas, (int, float)) or not hasattr(alphas, "__iter__"):
+        raise ConfigError(f"alphas must be a list of numbers (one generation per α); got {alphas!r}.")
+    alphas = [finite_number(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
     if not prompts or not alphas:
         raise ConfigError("alpha_sweep needs at least one prompt and one alpha.")
     if not all(isinstance(p, str) for p in prompts):

@@ -18,6 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from reftlens.errors import AnalysisError
+from reftlens.inputs import context_limit, fit, text_tokens
 from reftlens.interventions.patching import Collect
 from reftlens.model import ReftModel
 from reftlens.progress import check_progress, progress_bar
@@ -91,14 +92,22 @@ def collect(
     hook: str = "resid_post",
     positions: Any = "all",
     batch_size: int = 16,
+    prepend_bos: bool | None = None,
+    max_length: int | None = None,
+    truncation: str | None = None,
     progress: bool = True,
 ) -> Activations:
     """Hidden states of ``texts`` at ``hook`` of each of ``layers``, at ``positions`` (any position
     spec, resolved against each text's real tokens; ``slice(1, None)`` skips the start token).
 
     ``texts``: strings or token-id lists. Batches are formed by length (less padding) and run
-    only up to the highest layer asked for. ``progress``: a progress bar (tqdm) counting the texts
-    as each batch finishes; ``False`` prints nothing.
+    only up to the highest layer asked for. Strings are tokenized by reftlens's one rule,
+    :func:`reftlens.inputs.text_tokens`, with ``prepend_bos`` (None: the model's default),
+    ``max_length`` and ``truncation``: a text beyond ``max_length`` (default: the model's context)
+    is refused unless ``truncation`` ("left" / "right") says which side to cut; with these another
+    pipeline's tokenization can be matched (e.g. ``prepend_bos=False, max_length=512,
+    truncation="right"``). ``progress``: a progress bar (tqdm)
+    counting the texts as each batch finishes; ``False`` prints nothing.
 
     >>> acts = collect(model, ["a cat sat", "dogs bark"], layers=[2, 3])       # doctest: +SKIP
     >>> acts[3].shape, acts.pooled(3).shape                                   # doctest: +SKIP
@@ -109,6 +118,15 @@ def collect(
         raise AnalysisError("collect got no texts: pass at least one string (or token-id list).")
     if not layers:
         raise AnalysisError("collect needs at least one layer.")
+    if prepend_bos not in (None, True, False):
+        raise AnalysisError(f"collect: prepend_bos must be None, True or False; got {prepend_bos!r}.")
+    limit = context_limit(model, max_length, truncation)
+    texts = [
+        text_tokens(model, t, prepend_bos, max_length=max_length, truncation=truncation).tolist()
+        if isinstance(t, str)
+        else fit(torch.as_tensor(list(t), dtype=torch.long), limit, truncation, f"texts[{i}]").tolist()
+        for i, t in enumerate(texts)
+    ]
     collectors = {layer: Collect() for layer in layers}
     reft = ReftModel(
         model,
@@ -203,10 +221,17 @@ def pca(pos: Float[Tensor, "n d"], neg: Float[Tensor, "n d"], *, seed: int = 0) 
     x = diffs * signs
     x = x - x.mean(0)
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    total = float((s.double() ** 2).sum())
+    if not total > 1e-12 * max(1.0, float((diffs.double() ** 2).sum())):
+        raise AnalysisError(
+            "pca: the paired differences pos − neg have no variance (every pair differs by the same amount, up "
+            "to sign, or not at all), so there is no principal component to return; check that the pairs differ "
+            "in the concept, or use diff_mean."
+        )
     v = vh[0]
     if float(diffs.mean(0) @ v) < 0:
         v = -v
-    ev = float(s[0] ** 2 / (s**2).sum()) if float((s**2).sum()) > 0 else float("nan")
+    ev = float(s[0] ** 2 / (s**2).sum())
     return _direction(v, "pca", float(s[0]) / math.sqrt(max(1, x.shape[0] - 1)), pos, neg, explained_variance=ev)
 
 
