@@ -722,7 +722,7 @@ def load_pyreft(
     ivs, config = read_pyreft(path)
     folder = Path(path)
     _check_base_model(config, model, folder)
-    _check_layers(ivs, int(model.cfg.n_layers))
+    _check_layers(ivs, int(model.cfg.n_layers), int(model.cfg.d_model))
     if dtype is None:
         dtype = next(model.parameters()).dtype
     phis = _build_phis(ivs, _metadata_ties(config, ivs), int(model.cfg.d_model), dtype)
@@ -734,7 +734,8 @@ def load_pyreft(
     return ReftModel(model, interventions)
 
 
-def _check_layers(ivs: Sequence[PyreftIntervention], n_layers: int) -> None:
+def _check_layers(ivs: Sequence[PyreftIntervention], n_layers: int, d: int) -> None:
+    """Each saved intervention fits this model: its width (named first) and its layer."""
     for iv in ivs:
         width = _saved_width(iv.state)
         if width is not None and width != d:

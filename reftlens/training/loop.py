@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from reftlens.errors import TrainingError
-from reftlens.saving import check_save_target
+from reftlens.saving import check_save_target, recover
 from reftlens.training.checkpoint import STATE_FILE, load_checkpoint, save_checkpoint
 from reftlens.training.config import History, TrainConfig
 from reftlens.training.data import Example, batch_order, encode
@@ -272,6 +272,8 @@ def _setup_resume(
 ) -> tuple[int, History]:
     """The step to start from and the history so far: from the checkpoint with ``resume=True``."""
     ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+    if cfg.resume and ckpt is not None:
+        ckpt = recover(ckpt)  # a checkpoint caught mid-swap by a kill is restored first
     if cfg.resume and ckpt is not None and (ckpt / STATE_FILE).is_file():
         return load_checkpoint(ckpt, reft, optimizer, scheduler)
     return 0, History()
