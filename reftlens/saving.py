@@ -86,6 +86,10 @@ def weights_fingerprint(hf: torch.nn.Module) -> dict[str, list[float]] | None:
         layer = decoder_layers(hf)[0]
     except Exception:
         return None
+    if any(hasattr(t, "device_mesh") for t in [emb, *layer.parameters()]):
+        # a base sharded across processes (reftlens.training.shard_base): reading its values is a
+        # collective that a save on one rank would wait on forever, so the check is shapes only
+        return None
     with torch.no_grad():
         W = emb.detach()
         rows = torch.linspace(0, W.shape[0] - 1, 4).long().tolist()
