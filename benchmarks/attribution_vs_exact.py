@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import environment_line, headline, repeat
 
 import reftlens
 from reftlens.analysis import patch_sweep
@@ -57,16 +56,6 @@ def pairs_for(model, n: int):
         if len(out) == n:
             break
     return out, skipped
-
-
-def timed(fn, reps: int):
-    """(median seconds over ``reps`` runs, last result)."""
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -127,11 +116,11 @@ def main() -> None:
 
         for hook in args.hooks:
             patch_sweep(model, clean, corrupt, metric, hook, method="attribution")  # warm up
-            t_exact, exact = timed(lambda: patch_sweep(model, clean, corrupt, metric, hook, batched=True), 1)
-            t_atp, atp = timed(
+            t_exact, exact = repeat(lambda: patch_sweep(model, clean, corrupt, metric, hook, batched=True), 1)
+            t_atp, atp = repeat(
                 lambda: patch_sweep(model, clean, corrupt, metric, hook, method="attribution"), args.reps
             )
-            t_ig, ig = timed(
+            t_ig, ig = repeat(
                 lambda: patch_sweep(
                     model, clean, corrupt, metric, hook, method="attribution-ig", ig_steps=args.ig_steps
                 ),
@@ -147,7 +136,7 @@ def main() -> None:
             )
             if hook == "resid_pre" and i < args.tl_pairs:
                 with torch.no_grad():
-                    t_tl, tl = timed(lambda: tl_exact(model, clean, corrupt, metric, hook), 1)
+                    t_tl, tl = repeat(lambda: tl_exact(model, clean, corrupt, metric, hook), 1)
                 tl_rows.append((clean_text, t_tl, t_exact, t_atp, t_ig, float((tl.cpu() - exact.values).abs().max())))
     print()
     print(
