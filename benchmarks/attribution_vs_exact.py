@@ -23,7 +23,7 @@ import statistics
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline, repeat
+from common import add_load_argument, environment_line, headline, repeat, wait_for_load
 
 import reftlens
 from reftlens.analysis import patch_sweep
@@ -92,7 +92,9 @@ def main() -> None:
         default=1,
         help="pairs on which transformer_lens.patching's exact sweep is also timed (resid_pre; slow)",
     )
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     torch.set_grad_enabled(True)
     model = reftlens.load_model(args.model)
     pairs, skipped = pairs_for(model, args.pairs)

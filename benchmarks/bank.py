@@ -24,7 +24,16 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline, interleave, paper_layers, side_by_side, timed
+from common import (
+    add_load_argument,
+    environment_line,
+    headline,
+    interleave,
+    paper_layers,
+    side_by_side,
+    timed,
+    wait_for_load,
+)
 
 WORDS = [
     "river",
@@ -242,7 +251,9 @@ def main() -> None:
         "--only", nargs="+", choices=["generation", "size", "training"], default=["generation", "size", "training"]
     )
     ap.add_argument("--micro", action="store_true", help="only compare the ways to run many low-rank Φs")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     print(environment_line())
     if args.micro:
         micro(576, 4, args.reps)

@@ -22,7 +22,7 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline, side_by_side
+from common import add_load_argument, environment_line, headline, side_by_side, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
@@ -31,7 +31,9 @@ from reftlens import Intervention, LoReFT, ReftModel
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=10)
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     from transformers import AutoModelForCausalLM
 
     bridge = reftlens.load_model("smollm2-135m")

@@ -15,7 +15,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline, paper_layers, side_by_side
+from common import add_load_argument, environment_line, headline, paper_layers, side_by_side, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
@@ -50,7 +50,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=15)
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     print(f"# forward overhead, batch {args.batch} x {args.seq}, fp32, {torch.get_num_threads()} threads")
     print(environment_line())
     print(

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import environment_line, headline, interleave
+from common import add_load_argument, environment_line, headline, interleave, wait_for_load
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMED = "import time; t = time.perf_counter(); import {0}; print(time.perf_counter() - t)"
@@ -35,7 +35,9 @@ def import_seconds(module: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="fresh processes per arm (median)")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     import_seconds("reftlens")  # warm the file cache once, for both arms
     # each arm's own measurement of its import, in a fresh interpreter, the arms alternating
     runs = interleave({m: (lambda m=m: import_seconds(m)) for m in ("torch", "reftlens")}, args.runs)

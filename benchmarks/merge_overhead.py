@@ -24,7 +24,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline, side_by_side
+from common import add_load_argument, environment_line, headline, side_by_side, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
@@ -46,7 +46,9 @@ def main() -> None:
         default=None,
         help="torch threads (default: torch's); 1 keeps a busy machine's other work out of the timings",
     )
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -18,7 +18,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline, repeat
+from common import add_load_argument, environment_line, headline, repeat, wait_for_load
 from transformer_lens import patching
 
 import reftlens
@@ -53,7 +53,9 @@ def pair(model, name):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-llama", "tiny-gpt2", "smollm2-135m"])
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     print("# resid_pre patching sweep")
     print(environment_line())
     print(

@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from common import environment_line, headline, load1, timed
+from common import add_load_argument, environment_line, headline, load1, timed, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel, ReFTr1, Steer
@@ -223,7 +223,9 @@ def main() -> None:
     ap.add_argument("--no-steering", action="store_true", help="detection only")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     if args.quick:
         args.layers, args.steer_layer, args.detect_train, args.detect_test = [12], 12, 6, 6
         args.steer_topics, args.n_val, args.n_test, args.new_tokens = ["sport"], 2, 2, 8
