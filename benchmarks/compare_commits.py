@@ -178,9 +178,10 @@ def worker(args) -> None:
     def reply(**kw) -> None:
         out.write(REPLY + json.dumps(kw) + "\n")
 
+    reply(reftlens=str(Path(reftlens.__file__).resolve().parent))  # checked before the model loads
     model = reftlens.load_model(args.model)
     calls = {}
-    reply(ready=True, reftlens=str(Path(reftlens.__file__).resolve().parent), threads=torch.get_num_threads())
+    reply(ready=True, threads=torch.get_num_threads())
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
@@ -206,12 +207,11 @@ class Worker:
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, cwd=tree
         )
-        ready = self.read()
-        where = Path(ready["reftlens"])
+        where = Path(self.read()["reftlens"])
         if tree.resolve() not in where.parents:
-            self.close()
+            self.close(kill=True)
             raise SystemExit(f"{label}: reftlens was imported from {where}, not from the worktree {tree}")
-        self.threads = ready["threads"]
+        self.threads = self.read()["threads"]
 
     def read(self) -> dict:
         while line := self.proc.stdout.readline():
@@ -226,7 +226,10 @@ class Worker:
         self.proc.stdin.flush()
         return self.read()
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
