@@ -48,7 +48,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import add_load_argument, environment, environment_line, headline, interleave, load1, wait_for_load
+from common import (
+    add_load_argument,
+    environment,
+    environment_line,
+    headline,
+    interleave,
+    load1,
+    table,
+    wait_for_load,
+)
 from torch import Tensor
 
 import reftlens
@@ -312,7 +321,9 @@ def main() -> None:
             rows = {}
             # CPU time counts every thread's work and not the time other jobs hold the cores, so it stays
             # comparable on a busy machine
-            r = interleave({arm: functools.partial(run, arm, hook, prompt, subject) for arm in arms}, args.reps)
+            r = interleave(
+                {arm: functools.partial(run, arm, hook, prompt, subject) for arm in arms}, args.reps, keep="last"
+            )
             for arm in arms:
                 times[arm] += [(prompt, t) for t in r.times[arm]]
                 cpu[arm] += [(prompt, c) for c in r.cpu[arm]]
@@ -362,8 +373,7 @@ def main() -> None:
     head = ["hook", "cells (layers × positions)", "reftlens (s)"] + [f"plain, from {a} (s)" for a in short]
     head += [f"reftlens / plain ({a})" for a in short] + [f"same, CPU time ({a})" for a in short]
     head += [f"max abs Δ ({a})" for a in short]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    lines = []
     for r in results:
         sec, cs = r["seconds"], r["cpu_seconds"]
         shapes = ", ".join(f"{g['grid'][0]} × {g['grid'][1]}" for g in r["prompts"])
@@ -371,7 +381,8 @@ def main() -> None:
         cells += [f"{sec['reftlens'] / sec[a]:.2f}×" for a in arms[1:]]
         cells += [f"{cs['reftlens'] / cs[a]:.2f}×" for a in arms[1:]]
         cells += [f"{r['max_abs_diff'][a]:.1e}" for a in arms[1:]]
-        print("| " + " | ".join(cells) + " |")
+        lines.append(cells)
+    print(table(head, lines))
     print(
         f"# 1-min load average: {load[-1]:.2f} before, {load_after:.2f} after "
         f"(2 cores: above ~2 means another job shared the CPUs)"

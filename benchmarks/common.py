@@ -207,7 +207,7 @@ def repeat(fn: Callable[[], Any], reps: int = 1, *, budget_s: float = 0.0, max_r
 class Interleaved:
     times: dict[str, list[float]]  # per arm, the measured reps (after warm-up) on the chosen clock, in order
     cpu: dict[str, list[float]]  # the same reps' CPU seconds of this process
-    results: dict[str, list[Any]]  # per arm, what each measured call returned
+    results: dict[str, list[Any]]  # per arm, what the measured calls returned (as ``keep`` says)
 
     def median(self, arm: str) -> float:
         return statistics.median(self.times[arm])
@@ -220,13 +220,18 @@ def interleave(
     warmup: int = 0,
     inputs: Sequence[Any] | None = None,
     clock: str = "wall",
+    keep: str = "none",
 ) -> Interleaved:
     """Run every arm once per rep, the first arm rotating from rep to rep (with two arms: a b, b a,
     a b, ...), so drifting machine load and cache state hit every arm alike. ``warmup`` reps run
     the same way and are not kept. With ``inputs``, rep ``i`` calls each arm with
-    ``inputs[i % len(inputs)]`` (e.g. the same batch for every arm)."""
+    ``inputs[i % len(inputs)]`` (e.g. the same batch for every arm). ``keep``: which results to keep,
+    ``"none"`` (a forward's logits can be hundreds of MB: each is dropped before the next call),
+    ``"last"`` (each arm's last) or ``"all"``."""
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {sorted(CLOCKS)}; got {clock!r}")
+    if keep not in ("none", "last", "all"):
+        raise ValueError(f"keep must be 'none', 'last' or 'all'; got {keep!r}")
     names = list(arms)
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
@@ -235,11 +240,15 @@ def interleave(
         args = () if inputs is None else (inputs[i % len(inputs)],)
         k = i % len(names)
         for n in names[k:] + names[:k]:
+            if keep == "last":
+                results[n].clear()  # before the call: never two results of an arm alive at once
             t = timed(lambda n=n: arms[n](*args))  # noqa: B023 (called at once)
             if i >= warmup:
                 times[n].append(t.wall if clock == "wall" else t.cpu)
                 cpu[n].append(t.cpu)
-                results[n].append(t.result)
+                if keep != "none":
+                    results[n].append(t.result)
+            del t
     return Interleaved(times, cpu, results)
 
 

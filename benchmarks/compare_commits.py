@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     interleave,
     load1,
     paper_layers,
+    table,
     timed,
     versions,
     wait_for_load,
@@ -303,7 +304,7 @@ def main() -> None:
                     for wk in workers.values():
                         wk.ask(op="setup", workload=w)
                     arms = {label: (lambda wk=wk, w=w: wk.ask(op="run", workload=w)) for label, wk in workers.items()}
-                    r = interleave(arms, args.reps, warmup=args.warmup)
+                    r = interleave(arms, args.reps, warmup=args.warmup, keep="all")
                     before = [x["wall"] for x in r.results["before"]]
                     after = [x["wall"] for x in r.results["after"]]
                     c = compare(before, after)
@@ -332,17 +333,18 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print()
+    head = ["model", "workload", "before (s)", "after (s)", "after / before (medians)", "paired"]
+    head += [f"within ±{100 * args.tolerance:g}%", "same output"]
+    yes = {True: "yes", False: "**no**", None: "–"}
     print(
-        "| model | workload | before (s) | after (s) | after / before (medians) | paired | within ±3% | same output |".replace(
-            "3%", f"{100 * args.tolerance:g}%"
+        table(
+            head,
+            [
+                [m, w, f"{c.base_s:.4f}", f"{c.other_s:.4f}", f"{c.ratio:.3f}", f"{c.paired:.3f}", yes[ok], yes[eq]]
+                for m, w, c, ok, eq in rows
+            ],
         )
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for model, w, c, ok, equal in rows:
-        print(
-            f"| {model} | {w} | {c.base_s:.4f} | {c.other_s:.4f} | {c.ratio:.3f} | {c.paired:.3f} | "
-            f"{'yes' if ok else '**no**'} | {'–' if equal is None else ('yes' if equal else '**no**')} |"
-        )
     print(f"\n# 1-min load average at the end: {load1():.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def main() -> None:
     wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     import_seconds("reftlens")  # warm the file cache once, for both arms
     # each arm's own measurement of its import, in a fresh interpreter, the arms alternating
-    runs = interleave({m: (lambda m=m: import_seconds(m)) for m in ("torch", "reftlens")}, args.runs)
+    runs = interleave({m: (lambda m=m: import_seconds(m)) for m in ("torch", "reftlens")}, args.runs, keep="all")
     times = runs.results
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["reftlens"] / med["torch"]

@@ -252,7 +252,7 @@ def part_time(data, args) -> dict:
         arms["floor_eager"] = floor_step(hf_e, params_e)
     if not args.no_bridge_floor:
         arms["floor_bridge"] = bridge_floor()
-    r = interleave(arms, args.steps, warmup=args.warmup, inputs=batches)  # every arm the same batch each rep
+    r = interleave(arms, args.steps, warmup=args.warmup, inputs=batches, keep="all")  # the same batch each rep
     t = r.times
     out = dict(
         step_s_median={n: statistics.median(v) for n, v in t.items()},
@@ -410,6 +410,7 @@ def part_bf16(data, args) -> dict:
         args.bf16_steps,
         warmup=args.bf16_warmup,
         inputs=batches,
+        keep="all",
     )
     t = r.times
     r32.eval(), r16.eval()

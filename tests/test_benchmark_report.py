@@ -128,12 +128,16 @@ def test_interleave_rotates_the_first_arm_and_keeps_only_measured_reps():
     common = load("common")
     calls = []
     arms = {name: (lambda x, name=name: calls.append((name, x)) or f"{name}{x}") for name in "ab"}
-    r = common.interleave(arms, 3, warmup=1, inputs=[10, 20])
+    r = common.interleave(arms, 3, warmup=1, inputs=[10, 20], keep="all")
     assert calls == [("a", 10), ("b", 10), ("b", 20), ("a", 20), ("a", 10), ("b", 10), ("b", 20), ("a", 20)]
     assert r.results == {"a": ["a20", "a10", "a20"], "b": ["b20", "b10", "b20"]}  # the warm-up rep is dropped
     assert [len(v) for v in r.times.values()] == [3, 3] and [len(v) for v in r.cpu.values()] == [3, 3]
+    assert common.interleave(arms, 3, keep="last", inputs=[1]).results == {"a": ["a1"], "b": ["b1"]}
+    assert common.interleave(arms, 3, inputs=[1]).results == {"a": [], "b": []}  # by default none is kept
     with pytest.raises(ValueError, match="clock must be one of"):
         common.interleave(arms, 1, clock="gpu")
+    with pytest.raises(ValueError, match="keep must be"):
+        common.interleave(arms, 1, keep="some")
 
 
 def test_compare_gives_ratio_of_medians_paired_ratio_and_difference():

@@ -267,7 +267,7 @@ def part_generate(model, data, args) -> dict:
         "pyreft": lambda: reft.generate(b, unit_locations=unit_locations(batch), intervene_on_prompt=True, **kw)[1],
     }
     with torch.no_grad():
-        r = interleave(arms, args.gen_reps, warmup=1)
+        r = interleave(arms, args.gen_reps, warmup=1, keep="last")
     plain, withreft = r.times["hf"], r.times["pyreft"]
     g_hf, g_reft = r.results["hf"][-1], r.results["pyreft"][-1]
     return dict(
