@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, repeat, wait_for_load
 
 import reftlens
 from reftlens.analysis import patch_sweep
@@ -57,16 +56,6 @@ def pairs_for(model, n: int):
         if len(out) == n:
             break
     return out, skipped
-
-
-def timed(fn, reps: int):
-    """(median seconds over ``reps`` runs, last result)."""
-    times, out = [], None
-    for _ in range(reps):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -103,7 +92,9 @@ def main() -> None:
         default=1,
         help="pairs on which transformer_lens.patching's exact sweep is also timed (resid_pre; slow)",
     )
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     torch.set_grad_enabled(True)
     model = reftlens.load_model(args.model)
     pairs, skipped = pairs_for(model, args.pairs)
@@ -127,11 +118,11 @@ def main() -> None:
 
         for hook in args.hooks:
             patch_sweep(model, clean, corrupt, metric, hook, method="attribution")  # warm up
-            t_exact, exact = timed(lambda: patch_sweep(model, clean, corrupt, metric, hook, batched=True), 1)
-            t_atp, atp = timed(
+            t_exact, exact = repeat(lambda: patch_sweep(model, clean, corrupt, metric, hook, batched=True), 1)
+            t_atp, atp = repeat(
                 lambda: patch_sweep(model, clean, corrupt, metric, hook, method="attribution"), args.reps
             )
-            t_ig, ig = timed(
+            t_ig, ig = repeat(
                 lambda: patch_sweep(
                     model, clean, corrupt, metric, hook, method="attribution-ig", ig_steps=args.ig_steps
                 ),
@@ -147,7 +138,7 @@ def main() -> None:
             )
             if hook == "resid_pre" and i < args.tl_pairs:
                 with torch.no_grad():
-                    t_tl, tl = timed(lambda: tl_exact(model, clean, corrupt, metric, hook), 1)
+                    t_tl, tl = repeat(lambda: tl_exact(model, clean, corrupt, metric, hook), 1)
                 tl_rows.append((clean_text, t_tl, t_exact, t_atp, t_ig, float((tl.cpu() - exact.values).abs().max())))
     print()
     print(

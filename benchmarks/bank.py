@@ -20,15 +20,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import (
+    add_load_argument,
+    environment_line,
+    headline,
+    interleave,
+    paper_layers,
+    side_by_side,
+    timed,
+    wait_for_load,
+)
 
-SETS_LAYERS = [3, 9, 18, 24]  # the paper's instruction-tuning layers (scaled down on smaller models)
 WORDS = [
     "river",
     "garden",
@@ -49,12 +55,6 @@ WORDS = [
 ]
 
 
-def layers_for(n_layers: int) -> list[int]:
-    if n_layers >= 25:
-        return SETS_LAYERS
-    return sorted({max(0, round(n_layers * f) - 1) for f in (0.125, 0.375, 0.625, 0.875)})
-
-
 def make_set(model, seed: int):
     from reftlens import Intervention, LoReFT
 
@@ -62,22 +62,13 @@ def make_set(model, seed: int):
     phi = LoReFT(model.cfg.d_model, 4, init="random")
     with torch.no_grad():
         phi.W.bias.normal_(0, 2.0)  # a real edit, so sets generate differently
-    return [Intervention(phi, layers=layers_for(model.cfg.n_layers), positions="f5+l5")]
-
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    return [Intervention(phi, layers=paper_layers(model.cfg.n_layers), positions="f5+l5")]
 
 
 def paired(a, b, reps: int) -> tuple[float, float, float]:
     """Medians of a and b, run alternately, and the median of their per-pair ratios b / a."""
-    ta, tb = [], []
-    for _ in range(reps):
-        ta.append(timed(a))
-        tb.append(timed(b))
-    return statistics.median(ta), statistics.median(tb), statistics.median(y / x for x, y in zip(ta, tb))
+    c = side_by_side(a, b, reps)
+    return c.base_s, c.other_s, c.paired
 
 
 def bench_generation(model, reps: int, new_tokens: int) -> None:
@@ -171,9 +162,9 @@ def bench_training(model, steps: int) -> None:
     kw = dict(max_steps=steps, batch_size=batch_size, lr=1e-2, progress=False, seed=0)
     joint = ReftModel(model, {name: make_set(model, k) for k, name in enumerate(data)})
     rows = [dict(r, adapter=name) for name, rs in data.items() for r in rs]
-    t_joint = timed(lambda: reftlens.train(joint, rows, **kw))
+    t_joint = timed(lambda: reftlens.train(joint, rows, **kw)).wall
     separate = [ReftModel(model, make_set(model, k)) for k in range(n_sets)]
-    t_sep = timed(lambda: [reftlens.train(r, data[f"s{k}"], **kw) for k, r in enumerate(separate)])
+    t_sep = timed(lambda: [reftlens.train(r, data[f"s{k}"], **kw) for k, r in enumerate(separate)]).wall
     diff = max(
         (a - b).abs().max().item()
         for k, r in enumerate(separate)
@@ -228,16 +219,17 @@ def micro(d: int, r: int, reps: int) -> None:
                 which = torch.randint(0, k, (n,))
                 params = [(torch.randn(*s) / d**0.5).requires_grad_(backward) for s in ((k, r, d), (k, r), (k, r, d))]
                 ref = grouped(h, which, *params)
-                times = {w: [] for w in ways}
-                for rep in range(reps + 2):
-                    for w, f in ways.items():
-                        t = time.perf_counter()
-                        out = f(h, which, *params)
-                        if backward:
-                            out.square().sum().backward()
-                        if rep >= 2:  # two warm-up rounds
-                            times[w].append(time.perf_counter() - t)
-                        torch.testing.assert_close(out.detach(), ref.detach(), rtol=1e-4, atol=1e-4)
+
+                def run(f, h=h, which=which, params=params, backward=backward):
+                    out = f(h, which, *params)
+                    if backward:
+                        out.square().sum().backward()
+                    return out.detach()
+
+                res = interleave({w: (lambda f=f: run(f)) for w, f in ways.items()}, reps, warmup=2, keep="last")
+                for outs in res.results.values():
+                    torch.testing.assert_close(outs[-1], ref.detach(), rtol=1e-4, atol=1e-4)
+                times = res.times
                 # the best of the repetitions, as timeit reports: on a shared machine the median carries other
                 # processes' time slices
                 print(
@@ -259,7 +251,9 @@ def main() -> None:
         "--only", nargs="+", choices=["generation", "size", "training"], default=["generation", "size", "training"]
     )
     ap.add_argument("--micro", action="store_true", help="only compare the ways to run many low-rank Φs")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     print(environment_line())
     if args.micro:
         micro(576, 4, args.reps)
@@ -269,7 +263,7 @@ def main() -> None:
     model = reftlens.load_model(args.model)
     print(
         f"# {args.model}: d_model {model.cfg.d_model}, {model.cfg.n_layers} layers; sets: LoReFT rank 4 at layers "
-        f"{layers_for(model.cfg.n_layers)}, positions f5+l5"
+        f"{paper_layers(model.cfg.n_layers)}, positions f5+l5"
     )
     print("| measurement | one set at a time | bank | ratio | |")
     print("|---|---|---|---|---|")

@@ -43,13 +43,21 @@ import math
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment, environment_line, headline
+from common import (
+    add_load_argument,
+    environment,
+    environment_line,
+    headline,
+    interleave,
+    load1,
+    table,
+    wait_for_load,
+)
 from torch import Tensor
 
 import reftlens
@@ -242,29 +250,6 @@ def plain_trace(
 # the benchmark
 
 
-def wait_for_load(max_load: float | None, tries: int = 5) -> list[float]:
-    """Wait (60 s at a time, ``tries`` times) for the 1-min load average to drop below ``max_load``."""
-    seen = [os.getloadavg()[0]]
-    if max_load is None:
-        return seen
-    for i in range(tries):
-        if seen[-1] < max_load:
-            return seen
-        print(f"# load {seen[-1]:.2f} >= {max_load}: waiting 60 s ({i + 1}/{tries})", file=sys.stderr, flush=True)
-        time.sleep(60)
-        seen.append(os.getloadavg()[0])
-    print(f"# load still >= {max_load}; measuring anyway (recorded)", file=sys.stderr, flush=True)
-    return seen
-
-
-def timed(fn):
-    """(wall seconds, CPU seconds of this process, result). CPU time counts every thread's work and
-    not the time other jobs hold the cores, so it stays comparable on a busy machine."""
-    t, c = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - t, time.process_time() - c, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, or tiny-llama for a smoke run")
@@ -291,10 +276,8 @@ def main() -> None:
         "from each cell's position on (reftlens's algorithm)",
     )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this"
-    )
-    ap.add_argument("--out", default=str(HERE / "results" / "causal_trace_vs_rome.json"))
+    add_load_argument(ap)
+    ap.add_argument("--out", default=str(HERE.parent / ".bench" / "causal_trace_vs_rome.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -318,7 +301,7 @@ def main() -> None:
     for arm in arms[1:]:
         plain_trace(hf, tokens, span, hook="resid_post", batch_size=args.batch_size, start_at=arm.split(":")[1], **warm)
 
-    load = wait_for_load(args.max_load)
+    load = wait_for_load(args.max_load, args.load_tries)
     print(
         f"# causal trace (ROME) on {args.model}: reftlens.analysis.causal_trace vs a hand-written PyTorch trace on "
         f"the plain transformers model ({args.plain_attn} attention)"
@@ -336,13 +319,15 @@ def main() -> None:
         per_prompt = []
         for prompt, subject in prompts:
             rows = {}
-            for rep in range(args.reps):
-                order = arms[rep % len(arms) :] + arms[: rep % len(arms)]  # rotate who goes first
-                for arm in order:
-                    t, c, res = timed(functools.partial(run, arm, hook, prompt, subject))
-                    times[arm].append((prompt, t))
-                    cpu[arm].append((prompt, c))
-                    rows[arm] = res
+            # CPU time counts every thread's work and not the time other jobs hold the cores, so it stays
+            # comparable on a busy machine
+            r = interleave(
+                {arm: functools.partial(run, arm, hook, prompt, subject) for arm in arms}, args.reps, keep="last"
+            )
+            for arm in arms:
+                times[arm] += [(prompt, t) for t in r.times[arm]]
+                cpu[arm] += [(prompt, c) for c in r.cpu[arm]]
+                rows[arm] = r.results[arm][-1]
             ref = rows["reftlens"]
             entry = {
                 "prompt": prompt,
@@ -382,14 +367,13 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
-    load_after = os.getloadavg()[0]
+    load_after = load1()
 
     short = [a.split(":")[1] for a in arms[1:]]
     head = ["hook", "cells (layers × positions)", "reftlens (s)"] + [f"plain, from {a} (s)" for a in short]
     head += [f"reftlens / plain ({a})" for a in short] + [f"same, CPU time ({a})" for a in short]
     head += [f"max abs Δ ({a})" for a in short]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    lines = []
     for r in results:
         sec, cs = r["seconds"], r["cpu_seconds"]
         shapes = ", ".join(f"{g['grid'][0]} × {g['grid'][1]}" for g in r["prompts"])
@@ -397,7 +381,8 @@ def main() -> None:
         cells += [f"{sec['reftlens'] / sec[a]:.2f}×" for a in arms[1:]]
         cells += [f"{cs['reftlens'] / cs[a]:.2f}×" for a in arms[1:]]
         cells += [f"{r['max_abs_diff'][a]:.1e}" for a in arms[1:]]
-        print("| " + " | ".join(cells) + " |")
+        lines.append(cells)
+    print(table(head, lines))
     print(
         f"# 1-min load average: {load[-1]:.2f} before, {load_after:.2f} after "
         f"(2 cores: above ~2 means another job shared the CPUs)"

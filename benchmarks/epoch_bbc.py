@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -49,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
-from common import headline
+from common import add_load_argument, headline, load1, machine, machine_line, versions, wait_for_load
 
 REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
 
@@ -182,15 +181,6 @@ def run_pyreft(args, model_445: str, ex_file: Path, py_out: Path, init_path: Pat
     print(f"# pyreft epoch: {epoch:.1f} s (process {time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
 
 
-def machine() -> dict:
-    cpu = platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return dict(cpu=cpu, cores=os.cpu_count())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--articles", type=int, default=160)
@@ -210,9 +200,7 @@ def main() -> None:
         help="reuse WORKDIR/epoch_bbc.pyreft.json and its init from an earlier run on the same examples "
         "(re-times only the reftlens arms)",
     )
-    ap.add_argument(
-        "--max-load", type=float, default=None, help="wait (60 s at a time, 5 tries) for a 1-min load below this"
-    )
+    add_load_argument(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     wd = Path(args.workdir)
@@ -253,13 +241,7 @@ def main() -> None:
         command=" ".join(shlex.quote(a) for a in sys.argv),
         machine=machine(),
         threads=args.threads,
-        versions={
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "transformer-lens": __import__("importlib.metadata").metadata.version("transformer-lens"),
-            "reftlens": reftlens.__version__,
-        },
+        versions=versions(),
         setup=dict(
             articles=args.articles,
             max_length=args.max_length,
@@ -281,15 +263,9 @@ def main() -> None:
     )
 
     def wait(label: str) -> None:
-        # only before the first arm: later, the 1-min load average includes our own previous arm
-        for i in range(5 if args.max_load is not None and not res["load1"] else 0):  # noqa: B007
-            l1 = os.getloadavg()[0]
-            res["load_waits"].append(dict(time=time.strftime("%H:%M:%S"), load1=l1))
-            if l1 < args.max_load:
-                break
-            print(f"# load {l1:.2f}: waiting 60 s", file=sys.stderr, flush=True)
-            time.sleep(60)
-        res["load1"][label] = os.getloadavg()[0]
+        if not res["load1"]:  # only before the first arm: later, the load average includes our own previous arm
+            wait_for_load(args.max_load, args.load_tries, log=res["load_waits"])
+        res["load1"][label] = load1()
 
     # pyreft first: it writes the init that reftlens loads
     py_out = wd / "epoch_bbc.pyreft.json"
@@ -308,7 +284,7 @@ def main() -> None:
         wait(name)
         res[name] = reftlens_epoch(reft, examples, args.batch, args.seed, grouped, args.lr)
         print(f"# {name} epoch: {res[name]['epoch_s']:.1f} s", file=sys.stderr, flush=True)
-    res["load1"]["after"] = os.getloadavg()[0]
+    res["load1"]["after"] = load1()
 
     # ---- report
     p, r = res["pyreft"], res["reftlens"]
@@ -323,8 +299,7 @@ def main() -> None:
         f"≤ {s['max_length']} tokens ({s['truncated_articles']} truncated; lengths {s['lengths']['min']}–{s['lengths']['max']}, "
         f"median {s['lengths']['median']}), batch {s['batch']}, lr {s['lr']}, SmolLM2-135M-Instruct fp32",
         f"# command: {res['command']}",
-        f"# machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, {res['threads']} torch threads; "
-        + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
+        f"# machine: {machine_line(res['machine'])}; " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
         "# pyreft venv: " + ", ".join(f"{k} {v}" for k, v in p["versions"].items()),
         "# load average (1 min) before each arm: "
         + ", ".join(f"{k} {v:.2f}" for k, v in res["load1"].items())

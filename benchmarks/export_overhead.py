@@ -17,35 +17,23 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, side_by_side, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
 
 
-def paired(f, g, reps):
-    a, b = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        a.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        g()
-        b.append(time.perf_counter() - t)
-    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=10)
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     from transformers import AutoModelForCausalLM
 
     bridge = reftlens.load_model("smollm2-135m")
@@ -72,35 +60,24 @@ def main() -> None:
             ("deployed (save_hf → load_hf) vs plain from_pretrained", plain, deployed),
             ("in memory (to_hf) vs in-memory plain copy", in_memory, exported),
         ):
-            for _ in range(2):
-                base(fwd)
-                model(fwd)
-            rows.append((f"forward 8 × 128, {label}", *paired(lambda: base(fwd), lambda: model(fwd), args.reps)))
-            base.generate(tokens, **kw)
-            model.generate(tokens, **kw)
-            rows.append(
-                (
-                    f"greedy generation, 32 tokens, batch 8, {label}",
-                    *paired(
-                        lambda: base.generate(tokens, **kw),
-                        lambda: model.generate(tokens, **kw),
-                        max(3, args.reps // 2),
-                    ),
-                )
-            )
+            c = side_by_side(lambda: base(fwd), lambda: model(fwd), args.reps, warmup=2)  # noqa: B023
+            rows.append((f"forward 8 × 128, {label}", c))
+            gen = lambda m: m.generate(tokens, **kw)  # noqa: E731
+            c = side_by_side(lambda: gen(base), lambda: gen(model), max(3, args.reps // 2), warmup=1)  # noqa: B023
+            rows.append((f"greedy generation, 32 tokens, batch 8, {label}", c))
     tmp.cleanup()
     print("# exported LoReFT set vs plain transformers, SmolLM2-135M-Instruct, fp32")
     print(environment_line())
     print("| what | plain HF (s) | exported with LoReFT (s) | median paired ratio |")
     print("|---|---|---|---|")
-    for name, a, b, r in rows:
-        print(f"| {name} | {a:.3f} | {b:.3f} | {r:.3f} |")
+    for name, c in rows:
+        print(f"| {name} | {c.base_s:.3f} | {c.other_s:.3f} | {c.paired:.3f} |")
         headline(
             "export_overhead",
             f"to_hf model / plain transformers, {name}",
-            r,
+            c.paired,
             target="≤ 1.02×",
-            met=r <= 1.02,
+            met=c.paired <= 1.02,
             peer="plain transformers",
         )
 

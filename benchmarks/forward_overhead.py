@@ -11,23 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, paper_layers, side_by_side, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
-
-
-def layers_for(n_layers: int) -> list[int]:
-    if n_layers >= 25:
-        return [3, 9, 18, 24]
-    return sorted({max(0, round(n_layers * f) - 1) for f in (0.125, 0.375, 0.625, 0.875)})
 
 
 def bench(name: str, batch: int, seq: int, reps: int) -> dict:
@@ -38,30 +29,18 @@ def bench(name: str, batch: int, seq: int, reps: int) -> dict:
     reft = ReftModel(
         model,
         Intervention(
-            LoReFT(model.cfg.d_model, 4, init="random"), layers=layers_for(model.cfg.n_layers), positions="f5+l5"
+            LoReFT(model.cfg.d_model, 4, init="random"), layers=paper_layers(model.cfg.n_layers), positions="f5+l5"
         ),
     )
-    plain_t, reft_t = [], []
     with torch.no_grad():
-        for _ in range(3):  # warm up
-            model(tokens)
-            reft(tokens)
-        for _ in range(reps):
-            t = time.perf_counter()
-            model(tokens)
-            plain_t.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            reft(tokens)
-            reft_t.append(time.perf_counter() - t)
-    p, r = statistics.median(plain_t), statistics.median(reft_t)
-    paired = statistics.median(b / a for a, b in zip(plain_t, reft_t))  # per adjacent pair: robust to drift
+        c = side_by_side(lambda: model(tokens), lambda: reft(tokens), reps, warmup=3)
     return dict(
         model=name,
-        layers=layers_for(model.cfg.n_layers),
-        plain_ms=1e3 * p,
-        reft_ms=1e3 * r,
-        ratio=paired,
-        overhead_ms=1e3 * statistics.median(b - a for a, b in zip(plain_t, reft_t)),
+        layers=paper_layers(model.cfg.n_layers),
+        plain_ms=1e3 * c.base_s,
+        reft_ms=1e3 * c.other_s,
+        ratio=c.paired,  # per adjacent pair: robust to drift
+        overhead_ms=1e3 * c.delta_s,
     )
 
 
@@ -71,18 +50,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--reps", type=int, default=15)
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     print(f"# forward overhead, batch {args.batch} x {args.seq}, fp32, {torch.get_num_threads()} threads")
-    print(
-        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"transformer-lens {__import__('importlib.metadata').metadata.version('transformer-lens')}, "
-        f"reftlens {reftlens.__version__}"
-    )
+    print(environment_line())
     print(
         "| model | layers | plain bridge (ms) | with LoReFT set (ms) | median paired ratio | median paired overhead (ms) |"
     )
     print("|---|---|---|---|---|---|")
-    print(environment_line())
     rows = []
     for name in args.models:
         r = bench(name, args.batch, args.seq, args.reps)

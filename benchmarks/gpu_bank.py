@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,7 +36,7 @@ def main() -> int:
         print("gpu_bank: skipped (no CUDA device here; run it on a machine with a GPU)")
         return 0
 
-    from common import environment_line, headline
+    from common import environment_line, headline, interleave, paper_layers
 
     import reftlens
     from reftlens import Intervention, LoReFT, ReftModel
@@ -46,7 +45,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     model = reftlens.load_model(args.model, device="cuda", dtype=dtype)
     n = model.cfg.n_layers
-    layers = [3, 9, 18, 24] if n >= 25 else sorted({max(0, round(n * f) - 1) for f in (0.125, 0.375, 0.625, 0.875)})
+    layers = paper_layers(n)
 
     def make(k: int) -> Intervention:
         torch.manual_seed(k)
@@ -61,18 +60,13 @@ def main() -> int:
     mixed = [f"s{i % args.sets}" for i in range(args.batch)]
     base = [None] * args.batch
 
-    def run(adapters: list) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+    def run(adapters: list) -> None:
         bank.generate(prompts, args.new_tokens, adapters=adapters, eos_token_id=None)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
+        torch.cuda.synchronize()  # each arm ends synchronised, so the next one's clock starts on an idle device
 
-    run(mixed), run(base)  # warm up
-    t_mixed, t_base = [], []
-    for _ in range(args.reps):
-        t_mixed.append(run(mixed))
-        t_base.append(run(base))
+    torch.cuda.synchronize()
+    r = interleave({"mixed": lambda: run(mixed), "base": lambda: run(base)}, args.reps, warmup=1)
+    t_mixed, t_base = r.times["mixed"], r.times["base"]
     tokens = args.batch * args.new_tokens
     m, b = tokens / min(t_mixed), tokens / min(t_base)
     print(

@@ -25,7 +25,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,7 +61,7 @@ def main() -> int:
     from vllm.lora.request import LoRARequest
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import environment_line, headline
+    from common import environment_line, headline, timed
 
     import reftlens
     from reftlens import Intervention, LoReFT, ReftModel
@@ -119,10 +118,8 @@ def main() -> int:
 
     run_reftlens()  # warm-up
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    ours = run_reftlens()
-    torch.cuda.synchronize()
-    reftlens_s = time.perf_counter() - t
+    run = timed(lambda: (run_reftlens(), torch.cuda.synchronize())[0])
+    ours, reftlens_s = run.result, run.wall
 
     # vLLM: all prompts at once, one LoRARequest each
     llm = LLM(
@@ -141,9 +138,8 @@ def main() -> int:
     inputs = [{"prompt_token_ids": x} for x in ids]
     loras = [requests[owner[j]] for j in range(args.prompts)]
     llm.generate(inputs, params, lora_request=loras, use_tqdm=False)  # warm-up (loads the adapters)
-    t = time.perf_counter()
-    outs = llm.generate(inputs, params, lora_request=loras, use_tqdm=False)
-    vllm_s = time.perf_counter() - t
+    run = timed(lambda: llm.generate(inputs, params, lora_request=loras, use_tqdm=False))
+    outs, vllm_s = run.result, run.wall
     theirs = {j: list(o.outputs[0].token_ids) for j, o in enumerate(outs)}
 
     total = args.prompts * n

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from common import cpu_name, headline
+from common import add_load_argument, environment_line, headline, interleave, wait_for_load
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMED = "import time; t = time.perf_counter(); import {0}; print(time.perf_counter() - t)"
@@ -36,15 +35,16 @@ def import_seconds(module: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5, help="fresh processes per arm (median)")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     import_seconds("reftlens")  # warm the file cache once, for both arms
-    times: dict[str, list[float]] = {"torch": [], "reftlens": []}
-    for _ in range(args.runs):
-        for module in times:
-            times[module].append(import_seconds(module))
+    # each arm's own measurement of its import, in a fresh interpreter, the arms alternating
+    runs = interleave({m: (lambda m=m: import_seconds(m)) for m in ("torch", "reftlens")}, args.runs, keep="all")
+    times = runs.results
     med = {k: statistics.median(v) for k, v in times.items()}
     ratio = med["reftlens"] / med["torch"]
-    print(f"# CPU: {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores); python {platform.python_version()}")
+    print(environment_line())
     for k, v in times.items():
         print(f"import {k:<9} median {med[k]:.3f} s  ({', '.join(f'{x:.3f}' for x in v)})")
     print(f"import reftlens / import torch: {ratio:.2f}x (median of {args.runs} fresh processes each)")

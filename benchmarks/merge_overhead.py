@@ -19,29 +19,15 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, side_by_side, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
-
-CLOCK = time.perf_counter
-
-
-def paired(f, g, reps):
-    """Median times and the median per-pair ratio g/f; the order within a pair alternates."""
-    a, b = [], []
-    for i in range(reps):
-        for fn, out in ((f, a), (g, b)) if i % 2 == 0 else ((g, b), (f, a)):
-            t = CLOCK()
-            fn()
-            out.append(CLOCK() - t)
-    return statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b))
 
 
 def main() -> None:
@@ -60,11 +46,15 @@ def main() -> None:
         default=None,
         help="torch threads (default: torch's); 1 keeps a busy machine's other work out of the timings",
     )
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     if args.threads:
         torch.set_num_threads(args.threads)
-    global CLOCK
-    CLOCK = time.perf_counter if args.clock == "wall" else time.process_time
+
+    def paired(f, g):  # the order within a pair alternates
+        return side_by_side(f, g, args.reps, clock=args.clock)
+
     from transformers import AutoModelForCausalLM
 
     bridge = reftlens.load_model("smollm2-135m")
@@ -112,14 +102,14 @@ def main() -> None:
                 base(fwd)
                 merged(fwd)
             rows.append(
-                (f"forward 8 × 128, merged {label}", *paired(lambda: base(fwd), lambda: merged(fwd), args.reps))  # noqa: F821
+                (f"forward 8 × 128, merged {label}", paired(lambda: base(fwd), lambda: merged(fwd)))  # noqa: F821
             )
             base.generate(tokens, **kw)
             merged.generate(tokens, **kw)
             rows.append(
                 (
                     f"greedy generation, {args.new_tokens} tokens, batch 8, merged {label}",
-                    *paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw), args.reps),  # noqa: F821
+                    paired(lambda: base.generate(tokens, **kw), lambda: merged.generate(tokens, **kw)),  # noqa: F821
                 )
             )
         if not bias:  # the hooked export of the same set, and the plain model against its own copy: the noise floor
@@ -131,13 +121,13 @@ def main() -> None:
                 rows.append(
                     (
                         "forward 8 × 128, hooked to_hf (same set) for contrast",
-                        *paired(lambda: base(fwd), lambda: hooked_hf(fwd), args.reps),  # noqa: F821
+                        paired(lambda: base(fwd), lambda: hooked_hf(fwd)),  # noqa: F821
                     )
                 )
                 rows.append(
                     (
                         f"greedy generation, {args.new_tokens} tokens, batch 8, control: plain vs its own deep copy",
-                        *paired(lambda: base.generate(tokens, **kw), lambda: twin.generate(tokens, **kw), args.reps),  # noqa: F821
+                        paired(lambda: base.generate(tokens, **kw), lambda: twin.generate(tokens, **kw)),  # noqa: F821
                     )
                 )
             del hooked_hf, twin
@@ -149,21 +139,21 @@ def main() -> None:
     print(environment_line())
     print("| what | plain HF (s) | merged (s) | median paired ratio |")
     print("|---|---|---|---|")
-    for name, a, b, r in rows:
-        print(f"| {name} | {a:.3f} | {b:.3f} | {r:.3f} |")
+    for name, c in rows:
+        print(f"| {name} | {c.base_s:.3f} | {c.other_s:.3f} | {c.paired:.3f} |")
     print()
     print("| merge | time (s) | max abs Δlogits vs hooked path | extra parameters |")
     print("|---|---|---|---|")
     for label, s, err, extra in checks:
         print(f"| {label} | {s:.2f} | {err:.2e} | {extra:,} |")
-    for name, a, b, r in rows:  # noqa: B007
+    for name, c in rows:
         if "merged" in name:
             headline(
                 "merge_overhead",
                 f"merged model / plain transformers, {name}",
-                r,
+                c.paired,
                 target="≤ 1.02×",
-                met=r <= 1.02,
+                met=c.paired <= 1.02,
                 peer="plain transformers",
             )
 

@@ -15,7 +15,7 @@ import argparse
 import time
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, wait_for_load
 from torch import nn
 from torch.nn.utils import parametrizations
 
@@ -68,7 +68,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=200, help="timed forward+backward passes per parametrisation")
     ap.add_argument("--steps", type=int, default=500, help="Adam steps for the drift measurement")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     kinds = ["qr (reftlens)", "torch householder", "torch matrix_exp", "torch cayley"]
     print(environment_line())
     print(f"| parametrisation | d_model | rank | µs / fwd+bwd | max abs(R Rᵀ − I) after {args.steps} Adam steps |")

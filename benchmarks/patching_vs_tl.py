@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, repeat, wait_for_load
 from transformer_lens import patching
 
 import reftlens
@@ -52,22 +50,12 @@ def pair(model, name):
     return tc, tr, 5, 7
 
 
-def timed(fn):
-    """(median seconds, result): one run, repeated up to 9 times while runs are short."""
-    t = time.perf_counter()
-    out = fn()
-    times = [time.perf_counter() - t]
-    while sum(times) < 2.0 and len(times) < 9:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-llama", "tiny-gpt2", "smollm2-135m"])
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     print("# resid_pre patching sweep")
     print(environment_line())
     print(
@@ -89,12 +77,12 @@ def main() -> None:
         with torch.no_grad():
             for strategy in ("batch", "replay"):
                 patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy)  # warm up
-                times[strategy], res = timed(
-                    lambda: patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy)
+                times[strategy], res = repeat(
+                    lambda: patch_sweep(model, clean, corrupt, batched, batched=True, strategy=strategy), budget_s=2.0
                 )
                 values[strategy] = res.values
             _, cache = model.run_with_cache(clean)  # outside TL's timing (ours includes its clean run)
-            t_tl, ref = timed(lambda: patching.get_act_patch_resid_pre(model, corrupt, cache, metric))
+            t_tl, ref = repeat(lambda: patching.get_act_patch_resid_pre(model, corrupt, cache, metric), budget_s=2.0)
         diff = max((v - ref.float().cpu()).abs().max().item() for v in values.values())
         big = sum(p.numel() for p in model.parameters()) >= REPLAY_MIN_PARAMS
         shape = f"{model.cfg.n_layers} × {clean.shape[1]}"

@@ -22,7 +22,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel
@@ -96,7 +96,9 @@ def main() -> None:
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
 

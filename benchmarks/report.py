@@ -106,6 +106,7 @@ SUITE = [
         12,
     ),
     ("steering_bbc", [], ["--quick"], 10),
+    ("import_time", [], ["--runs", "1"], 1),
 ]
 NAMES = [s[0] for s in SUITE]
 

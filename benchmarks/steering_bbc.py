@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from common import environment_line, headline
+from common import add_load_argument, environment_line, headline, load1, timed, wait_for_load
 
 import reftlens
 from reftlens import Intervention, LoReFT, ReftModel, ReFTr1, Steer
@@ -223,7 +223,9 @@ def main() -> None:
     ap.add_argument("--no-steering", action="store_true", help="detection only")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--out", default=None, help="write all results as JSON here")
+    add_load_argument(ap)
     args = ap.parse_args()
+    wait_for_load(args.max_load, args.load_tries)  # before the first measurement
     if args.quick:
         args.layers, args.steer_layer, args.detect_train, args.detect_test = [12], 12, 6, 6
         args.steer_topics, args.n_val, args.n_test, args.new_tokens = ["sport"], 2, 2, 8
@@ -231,17 +233,15 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    load_start = os.getloadavg()[0]
+    load_start = load1()
 
     texts, labels, train_idx, test_idx = load_bbc(args.seed)
     clf, clf_acc = topic_classifier(texts, labels, train_idx, test_idx, args.words)
     model = reftlens.load_model("smollm2-135m")
     tok, d = model.tokenizer, model.cfg.d_model
-    with torch.no_grad():  # a yardstick for the machine: benchmarks/README.md measured 1.25 s on a quiet one
+    with torch.no_grad():  # a yardstick for the machine (compare forward_overhead's plain bridge row in REPORT.md)
         probe_tokens = torch.randint(100, 40000, (8, 128), generator=torch.Generator().manual_seed(0))
-        t0 = time.perf_counter()
-        model(probe_tokens, return_type=None)
-        yardstick = time.perf_counter() - t0
+        yardstick = timed(lambda: model(probe_tokens, return_type=None)).wall
     log(
         f"classifier ({clf_acc:.3f} held-out accuracy) and model ready; one forward of 8 × 128 tokens: {yardstick:.2f} s"
     )
@@ -295,7 +295,7 @@ def main() -> None:
     print(environment_line())
     print(
         f"# 1-min load average {load_start:.1f} at the start on {os.cpu_count()} cores; one forward of 8 × 128 tokens "
-        f"took {yardstick:.2f} s (1.25 s on a quiet machine); topic classifier (TF-IDF + logistic regression, BBC "
+        f"took {yardstick:.2f} s; topic classifier (TF-IDF + logistic regression, BBC "
         f"train split): {clf_acc:.3f} accuracy on held-out {args.words}-word snippets; activations in {collect_s:.0f} s"
     )
     print("\n## Detection: AUROC on held-out articles (topic vs rest)\n")
@@ -459,7 +459,7 @@ def main() -> None:
         f"{len(test_instr)} test instructions, {args.new_tokens} new tokens, greedy; trained methods {args.steps} steps "
         f"of batch {args.batch}, lr {args.lr}; fluency reference: the base model's sampled replies, perplexity "
         f"{ppl0:.1f}; α in units of the mean token norm at layer {args.steer_layer} ({mean_norm:.1f}); total {total:.0f} s, "
-        f"1-min load average {os.getloadavg()[0]:.1f} at the end"
+        f"1-min load average {load1():.1f} at the end"
     )
     print("\n## Steering: test instructions, each method at its best α per topic (chosen on validation)\n")
     print(

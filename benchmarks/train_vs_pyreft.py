@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -54,7 +52,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 import torch.nn.functional as F
-from common import headline
+from common import (
+    add_load_argument,
+    compare,
+    headline,
+    interleave,
+    load1,
+    machine,
+    machine_line,
+    peak_rss,
+    versions,
+    wait_for_load,
+)
 
 REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
 
@@ -67,25 +76,6 @@ PARTS = ["pyreft", "time", "mem_reftlens", "mem_floor", "mem_floor_eager", "gene
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> float:
-    """Free what the allocator holds, reset the peak-RSS mark, return current RSS (MB).
-    Same method as peers/pyreft_bench.py."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux >= 4.0: resets VmHWM to the current RSS
-    return rss_mb("VmRSS")
 
 
 def batch_tensors(batch: dict) -> dict:
@@ -243,26 +233,8 @@ def floor_step(hf, params):
     return step
 
 
-def interleave(arms: dict, batches: list, warmup: int, steps: int) -> dict:
-    """Run every arm on the same batch each iteration, rotating which arm goes first."""
-    names = list(arms)
-    times = {n: [] for n in names}
-    losses = {n: [] for n in names}
-    for i in range(warmup + steps):
-        b = batches[i % len(batches)]
-        k = i % len(names)
-        for n in names[k:] + names[:k]:
-            t = time.perf_counter()
-            loss = arms[n](b)
-            dt = time.perf_counter() - t
-            if i >= warmup:
-                times[n].append(dt)
-                losses[n].append(loss)
-    return dict(times=times, losses=losses)
-
-
 def paired(a: list[float], b: list[float]) -> float:
-    return statistics.median(y / x for x, y in zip(a, b))
+    return compare(a, b).paired
 
 
 # ---------------------------------------------------------------- parts (fresh processes)
@@ -280,12 +252,12 @@ def part_time(data, args) -> dict:
         arms["floor_eager"] = floor_step(hf_e, params_e)
     if not args.no_bridge_floor:
         arms["floor_bridge"] = bridge_floor()
-    r = interleave(arms, batches, args.warmup, args.steps)
-    t = r["times"]
+    r = interleave(arms, args.steps, warmup=args.warmup, inputs=batches, keep="all")  # the same batch each rep
+    t = r.times
     out = dict(
         step_s_median={n: statistics.median(v) for n, v in t.items()},
         step_s=t,
-        losses=r["losses"],
+        losses=r.results,
         n_trainable=reft.num_trainable_parameters(),
         floor_attn=hf.config._attn_implementation,
         paired_ratio_reftlens_over_floor=paired(t["floor"], t["reftlens"]),
@@ -300,11 +272,13 @@ def part_time(data, args) -> dict:
 
 
 def mem_loop(step, batches, args) -> dict:
-    rss0 = reset_peak()  # before the warm-up, as in pyreft_bench.py
-    losses = [step(batches[i % len(batches)]) for i in range(args.mem_steps)]
-    peak = rss_mb("VmHWM")
+    m = peak_rss(lambda: [step(batches[i % len(batches)]) for i in range(args.mem_steps)])  # warm-up included
     return dict(
-        rss_before_mb=rss0, peak_rss_mb=peak, peak_rss_delta_mb=peak - rss0, steps=args.mem_steps, losses=losses
+        rss_before_mb=m["rss_before_mb"],
+        peak_rss_mb=m["peak_rss_mb"],
+        peak_rss_delta_mb=m["peak_rss_delta_mb"],
+        steps=args.mem_steps,
+        losses=m["result"],
     )
 
 
@@ -356,8 +330,8 @@ def part_generate(data, args) -> dict:
         "reftlens_1": lambda _: run_reft(1),
         "hf_1": lambda _: run_hf(1),
     }
-    r = interleave(arms, [None], 1, args.gen_reps)
-    t = r["times"]
+    r = interleave(arms, args.gen_reps, warmup=1, inputs=[None])
+    t = r.times
     med = {a: statistics.median(v) for a, v in t.items()}
     assert outs[f"reftlens_{k}"].shape[1] == outs[f"hf_{k}"].shape[1] == k
     return dict(
@@ -432,9 +406,13 @@ def part_bf16(data, args) -> dict:
     init = dict(fp32=eval_loss(r32, False), bf16=eval_loss(r32, True))
     left_nan = dict(fp32=eval_loss(r32, False, left[0]), bf16=eval_loss(r32, True, left[0]))
     r = interleave(
-        {"fp32": reft_step(r32), "bf16": reft_step(r16, autocast=True)}, batches, args.bf16_warmup, args.bf16_steps
+        {"fp32": reft_step(r32), "bf16": reft_step(r16, autocast=True)},
+        args.bf16_steps,
+        warmup=args.bf16_warmup,
+        inputs=batches,
+        keep="all",
     )
-    t = r["times"]
+    t = r.times
     r32.eval(), r16.eval()
     after = dict(fp32_trained=eval_loss(r32, False), bf16_trained=eval_loss(r16, False))
     with torch.no_grad():
@@ -443,8 +421,8 @@ def part_bf16(data, args) -> dict:
         s_median={k: statistics.median(v) for k, v in t.items()},
         s=t,
         paired_ratio_bf16_over_fp32=paired(t["fp32"], t["bf16"]),
-        losses=r["losses"],
-        max_abs_step_loss_diff=max(abs(x - y) for x, y in zip(r["losses"]["fp32"], r["losses"]["bf16"])),
+        losses=r.results,
+        max_abs_step_loss_diff=max(abs(x - y) for x, y in zip(r.results["fp32"], r.results["bf16"])),
         init_loss_batch0=init,
         after_loss_batch0_fp32_eval=after,
         max_abs_param_diff_after=dphi,
@@ -455,64 +433,6 @@ def part_bf16(data, args) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = round(int(open("/proc/meminfo").readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    flags = ""
-    try:
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags"))
-    except (OSError, StopIteration):
-        pass
-    return dict(
-        cpu=cpu,
-        arch=platform.machine(),
-        cores=os.cpu_count(),
-        mem_gib=mem,
-        threads=threads,
-        amx_bf16="amx_bf16" in flags,
-        avx512_bf16="avx512_bf16" in flags,
-    )
-
-
-def versions() -> dict:
-    from importlib.metadata import version
-
-    out = {"python": platform.python_version()}
-    for p in ("torch", "transformers", "transformer-lens", "reftlens"):
-        try:
-            out[p] = version(p)
-        except Exception:
-            if p == "reftlens":
-                import reftlens
-
-                out[p] = reftlens.__version__
-    return out
-
-
-def wait_for_load(max_load: float | None, tries: int, log: list) -> None:
-    if max_load is None:
-        return
-    for i in range(tries):
-        l1 = os.getloadavg()[0]
-        log.append(dict(time=time.strftime("%H:%M:%S"), load1=l1))
-        if l1 < max_load:
-            return
-        print(f"# load {l1:.2f} >= {max_load}: waiting 60 s ({i + 1}/{tries})", file=sys.stderr, flush=True)
-        time.sleep(60)
-    print(f"# load still >= {max_load}; measuring anyway (recorded)", file=sys.stderr, flush=True)
 
 
 def ensure_inputs(args) -> None:
@@ -643,10 +563,7 @@ def report(res: dict) -> str:
     m, v = res["machine"], res["versions"]
     L.append("# reftlens vs pyreft vs plain transformers: SmolLM2-135M-Instruct, LoReFT r4 @ 3;9;18;24, f5+l5, fp32")
     L.append(f"# command: {res['command']}")
-    L.append(
-        f"# machine: {m['cpu']} ({m['arch']}), {m['cores']} cores, {m['mem_gib']} GiB, {m['threads']} torch threads"
-        f"{', AMX-bf16' if m.get('amx_bf16') else ''}"
-    )
+    L.append(f"# machine: {machine_line(m)}")
     L.append("# main env: " + ", ".join(f"{k} {x}" for k, x in v.items()))
     if "pyreft" in res:
         pv = res["pyreft"]["versions"]
@@ -868,13 +785,7 @@ def main() -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager-attention floor")
     ap.add_argument("--no-bridge-floor", action="store_true", help="skip the floor on the TransformerLens bridge")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--max-load",
-        type=float,
-        default=None,
-        help="before starting, wait (60 s at a time) until the 1-min load average is below this",
-    )
-    ap.add_argument("--load-tries", type=int, default=5)
+    add_load_argument(ap)
     ap.add_argument("--only", choices=PARTS, help=argparse.SUPPRESS)
     ap.add_argument("--report", default=None, help="print the tables of an earlier JSON and exit")
     args = ap.parse_args()
@@ -931,7 +842,7 @@ def main() -> None:
             shlex.quote(a)
             for a in [os.path.relpath(sys.argv[0]) if not sys.argv[0].startswith("/") else sys.argv[0], *sys.argv[1:]]
         ),
-        machine=machine_info(args.threads),
+        machine=machine(),
         versions=versions(),
         quick=args.quick,
         setup=dict(
@@ -958,9 +869,9 @@ def main() -> None:
     if args.pyreft_json:
         res["pyreft"] = json.loads(Path(args.pyreft_json).read_text())
     # once, before the first part: later, the 1-min load average includes our own previous part
-    wait_for_load(args.max_load, args.load_tries, res["load_waits"])
+    wait_for_load(args.max_load, args.load_tries, log=res["load_waits"])
     for part in args.parts:
-        res["load1_before_part"][part] = os.getloadavg()[0]
+        res["load1_before_part"][part] = load1()
         t = time.perf_counter()
         res[part] = run_pyreft(args) if part == "pyreft" else run_child(part, args, argv)
         res["part_wall_s"][part] = round(time.perf_counter() - t, 1)
@@ -969,7 +880,7 @@ def main() -> None:
             file=sys.stderr,
             flush=True,
         )
-    res["load1_after"] = os.getloadavg()[0]
+    res["load1_after"] = load1()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")  # first, so a report bug loses nothing
     res["markdown"] = report(res)

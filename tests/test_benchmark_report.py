@@ -2,9 +2,13 @@
 
 import importlib.util
 import io
+import os
+import re
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -115,3 +119,99 @@ def test_a_headline_names_its_command_from_the_repository_root(monkeypatch):
     monkeypatch.chdir(BENCH)
     monkeypatch.setattr(sys, "argv", ["bank.py", "--reps", "3"])
     assert common.command() == "python benchmarks/bank.py --reps 3"
+
+
+# --------------------------------------------------------------------------- the harness (benchmarks/common.py)
+
+
+def test_interleave_rotates_the_first_arm_and_keeps_only_measured_reps():
+    common = load("common")
+    calls = []
+    arms = {name: (lambda x, name=name: calls.append((name, x)) or f"{name}{x}") for name in "ab"}
+    r = common.interleave(arms, 3, warmup=1, inputs=[10, 20], keep="all")
+    assert calls == [("a", 10), ("b", 10), ("b", 20), ("a", 20), ("a", 10), ("b", 10), ("b", 20), ("a", 20)]
+    assert r.results == {"a": ["a20", "a10", "a20"], "b": ["b20", "b10", "b20"]}  # the warm-up rep is dropped
+    assert [len(v) for v in r.times.values()] == [3, 3] and [len(v) for v in r.cpu.values()] == [3, 3]
+    assert common.interleave(arms, 3, keep="last", inputs=[1]).results == {"a": ["a1"], "b": ["b1"]}
+    assert common.interleave(arms, 3, inputs=[1]).results == {"a": [], "b": []}  # by default none is kept
+    with pytest.raises(ValueError, match="clock must be one of"):
+        common.interleave(arms, 1, clock="gpu")
+    with pytest.raises(ValueError, match="keep must be"):
+        common.interleave(arms, 1, keep="some")
+
+
+def test_compare_gives_ratio_of_medians_paired_ratio_and_difference():
+    c = load("common").compare([1.0, 4.0, 10.0], [2.0, 5.0, 30.0])
+    assert (c.base_s, c.other_s, c.ratio, c.paired, c.delta_s) == (4.0, 5.0, 1.25, 2.0, 1.0)
+
+
+def test_wait_for_load_waits_until_quiet_and_gives_up_after_its_tries(monkeypatch, capsys):
+    common = load("common")
+    seen = iter([3.0, 2.5, 0.5])
+    monkeypatch.setattr(common, "load1", lambda: next(seen))
+    monkeypatch.setattr(common.time, "sleep", lambda s: None)
+    log = []
+    assert common.wait_for_load(1.0, tries=5, log=log) == [3.0, 2.5, 0.5]
+    assert [e["load1"] for e in log] == [3.0, 2.5, 0.5]
+    monkeypatch.setattr(common, "load1", lambda: 4.0)
+    assert common.wait_for_load(1.0, tries=2) == [4.0, 4.0, 4.0]
+    assert "measuring anyway" in capsys.readouterr().err
+    assert common.wait_for_load(None) == [4.0]  # None: look once, never wait
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs")
+def test_peak_rss_sees_memory_touched_inside_the_call():
+    common = load("common")
+    m = common.peak_rss(lambda: len(bytearray(b"\x01") * (64 * 2**20)))  # 64 MiB written, then freed
+    assert m["result"] == 64 * 2**20 and m["peak_rss_delta_mb"] >= 48
+
+
+def test_machine_line_reads_this_machine_and_older_records():
+    common = load("common")
+    old = {"cpu": "Xeon", "arch": "x86_64", "cores": 2, "mem_gib": 23.5, "threads": 2, "amx_bf16": True}
+    assert common.machine_line(old) == "Xeon (x86_64, AMX-bf16), 2 cores, 23.5 GiB, 2 torch threads"
+    m = common.machine()
+    assert common.machine_line(m).startswith(f"{m['cpu']} ({m['arch']}, {m['isa']}), {m['cores']} cores")
+
+
+def test_no_measured_ratio_is_copied_outside_the_report():
+    """benchmarks/REPORT.md holds the measured numbers; the READMEs and docs name its rows. A ratio
+    figure outside it is allowed only as a target (≥ 14×, ≤ 1.02×)."""
+    root = BENCH.parent
+    pages = [root / "README.md", BENCH / "README.md"] + [
+        p for p in (root / "docs").glob("*.md") if p.name not in ("changelog.md", "report.md")
+    ]
+    figure = re.compile(r"(\d+(?:\.\d+)?)\s?×(?!\s*\d)")
+    copied = [
+        f"{p.relative_to(root)}:{i}: {line.strip()[:100]}"
+        for p in pages
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        for m in figure.finditer(line)
+        if not re.search(r"[≥≤≈=]\s?$", line[: m.start(1)])
+    ]
+    assert copied == []
+    assert figure.search("**14.4× faster**") and not re.search(r"[≥≤≈=]\s?$", "**")  # what it would catch
+
+
+# --------------------------------------------------------------------------- benchmarks/compare_commits.py
+
+
+@pytest.mark.multiprocess  # worker processes (and so in the slow tier)
+def test_compare_commits_worker_times_a_workload_from_its_own_tree(tmp_path):
+    """One worker on this checkout: it imports reftlens from the tree it was given, builds a
+    workload and answers its time and an output digest; a tree without reftlens is refused."""
+    import argparse
+
+    cc = load("compare_commits")
+    args = argparse.Namespace(threads=1, tiny=True)
+    w = cc.Worker("after", BENCH.parent, "tiny-llama", args, tmp_path / "w.log")
+    try:
+        assert w.ask(op="setup", workload="forward") == {"ok": True}
+        runs = [w.ask(op="run", workload="forward") for _ in range(2)]
+    finally:
+        w.close()
+    assert all(r["wall"] > 0 for r in runs) and runs[0]["digest"] == runs[1]["digest"] > 0  # deterministic
+    assert cc.same(runs[0]["digest"], runs[0]["digest"] * (1 + 1e-6)) and not cc.same(1.0, 1.1)
+    assert cc.same(None, 1.0) is None
+    with pytest.raises(SystemExit, match="reftlens"):
+        cc.Worker("before", tmp_path, "tiny-llama", args, tmp_path / "x.log")

@@ -1,7 +1,7 @@
 """pyreft interop: load_pyreft / save_pyreft against pyreft's own saves and logits.
 
 The fixtures in tests/fixtures/pyreft/ were written by pyreft 0.1.0 / pyvene 0.1.8 in their own
-venv (benchmarks/peers/make_pyreft_fixtures.py) on reftlens' tiny-llama, with pyreft's logits for
+venv (tests/fixtures/builders/make_pyreft_fixtures.py) on reftlens' tiny-llama, with pyreft's logits for
 a fixed token batch and fixed unit_locations next to them.
 """
 
@@ -39,7 +39,7 @@ from reftlens.saving import LoadError
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "pyreft"
 TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"]
-SCRIPT = ROOT / "benchmarks" / "peers" / "make_pyreft_fixtures.py"
+SCRIPT = ROOT / "tests" / "fixtures" / "builders" / "make_pyreft_fixtures.py"
 PYREFT_PY = (
     Path(os.environ.get("PYREFT_VENV", Path(__file__).resolve().parent.parent / ".bench" / "venv-pyreft"))
     / "bin"
@@ -157,7 +157,7 @@ def smollm2():
     from reftlens.models import smollm2_dir
 
     ref = json.loads((FIXTURES / "smollm2-loreft" / "reference.json").read_text())
-    h = hashlib.sha256()  # as benchmarks/peers/make_pyreft_smollm2_fixture.py computes it
+    h = hashlib.sha256()  # as tests/fixtures/builders/make_pyreft_smollm2_fixture.py computes it
     for name, t in sorted(load_file(str(smollm2_dir() / "model.safetensors")).items()):
         h.update(name.encode())
         h.update(t.contiguous().numpy().tobytes())

@@ -41,7 +41,6 @@ what training/forward adds on top of the loaded model (~520 MB of fp32 weights).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -54,6 +53,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: the harness
+from common import compare, interleave, machine, reset_peak, rss_mb  # noqa: E402
+
 LAYERS = [3, 9, 18, 24]
 RANK = 4
 LR = 4e-3
@@ -61,24 +63,6 @@ PARTS = ["losses", "train_pyreft", "train_floor", "forward", "generate"]
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def rss_mb(field: str) -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> float:
-    """Free what the allocator holds, reset the peak-RSS mark, return current RSS (MB)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux >= 4.0: resets VmHWM to the current RSS
-    return rss_mb("VmRSS")
 
 
 def tensors(batch: dict, keys=("input_ids", "attention_mask", "labels")) -> dict:
@@ -248,26 +232,17 @@ def part_forward(model, data, args) -> dict:
     batch = data["forward"]
     b = tensors(batch, ("input_ids", "attention_mask"))
     locs = unit_locations(batch)
-    plain, withreft = [], []
     rss0 = reset_peak()
-    with torch.no_grad():
-        for _ in range(2):  # warm up
-            model(**b)
-            reft(b, unit_locations=locs)
-        for _ in range(args.reps):  # interleaved, so machine drift hits both alike
-            t = time.perf_counter()
-            model(**b)
-            plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            reft(b, unit_locations=locs)
-            withreft.append(time.perf_counter() - t)
+    with torch.no_grad():  # interleaved, so machine drift hits both alike
+        r = interleave({"hf": lambda: model(**b), "pyreft": lambda: reft(b, unit_locations=locs)}, args.reps, warmup=2)
+    plain, withreft = r.times["hf"], r.times["pyreft"]
     return dict(
         shape=list(b["input_ids"].shape),
         hf_s_median=statistics.median(plain),
         pyreft_s_median=statistics.median(withreft),
         hf_s=plain,
         pyreft_s=withreft,
-        paired_ratio_median=statistics.median(r / p for p, r in zip(plain, withreft)),
+        paired_ratio_median=compare(plain, withreft).paired,
         peak_rss_delta_mb=rss_mb("VmHWM") - rss0,
     )
 
@@ -285,18 +260,16 @@ def part_generate(model, data, args) -> dict:
         pad_token_id=data["meta"]["pad_token_id"],
         eos_token_id=None,
     )
-    plain, withreft = [], []
+    arms = {
+        "hf": lambda: model.generate(**b, **kw),
+        # intervene_on_prompt=True: the f5+l5 positions index the prompt; the hook is then
+        # a no-op on the cached one-token steps.
+        "pyreft": lambda: reft.generate(b, unit_locations=unit_locations(batch), intervene_on_prompt=True, **kw)[1],
+    }
     with torch.no_grad():
-        for _ in range(args.gen_reps + 1):  # first round is warm-up
-            t = time.perf_counter()
-            g_hf = model.generate(**b, **kw)
-            plain.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            # intervene_on_prompt=True: the f5+l5 positions index the prompt; the hook is then
-            # a no-op on the cached one-token steps.
-            _, g_reft = reft.generate(b, unit_locations=unit_locations(batch), intervene_on_prompt=True, **kw)
-            withreft.append(time.perf_counter() - t)
-    plain, withreft = plain[1:], withreft[1:]
+        r = interleave(arms, args.gen_reps, warmup=1, keep="last")
+    plain, withreft = r.times["hf"], r.times["pyreft"]
+    g_hf, g_reft = r.results["hf"][-1], r.results["pyreft"][-1]
     return dict(
         new_tokens=args.new_tokens,
         hf_s_median=statistics.median(plain),
@@ -344,7 +317,7 @@ def main() -> None:
     result = dict(
         versions={p: version(p) for p in ("torch", "transformers", "pyreft", "pyvene")}
         | {"python": platform.python_version()},
-        machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), threads=args.threads),
+        machine=machine(),
         setup=dict(
             layers=LAYERS,
             component="block_output",
