@@ -59,6 +59,21 @@ def test_export_matches_the_transformer_lens_path(model, side):
     assert_same(reft, hf, side)
 
 
+def test_positions_after_a_marker_export(model, tmp_path):
+    from reftlens.positions import after
+
+    torch.manual_seed(0)
+    marker = after(" over", "f2+l1", tokenizer=model.tokenizer)
+    reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2, init="random"), layers=1, positions=marker))
+    prompts = ["the fox jumped over the lazy dog", "a cat sat over there"]
+    tokens, mask = reft.tokenize(prompts)
+    with torch.no_grad():
+        ours = reft(tokens, attention_mask=mask)
+    loaded = load_hf(save_hf(to_hf(reft), tmp_path / "exported"))
+    real = mask.bool()
+    torch.testing.assert_close(hf_logits(loaded, tokens, mask)[real], ours[real], atol=1e-5, rtol=0)
+
+
 TINY_CONFIGS = {
     "qwen2": lambda c: T.Qwen2Config(num_key_value_heads=2, **c),
     "mistral": lambda c: T.MistralConfig(num_key_value_heads=2, **c),
