@@ -413,7 +413,8 @@ def resolve_name(name_or_path: str | os.PathLike) -> tuple[str, str]:
             )
         raise LoadError(
             f"{name!r} looks like a Hugging Face hub id{hint}, and it is not in the local Hugging Face cache: "
-            "reftlens loads models offline and never downloads. " + _LOCAL_FOLDER_HOW.format(id=name)
+            "reftlens loads models offline and never downloads (if you meant a folder: "
+            f"{folder.absolute()} does not exist). " + _LOCAL_FOLDER_HOW.format(id=name)
         )
     raise LoadError(
         f"unknown model {name!r}: known names are {_KNOWN_SPELLINGS}; a path to a local Hugging Face folder "

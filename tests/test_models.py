@@ -184,6 +184,7 @@ def test_hub_ids_offline(tmp_path, monkeypatch):
     assert "looks like a Hugging Face hub id" in msg and "not in the local Hugging Face cache" in msg
     assert "huggingface-cli download no-such-org/no-such-model --local-dir ./my-model" in msg
     assert "load_model('./my-model')" in msg
+    assert f"if you meant a folder: {Path('no-such-org/no-such-model').absolute()} does not exist" in msg
     with pytest.raises(
         reftlens.LoadError, match=r"that is the base SmolLM2-135M.*load_model\('smollm2-135m-instruct'\)"
     ):
