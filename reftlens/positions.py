@@ -15,6 +15,8 @@ Specs (``parse_positions`` accepts all of these):
 ``slice(1, None)``   a slice of the real tokens
 tensor ``[B, K]``    per-example indices (a ragged list of lists also works)
 callable             a token predicate ``tokens [B, S] -> bool [B, S]``
+``after(m, spec)``   ``spec`` counted from just after the last occurrence of the tokens ``m``
+                     (e.g. the chat template's user header: :func:`after`)
 ===================  =====================================================================
 """
 
@@ -265,6 +267,87 @@ class Where(PositionSpec):
         return f"where({getattr(self.predicate, '__name__', 'predicate')})"
 
 
+@dataclass(frozen=True)
+class After(PositionSpec):
+    """``spec`` resolved against the real tokens that follow the last occurrence of the token
+    sequence ``marker`` in each example, as if they were the whole input.
+
+    With a chat template, ``after(tokenizer, "<|im_start|>user\n", "f5+l5")`` edits the first
+    five tokens of the last user message and the last five of the prompt, instead of the first
+    five of a system prompt that every example shares. Build it with :func:`after`. An example
+    without the marker, or with nothing after it, raises :class:`~reftlens.errors.PositionError`.
+    """
+
+    marker: tuple[int, ...]
+    spec: PositionSpec = All()
+
+    def site_mask(self, real: RealTokens) -> Tensor:
+        if real.tokens is None:
+            raise PositionError(f"positions {self} need the input tokens to find the marker.")
+        tokens, k = real.tokens, len(self.marker)
+        seq = tokens.shape[1]
+        if seq < k:
+            raise PositionError(f"positions {self}: no example contains the marker {list(self.marker)}.")
+        windows = tokens.unfold(1, k, 1)  # [B, seq - k + 1, k]
+        marker = torch.tensor(self.marker, dtype=tokens.dtype, device=tokens.device)
+        ends = torch.arange(k, seq + 1, device=tokens.device)  # the slot just after each window
+        starts = ends - k
+        inside = real.mask[:, starts] & real.mask[:, ends - 1]
+        hit = (windows == marker).all(-1) & inside
+        if not bool(hit.any(1).all()):
+            bad = int((~hit.any(1)).nonzero()[0])
+            raise PositionError(
+                f"positions {self}: example {bad} does not contain the marker tokens {list(self.marker)} "
+                "among its real tokens. Use a marker every input has (e.g. the chat template's user header)."
+            )
+        last_end = torch.where(hit, ends, torch.zeros_like(ends)).amax(1)  # [B]: slot after the last marker
+        idx = torch.arange(seq, device=tokens.device)
+        sub = real.mask & (idx[None] >= last_end[:, None])
+        if not bool(sub.any(1).all()):
+            bad = int((~sub.any(1)).nonzero()[0])
+            raise PositionError(f"positions {self}: example {bad} has no real tokens after the marker.")
+        return self.spec.site_mask(RealTokens.from_mask(sub, tokens))
+
+    def split(self, clamp: bool) -> list[PositionSpec]:
+        return [After(self.marker, g) for g in self.spec.split(clamp)]
+
+    def to_json(self) -> Any:
+        return {"after": list(self.marker), "then": self.spec.to_json()}
+
+    def __str__(self) -> str:
+        return f"{self.spec} after {list(self.marker)}"
+
+
+def after(marker: Any, spec: Any = "all", *, tokenizer: Any = None) -> After:
+    """Positions ``spec`` counted from just after the last occurrence of ``marker`` (a string,
+    tokenized by ``tokenizer`` without special tokens added, or a list of token ids).
+
+    >>> positions = after("<|im_start|>user\n", "f5+l5", tokenizer=model.tokenizer)  # doctest: +SKIP
+    >>> Intervention(LoReFT(d, 4), layers=[3, 9, 18, 24], positions=positions)      # doctest: +SKIP
+
+    The marker must tokenize inside a prompt as it does alone, which holds for one that starts with
+    a special token such as ChatML's ``<|im_start|>``; check with ``tokenizer.tokenize``.
+    """
+    if isinstance(marker, str):
+        if tokenizer is None:
+            raise PositionError(
+                f"after({marker!r}, ...) needs tokenizer= to turn the marker into tokens (or pass token ids)."
+            )
+        if not marker:
+            raise PositionError("after() needs a non-empty marker.")
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    else:
+        ids = list(marker) if isinstance(marker, (list, tuple)) else None
+        if ids is None and isinstance(marker, Tensor) and marker.ndim == 1:
+            ids = marker.tolist()
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise PositionError(f"after() needs a marker string or a non-empty list of token ids; got {marker!r}.")
+    inner = parse_positions(spec)
+    if isinstance(inner, (PerExample, Where, After)):
+        raise PositionError(f"after() takes 'all', 'fN+lM', indices or a slice as its spec; got {inner}.")
+    return After(tuple(ids), inner)
+
+
 def _check_in_range(target: Tensor, real: RealTokens, spec: PositionSpec) -> None:
     n = real.lengths[:, None]
     bad = (target < 0) | (target >= n)
@@ -335,6 +418,11 @@ def from_json(data: Any) -> PositionSpec:
 
     if data == "all":
         return All()
+    if isinstance(data, dict) and "after" in data:
+        marker = data["after"]
+        if not isinstance(marker, list) or not marker or not all(count(i) for i in marker):
+            raise PositionError(f"saved positions {data!r} must be {{'after': [token ids], 'then': spec}}.")
+        return after(marker, from_json(data.get("then", "all")))
     if isinstance(data, dict) and "first" in data:
         first, last, clamp = data.get("first"), data.get("last"), data.get("clamp_half", False)
         if not (count(first) and count(last) and isinstance(clamp, bool)):

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 from torch import nn
 
 from reftlens.errors import CollisionError, ConfigError
+from reftlens.hook_names import canonical_hook
 from reftlens.interventions.base import as_phi, phi_label, takes_source
 from reftlens.positions import PositionSpec, parse_positions, static_overlap
 
@@ -25,7 +26,9 @@ class Intervention:
         positions: ``"all"``, ``"f5+l5"``, indices, a slice, per-example indices, a predicate
             (see :mod:`reftlens.positions`).
         hook: the TransformerLens hook at each layer: ``"resid_post"`` (default),
-            ``"resid_pre"``, ``"attn_out"``, ``"mlp_out"``, ``"attn.hook_z"``, ...
+            ``"resid_pre"``, ``"resid_mid"``, ``"attn_out"``, ``"mlp_out"``, ROME's ``"resid"`` /
+            ``"attn"`` / ``"mlp"`` (recorded as ``"resid_post"`` / ``"attn_out"`` / ``"mlp_out"``),
+            or any hook in a block (``"attn.hook_z"``); see :mod:`reftlens.hook_names`.
         source_positions: where to read the source for a Φ with a source (default: the same
             spec, resolved against the source example).
         untied: ``False`` shares one Φ everywhere (tied). ``"layers"`` gives every layer its
@@ -63,7 +66,7 @@ class Intervention:
         self.source_positions = None if source_positions is None else parse_positions(source_positions)
         if not isinstance(hook, str) or not hook:
             raise ConfigError(f"hook must be a TransformerLens hook name such as 'resid_post'; got {hook!r}.")
-        self.hook = hook
+        self.hook = canonical_hook(hook)  # "mlp" → "mlp_out": one set of names everywhere
         if untied not in _UNTIED:
             raise ConfigError(f"untied must be one of {_UNTIED}; got {untied!r}.")
         self.untied = untied

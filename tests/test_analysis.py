@@ -54,12 +54,27 @@ def test_bad_input(model):
         patch_sweep(model, CLEAN, CORRUPT[:, :6], logit_diff)
     with pytest.raises(ConfigError, match="has no position axis"):
         patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="attn.hook_pattern")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(
+        ConfigError,
+        match=r"hook 'resid_middle' at layer 0 \(blocks.0.hook_resid_middle\) does not exist on this model. "
+        r"Did you mean 'resid_mid'.*Valid short names: resid_pre, attn_in, attn_out, resid_mid",
+    ):
         patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="resid_middle")
+    with pytest.raises(ConfigError, match=r"hook 'attn.hookz' at layer 0 .*Did you mean 'attn.hook_z'"):
+        patch_heads(model, CLEAN, CORRUPT, logit_diff, hook="attn.hookz")
+    with pytest.raises(ConfigError, match=r"hook must be a hook name such as 'resid_post' or 'mlp_out'; got None"):
+        patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook=None)
     with pytest.raises(AnalysisError, match="must return one number"):
         patch_sweep(model, CLEAN, CORRUPT, lambda lg: lg[0, -1], batched=False)
     with pytest.raises(AnalysisError, match=r"batched metric must map logits"):
         patch_sweep(model, CLEAN, CORRUPT, lambda lg: lg[:, -1, :2], batched=True)
+
+
+def test_short_hook_names_mean_the_same_in_patch_sweep(model):
+    short = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="mlp", layers=[1])
+    full = patch_sweep(model, CLEAN, CORRUPT, logit_diff, hook="mlp_out", layers=[1])
+    assert short.hook == "mlp_out"
+    torch.testing.assert_close(short.values, full.values, atol=0, rtol=0)
 
 
 def test_heatmap_is_saved(model, tmp_path):
@@ -233,8 +248,12 @@ def test_trace_errors_and_plot(model, trace, tmp_path):
 
     with pytest.raises(AnalysisError, match="subject 'zebra' is not in the prompt"):
         causal_trace(model, PROMPT, "zebra")
-    with pytest.raises(AnalysisError, match="hook must be one of"):
+    with pytest.raises(
+        AnalysisError, match=r"causal_trace restores 'resid_post', 'mlp_out' or 'attn_out'.*hook='heads'"
+    ):
         causal_trace(model, PROMPT, SUBJECT, hook="heads")
+    with pytest.raises(AnalysisError, match=r"got hook='mlp_ot'. Did you mean 'mlp_out'\?"):
+        causal_trace(model, PROMPT, SUBJECT, hook="mlp_ot")
     trace.plot(tmp_path / "trace.png")
     assert (tmp_path / "trace.png").stat().st_size > 1000
 

@@ -31,9 +31,32 @@ def test_wrong_layer(model):
 def test_unknown_hook(model):
     with pytest.raises(
         ConfigError,
-        match=r"hook 'resid_middle' at layer 1 \(blocks.1.hook_resid_middle\) does not exist.*hook_resid_post",
-    ):
+        match=r"intervention 'loreft\(rank=4\)': hook 'resid_middle' at layer 1 \(blocks.1.hook_resid_middle\) does not "
+        r"exist on this model. Did you mean 'resid_mid'.*Valid short names: resid_pre, attn_in, attn_out, resid_mid, "
+        r"mlp_in, mlp_out, resid_post \(aliases: resid = resid_post, attn = attn_out, mlp = mlp_out\)",
+    ) as err:
         ReftModel(model, Intervention(lo(model), layers=1, hook="resid_middle"))
+    assert "ln1.hook_scale" not in str(err.value)  # the short list, not every hook point
+    with pytest.raises(ConfigError, match=r"hook 'attn.hookz' .*Did you mean 'attn.hook_z'"):
+        ReftModel(model, Intervention(ZeroAblation(), layers=0, hook="attn.hookz"))
+    with pytest.raises(ConfigError, match=r"hook must be a TransformerLens hook name such as 'resid_post'; got 3"):
+        Intervention(lo(model), layers=1, hook=3)
+
+
+@pytest.mark.parametrize(("alias", "name"), [("mlp", "mlp_out"), ("attn", "attn_out"), ("resid", "resid_post")])
+def test_hook_aliases_in_an_intervention(model, alias, name, tmp_path):
+    phi = lo(model, init="random")
+    short = ReftModel(model, Intervention(phi, layers=1, positions="l1", hook=alias))
+    full = ReftModel(model, Intervention(phi, layers=1, positions="l1", hook=name))
+    assert short.interventions[0].hook == name  # recorded (and saved) by its one name
+    prompts = ["the quick brown fox", "a b"]
+    with torch.no_grad():
+        torch.testing.assert_close(short(prompts), full(prompts), atol=0, rtol=0)
+        assert (
+            short(prompts) - model(short.tokenize(prompts)[0], attention_mask=short.tokenize(prompts)[1])
+        ).abs().max() > 0
+    short.save(tmp_path / "s")
+    assert ReftModel.load(tmp_path / "s", model).interventions[0].hook == name
 
 
 def test_hook_without_a_position_axis(model):

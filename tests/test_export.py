@@ -59,6 +59,21 @@ def test_export_matches_the_transformer_lens_path(model, side):
     assert_same(reft, hf, side)
 
 
+def test_positions_after_a_marker_export(model, tmp_path):
+    from reftlens.positions import after
+
+    torch.manual_seed(0)
+    marker = after(" over", "f2+l1", tokenizer=model.tokenizer)
+    reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2, init="random"), layers=1, positions=marker))
+    prompts = ["the fox jumped over the lazy dog", "a cat sat over there"]
+    tokens, mask = reft.tokenize(prompts)
+    with torch.no_grad():
+        ours = reft(tokens, attention_mask=mask)
+    loaded = load_hf(save_hf(to_hf(reft), tmp_path / "exported"))
+    real = mask.bool()
+    torch.testing.assert_close(hf_logits(loaded, tokens, mask)[real], ours[real], atol=1e-5, rtol=0)
+
+
 TINY_CONFIGS = {
     "qwen2": lambda c: T.Qwen2Config(num_key_value_heads=2, **c),
     "mistral": lambda c: T.MistralConfig(num_key_value_heads=2, **c),
@@ -155,6 +170,39 @@ print("tl loaded", "transformer_lens" in sys.modules)
     loaded = load_hf(path)
     torch.testing.assert_close(hf_logits(loaded, tokens, mask)[mask.bool()], expected[mask.bool()], atol=1e-6, rtol=0)
     assert json.loads((path / "reft" / "reft_config.json").read_text())["intervene_on"] == "prompt"
+
+
+def test_plain_transformers_cannot_load_a_save_hf_folder_as_the_base(tiny_models, tmp_path):
+    from safetensors.torch import load_file
+
+    reft = build_set(tiny_models["tiny-llama"])
+    hf = to_hf(reft)
+    path = save_hf(hf, tmp_path / "exported", tokenizer=tiny_models["tiny-llama"].tokenizer)
+    small = save_hf(hf, tmp_path / "small", include_base=False, base_reference=str(path))
+    for folder in (path, small):
+        for auto in (T.AutoModelForCausalLM, T.AutoConfig):
+            with pytest.raises(ValueError, match=r"reftlens-export: load this folder with reftlens\.load_hf\(folder\)"):
+                auto.from_pretrained(folder)
+    # the weights are still plain safetensors, bit-identical to the base's
+    weights = load_file(path / "model.safetensors")
+    base = {k: v for k, v in hf.state_dict().items() if not k.startswith("reft_interventions.")}
+    assert weights.keys() == base.keys() and all(torch.equal(weights[k], base[k]) for k in base)
+    # the tokenizer still loads alone; load_hf restores the config and applies the edits
+    assert len(T.AutoTokenizer.from_pretrained(path)) == len(tiny_models["tiny-llama"].tokenizer)
+    tokens, mask = reft.tokenize(PROMPTS)
+    real = mask.bool()
+    expected = hf_logits(hf, tokens, mask)
+    for folder in (path, small):
+        loaded = load_hf(folder)
+        assert type(loaded) is type(hf) and loaded.config.model_type == "llama"
+        assert loaded.config.architectures == ["LlamaForCausalLM"]
+        torch.testing.assert_close(hf_logits(loaded, tokens, mask)[real], expected[real], atol=1e-6, rtol=0)
+    # an export written before the guard (config.json as save_pretrained wrote it) still loads
+    config = json.loads((path / "config.json").read_text())
+    saved = config.pop("reftlens_export")
+    config.update(model_type=saved["base_model_type"], architectures=saved["base_architectures"])
+    (path / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(hf_logits(load_hf(path), tokens, mask)[real], expected[real], atol=1e-6, rtol=0)
 
 
 def test_pickled_base_weights_are_refused_never_unpickled(tiny_models, tmp_path):

@@ -307,6 +307,17 @@ def test_to_peft_replaces_its_own_folder_and_refuses_others(tiny_models, tmp_pat
         reftlens.save_peft(reft, tmp_path / "file")
 
 
+def test_save_peft_records_the_base_it_is_given(tiny_models, tmp_path):
+    reft = mergeable_set(tiny_models["tiny-llama"])
+    path = reftlens.save_peft(reft, tmp_path / "a", base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    for bad in ("", "  ", 3, ["a"]):
+        with pytest.raises(reftlens.ExportError, match=r"base_model_name_or_path must be a non-empty hub id"):
+            reftlens.save_peft(reft, tmp_path / "b", base_model_name_or_path=bad)
+        assert not (tmp_path / "b").exists()
+
+
 # ---- the algebra, and user Φs
 
 

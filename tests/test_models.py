@@ -15,6 +15,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 
+import reftlens
 from reftlens import models
 from reftlens.models import KNOWN_MODELS, load_model, tiny_hf_model, tiny_tokenizer
 
@@ -129,17 +130,91 @@ def test_dtype_is_applied_to_parameters_not_rope_buffers():
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(reftlens.LoadError) as err:
         load_model("no-such-model")
     msg = str(err.value)
     assert all(name in msg for name in KNOWN_MODELS)
-    assert "folder" in msg
+    assert "load_model('./my-model')" in msg and "save_pretrained" in msg
 
 
 def test_in_memory_model_needs_tokenizer():
     hf, _ = tiny_hf_model("tiny-gpt2")
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(reftlens.ConfigError, match="tokenizer"):
         load_model(hf)
+    with pytest.raises(reftlens.ConfigError, match="expects a model name, a folder path or a PreTrainedModel"):
+        load_model(3)
+
+
+@pytest.mark.parametrize(
+    ("spelling", "resolved"),
+    [
+        ("smollm2-135m", ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")),
+        ("SmolLM2-135M-Instruct", ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")),  # the README's spelling
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")),  # the hub id
+        ("huggingfacetb/smollm2-135m-instruct", ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")),
+        ("SMOLLM2-135M", ("smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct")),
+        ("Tiny-Llama", ("tiny", "tiny-llama")),
+        (" tiny-gpt2 ", ("tiny", "tiny-gpt2")),
+    ],
+)
+def test_obvious_spellings_resolve(spelling, resolved):
+    assert models.resolve_name(spelling) == resolved
+
+
+def test_any_case_loads_the_same_model():
+    a, b = load_model("TINY-LLAMA", seed=3), load_model("tiny-llama", seed=3)
+    tokens = b.to_tokens(PROMPT)
+    with torch.no_grad():
+        assert torch.equal(a(tokens), b(tokens))
+
+
+def test_a_folder_of_that_name_wins_over_the_offline_package(tmp_path, monkeypatch):
+    hf, tok = tiny_hf_model("tiny-gpt2", seed=7)
+    hf.save_pretrained(tmp_path / "SmolLM2-135M-Instruct")  # e.g. a download of the hub model
+    monkeypatch.chdir(tmp_path)
+    assert models.resolve_name("SmolLM2-135M-Instruct") == ("folder", "SmolLM2-135M-Instruct")
+
+
+def test_hub_ids_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    with pytest.raises(reftlens.LoadError) as err:
+        load_model("no-such-org/no-such-model")
+    msg = str(err.value)
+    assert "looks like a Hugging Face hub id" in msg and "not in the local Hugging Face cache" in msg
+    assert "huggingface-cli download no-such-org/no-such-model --local-dir ./my-model" in msg
+    assert "load_model('./my-model')" in msg
+    assert f"if you meant a folder: {Path('no-such-org/no-such-model').absolute()} does not exist" in msg
+    with pytest.raises(
+        reftlens.LoadError, match=r"that is the base SmolLM2-135M.*load_model\('smollm2-135m-instruct'\)"
+    ):
+        load_model("HuggingFaceTB/SmolLM2-135M")
+    # a hub id already in the local Hugging Face cache loads from there, offline
+    snap = tmp_path / "models--some-org--tiny" / "snapshots" / ("0" * 40)
+    hf, tok = tiny_hf_model("tiny-gpt2", seed=7)
+    hf.save_pretrained(snap)
+    tok.save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert models.resolve_name("some-org/tiny") == ("folder", str(snap))
+    bridge = load_model("some-org/tiny")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bridge(bridge.to_tokens(PROMPT)), hf(bridge.to_tokens(PROMPT)).logits, atol=1e-5, rtol=0
+        )
+
+
+def test_folders_that_are_not_models(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(reftlens.LoadError, match=r"empty has no config.json, so it is not a Hugging Face model folder"):
+        load_model(tmp_path / "empty")
+    reft = reftlens.ReftModel(
+        load_model("tiny-llama"), reftlens.Intervention(reftlens.LoReFT(64, 2), layers=1, positions="l1")
+    )
+    folder = reftlens.save_hf(reftlens.to_hf(reft), tmp_path / "exported")
+    with pytest.raises(reftlens.LoadError, match=r"is a reftlens.save_hf export.*reftlens.load_hf\(folder\)"):
+        load_model(folder)
 
 
 def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from reftlens import Collect, Intervention, LoReFT, PositionError, ReftModel, parse_positions
-from reftlens.positions import FirstLast, RealTokens, from_json
+from reftlens.positions import FirstLast, RealTokens, after, from_json
 
 SPECS = ["all", "f2+l2", "f1", "l3", "f3+l1", [0], [-1], [0, -2], slice(1, None), slice(0, 3), slice(None, None, 2)]
 
@@ -169,3 +169,72 @@ def test_rows_selected_match_the_real_token_count(model):
     reft(tokens, attention_mask=mask)
     n = mask.sum(1)
     assert collect.activations[0].shape[0] == int(sum(min(int(k), 4) for k in n))
+
+
+# ---- positions after a marker (e.g. the chat template's user header)
+
+MARK = [7, 8]
+
+
+def marked_batch(side):
+    rows = [[1, 7, 8, 5, 7, 8, 20, 21, 22, 23], [1, 7, 8, 30, 31]]  # row 0 has the marker twice: the last counts
+    width = max(map(len, rows))
+    tokens = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        tokens[i, sl], mask[i, sl] = torch.tensor(r), True
+    return RealTokens.from_mask(mask, tokens)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("all", [[6, 7, 8, 9], [3, 4]]), ("f1+l1", [[6, 9], [3, 4]]), ("f3", [[6, 7, 8], [3, 4]]), ([0], [[6], [3]])],
+)
+def test_positions_after_a_marker(side, spec, expected):
+    real = marked_batch(side)
+    m = after(MARK, spec).site_mask(real)
+    got = [(m[i] & real.mask[i]).nonzero().squeeze(1).sub(int(real.starts[i])).tolist() for i in range(2)]
+    assert got == expected
+
+
+def test_after_errors_and_round_trip():
+    real = marked_batch("left")
+    with pytest.raises(PositionError, match=r"example 1 does not contain the marker tokens \[8, 5\]"):
+        after([8, 5]).site_mask(real)
+    ends_with_it = RealTokens.from_mask(torch.ones(1, 3, dtype=torch.bool), torch.tensor([[1, 7, 8]]))
+    with pytest.raises(PositionError, match=r"example 0 has no real tokens after the marker"):
+        after(MARK).site_mask(ends_with_it)
+    with pytest.raises(PositionError, match=r"needs tokenizer= to turn the marker into tokens"):
+        after("<|im_start|>user\n", "f5")
+    with pytest.raises(PositionError, match=r"a marker string or a non-empty list of token ids"):
+        after([])
+    with pytest.raises(PositionError, match=r"takes 'all', 'fN\+lM', indices or a slice"):
+        after(MARK, lambda t: t > 0)
+    spec = after(MARK, "f5+l5")
+    assert from_json(spec.to_json()) == spec and parse_positions(spec.to_json()) == spec
+    assert [str(g) for g in spec.split(clamp=False)] == ["f5 after [7, 8]", "l5 after [7, 8]"]
+
+
+def test_after_in_a_set_equals_explicit_indices_and_saves(model, tmp_path):
+    tok = model.tokenizer
+    marker = tok(" over", add_special_tokens=False)["input_ids"]
+    prompts = ["the fox jumped over the lazy dog", "a cat sat over there"]
+    phi = LoReFT(model.cfg.d_model, 2, init="random")
+    ours = ReftModel(model, Intervention(phi, layers=1, positions=after(" over", "f2", tokenizer=tok)))
+    tokens, mask = ours.tokenize(prompts)
+    real = RealTokens.from_mask(mask, tokens)
+    per_example = []
+    for i in range(2):
+        row = tokens[i, real.mask[i]].tolist()
+        end = max(j + len(marker) for j in range(len(row)) if row[j : j + len(marker)] == marker)
+        per_example.append([end, end + 1])
+    theirs = ReftModel(model, Intervention(phi, layers=1, positions=per_example))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(prompts), theirs(prompts), atol=0, rtol=0)
+    ours.save(tmp_path / "s")
+    loaded = ReftModel.load(tmp_path / "s", model)
+    assert loaded.interventions[0].positions == ours.interventions[0].positions
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(prompts), ours(prompts), atol=0, rtol=0)

@@ -55,7 +55,12 @@ def test_diff_mean_and_probe_recover_the_planted_direction(toy, fit, layer, whic
     d = fit(*split(acts, layer, even))
     truth = u if which == "u" else v
     assert float(d.vector @ truth) >= 0.95  # oriented: the positive class projects higher
-    assert abs(float(d.vector.norm()) - 1) < 1e-5 and d.auroc == 1.0 and d.separation > 10
+    assert abs(float(d.vector.norm()) - 1) < 1e-5 and d.fit_auroc == 1.0 and d.separation > 10
+    with pytest.warns(
+        DeprecationWarning, match=r"Direction.auroc is deprecated; use Direction.fit_auroc.*not held out"
+    ):
+        assert d.auroc == d.fit_auroc  # the old name still reads
+    assert "fit_auroc=1.000" in repr(d)
 
 
 @pytest.mark.parametrize("layer,which", [(0, "v"), (2, "u")])

@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from reftlens.errors import AnalysisError, ConfigError
+from reftlens.hook_names import canonical_hook, unknown_hook
 from reftlens.inputs import text_tokens
 from reftlens.interventions.directional import Scaled
 from reftlens.interventions.patching import Collect, Interchange
@@ -179,6 +180,7 @@ def patch_sweep(
     >>> res.plot("patching.png")  # doctest: +SKIP
     """
     clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
+    hook = canonical_hook(hook)
     layers = _check_sweep_options(model, hook, layers, method, ig_steps, progress)
     base, source_base = _set_of(corrupted_with), _set_of(clean_with)
     cast = bool(getattr(corrupted_with, "cast", False) or getattr(clean_with, "cast", False))
@@ -223,7 +225,7 @@ def _check_sweep_options(
         raise AnalysisError(f"method must be 'exact', 'attribution' or 'attribution-ig'; got {method!r}.")
     if method == "attribution-ig" and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
         raise ConfigError(f"ig_steps must be a positive integer (points on the integration path); got {ig_steps!r}.")
-    _check_position_hooks(model, [hook_name_for(hook, l) for l in layers])
+    _check_position_hooks(model, hook, layers)
     return layers
 
 
@@ -280,12 +282,13 @@ def _set_of(reft: Any) -> list[Intervention]:
     return list(getattr(reft, "interventions", reft))
 
 
-def _check_position_hooks(model: Any, names: Sequence[str]) -> None:
+def _check_position_hooks(model: Any, hook: str, layers: Sequence[int]) -> None:
     hook_dict = model.hook_dict
-    for name in names:
+    for layer in layers:
+        name = hook_name_for(hook, layer)
         point = hook_dict.get(name)
         if point is None:
-            raise ConfigError(f"hook {name!r} does not exist on this model.")
+            raise unknown_hook(hook, layer, hook_dict)
         if (point.name or name).endswith(NO_POSITION_AXIS) or getattr(point, "pos_dim", None) not in (None, 1):
             raise ConfigError(f"hook {name} has no position axis at dim 1, so it cannot be swept over positions.")
 
@@ -483,10 +486,12 @@ def patch_heads(
     check_progress(progress, "patch_heads")
     clean, corrupt = _token_pair(model, clean_tokens, corrupted_tokens)
     n_layers = model.cfg.n_layers
+    hook = canonical_hook(hook)
     names = [hook_name_for(hook, l) for l in range(n_layers)]
     hook_dict = model.hook_dict
-    if any(n not in hook_dict for n in names):
-        raise ConfigError(f"hook {hook!r} does not exist at every layer of this model.")
+    for l, n in enumerate(names):
+        if n not in hook_dict:
+            raise unknown_hook(hook, l, hook_dict)
     batch = corrupt.shape[0]
     with torch.no_grad():
         sweep = Sweep(

@@ -17,6 +17,7 @@ noise, as in ROME).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from reftlens.errors import AnalysisError
+from reftlens.hook_names import HOOK_ALIASES, canonical_hook
 from reftlens.inputs import text_tokens
 from reftlens.interventions.patching import Interchange, Noise
 from reftlens.progress import check_progress
@@ -32,21 +34,20 @@ from reftlens.runtime.plan import hook_name_for
 from reftlens.runtime.sweep import Sweep
 from reftlens.sets import Intervention
 
-# the hooks a trace restores; "resid", "mlp" and "attn" are ROME's short names for them
-_HOOKS = {
-    "resid_post": "resid_post",
-    "mlp_out": "mlp_out",
-    "attn_out": "attn_out",
-    "resid": "resid_post",
-    "mlp": "mlp_out",
-    "attn": "attn_out",
-}
+# the hooks a trace restores (ROME's "resid", "mlp", "attn" resolve to them: reftlens.hook_names)
+_HOOKS = ("resid_post", "mlp_out", "attn_out")
 
 
 def _hook(hook: str) -> str:
-    if hook not in _HOOKS:
-        raise AnalysisError(f"hook must be one of {sorted(_HOOKS)}; got {hook!r}.")
-    return _HOOKS[hook]
+    name = canonical_hook(hook)
+    if name not in _HOOKS:
+        close = difflib.get_close_matches(str(hook), [*_HOOKS, *HOOK_ALIASES], n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise AnalysisError(
+            f"causal_trace restores 'resid_post', 'mlp_out' or 'attn_out' (ROME's 'resid', 'mlp', 'attn'); "
+            f"got hook={hook!r}.{hint}"
+        )
+    return name
 
 
 @dataclass

@@ -13,6 +13,13 @@ The export of a bank takes each example's set as ``reft_adapters=[...]`` in its 
 
 Nothing here imports TransformerLens: :func:`load_hf` rebuilds a working model from a folder
 with transformers alone.
+
+A ``save_hf`` folder cannot be mistaken for its base model: its ``config.json`` names a
+``model_type`` transformers does not know (:data:`GUARD_MODEL_TYPE`, which says to use
+``reftlens.load_hf``), so ``AutoModelForCausalLM.from_pretrained(folder)`` raises instead of
+silently returning the base without the edits. The real ``model_type`` and ``architectures``
+are kept under the ``"reftlens_export"`` key, from which :func:`load_hf` restores them. The
+folder runs no code of its own (no ``auto_map``): loading a folder never executes code from it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,17 @@ from reftlens.runtime.hf_backend import HFInterventions, pristine_hf
 
 REFT_DIR = "reft"
 EXPORT_FILE = "reftlens_export.json"
+CONFIG_FILE = "config.json"
+#: The ``model_type`` written into a ``save_hf`` folder's config.json. transformers does not know
+#: it, so a plain ``from_pretrained`` fails and its message quotes this text.
+GUARD_MODEL_TYPE = "reftlens-export: load this folder with reftlens.load_hf(folder), not transformers alone"
+GUARD_ARCHITECTURE = "ReftlensExport_LoadWithReftlensLoadHf"
+GUARD_KEY = "reftlens_export"
+GUARD_NOTE = (
+    "This folder is a reftlens export: the base model's weights (plain safetensors) plus interventions in reft/. "
+    "Loaded by transformers alone it would be the base model without its edits, so model_type is replaced; "
+    "reftlens.load_hf(folder) restores model_type and architectures from base_model_type and base_architectures and applies the edits."
+)
 
 
 def hf_fingerprint(config: Any, model: nn.Module | None = None) -> dict[str, Any]:
@@ -68,6 +86,46 @@ def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
     return hf
 
 
+def _guard_config(folder: Path) -> None:
+    """Make ``folder/config.json`` unloadable by plain transformers (see the module docstring); the
+    original ``model_type`` / ``architectures`` move under :data:`GUARD_KEY`."""
+    file = folder / CONFIG_FILE
+    config = json.loads(file.read_text()) if file.is_file() else {}
+    # not "model_type" inside: transformers' config classes adopt a nested dict whose model_type matches theirs
+    config[GUARD_KEY] = {
+        "note": GUARD_NOTE,
+        "base_model_type": config.get("model_type"),
+        "base_architectures": config.get("architectures"),
+    }
+    config["model_type"] = GUARD_MODEL_TYPE
+    config["architectures"] = [GUARD_ARCHITECTURE]
+    file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _unguarded_config(folder: Path) -> Any:
+    """The base model's transformers config from a ``save_hf`` folder, or None when the folder's
+    config.json carries no guard (an export written before the guard existed loads as it is)."""
+    from transformers import AutoConfig
+
+    if not (folder / CONFIG_FILE).is_file():
+        return None  # transformers' own error names the missing file
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    saved = config.pop(GUARD_KEY, None)
+    if saved is None:
+        return None
+    if not saved.get("base_model_type"):
+        raise LoadError(
+            f"{folder / CONFIG_FILE}: the {GUARD_KEY!r} entry records no base_model_type; re-export the model."
+        )
+    config["model_type"] = saved["base_model_type"]
+    if saved.get("base_architectures"):
+        config["architectures"] = saved["base_architectures"]
+    else:
+        config.pop("architectures", None)
+    cls = type(AutoConfig.for_model(config["model_type"]))
+    return cls.from_dict(config)
+
+
 def save_hf(
     model: nn.Module,
     path: str | os.PathLike,
@@ -82,7 +140,13 @@ def save_hf(
 
     ``path`` must be new, an empty folder or an earlier ``save_hf`` output (it holds
     ``reftlens_export.json``), which is replaced whole; anything else raises
-    :class:`~reftlens.errors.SaveError` and is left untouched."""
+    :class:`~reftlens.errors.SaveError` and is left untouched.
+
+    The folder needs reftlens to load (:func:`load_hf`): its ``config.json`` names a model type
+    transformers does not know, so ``AutoModelForCausalLM.from_pretrained(path)`` raises with a
+    message that says to use ``reftlens.load_hf`` instead of silently giving the base model
+    without the edits. The weights stay plain safetensors. For a folder transformers or peft load
+    alone, fold the edits into the weights: :func:`reftlens.merge` / :func:`reftlens.save_peft`."""
     from reftlens.saving import atomic_dir, write, write_bank
 
     module = getattr(model, "reft_interventions", None)
@@ -107,6 +171,7 @@ def save_hf(
         )
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _guard_config(folder)  # without include_base: a config.json that only says how to load the folder
 
     return atomic_dir(path, write_all, markers=[EXPORT_FILE])
 
@@ -156,8 +221,11 @@ def load_hf(
     base = folder if meta["base"] == "." else meta["base"]
     if Path(base).is_dir():
         _check_safetensors(Path(base))
+    # a save_hf folder's config.json is guarded against plain transformers (the base may be another export)
+    config = _unguarded_config(Path(base)) if Path(base).is_dir() else None
+    extra = {} if config is None else {"config": config}
     # safetensors only: transformers must never fall back to unpickling a .bin
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True, **extra)
     if device is not None:
         model.to(device)
     here = hf_fingerprint(model.config, model)

@@ -40,15 +40,25 @@ def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: st
 
     The interventions must fold (see :func:`reftlens.merge`: ``attn_out`` / ``mlp_out``,
     ``positions="all"``, an affine Φ); the adapter's rank is the largest total rank on one
-    projection. ``base_model_name_or_path`` goes into the adapter config (default: the base
-    model's own ``name_or_path``). The write is atomic; an earlier adapter folder is replaced,
-    a folder holding anything else is refused.
+    projection. ``base_model_name_or_path`` goes into the adapter config, where peft and vLLM
+    read which base to load: pass the hub id or folder your users have (e.g.
+    ``"HuggingFaceTB/SmolLM2-135M-Instruct"``). The default is the base model's own
+    ``name_or_path``, which for a model loaded from a local cache (``load_model("smollm2-135m")``)
+    is a path on this machine. The write is atomic; an earlier adapter folder is replaced, a
+    folder holding anything else is refused.
 
     >>> reftlens.save_peft(reft, "adapter")                               # doctest: +SKIP
     >>> model = peft.PeftModel.from_pretrained(base, "adapter")          # doctest: +SKIP
     """
     from reftlens.saving import atomic_dir
 
+    if base_model_name_or_path is not None:
+        if not isinstance(base_model_name_or_path, (str, os.PathLike)) or not str(base_model_name_or_path).strip():
+            raise ExportError(
+                "base_model_name_or_path must be a non-empty hub id or folder path (a str); "
+                f"got {base_model_name_or_path!r}."
+            )
+        base_model_name_or_path = str(base_model_name_or_path)
     try:
         from peft import LoraConfig
     except ImportError:

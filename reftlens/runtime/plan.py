@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from reftlens.errors import CollisionError, ConfigError
+from reftlens.hook_names import hook_name_for  # noqa: F401  (re-exported: runtime.hook_name_for)
 from reftlens.interventions.base import bank_key
 from reftlens.positions import RealTokens
 from reftlens.sets import Unit, may_share_sites
@@ -29,20 +30,6 @@ from reftlens.sets import Unit, may_share_sites
 HookFn = Callable[..., Any]
 # hook names whose tensors have no position axis at dim 1
 NO_POSITION_AXIS = ("hook_pattern", "hook_attn_scores", "hook_cos", "hook_sin")
-
-
-def hook_name_for(hook: str, layer: int) -> str:
-    """``"resid_post"`` → ``blocks.3.hook_resid_post``; ``"attn.hook_z"`` → ``blocks.3.attn.hook_z``."""
-    if "{layer}" in hook:
-        return hook.format(layer=layer)
-    if hook.startswith("blocks."):
-        raise ConfigError(
-            f"hook {hook!r} names one layer; give the name within a block ('resid_post', "
-            "'attn.hook_z') or a template with '{layer}', and choose layers with layers=."
-        )
-    if hook.startswith("hook_") or "." in hook:
-        return f"blocks.{layer}.{hook}"
-    return f"blocks.{layer}.hook_{hook}"
 
 
 @dataclass(eq=False)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from reftlens.errors import ConfigError
+from reftlens.hook_names import unknown_hook
 from reftlens.interventions.base import phi_d_model
 from reftlens.positions import RealTokens
 from reftlens.runtime.compat import pad_row_guard
@@ -50,12 +51,7 @@ def bind(model: Any, units: Sequence[Unit], hook_dict: dict[str, nn.Module] | No
             name = hook_name_for(unit.hook, layer)
             point = hook_dict.get(name)
             if point is None:
-                prefix = f"blocks.{layer}."
-                known = sorted({n[len(prefix) :] for n in hook_dict if n.startswith(prefix)})
-                raise ConfigError(
-                    f"intervention {unit.name!r}: hook {unit.hook!r} at layer {layer} ({name}) does not exist "
-                    f"on this model. Hooks at layer {layer}: {', '.join(known)}."
-                )
+                raise unknown_hook(unit.hook, layer, hook_dict, who=f"intervention {unit.name!r}: ")
             canonical = point.name or name
             if canonical.endswith(NO_POSITION_AXIS) or getattr(point, "pos_dim", None) not in (None, 1):
                 raise ConfigError(

@@ -9,6 +9,7 @@ per layer, in one ReftModel, each batch run only up to the highest layer asked f
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -163,16 +164,21 @@ class Direction:
 
     ``norm``: the size of the raw direction before normalising (DiffMean ‖μ₊ − μ₋‖, the probe's
     ‖w‖, PCA's standard deviation along the component); ``separation``: Cohen's d of the
-    projections, (m₊ − m₋) / √((s₊² + s₋²)/2); ``auroc``: of the projections on the fitted data;
-    ``pos_mean`` / ``neg_mean``: the mean projections; ``mean_norm``: the mean ‖h‖ of the samples,
-    the scale to set a steering α against; ``explained_variance``: PCA's share on the component.
+    projections, (m₊ − m₋) / √((s₊² + s₋²)/2); ``fit_auroc``: the AUROC of the projections of
+    the very rows the direction was fitted on (one row per selected token of each training text,
+    when the rows come from :func:`collect`): a check that the fit separates its own data, **not**
+    a detection accuracy. For that, score held-out texts (one score per text,
+    ``acts.scores(layer, u, pool="max")``) and call :func:`auroc`. ``pos_mean`` / ``neg_mean``:
+    the mean projections; ``mean_norm``: the mean ‖h‖ of the samples, the scale to set a steering
+    α against; ``explained_variance``: PCA's share on the component. (``auroc`` is the old name of
+    ``fit_auroc``; it still reads, with a DeprecationWarning.)
     """
 
     vector: Float[Tensor, " d"]
     method: str
     norm: float
     separation: float
-    auroc: float
+    fit_auroc: float
     pos_mean: float
     neg_mean: float
     mean_norm: float
@@ -182,8 +188,20 @@ class Direction:
         ev = f", explained_variance={self.explained_variance:.3f}" if self.explained_variance is not None else ""
         return (
             f"Direction({self.method}, d={self.vector.shape[0]}, norm={self.norm:.4g}, separation={self.separation:.3f}, "
-            f"auroc={self.auroc:.3f}, pos_mean={self.pos_mean:.4g}, neg_mean={self.neg_mean:.4g}{ev})"
+            f"fit_auroc={self.fit_auroc:.3f}, pos_mean={self.pos_mean:.4g}, neg_mean={self.neg_mean:.4g}{ev})"
         )
+
+    @property
+    def auroc(self) -> float:
+        """Deprecated name of :attr:`fit_auroc` (per-row, on the fitted data: not held-out detection)."""
+        warnings.warn(
+            "Direction.auroc is deprecated; use Direction.fit_auroc, the AUROC of the projections of the rows the "
+            "direction was fitted on (per token, not held out). For detection accuracy score held-out texts and "
+            "call reftlens.steering.auroc. See docs/changelog.md.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.fit_auroc
 
 
 def diff_mean(pos: Float[Tensor, "n_pos d"], neg: Float[Tensor, "n_neg d"]) -> Direction:
