@@ -15,6 +15,7 @@ token. The choices travel as one :class:`~reftlens.runtime.bank.Call` to either 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -92,6 +93,7 @@ def generate(
     model, bank = reft.model, reft.sets
     call = bank.call(adapters, intervene_on)
     modes = call.modes(bank.settings)
+    call = replace(call, intervene_on=modes)  # each set's mode, resolved here: the call says it all
     text_in = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str)
     )
