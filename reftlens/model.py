@@ -9,9 +9,16 @@ import torch
 from torch import Tensor, nn
 
 from reftlens import inputs as inputs_mod
-from reftlens.interventions.directional import Scaled
 from reftlens.positions import RealTokens
-from reftlens.runtime.bank import Bank, Sets, SetSettings, check_materialised, check_placed, unique_phis
+from reftlens.runtime.bank import (
+    Bank,
+    Sets,
+    SetSettings,
+    check_materialised,
+    check_placed,
+    scaled_interventions,
+    unique_phis,
+)
 from reftlens.runtime.plan import Plan, Site
 from reftlens.runtime.tl_backend import execute, hooked, plan_hooks
 from reftlens.sets import Intervention, Unit
@@ -339,21 +346,7 @@ class ReftModel(nn.Module):
         >>> view = reft.scaled(torch.tensor([0.0, 1.0, 2.0]))     # doctest: +SKIP
         >>> view.generate(["Tell me a story."] * 3, 16)            # doctest: +SKIP
         """
-        wrappers: dict[int, Scaled] = {}
-        interventions = []
-        for u in self.units:
-            phi = wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha))
-            interventions.append(
-                Intervention(
-                    phi,
-                    layers=list(u.layers),
-                    positions=u.positions,
-                    hook=u.hook,
-                    source_positions=u.source_positions,
-                    stack=u.stack,
-                    name=u.name,
-                )
-            )
+        interventions = scaled_interventions(self.units, alpha)
         view = ReftModel(self.model, interventions, cast=self.cast, move=False)
         if not self.sets.named:  # a plain set's view runs as it does
             view.sets.settings.update(self.sets.settings)

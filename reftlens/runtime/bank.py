@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from reftlens import inputs as inputs_mod
 from reftlens.errors import ConfigError, PositionError
 from reftlens.interventions.base import phi_d_model, phi_label
+from reftlens.interventions.directional import Scaled
 from reftlens.positions import RealTokens
 from reftlens.runtime.plan import Plan, Site, SitePlan, resolve, set_names
 from reftlens.runtime.tl_backend import bind, gather_sources
@@ -374,6 +375,24 @@ def check_same_model(bank: Mapping[str, Sequence[Intervention]], d_model: int) -
                 f"have d_model={d_model}. Every set of a bank runs on the one base model: build its Φs with "
                 "d_model=model.cfg.d_model, or keep sets for another model in a bank of their own."
             )
+
+
+def scaled_interventions(units: Sequence[Unit], alpha: float | Tensor) -> list[Intervention]:
+    """``units`` as interventions whose Φs are :class:`~reftlens.interventions.Scaled` views (one per
+    distinct Φ, sharing its parameters), at the same sites (see :meth:`reftlens.ReftModel.scaled`)."""
+    wrappers: dict[int, Scaled] = {}
+    return [
+        Intervention(
+            wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha)),
+            layers=list(u.layers),
+            positions=u.positions,
+            hook=u.hook,
+            source_positions=u.source_positions,
+            stack=u.stack,
+            name=u.name,
+        )
+        for u in units
+    ]
 
 
 def unique_phis(units: Sequence[Unit]) -> list[nn.Module]:
