@@ -208,7 +208,7 @@ def _hf_backend(reft: Any, backend: str) -> Any:
     from reftlens.runtime.hf_backend import twin
 
     try:
-        return twin(reft.model, reft.units, reft.cast, named=reft.sets.named)
+        return twin(reft.model, reft.units, reft.cast)
     except ExportError:
         if backend == "hf":
             raise

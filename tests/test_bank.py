@@ -447,11 +447,11 @@ def test_pyreft_export_of_a_bank_is_refused(bank, tmp_path):
 def test_adding_a_set_reuses_the_generation_twin(model, bank):
     from reftlens.runtime.hf_backend import twin
 
-    hf = twin(model, bank.units, named=True).hf
+    hf = twin(model, bank.units).hf
     bank.add_adapter("extra", Intervention(LoReFT(model.cfg.d_model, 2), layers=1, positions="l1"))
-    again = twin(model, bank.units, named=True)
+    again = twin(model, bank.units)
     assert again.hf is hf  # same weights-sharing model, only the interventions attached anew
-    assert again.interventions.bank == ["emoji", "sport", "formal", "extra"]
+    assert again.interventions.sets == ["emoji", "sport", "formal", "extra"]
 
 
 # ---- settings travel with a set ----------------------------------------------------------------------

@@ -360,10 +360,10 @@ class Twin:
 _TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Twin, tuple]]" = weakref.WeakKeyDictionary()
 
 
-def twin(model: Any, units: Sequence[Any], cast: bool = False, *, named: bool = False) -> Twin:
+def twin(model: Any, units: Sequence[Any], cast: bool = False) -> Twin:
     """A plain transformers model sharing the bridge ``model``'s weights, with ``units``' Φs attached
     natively (the same Φ objects: training shows at once). Each call takes its choices as
-    ``reft_call=`` (a :class:`~reftlens.runtime.bank.Call`).
+    ``reft_call=`` (a :class:`~reftlens.runtime.bank.Call`), which reftlens's generation always passes.
 
     Cached per bridge (rebuilt when the base moves); when the set changes (another ReftModel, a set
     added to a bank) only the interventions are attached anew. The Φs stay owned by the caller
@@ -371,7 +371,7 @@ def twin(model: Any, units: Sequence[Any], cast: bool = False, *, named: bool = 
     """
     first = next(model.parameters())
     base_key = (first.data_ptr(), first.device, first.dtype)
-    units_key = (cast, named, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
+    units_key = (cast, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
     held = _TWINS.get(model)
     if held is not None and held[0] == base_key:
         hf = held[1].hf
@@ -381,7 +381,7 @@ def twin(model: Any, units: Sequence[Any], cast: bool = False, *, named: bool = 
     else:
         hf = pristine_hf(model, share=True)
         fast_attention(hf)
-    module = HFInterventions(units, cast=cast, named=named)
+    module = HFInterventions(units, cast=cast)
     module.attach(hf)
     pair = Twin(hf, module)
     _TWINS[model] = (base_key, pair, units_key)
