@@ -21,8 +21,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from reftlens import inputs as inputs_mod
 from reftlens.errors import ConfigError, ExportError
-from reftlens.runtime.bank import INTERVENE_ON
+from reftlens.positions import RealTokens
+from reftlens.runtime.bank import INTERVENE_ON, Call
 from reftlens.runtime.compat import kv_cache_fix
 from reftlens.runtime.plan import every_row, span
 from reftlens.runtime.tl_backend import hooked, plan_hooks
@@ -97,8 +99,11 @@ def generate(
     text_in = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str)
     )
-    tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     pad = reft.pad_token_id
+    if text_in and prepend_bos is None and attention_mask is None:  # each row's start token as its set's training had
+        tokens, real = _encode_per_set(reft, prompts, call, pad)
+    else:
+        tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     tokens, mask = to_left_padding(tokens, real.mask, pad)
     batch = tokens.shape[0]
     with_source = [s.unit for s in bank.sites if s.unit.takes_source and modes[s.unit.adapter] != "prompt"]
@@ -199,6 +204,20 @@ def generate(
             if advance(logits[:, -1]):
                 break
     return _finish(model, tokens, generated, eos, text_in)
+
+
+def _encode_per_set(reft: Any, prompts: str | Sequence[str], call: Call, pad: int) -> tuple[Tensor, RealTokens]:
+    """String prompts tokenized with each row's set's recorded ``prepend_bos`` (None: the model's
+    setting; the base model's rows too), left padded."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    names = [call.sets] * len(texts) if call.sets is None or isinstance(call.sets, str) else list(call.sets)
+    settings = reft.sets.settings
+    starts = [settings[n].prepend_bos if n in settings else None for n in names]
+    if len(set(starts)) <= 1 or len(names) != len(texts):  # one rule for all (a bad name is named by the plan)
+        return reft.encode(prompts, prepend_bos=starts[0] if starts else None)
+    rows = [inputs_mod.text_tokens(reft.model, t, b) for t, b in zip(texts, starts)]
+    tokens, mask = inputs_mod.pad(rows, pad, "left", reft.device)
+    return tokens, RealTokens.from_mask(mask.bool(), tokens)
 
 
 def _hf_backend(reft: Any, backend: str) -> Any:

@@ -307,7 +307,8 @@ class ReftModel(nn.Module):
         transformers twin sharing the weights), ``"bridge"`` or ``"auto"``.
         Strings in → the completions as strings; token ids in → ``[batch, prompt + new]``
         ids (left padded, pad after EOS). ``prepend_bos`` (strings only) as in :meth:`tokenize`:
-        a chat-formatted prompt never gets a second start token.
+        a chat-formatted prompt never gets a second start token; by default each row's set's own
+        (recorded by training), else the model's setting.
         A bank takes ``adapters=``, one set name per prompt.
 
         >>> reft.generate(["The capital of France is"], max_new_tokens=8)  # doctest: +SKIP

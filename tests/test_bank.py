@@ -459,16 +459,20 @@ def test_adding_a_set_reuses_the_generation_twin(model, bank):
 MIXED = ["sport", "emoji", None, "emoji", None, "sport"]
 
 
+def mild(model):
+    torch.manual_seed(1)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    with torch.no_grad():
+        phi.W.bias.mul_(2)
+    return Intervention(phi, layers=[1, 2], positions="l3")
+
+
 def two_settings_bank(model, sets):
     """A bank of a set that edits the prompt and one that edits every token (as if trained so); the
     latter's edit is mild, so that editing the generated tokens too changes its rows' greedy tokens."""
     from reftlens import SetSettings
 
-    torch.manual_seed(1)
-    phi = LoReFT(model.cfg.d_model, 4, init="random")
-    with torch.no_grad():
-        phi.W.bias.mul_(2)
-    sets["sport"] = Intervention(phi, layers=[1, 2], positions="l3")
+    sets["sport"] = mild(model)
     bank = ReftModel(model, {"emoji": sets["emoji"], "sport": sets["sport"]})
     bank.settings["sport"] = SetSettings(intervene_on="all")
     return bank
@@ -539,3 +543,20 @@ def test_set_settings_are_checked():
         SetSettings(intervene_on="every")
     with pytest.raises(ConfigError, match=r"chat_template must be null, true or false; got 'yes'"):
         SetSettings(chat_template="yes")
+
+
+def test_each_row_gets_the_start_token_its_set_was_trained_with(model, sets):
+    from reftlens import SetSettings
+
+    sets["sport"] = mild(model)
+    bank = ReftModel(model, {"emoji": sets["emoji"], "sport": sets["sport"]})
+    bank.settings["sport"] = SetSettings(prepend_bos=False)
+    names = ["sport", "emoji", None, "sport"]
+    prompts = PROMPTS[:4]
+    mixed = bank.generate(prompts, 6, adapters=names, eos_token_id=None)
+    sport = ReftModel(model, sets["sport"]).generate(prompts, 6, prepend_bos=False, eos_token_id=None)
+    emoji = ReftModel(model, sets["emoji"]).generate(prompts, 6, eos_token_id=None)
+    assert [mixed[0], mixed[1], mixed[3]] == [sport[0], emoji[1], sport[3]]
+    assert (
+        bank.generate(prompts, 6, adapters=names, prepend_bos=True, eos_token_id=None)[0] != mixed[0]
+    )  # explicit wins
