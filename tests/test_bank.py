@@ -560,3 +560,29 @@ def test_each_row_gets_the_start_token_its_set_was_trained_with(model, sets):
     assert (
         bank.generate(prompts, 6, adapters=names, prepend_bos=True, eos_token_id=None)[0] != mixed[0]
     )  # explicit wins
+
+
+def test_a_call_writes_nothing_onto_the_exported_model(model, bank):
+    import threading
+
+    hf = to_hf(bank)
+    module = hf.reft_interventions
+    before = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+    tokens, mask = bank.tokenize(PROMPTS)
+    kw = dict(input_ids=tokens, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=bank.pad_token_id)
+    hf.generate(**kw, reft_adapters=ADAPTERS)
+    assert {k: v for k, v in vars(module).items() if not k.startswith("_")}.keys() == before.keys()
+    assert all(vars(module)[k] is v for k, v in before.items())
+    # two threads, two choices of sets at once: each gets what it asked for
+    expected = {n: hf.generate(**kw, reft_adapters=[n] * len(PROMPTS)) for n in ("emoji", "sport")}
+    got = {}
+    threads = [
+        threading.Thread(target=lambda n=n: got.setdefault(n, hf.generate(**kw, reft_adapters=[n] * len(PROMPTS))))
+        for n in ("emoji", "sport")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert not torch.equal(expected["emoji"], expected["sport"])
