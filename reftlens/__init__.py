@@ -58,6 +58,7 @@ from reftlens.interventions import (
 from reftlens.model import ReftModel
 from reftlens.models import load_model
 from reftlens.positions import parse_positions
+from reftlens.runtime.bank import SetSettings
 from reftlens.sets import Intervention
 from reftlens.training import train
 from reftlens.version import __version__
@@ -77,6 +78,7 @@ __all__ = [
     "NodiReFT",
     "Intervention",
     "ReftModel",
+    "SetSettings",
     "load_model",
     "parse_positions",
     "text_tokens",

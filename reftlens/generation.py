@@ -6,19 +6,27 @@ prompt's edited keys and values sit in the cache and every generated token reads
 ``intervene_on="generated"`` edits the generated tokens only (steering that leaves the prompt as is).
 With ``use_cache=False`` every step recomputes the whole sequence with the same edits; greedy
 decoding gives the same tokens either way (tested), unlike pyreft's no-cache path.
+
+Each set edits what its own ``intervene_on`` says (recorded by :func:`reftlens.train`, saved with
+the set; ``"prompt"`` when none was recorded) unless the call gives one for all; in a bank each
+row's set keeps its own, so one batch serves a set trained on the prompt and one trained on every
+token. The choices travel as one :class:`~reftlens.runtime.bank.Call` to either backend.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
+from reftlens import inputs as inputs_mod
 from reftlens.errors import ConfigError, ExportError
+from reftlens.positions import RealTokens
+from reftlens.runtime.bank import INTERVENE_ON, Call
 from reftlens.runtime.compat import kv_cache_fix
-from reftlens.runtime.hf_backend import INTERVENE_ON
-from reftlens.runtime.plan import every_row, widen
+from reftlens.runtime.plan import every_row, span
 from reftlens.runtime.tl_backend import hooked, plan_hooks
 
 
@@ -126,7 +134,7 @@ def generate(
     attention_mask: Tensor | None = None,
     sources: Any = None,
     source_attention_mask: Tensor | None = None,
-    intervene_on: str = "prompt",
+    intervene_on: str | None = None,
     use_cache: bool = True,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -138,42 +146,52 @@ def generate(
     prepend_bos: bool | None = None,
     adapters: str | Sequence[str | None] | None = None,
 ) -> list[str] | Tensor:
-    """See :meth:`reftlens.ReftModel.generate`."""
+    """See :meth:`reftlens.ReftModel.generate`. ``reft`` holds its sets as a
+    :class:`~reftlens.runtime.bank.Bank` (``reft.sets``); one :class:`~reftlens.runtime.bank.Call`
+    carries this generation's choices to either backend."""
     check_generate_args(
         reft, prompts, attention_mask, prepend_bos, max_new_tokens, do_sample, temperature, top_k, top_p, seed
     )
     if backend not in ("auto", "hf", "bridge"):
         raise ValueError(f"backend must be 'auto', 'hf' or 'bridge'; got {backend!r}.")
-    if intervene_on not in INTERVENE_ON:
+    if intervene_on is not None and intervene_on not in INTERVENE_ON:
         raise ValueError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
-    model = reft.model
+    model, bank = reft.model, reft.sets
+    call = bank.call(adapters, intervene_on)
+    modes = call.modes(bank.settings)
+    call = replace(call, intervene_on=modes)  # each set's mode, resolved here: the call says it all
     text_in = isinstance(prompts, str) or (
         isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str)
     )
-    tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     pad = reft.pad_token_id
+    if text_in and prepend_bos is None and attention_mask is None:  # each row's start token as its set's training had
+        tokens, real = _encode_per_set(reft, prompts, call, pad)
+    else:
+        tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     tokens, mask = to_left_padding(tokens, real.mask, pad)
     batch = tokens.shape[0]
-    if intervene_on != "prompt":
-        with_source = [s.unit.name for s in reft.sites if s.unit.takes_source]
-        if with_source:
-            raise ConfigError(
-                f"intervene_on={intervene_on!r} edits generated tokens, which have no source; intervention "
-                f"{with_source[0]!r} takes one. Use intervene_on='prompt'."
-            )
+    with_source = [s.unit for s in bank.sites if s.unit.takes_source and modes[s.unit.adapter] != "prompt"]
+    if with_source:
+        mode = modes[with_source[0].adapter]
+        raise ConfigError(
+            f"intervene_on={mode!r} edits generated tokens, which have no source; intervention "
+            f"{with_source[0].name!r} takes one. Use intervene_on='prompt'."
+        )
     eos = _eos_ids(model, eos_token_id, tokens.device)
     generator = torch.Generator(tokens.device).manual_seed(seed) if seed is not None else None
-    prompt_plan = reft.plan(
+    reft.check_devices()
+    prompt_plan = bank.plan(
         tokens,
         sources,
         attention_mask=mask,
         source_attention_mask=source_attention_mask,
-        prepend_bos=prepend_bos,
-        adapters=adapters,
-    )  # prepend_bos: for string sources
-    if intervene_on == "generated":  # no prompt position is edited (the columns widen() appends are)
-        prompt_plan.masks = {k: torch.zeros_like(m) for k, m in prompt_plan.masks.items()}
-    edit_generated = intervene_on != "prompt"
+        prepend_bos=prepend_bos,  # for string sources
+        call=call,
+        check_finite=reft.check_finite,
+    )
+    edits_prompt = {n: m != "generated" for n, m in modes.items()}
+    edits_generated = {n: m != "prompt" for n, m in modes.items()}
+    generated_rows = {n: r for n, r in prompt_plan.rows.items() if edits_generated[n]}
 
     generated: list[Tensor] = []
     finished = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
@@ -193,20 +211,25 @@ def generate(
         seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], 1)
         return False
 
-    hf = _hf_backend(reft, backend) if use_cache and sources is None else None
-    if backend == "hf" and hf is None:
+    pair = _hf_backend(reft, backend) if use_cache and sources is None else None
+    if backend == "hf" and pair is None:
         raise ConfigError("backend='hf' needs use_cache=True, no sources and interventions that can be exported.")
-    if hf is not None:
+    if pair is not None:
         # the same interventions on a plain transformers twin sharing the weights: less Python per step
-        module = hf._reftlens_module
-        module.intervene_on = intervene_on
-        module.adapters = adapters  # a bank: each row's set, for every call below
+        hf = pair.hf
         with torch.no_grad():
             for step in range(max_new_tokens):
                 pos = (seq_mask.cumsum(-1) - 1).clamp(min=0)
                 # logits_to_keep=1: only the last position's logits are read (HF generate does the same)
                 if step == 0:
-                    out = hf(input_ids=seq, attention_mask=seq_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+                    out = hf(
+                        input_ids=seq,
+                        attention_mask=seq_mask,
+                        position_ids=pos,
+                        use_cache=True,
+                        logits_to_keep=1,
+                        reft_call=call,
+                    )
                 else:
                     out = hf(
                         input_ids=seq[:, -1:],
@@ -215,25 +238,24 @@ def generate(
                         cache=cache,
                         use_cache=True,
                         logits_to_keep=1,
+                        reft_call=call,
                     )
                 cache = out.cache
                 if advance(out.logits[:, -1]):
                     break
-        module.adapters = None
         return _finish(model, tokens, generated, eos, text_in)
     with kv_cache_fix(model), torch.no_grad():
         for step in range(max_new_tokens):
-            if step == 0:
-                hooks = plan_hooks(prompt_plan, reft.cast) if intervene_on != "generated" else []
+            if step == 0 or not use_cache:  # the whole sequence: prompt edits, and generated columns if edited
+                hooks = plan_hooks(
+                    span(prompt_plan, bank.sites, seq.shape[1], edits_prompt, edits_generated), reft.cast
+                )
                 inputs = seq
-            elif not use_cache:  # the whole sequence again: prompt edits, and generated columns if they are edited
-                hooks = plan_hooks(widen(prompt_plan, reft.sites, seq.shape[1], edit_generated), reft.cast)
-                inputs = seq
-            else:  # one new token a row: every row of it, or nothing
+            else:  # one new token a row: every row of each set that edits generated tokens
                 hooks = []
-                if edit_generated:
+                if generated_rows:
                     hooks = plan_hooks(
-                        every_row(reft.sites, reft.units, batch, 1, seq.device, prompt_plan.rows), reft.cast
+                        every_row(bank.sites, bank.units, batch, 1, seq.device, generated_rows), reft.cast
                     )
                 inputs = seq[:, -1:]
             with hooked(model, hooks):
@@ -248,8 +270,22 @@ def generate(
     return _finish(model, tokens, generated, eos, text_in)
 
 
+def _encode_per_set(reft: Any, prompts: str | Sequence[str], call: Call, pad: int) -> tuple[Tensor, RealTokens]:
+    """String prompts tokenized with each row's set's recorded ``prepend_bos`` (None: the model's
+    setting; the base model's rows too), left padded."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    names = [call.sets] * len(texts) if call.sets is None or isinstance(call.sets, str) else list(call.sets)
+    settings = reft.sets.settings
+    starts = [settings[n].prepend_bos if n in settings else None for n in names]
+    if len(set(starts)) <= 1 or len(names) != len(texts):  # one rule for all (a bad name is named by the plan)
+        return reft.encode(prompts, prepend_bos=starts[0] if starts else None)
+    rows = [inputs_mod.text_tokens(reft.model, t, b) for t, b in zip(texts, starts)]
+    tokens, mask = inputs_mod.pad(rows, pad, "left", reft.device)
+    return tokens, RealTokens.from_mask(mask.bool(), tokens)
+
+
 def _hf_backend(reft: Any, backend: str) -> Any:
-    """The plain-transformers twin of the bridge with this set attached (None: use the bridge)."""
+    """The plain-transformers twin of the bridge with these sets attached (None: use the bridge)."""
     if backend == "bridge":
         return None
     from reftlens.runtime.hf_backend import twin

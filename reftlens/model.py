@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from reftlens import inputs as inputs_mod
-from reftlens.errors import ConfigError, PositionError
-from reftlens.interventions.base import phi_d_model, phi_label
-from reftlens.interventions.directional import Scaled
 from reftlens.positions import RealTokens
-from reftlens.runtime.plan import Plan, Site, SitePlan, bank_rows, resolve
-from reftlens.runtime.tl_backend import bind, execute, gather_sources, hooked, plan_hooks
-from reftlens.sets import Intervention, Unit, check_static_disjoint, set_units
-
-Sets = Intervention | Sequence[Intervention] | Mapping[str, Intervention | Sequence[Intervention]]
+from reftlens.runtime.bank import (
+    Bank,
+    Sets,
+    SetSettings,
+    check_materialised,
+    check_placed,
+    scaled_interventions,
+    unique_phis,
+)
+from reftlens.runtime.plan import Plan, Site
+from reftlens.runtime.tl_backend import execute, hooked, plan_hooks
+from reftlens.sets import Intervention, Unit
 
 # the tokenization rule lives in reftlens.inputs; the name stays importable from here
 text_tokens = inputs_mod.text_tokens
@@ -62,42 +66,45 @@ class ReftModel(nn.Module):
         object.__setattr__(self, "model", model)  # not a submodule: its weights are not ours
         self.cast = cast
         self.check_finite = check_finite
-        self.bank: dict[str, list[Intervention]] | None = None
-        if isinstance(interventions, Mapping):
-            if not interventions:
-                raise ConfigError("a bank needs at least one named set: {'name': [Intervention(...), ...]}.")
-            self.bank = {}
-            for name, ivs in interventions.items():
-                self.bank[_set_name(name)] = _as_set(ivs, f"bank set {name!r}")
-            _check_same_model(self.bank, model.cfg.d_model)
-            self.interventions = [iv for ivs in self.bank.values() for iv in ivs]
-            bound = [self._bind(ivs, name) for name, ivs in self.bank.items()]
-        else:
-            self.interventions = _as_set(interventions, "ReftModel")
-            bound = [self._bind(self.interventions, None)]
-        self.units = [u for units, _ in bound for u in units]
-        # hooks run in registration order: explicitly stacked interventions go by their stack value
-        self.sites = sorted([s for _, sites in bound for s in sites], key=lambda s: s.unit.stack or 0)
-        self.phis = nn.ModuleList(_unique_phis(self.units))
+        self.sets = Bank(model, interventions)  # a plain set is a bank of one
+        self.phis = nn.ModuleList(self.sets.phis())
         self.check_materialised()
         for p in model.parameters():
             p.requires_grad_(False)
         if move:
             self.phis.to(self.device)
 
-    def _bind(self, interventions: Sequence[Intervention], adapter: str | None) -> tuple[list[Unit], list[Site]]:
-        """Expand a set into units (named ``set/name`` in a bank), bind them to hook points, check them."""
-        units = set_units(interventions, self.model.cfg.n_layers, adapter)
-        sites = bind(self.model, units)
-        check_static_disjoint([(s.unit, s.hook_name, s.layer) for s in sites])
-        return units, sites
+    @property
+    def interventions(self) -> list[Intervention]:
+        """Every set's interventions, in order."""
+        return self.sets.interventions
+
+    @property
+    def units(self) -> list[Unit]:
+        """The expanded units (named ``set/name`` in a bank)."""
+        return self.sets.units
+
+    @property
+    def sites(self) -> list[Site]:
+        """Each unit bound to each of its layers' hook points, in the order the hooks run."""
+        return self.sets.sites
+
+    @property
+    def settings(self) -> dict[str, SetSettings]:
+        """Each set's recorded settings (a plain set's under ``"default"``): applied when it runs."""
+        return self.sets.settings
 
     # ---- the bank -----------------------------------------------------------------------
 
     @property
     def adapters(self) -> list[str]:
         """The names of a bank's sets, in order (empty for a plain set)."""
-        return list(self.bank) if self.bank is not None else []
+        return self.sets.names if self.sets.named else []
+
+    @property
+    def bank(self) -> dict[str, list[Intervention]] | None:
+        """A bank's sets by name (None for a plain set, whose one set is ``reft.interventions``)."""
+        return self.sets.sets if self.sets.named else None
 
     def add_adapter(self, name: str, interventions: Intervention | Sequence[Intervention]) -> None:
         """Add a named set to a live bank. Nothing that exists is rebuilt or re-registered: hooks are
@@ -105,47 +112,33 @@ class ReftModel(nn.Module):
 
         >>> reft.add_adapter("formal", Intervention(LoReFT(d, 4), layers=[3], positions="l2"))  # doctest: +SKIP
         """
-        if self.bank is None:
-            raise ConfigError("add_adapter needs a bank: build ReftModel(model, {'name': [...], ...}) with named sets.")
-        name = _set_name(name)
-        if name in self.bank:
-            raise ConfigError(
-                f"the bank already has a set {name!r}; remove it first with reft.remove_adapter({name!r})."
-            )
-        ivs = _as_set(interventions, f"bank set {name!r}")
-        _check_same_model({**self.bank, name: ivs}, self.model.cfg.d_model)
-        units, sites = self._bind(ivs, name)
-        phis = [p for p in _unique_phis(units) if all(p is not q for q in self.phis)]
+        units = self.sets.add(name, interventions)
+        phis = [p for p in unique_phis(units) if all(p is not q for q in self.phis)]
         if phis:
-            self.check_devices()
+            try:
+                self.check_devices()
+            except BaseException:
+                self.sets.remove(name)
+                raise
             for phi in phis:
                 phi.to(self.device)
-        self.bank[name] = ivs
-        self.interventions += ivs
-        self.units += units
-        self.sites = sorted(self.sites + sites, key=lambda s: s.unit.stack or 0)
         self.phis.extend(phis)
 
     def remove_adapter(self, name: str) -> list[Intervention]:
         """Remove a set from a live bank and return its interventions."""
-        if self.bank is None or name not in self.bank:
-            raise ConfigError(f"there is no set {name!r} to remove; the sets are {self.adapters}.")
-        if len(self.bank) == 1:
-            raise ConfigError(f"{name!r} is the bank's only set; a bank keeps at least one.")
-        ivs = self.bank.pop(name)
-        self.interventions = [iv for iv in self.interventions if all(iv is not x for x in ivs)]
-        self.units = [u for u in self.units if u.adapter != name]
-        self.sites = [s for s in self.sites if s.unit.adapter != name]
-        self.phis = nn.ModuleList(_unique_phis(self.units))
+        ivs = self.sets.remove(name)
+        self.phis = nn.ModuleList(self.sets.phis())
         return ivs
 
     def load_adapter(self, name: str, path: str, *, dtype: torch.dtype | None = None) -> None:
         """Add the set saved at ``path`` (``reft.save(path)`` of a plain set, or the set ``name`` of
-        a saved bank) to this bank under ``name``."""
-        from reftlens.saving import is_bank, load
+        a saved bank) to this bank under ``name``, with its recorded settings."""
+        from reftlens.saving import is_bank, load_sets
 
-        interventions, _ = load(path, self.model, dtype=dtype, cast=self.cast, adapter=name if is_bank(path) else None)
-        self.add_adapter(name, interventions)
+        loaded = load_sets(path, self.model, dtype=dtype, cast=self.cast, adapter=name if is_bank(path) else None)
+        (ivs,), (settings,) = loaded.sets.values(), loaded.settings.values()
+        self.add_adapter(name, ivs)
+        self.sets.settings[name] = settings
 
     # ---- inputs -------------------------------------------------------------------------
 
@@ -200,154 +193,50 @@ class ReftModel(nn.Module):
         >>> plan.sites[0].index                                   # flat rows of [batch * seq, d]  # doctest: +SKIP
         """
         self.check_devices()
-        if adapters is not None and self.bank is None:
-            raise ConfigError(
-                "adapters= chooses a set per example, but this ReftModel holds one set. Build a bank "
-                "with named sets: ReftModel(model, {'name': [...], ...})."
-            )
-        if inputs is None and self.bank is not None:
-            raise ConfigError("a bank resolves its sets per example: pass the inputs together with adapters=.")
-        if inputs is None:
-            needs_source = [s for s in self.sites if s.unit.takes_source]
-            if needs_source or sources is not None:
-                raise ValueError(
-                    f"intervention {needs_source[0].label if needs_source else ''} takes a source: pass the "
-                    "base inputs and sources= to reft.hooks(inputs, sources=...)."
-                )
-            return Plan([SitePlan(s, None) for s in self.sites])
-        tokens, real = self.encode(inputs, attention_mask, prepend_bos=prepend_bos)
-        frame = real
-        if prompt_mask is not None:
-            frame = RealTokens.from_mask(prompt_mask.to(real.mask.device).bool() & real.mask, tokens)
-        rows = None if self.bank is None else bank_rows(adapters, self.adapters, tokens.shape[0], tokens.device)
-        sites, masks = resolve(self.sites, self.units, frame, rows)
-        plan = Plan(sites, tokens, None if bool(real.mask.all()) else real.mask.long(), real, masks, rows)
-        self._add_sources(plan, sources, source_attention_mask, prepend_bos)
-        return plan
-
-    def _add_sources(
-        self, plan: Plan, sources: Any, source_attention_mask: Tensor | None, prepend_bos: bool | None = None
-    ) -> None:
-        needs_source = [p.site for p in plan.sites if p.site.unit.takes_source]  # in a bank: the sets present
-        if needs_source and sources is None:
-            raise ValueError(
-                f"intervention {needs_source[0].label} takes a source; pass sources= (one per input example)."
-            )
-        if sources is None:
-            return
-        if not any(s.unit.takes_source for s in self.sites):
-            raise ValueError("sources= given but no intervention in this set takes a source.")
-        if not needs_source:
-            return
-        src_tokens, src_real = self.encode(sources, source_attention_mask, what="sources", prepend_bos=prepend_bos)
-        if src_tokens.shape[0] != plan.tokens.shape[0]:
-            raise ValueError(
-                f"sources have {src_tokens.shape[0]} examples but the inputs have {plan.tokens.shape[0]}; "
-                f"intervention {needs_source[0].label} pairs source example i with input example i."
-            )
-        src_masks = {}
-        for u in {id(s.unit): s.unit for s in needs_source}.values():
-            spec = u.source_positions or u.positions
-            m = spec.site_mask(src_real)
-            if plan.rows is not None:
-                m = m & plan.rows[u.adapter][:, None]
-            n_base, n_src = plan.masks[id(u)].sum(1), m.sum(1)
-            if not torch.equal(n_base, n_src):
-                b = int((n_base != n_src).nonzero()[0])
-                raise PositionError(
-                    f"intervention {u.name!r}: example {b} selects {int(n_base[b])} input positions "
-                    f"({u.positions}) but {int(n_src[b])} source positions ({spec}); each base row needs one "
-                    "source row. Use equal-length inputs, a spec with fixed counts such as 'l3', or source_positions=."
-                )
-            src_masks[id(u)] = m
-        gather_sources(self.model, plan.sites, src_masks, src_tokens, src_real, self.check_finite)
+        return self.sets.plan(
+            inputs,
+            sources,
+            attention_mask=attention_mask,
+            source_attention_mask=source_attention_mask,
+            prompt_mask=prompt_mask,
+            prepend_bos=prepend_bos,
+            call=self.sets.call(adapters),
+            check_finite=self.check_finite,
+        )
 
     def check_materialised(self) -> None:
         """Raise if a Φ has tensors on the ``meta`` device: they hold no values, so the Φ can
         neither run nor be moved (``.to()`` cannot copy out of a meta tensor)."""
-        for phi in self.phis:
-            meta = [n for n, t in [*phi.named_parameters(), *phi.named_buffers()] if t.is_meta]
-            if meta:
-                user = next(u.name for u in self.units if u.phi is phi)
-                raise ConfigError(
-                    f"Φ {phi_label(phi)} of intervention {user!r} is on the meta device: its tensors "
-                    f"({', '.join(meta[:4])}{', ...' if len(meta) > 4 else ''}) have shapes but no values, so it can "
-                    f"neither run nor be moved. Materialise it first: phi.to_empty(device={str(self.device)!r}), then "
-                    "give it values (phi.load_state_dict(...) or your own initialisation); or build it off the meta "
-                    "device."
-                )
+        check_materialised(self.phis, self.units, self.device)
 
     def check_devices(self) -> None:
         """Raise unless every Φ sits on the model's device."""
-        self.check_materialised()
-        for phi in self.phis:
-            for t in list(phi.parameters()) + list(phi.buffers()):
-                if t.device != self.device:
-                    raise ConfigError(
-                        f"Φ {phi_label(phi)} has tensors on {t.device} but the model is on {self.device}; "
-                        f"call reft.to({str(self.device)!r})."
-                    )
-                break
+        check_placed(self.phis, self.units, self.device)
 
     # ---- running ------------------------------------------------------------------------
 
-    def fwd_hooks(
-        self,
-        inputs: Any = None,
-        *,
-        attention_mask: Tensor | None = None,
-        sources: Any = None,
-        source_attention_mask: Tensor | None = None,
-        prompt_mask: Tensor | None = None,
-        prepend_bos: bool | None = None,
-        adapters: str | Sequence[str | None] | None = None,
-    ) -> list[tuple[str, Any]]:
+    def fwd_hooks(self, inputs: Any = None, **plan_args: Any) -> list[tuple[str, Any]]:
         """``(hook_name, fn)`` pairs for ``model.run_with_hooks(..., fwd_hooks=...)`` or
-        ``model.hooks(fwd_hooks=...)``. Without inputs, every token counts as real (unpadded
-        batches); pass the inputs (and their mask) when they are padded.
+        ``model.hooks(fwd_hooks=...)``; keyword arguments as :meth:`plan` takes them (``sources=``,
+        ``attention_mask=``, ``adapters=``, ...). Without inputs, every token counts as real
+        (unpadded batches); pass the inputs (and their mask) when they are padded.
 
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=reft.fwd_hooks(tokens) + my_hooks)  # doctest: +SKIP
         """
-        plan = self.plan(
-            inputs,
-            sources,
-            attention_mask=attention_mask,
-            source_attention_mask=source_attention_mask,
-            prompt_mask=prompt_mask,
-            prepend_bos=prepend_bos,
-            adapters=adapters,
-        )
+        plan = self.plan(inputs, **plan_args)
         return [(p.site.hook_name, fn) for p, (_, fn) in zip(plan.sites, plan_hooks(plan, self.cast))]
 
     @contextmanager
-    def hooks(
-        self,
-        inputs: Any = None,
-        *,
-        attention_mask: Tensor | None = None,
-        sources: Any = None,
-        source_attention_mask: Tensor | None = None,
-        prompt_mask: Tensor | None = None,
-        prepend_bos: bool | None = None,
-        adapters: str | Sequence[str | None] | None = None,
-    ) -> Iterator[Any]:
+    def hooks(self, inputs: Any = None, **plan_args: Any) -> Iterator[Any]:
         """Attach this set's hooks to the model for the duration of a ``with`` block, for use
-        with ``run_with_cache``, ``run_with_hooks`` or a plain call. Exactly these hooks are
-        removed on exit, also on an exception; other hooks are never touched.
+        with ``run_with_cache``, ``run_with_hooks`` or a plain call (keyword arguments as :meth:`plan`
+        takes them). Exactly these hooks are removed on exit, also on an exception; other hooks are
+        never touched.
 
         >>> with reft.hooks():                                      # doctest: +SKIP
         ...     logits, cache = model.run_with_cache(tokens)
         """
-        plan = self.plan(
-            inputs,
-            sources,
-            attention_mask=attention_mask,
-            source_attention_mask=source_attention_mask,
-            prompt_mask=prompt_mask,
-            prepend_bos=prepend_bos,
-            adapters=adapters,
-        )
-        with hooked(self.model, plan_hooks(plan, self.cast)) as model:
+        with hooked(self.model, plan_hooks(self.plan(inputs, **plan_args), self.cast)) as model:
             yield model
 
     def forward(
@@ -386,17 +275,40 @@ class ReftModel(nn.Module):
         )
         return execute(self.model, plan, self.cast, return_type=return_type, **kwargs)
 
-    def generate(self, prompts: Any, max_new_tokens: int = 32, **kwargs: Any) -> list[str] | Tensor:
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int = 32,
+        *,
+        attention_mask: Tensor | None = None,
+        sources: Any = None,
+        source_attention_mask: Tensor | None = None,
+        intervene_on: str | None = None,
+        use_cache: bool = True,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = -1,
+        backend: str = "auto",
+        prepend_bos: bool | None = None,
+        adapters: str | Sequence[str | None] | None = None,
+    ) -> list[str] | Tensor:
         """Generate with the interventions applied: batched, left padded, KV cached.
 
-        Interventions edit the prompt positions (resolved against each prompt's real tokens)
-        by default; ``intervene_on="all"`` also edits every generated token, ``"generated"`` the
-        generated tokens only (steering that leaves the prompt as is). Greedy by
-        default; ``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
+        ``intervene_on``: ``"prompt"`` edits the prompt positions (resolved against each prompt's
+        real tokens), ``"all"`` also every generated token, ``"generated"`` the generated tokens
+        only (steering that leaves the prompt as is). By default each set uses the one it was
+        trained with (``reft.settings``, saved with it; ``"prompt"`` if none), per set in a bank.
+        Greedy by default; ``do_sample=True`` with ``temperature``, ``top_k``, ``top_p`` and ``seed``.
         ``use_cache=False`` recomputes the sequence each step and gives the same tokens.
+        ``eos_token_id``: -1 the tokenizer's, None never stop early. ``backend``: ``"hf"`` (a plain
+        transformers twin sharing the weights), ``"bridge"`` or ``"auto"``.
         Strings in → the completions as strings; token ids in → ``[batch, prompt + new]``
         ids (left padded, pad after EOS). ``prepend_bos`` (strings only) as in :meth:`tokenize`:
-        a chat-formatted prompt never gets a second start token.
+        a chat-formatted prompt never gets a second start token; by default each row's set's own
+        (recorded by training), else the model's setting.
         A bank takes ``adapters=``, one set name per prompt.
 
         >>> reft.generate(["The capital of France is"], max_new_tokens=8)  # doctest: +SKIP
@@ -404,7 +316,25 @@ class ReftModel(nn.Module):
         """
         from reftlens.generation import generate
 
-        return generate(self, prompts, max_new_tokens, **kwargs)
+        return generate(
+            self,
+            prompts,
+            max_new_tokens,
+            attention_mask=attention_mask,
+            sources=sources,
+            source_attention_mask=source_attention_mask,
+            intervene_on=intervene_on,
+            use_cache=use_cache,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            eos_token_id=eos_token_id,
+            backend=backend,
+            prepend_bos=prepend_bos,
+            adapters=adapters,
+        )
 
     def scaled(self, alpha: float | Tensor) -> "ReftModel":
         """This set with every edit scaled by α: each Φ becomes Φ_α(h) = h + α·(Φ(h) − h)
@@ -417,22 +347,11 @@ class ReftModel(nn.Module):
         >>> view = reft.scaled(torch.tensor([0.0, 1.0, 2.0]))     # doctest: +SKIP
         >>> view.generate(["Tell me a story."] * 3, 16)            # doctest: +SKIP
         """
-        wrappers: dict[int, Scaled] = {}
-        interventions = []
-        for u in self.units:
-            phi = wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha))
-            interventions.append(
-                Intervention(
-                    phi,
-                    layers=list(u.layers),
-                    positions=u.positions,
-                    hook=u.hook,
-                    source_positions=u.source_positions,
-                    stack=u.stack,
-                    name=u.name,
-                )
-            )
-        return ReftModel(self.model, interventions, cast=self.cast, move=False)
+        interventions = scaled_interventions(self.units, alpha)
+        view = ReftModel(self.model, interventions, cast=self.cast, move=False)
+        if not self.sets.named:  # a plain set's view runs as it does
+            view.sets.settings.update(self.sets.settings)
+        return view
 
     # ---- summaries ----------------------------------------------------------------------
 
@@ -464,56 +383,17 @@ class ReftModel(nn.Module):
         check_finite: bool = True,
         adapter: str | None = None,
     ) -> "ReftModel":
-        """Load a saved set (or bank) onto ``model`` (which must match the one it was saved from);
-        ``adapter=`` loads one set of a saved bank as a plain set."""
-        from reftlens.saving import load
+        """Load a saved set (or bank) onto ``model`` (which must match the one it was saved from),
+        with each set's recorded settings; ``adapter=`` loads one set of a saved bank as a plain set."""
+        from reftlens.saving import load_sets
 
-        interventions, use_cast = load(path, model, dtype=dtype, cast=cast, adapter=adapter)
-        return cls(model, interventions, cast=use_cast, check_finite=check_finite)
+        loaded = load_sets(path, model, dtype=dtype, cast=cast, adapter=adapter)
+        sets = loaded.sets if loaded.named else next(iter(loaded.sets.values()))
+        reft = cls(model, sets, cast=loaded.cast, check_finite=check_finite)
+        reft.sets.settings.update(zip(reft.sets.names, loaded.settings.values()))
+        return reft
 
     def extra_repr(self) -> str:
-        if self.bank is not None:
-            return "\n".join(f"{name}: {ivs}" for name, ivs in self.bank.items())
+        if self.sets.named:
+            return "\n".join(f"{name}: {ivs}" for name, ivs in self.sets.sets.items())
         return "\n".join(repr(iv) for iv in self.interventions)
-
-
-def _as_set(interventions: Any, what: str) -> list[Intervention]:
-    if isinstance(interventions, Intervention):
-        interventions = [interventions]
-    interventions = list(interventions) if isinstance(interventions, (list, tuple)) else interventions
-    if (
-        not isinstance(interventions, list)
-        or not interventions
-        or not all(isinstance(iv, Intervention) for iv in interventions)
-    ):
-        raise ConfigError(
-            f"{what} needs one Intervention or a non-empty list of them; got {type(interventions).__name__}."
-        )
-    return interventions
-
-
-def _set_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"a bank's sets are named by non-empty strings; got {name!r}.")
-    return name
-
-
-def _check_same_model(bank: Mapping[str, Sequence[Intervention]], d_model: int) -> None:
-    """Every set of a bank runs on the one base model: each Φ that declares a width must have its d_model."""
-    widths = {name: sorted({d for iv in ivs if (d := phi_d_model(iv.phi)) is not None}) for name, ivs in bank.items()}
-    for name, w in widths.items():
-        if w and w != [d_model]:
-            fits = [n for n, v in widths.items() if v == [d_model]]
-            also = f"sets {fits[:3]} and " if fits else ""
-            raise ConfigError(
-                f"the bank's sets target different models: set {name!r} has Φs of width {w}, but {also}this model "
-                f"have d_model={d_model}. Every set of a bank runs on the one base model: build its Φs with "
-                "d_model=model.cfg.d_model, or keep sets for another model in a bank of their own."
-            )
-
-
-def _unique_phis(units: Sequence[Unit]) -> list[nn.Module]:
-    unique: dict[int, nn.Module] = {}
-    for u in units:
-        unique.setdefault(id(u.phi), u.phi)
-    return list(unique.values())

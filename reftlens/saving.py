@@ -9,7 +9,9 @@ Folder layout::
 
     reft_config.json          schema version, Φ types and constructor arguments, units
                               (layers, positions, hook), dtypes, held rotations, base-model
-                              fingerprint, and the SHA-256 of the weights file
+                              fingerprint, the SHA-256 of the weights file, and the settings
+                              the set was trained with (intervene_on, chat_template,
+                              prepend_bos; null or absent: not recorded)
     reft_weights.safetensors  every Φ tensor, keyed phis.<i>.<name>
 
 A bank of named sets saves each set as such a folder under ``sets/`` and lists them in order::
@@ -30,6 +32,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -41,6 +44,7 @@ from reftlens.interventions.base import FunctionPhi, phi_class
 from reftlens.interventions.directional import Scaled
 from reftlens.interventions.subspace import OrthonormalRows
 from reftlens.positions import from_json
+from reftlens.runtime.bank import SetSettings, check_settings
 
 if TYPE_CHECKING:
     pass
@@ -505,32 +509,47 @@ def save(reft: Any, path: str | os.PathLike, *, adapter: str | None = None) -> P
     replaced. A bank writes every set; ``adapter=`` writes that one set as a plain save."""
     markers = [CONFIG_FILE, BANK_FILE]
     if adapter is not None:
+        if not is_named(reft):
+            raise ReftError(f"there is no set {adapter!r} to save; the sets are none (not a bank).")
         view = set_view(reft, adapter)
         return atomic_dir(path, lambda folder: write(view, folder), markers=markers)
-    if bank_sets(reft.units):
+    if is_named(reft):
         return atomic_dir(path, lambda folder: write_bank(reft, folder), markers=markers)
     return atomic_dir(path, lambda folder: write(reft, folder), markers=markers)
 
 
+def is_named(reft: Any) -> bool:
+    """Whether ``reft`` (a ReftModel's or an export's sets) is a bank of named sets, saved as a bank;
+    a plain set (a bank of one) is saved as one set."""
+    sets = getattr(reft, "sets", None)
+    return bool(getattr(sets, "named", getattr(reft, "named", False)))
+
+
 def bank_sets(units: Sequence[Any]) -> dict[str, list[Any]]:
-    """A bank's units by set, in order (empty for a plain set)."""
+    """Units by set, in order (a plain set's under its one name)."""
     sets: dict[str, list[Any]] = {}
     for u in units:
-        if u.adapter is not None:
-            sets.setdefault(u.adapter, []).append(u)
+        sets.setdefault(u.adapter, []).append(u)
     return sets
 
 
 def set_view(reft: Any, adapter: str) -> Any:
-    """One set of a bank, as ``write`` takes it: its Φs and its units under their names within the set."""
+    """One set, as ``write`` takes it: its Φs, its units under their names within the set, its settings."""
     import dataclasses
 
     sets = bank_sets(reft.units)
     if adapter not in sets:
-        raise ReftError(f"there is no set {adapter!r} to save; the sets are {list(sets) or 'none (not a bank)'}.")
-    units = [dataclasses.replace(u, name=u.name.removeprefix(f"{adapter}/"), adapter=None) for u in sets[adapter]]
+        raise ReftError(f"there is no set {adapter!r} to save; the sets are {list(sets)}.")
+    units = [dataclasses.replace(u, name=u.name.removeprefix(f"{adapter}/")) for u in sets[adapter]]
     phis = list({id(u.phi): u.phi for u in units}.values())
-    return SimpleNamespace(phis=phis, units=units, cast=reft.cast, model=getattr(reft, "model", None))
+    settings = {adapter: _settings_of(reft).get(adapter, SetSettings())}
+    return SimpleNamespace(
+        phis=phis, units=units, cast=reft.cast, model=getattr(reft, "model", None), settings=settings
+    )
+
+
+def _settings_of(reft: Any) -> dict[Any, SetSettings]:
+    return dict(getattr(reft, "settings", None) or {})
 
 
 def write_bank(
@@ -538,7 +557,7 @@ def write_bank(
 ) -> None:
     """Write every set of a bank into ``folder`` (``sets/<i>/`` each, and ``reft_bank.json``)."""
     listed = []
-    for i, name in enumerate(bank_sets(reft.units)):
+    for i, name in enumerate(bank_sets(reft.units)):  # every set, in order
         sub = f"sets/{i:04d}"
         (folder / sub).mkdir(parents=True)
         write(set_view(reft, name), folder / sub, base, extra)
@@ -602,9 +621,10 @@ def inside(folder: str | os.PathLike, relative: Any, where: str) -> Path:
 def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> None:
     """Write the two files of a save into an existing folder (not atomic by itself).
 
-    ``reft`` is anything with ``phis``, ``units`` and ``cast`` (a ReftModel, or the exported
-    interventions of an HF model); ``base`` is the base-model fingerprint (default: from
-    ``reft.model``); ``extra`` goes into the config as is.
+    ``reft`` is anything with ``phis``, ``units`` and ``cast`` (a plain ReftModel, one set's view, or
+    the exported interventions of an HF model), and ``settings`` (set name → SetSettings: its one
+    set's are written); ``base`` is the base-model fingerprint (default: from ``reft.model``);
+    ``extra`` goes into the config as is.
     """
     from safetensors.torch import save_file
 
@@ -643,9 +663,22 @@ def write(reft: Any, folder: Path, base: dict[str, Any] | None = None, extra: di
         "cast": reft.cast,
         "base_model": base if base is not None else fingerprint(reft.model),
         "weights_sha256": sha256(folder / WEIGHTS_FILE),
+        **_one_set_settings(reft).to_json(),
         **(extra or {}),
     }
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _one_set_settings(reft: Any) -> SetSettings:
+    settings = list(_settings_of(reft).values())
+    return settings[0] if len(settings) == 1 else SetSettings()
+
+
+def settings_of(config: dict[str, Any], where: str = CONFIG_FILE) -> SetSettings:
+    """The settings a saved set records (a save without them: not recorded, the defaults)."""
+    values = {k: config.get(k) for k in ("intervene_on", "chat_template", "prepend_bos")}
+    check_settings(values, where, LoadError)
+    return SetSettings(**values)
 
 
 def read(
@@ -701,6 +734,7 @@ def read(
         raise LoadError(
             f"{folder} was trained on a different base model ({'; '.join(diff)}). Load it onto the model it was trained on."
         )
+    settings_of(config, str(config_path))
     classes = _check_phis(config, config_path)
     _check_units(config, str(config_path), len(classes), here.get("n_layers"))
     if sha256(weights_path) != config.get("weights_sha256"):
@@ -916,27 +950,43 @@ def interventions(config: dict[str, Any], phis: list[torch.nn.Module]) -> list[A
     return out
 
 
-def load(
+@dataclass
+class LoadedSets:
+    """What :func:`load_sets` reads: each set's interventions and settings (a plain save's under
+    ``"default"``), the cast to use, and whether it was a bank (``named``)."""
+
+    sets: dict[str, list[Any]]
+    settings: dict[str, SetSettings]
+    cast: bool
+    named: bool
+
+
+def load_sets(
     path: str | os.PathLike,
     model: Any,
     *,
     dtype: torch.dtype | None = None,
     cast: bool | None = None,
     adapter: str | None = None,
-) -> tuple[Any, bool]:
-    """Read a saved set for ``model``: ``(interventions, cast)``. Everything is checked before
-    anything is returned; :meth:`reftlens.ReftModel.load` wraps the result. A saved bank gives a
-    dict of named sets, or with ``adapter=`` the list of that one set. A save interrupted by a
-    crash is recovered first (:func:`recover`)."""
+) -> LoadedSets:
+    """Read a saved set or bank for ``model``, everything checked before anything is returned;
+    with ``adapter=`` one set of a saved bank, as a plain set."""
+    from reftlens.runtime.bank import DEFAULT
+
     path = recover(path)
     if is_bank(path):
         folders = bank_folders(path)
         if adapter is not None:
             if adapter not in folders:
                 raise LoadError(f"the bank saved at {path} has no set {adapter!r}; its sets are {list(folders)}.")
-            return load(folders[adapter], model, dtype=dtype, cast=cast)
-        loaded = {name: load(folder, model, dtype=dtype, cast=cast) for name, folder in folders.items()}
-        return {name: ivs for name, (ivs, _) in loaded.items()}, any(c for _, c in loaded.values())
+            return load_sets(folders[adapter], model, dtype=dtype, cast=cast)
+        loaded = {name: load_sets(folder, model, dtype=dtype, cast=cast) for name, folder in folders.items()}
+        return LoadedSets(
+            {name: one.sets[DEFAULT] for name, one in loaded.items()},
+            {name: one.settings[DEFAULT] for name, one in loaded.items()},
+            any(one.cast for one in loaded.values()),
+            True,
+        )
     if adapter is not None:
         raise LoadError(
             f"{path} holds one set, not a bank, so it has no set {adapter!r} to pick; load it without adapter=."
@@ -950,7 +1000,23 @@ def load(
             f"the saved Φs are {sorted(str(d) for d in phi_dtypes)} but the model is {model_dtype}. Pass "
             f"dtype={model_dtype} to convert them, or cast=True to run them in their own precision."
         )
-    return interventions(config, phis), use_cast
+    return LoadedSets({DEFAULT: interventions(config, phis)}, {DEFAULT: settings_of(config)}, use_cast, False)
+
+
+def load(
+    path: str | os.PathLike,
+    model: Any,
+    *,
+    dtype: torch.dtype | None = None,
+    cast: bool | None = None,
+    adapter: str | None = None,
+) -> tuple[Any, bool]:
+    """Read a saved set for ``model``: ``(interventions, cast)``. Everything is checked before
+    anything is returned; :meth:`reftlens.ReftModel.load` wraps the result (with the settings, see
+    :func:`load_sets`). A saved bank gives a dict of named sets, or with ``adapter=`` the list of
+    that one set."""
+    loaded = load_sets(path, model, dtype=dtype, cast=cast, adapter=adapter)
+    return (loaded.sets if loaded.named else next(iter(loaded.sets.values()))), loaded.cast
 
 
 def _version() -> str:

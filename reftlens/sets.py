@@ -152,19 +152,22 @@ class Unit:
     source_positions: PositionSpec | None
     hook: str
     origin: Intervention = field(repr=False)
-    adapter: str | None = None  # the bank set it belongs to (None: a plain set)
+    adapter: str | None = None  # the set it belongs to (a plain set's: runtime.bank.DEFAULT; None: no set)
 
     @property
     def stack(self) -> int | None:
         return self.origin.stack
 
 
-def set_units(interventions: Sequence[Intervention], n_layers: int, adapter: str | None = None) -> list[Unit]:
-    """Expand a set into units; in a bank, each unit is named ``set/name`` and marked with its set."""
+def set_units(
+    interventions: Sequence[Intervention], n_layers: int, adapter: str | None = None, *, named: bool = True
+) -> list[Unit]:
+    """Expand a set into units marked with their set ``adapter``; in a bank (``named``) each unit is
+    named ``set/name``, in a plain set (a bank of one, ``named=False``) by its own name."""
     units = [u for iv in interventions for u in iv.expand(n_layers)]
     if adapter is None:
         return units
-    return [dataclasses.replace(u, name=f"{adapter}/{u.name}", adapter=adapter) for u in units]
+    return [dataclasses.replace(u, name=f"{adapter}/{u.name}" if named else u.name, adapter=adapter) for u in units]
 
 
 def may_share_sites(a: "Unit", b: "Unit") -> bool:

@@ -567,7 +567,142 @@ def test_pyreft_export_of_a_bank_is_refused(bank, tmp_path):
 def test_adding_a_set_reuses_the_generation_twin(model, bank):
     from reftlens.runtime.hf_backend import twin
 
-    hf = twin(model, bank.units)
+    hf = twin(model, bank.units).hf
     bank.add_adapter("extra", Intervention(LoReFT(model.cfg.d_model, 2), layers=1, positions="l1"))
-    assert twin(model, bank.units) is hf  # same weights-sharing model, only the interventions attached anew
-    assert hf._reftlens_module.bank == ["emoji", "sport", "formal", "extra"]
+    again = twin(model, bank.units)
+    assert again.hf is hf  # same weights-sharing model, only the interventions attached anew
+    assert again.interventions.sets == ["emoji", "sport", "formal", "extra"]
+
+
+# ---- settings travel with a set ----------------------------------------------------------------------
+
+MIXED = ["sport", "emoji", None, "emoji", None, "sport"]
+
+
+def mild(model):
+    torch.manual_seed(1)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    with torch.no_grad():
+        phi.W.bias.mul_(2)
+    return Intervention(phi, layers=[1, 2], positions="l3")
+
+
+def two_settings_bank(model, sets):
+    """A bank of a set that edits the prompt and one that edits every token (as if trained so); the
+    latter's edit is mild, so that editing the generated tokens too changes its rows' greedy tokens."""
+    from reftlens import SetSettings
+
+    sets["sport"] = mild(model)
+    bank = ReftModel(model, {"emoji": sets["emoji"], "sport": sets["sport"]})
+    bank.settings["sport"] = SetSettings(intervene_on="all")
+    return bank
+
+
+@pytest.mark.parametrize("backend", ["hf", "bridge"])
+def test_a_bank_serves_a_prompt_set_and_an_all_set_each_as_alone(model, sets, backend):
+    bank = two_settings_bank(model, sets)
+    kw = dict(eos_token_id=None, backend=backend)
+    mixed = bank.generate(PROMPTS, 8, adapters=MIXED, **kw)
+    alone = {
+        "emoji": ReftModel(model, sets["emoji"]).generate(PROMPTS, 8, intervene_on="prompt", **kw),
+        "sport": ReftModel(model, sets["sport"]).generate(PROMPTS, 8, intervene_on="all", **kw),
+        None: ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2), layers=0)).generate(PROMPTS, 8, **kw),
+    }
+    assert mixed == [alone[n][i] for i, n in enumerate(MIXED)]
+    # the sport set's own setting is what made the difference: with "prompt" for all, its rows change
+    everywhere_prompt = bank.generate(PROMPTS, 8, adapters=MIXED, intervene_on="prompt", **kw)
+    assert [m != p for m, p in zip(mixed, everywhere_prompt)] == [n == "sport" for n in MIXED]
+
+
+def test_the_exported_bank_keeps_each_sets_setting(model, sets, tmp_path):
+    bank = two_settings_bank(model, sets)
+    left, left_mask = bank.tokenize(PROMPTS)
+    expected = bank.generate(left, 8, attention_mask=left_mask, adapters=MIXED, eos_token_id=None)
+    kw = dict(input_ids=left, attention_mask=left_mask, reft_adapters=MIXED, max_new_tokens=8, do_sample=False)
+    hf = to_hf(bank)
+    assert torch.equal(hf.generate(**kw, pad_token_id=bank.pad_token_id), expected)
+    save_hf(hf, tmp_path / "export", tokenizer=model.tokenizer)
+    again = load_hf(tmp_path / "export")
+    assert torch.equal(again.generate(**kw, pad_token_id=bank.pad_token_id), expected)
+    assert torch.equal(to_hf(bank, intervene_on="prompt").generate(**kw, pad_token_id=bank.pad_token_id),
+                       bank.generate(left, 8, attention_mask=left_mask, adapters=MIXED, eos_token_id=None,
+                                     intervene_on="prompt"))  # fmt: skip
+
+
+def test_a_saved_bank_restores_each_sets_settings(model, sets, tmp_path):
+    bank = two_settings_bank(model, sets)
+    bank.save(tmp_path / "bank")
+    loaded = ReftModel.load(tmp_path / "bank", model)
+    assert loaded.settings == bank.settings and loaded.settings["sport"].intervene_on == "all"
+    one = ReftModel.load(tmp_path / "bank", model, adapter="sport")  # one set of a bank, as a plain set
+    assert one.adapters == [] and one.settings["default"].intervene_on == "all"
+    extra = ReftModel(model, {"emoji": sets["emoji"]})
+    extra.load_adapter("sport", tmp_path / "bank")
+    assert extra.settings["sport"].intervene_on == "all"
+
+
+def test_training_records_its_settings_on_the_sets_it_trained(model):
+    import reftlens
+
+    bank = ReftModel(model, trainable_sets(model.cfg.d_model))
+    rows = [dict(r, adapter="sport") for r in TRAIN["sport"]]
+    reftlens.train(bank, rows, max_steps=1, prepend_bos=False, progress=False)
+    assert bank.settings["sport"] == reftlens.SetSettings(intervene_on="prompt", chat_template=False, prepend_bos=False)
+    assert bank.settings["emoji"].intervene_on is None  # not trained: nothing recorded
+    plain = ReftModel(model, trainable_sets(model.cfg.d_model)["sport"])
+    reftlens.train(plain, TRAIN["sport"], max_steps=1, intervene_on="generated", chat_template=False, progress=False)
+    assert plain.settings["default"] == reftlens.SetSettings(
+        intervene_on="generated", chat_template=False, prepend_bos=None
+    )
+
+
+def test_set_settings_are_checked():
+    from reftlens import SetSettings
+
+    with pytest.raises(ConfigError, match=r"intervene_on must be null or one of \('prompt', 'all', 'generated'\)"):
+        SetSettings(intervene_on="every")
+    with pytest.raises(ConfigError, match=r"chat_template must be null, true or false; got 'yes'"):
+        SetSettings(chat_template="yes")
+
+
+def test_each_row_gets_the_start_token_its_set_was_trained_with(model, sets):
+    from reftlens import SetSettings
+
+    sets["sport"] = mild(model)
+    bank = ReftModel(model, {"emoji": sets["emoji"], "sport": sets["sport"]})
+    bank.settings["sport"] = SetSettings(prepend_bos=False)
+    names = ["sport", "emoji", None, "sport"]
+    prompts = PROMPTS[:4]
+    mixed = bank.generate(prompts, 6, adapters=names, eos_token_id=None)
+    sport = ReftModel(model, sets["sport"]).generate(prompts, 6, prepend_bos=False, eos_token_id=None)
+    emoji = ReftModel(model, sets["emoji"]).generate(prompts, 6, eos_token_id=None)
+    assert [mixed[0], mixed[1], mixed[3]] == [sport[0], emoji[1], sport[3]]
+    assert (
+        bank.generate(prompts, 6, adapters=names, prepend_bos=True, eos_token_id=None)[0] != mixed[0]
+    )  # explicit wins
+
+
+def test_a_call_writes_nothing_onto_the_exported_model(model, bank):
+    import threading
+
+    hf = to_hf(bank)
+    module = hf.reft_interventions
+    before = {k: v for k, v in vars(module).items() if not k.startswith("_")}
+    tokens, mask = bank.tokenize(PROMPTS)
+    kw = dict(input_ids=tokens, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=bank.pad_token_id)
+    hf.generate(**kw, reft_adapters=ADAPTERS)
+    assert {k: v for k, v in vars(module).items() if not k.startswith("_")}.keys() == before.keys()
+    assert all(vars(module)[k] is v for k, v in before.items())
+    # two threads, two choices of sets at once: each gets what it asked for
+    expected = {n: hf.generate(**kw, reft_adapters=[n] * len(PROMPTS)) for n in ("emoji", "sport")}
+    got = {}
+    threads = [
+        threading.Thread(target=lambda n=n: got.setdefault(n, hf.generate(**kw, reft_adapters=[n] * len(PROMPTS))))
+        for n in ("emoji", "sport")
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert not torch.equal(expected["emoji"], expected["sport"])

@@ -127,7 +127,7 @@ def test_the_transformers_twin_and_the_bridge_generate_the_same(reft, intervene_
 def test_the_twin_shares_weights_and_follows_training(reft, model):
     from reftlens.runtime.hf_backend import twin as hf_twin
 
-    twin = hf_twin(reft.model, reft.units, reft.cast)
+    twin = hf_twin(reft.model, reft.units, reft.cast).hf
     bridge_ptrs = {p.data_ptr() for p in model.parameters()}
     assert all(p.data_ptr() in bridge_ptrs for p in twin.parameters())  # no copy of the base
     assert sum(p.numel() for p in reft.parameters()) == sum(p.numel() for p in reft.phis.parameters())

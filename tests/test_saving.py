@@ -518,3 +518,62 @@ def test_a_load_during_a_write_or_without_write_access(model, tmp_path, monkeypa
     monkeypatch.setattr(saving, "_locked", read_only)
     ReftModel.load(dest, model)  # no lock to take (a read-only folder): the moved-aside save is read in place
     assert not dest.exists()
+
+
+# ---- settings travel with a set ----------------------------------------------------------------------
+
+
+def steering_set(model):
+    torch.manual_seed(0)
+    phi = LoReFT(model.cfg.d_model, 4, init="random")
+    with torch.no_grad():
+        phi.W.bias.mul_(2)  # mild: editing the generated tokens too changes the greedy tokens
+    return ReftModel(model, Intervention(phi, layers=[1, 2], positions="l3"))
+
+
+def test_a_saved_set_restores_its_settings_and_runs_with_them(model, tmp_path):
+    reft = steering_set(model)
+    reft.settings["default"] = reftlens.SetSettings(intervene_on="all", chat_template=False, prepend_bos=True)
+    reft.save(tmp_path / "r")
+    config = json.loads((tmp_path / "r" / CONFIG_FILE).read_text())
+    assert (config["intervene_on"], config["chat_template"], config["prepend_bos"]) == ("all", False, True)
+    loaded = ReftModel.load(tmp_path / "r", model)
+    assert loaded.settings == reft.settings and loaded.adapters == []  # a plain save stays a plain set
+    prompts = ["the quick brown fox", "one two three"]
+    kw = dict(eos_token_id=None)
+    assert loaded.generate(prompts, 8, **kw) == reft.generate(prompts, 8, intervene_on="all", **kw)
+    assert loaded.generate(prompts, 8, **kw) != reft.generate(prompts, 8, intervene_on="prompt", **kw)
+    assert loaded.generate(prompts, 8, intervene_on="prompt", **kw) == reft.generate(
+        prompts, 8, intervene_on="prompt", **kw
+    )
+
+
+def test_a_save_without_settings_loads_with_the_defaults(model, tmp_path):
+    steering_set(model).save(tmp_path / "r")
+    path = tmp_path / "r" / CONFIG_FILE
+    config = json.loads(path.read_text())
+    for key in ("intervene_on", "chat_template", "prepend_bos"):
+        del config[key]  # as saves written before settings were recorded
+    path.write_text(json.dumps(config))
+    loaded = ReftModel.load(tmp_path / "r", model)
+    assert loaded.settings == {"default": reftlens.SetSettings()}
+    assert loaded.generate(["a b c d"], 4, eos_token_id=None) == loaded.generate(
+        ["a b c d"], 4, eos_token_id=None, intervene_on="prompt"
+    )
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("intervene_on", "every", r"intervene_on must be null or one of \('prompt', 'all', 'generated'\); got 'every'"),
+        ("prepend_bos", "yes", r"prepend_bos must be null, true or false; got 'yes'"),
+    ],
+)
+def test_a_damaged_setting_is_named(model, tmp_path, key, value, words):
+    steering_set(model).save(tmp_path / "r")
+    path = tmp_path / "r" / CONFIG_FILE
+    config = json.loads(path.read_text())
+    config[key] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(LoadError, match=re.escape(str(path)) + ": " + words):
+        ReftModel.load(tmp_path / "r", model)

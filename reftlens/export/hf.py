@@ -66,8 +66,11 @@ def hf_fingerprint(config: Any, model: nn.Module | None = None) -> dict[str, Any
     return {**out, "weights": weights} if weights else out
 
 
-def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
+def to_hf(reft: Any, *, intervene_on: str | None = None) -> nn.Module:
     """The ReftModel's base as a plain transformers model with its interventions attached.
+
+    ``intervene_on``: the tokens every set edits in generation; by default each set's own
+    (``reft.settings``, recorded by training; ``"prompt"`` if none), per set in a bank.
 
     >>> hf = reftlens.to_hf(reft)                                   # doctest: +SKIP
     >>> hf.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=32)  # doctest: +SKIP
@@ -80,7 +83,9 @@ def to_hf(reft: Any, *, intervene_on: str = "prompt") -> nn.Module:
     fast_attention(hf)
     phis = {id(p): copy.deepcopy(p) for p in reft.phis}  # the export owns its Φs
     units = [dataclasses.replace(u, phi=phis[id(u.phi)]) for u in reft.units]
-    module = HFInterventions(units, intervene_on=intervene_on, cast=reft.cast).to(next(hf.parameters()).device)
+    module = HFInterventions(
+        units, intervene_on=intervene_on, cast=reft.cast, named=reft.sets.named, settings=reft.settings
+    ).to(next(hf.parameters()).device)
     hf.reft_interventions = module
     module.attach(hf)
     return hf
@@ -162,13 +167,9 @@ def save_hf(
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
         (folder / REFT_DIR).mkdir()
-        writer = write_bank if module.bank else write
-        writer(
-            module,
-            folder / REFT_DIR,
-            base=hf_fingerprint(model.config, model),
-            extra={"intervene_on": module.intervene_on},
-        )
+        writer = write_bank if module.named else write
+        # each set with its settings
+        writer(module, folder / REFT_DIR, base=hf_fingerprint(model.config, model))
         meta = {"base": "." if include_base else base_reference, "architecture": type(model).__name__}
         (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         _guard_config(folder)  # without include_base: a config.json that only says how to load the folder
@@ -208,7 +209,8 @@ def load_hf(
     naming the file; re-save it with ``save_pretrained`` (safetensors is its default)."""
     from transformers import AutoModelForCausalLM
 
-    from reftlens.saving import bank_folders, inside, interventions, is_bank, read, recover
+    from reftlens.runtime.bank import DEFAULT
+    from reftlens.saving import bank_folders, inside, interventions, is_bank, read, recover, settings_of
     from reftlens.sets import set_units
 
     folder = recover(path)  # a save_hf interrupted by a crash: its earlier output is restored
@@ -230,12 +232,14 @@ def load_hf(
         model.to(device)
     here = hf_fingerprint(model.config, model)
     reft_dir = inside(folder, REFT_DIR, f"{folder}: {REFT_DIR}")  # no link leading out of the export
-    saved = bank_folders(reft_dir) if is_bank(reft_dir) else {None: reft_dir}
-    units = []
+    named = is_bank(reft_dir)
+    saved = bank_folders(reft_dir) if named else {DEFAULT: reft_dir}
+    units, settings = [], {}
     for name, sub in saved.items():
         config, phis = read(sub, here, dtype=dtype)
-        units += set_units(interventions(config, phis), here["n_layers"], name)
-    module = HFInterventions(units, intervene_on=config.get("intervene_on", "prompt"), cast=config.get("cast", False))
+        units += set_units(interventions(config, phis), here["n_layers"], name, named=named)
+        settings[name] = settings_of(config)
+    module = HFInterventions(units, cast=config.get("cast", False), named=named, settings=settings)
     module.to(next(model.parameters()).device)
     model.reft_interventions = module
     module.attach(model.eval())

@@ -1,6 +1,9 @@
 """The engine: a set of interventions resolves into a :class:`~reftlens.runtime.plan.Plan` for one
 batch; a backend executes plans.
 
+- :mod:`~reftlens.runtime.bank` — the named sets a ReftModel holds (a plain set is a bank of one),
+  their per-set settings, planning a batch, and :class:`~reftlens.runtime.bank.Call`, the per-call
+  choices (each row's set, ``intervene_on``) passed explicitly to every backend;
 - :mod:`~reftlens.runtime.plan` — resolution (positions → rows, per-batch disjointness);
 - :mod:`~reftlens.runtime.kernel` — the gather → Φ → scatter kernel every backend calls;
 - :mod:`~reftlens.runtime.tl_backend` — the TransformerLens backend (hook points);

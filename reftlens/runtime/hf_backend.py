@@ -19,20 +19,23 @@ import contextlib
 import copy
 import functools
 import weakref
-from typing import Any, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from reftlens.errors import ExportError
 from reftlens.positions import RealTokens
+from reftlens.runtime.bank import DEFAULT, INTERVENE_ON, Call, SetSettings, unique_phis
 from reftlens.runtime.compat import fast_attention, unwrapped_state
 from reftlens.runtime.kernel import site_hook
-from reftlens.runtime.plan import Site, SitePlan, bank_rows, every_row, resolve
+from reftlens.runtime.plan import Site, SitePlan, every_row, resolve
 
-# which tokens a generation edits: the prompt's planned positions, those and every generated token,
-# or the generated tokens only
-INTERVENE_ON = ("prompt", "all", "generated")
+__all__ = ["INTERVENE_ON", "HFInterventions", "Twin", "twin", "pristine_hf", "decoder_layers", "native_site"]
+
 
 # TL hook (within a block) → (which module of decoder layer L, how to hook it)
 _SITES = {
@@ -83,12 +86,35 @@ def block_module(layer: nn.Module, kind: str, arch: str) -> nn.Module:
     raise ExportError(f"{arch}: decoder layer has no {kind} module ({', '.join(names)}); this hook cannot be exported.")
 
 
-class HFInterventions(nn.Module):
-    """The Φs of an exported set, and the hooks that apply them inside a transformers model."""
+# per call, never on a module: the Call of an enclosing HFInterventions.using (transformers' generate), and
+# the plans resolved for the model call in progress; each keyed by id(interventions module)
+_NONE: Mapping[int, Any] = MappingProxyType({})
+_CALLS: ContextVar[Mapping[int, Call]] = ContextVar("reftlens_calls", default=_NONE)
+_ACTIVE: ContextVar[Mapping[int, dict[int, SitePlan]]] = ContextVar("reftlens_active_plans", default=_NONE)
 
-    def __init__(self, units: Sequence[Any], intervene_on: str = "prompt", cast: bool = False):
+
+class HFInterventions(nn.Module):
+    """The Φs of an exported set (or bank), and the hooks that apply them inside a transformers model.
+
+    ``named``: a bank, whose calls choose each row's set (``reft_adapters=``); otherwise a plain set
+    (a bank of one under :data:`~reftlens.runtime.bank.DEFAULT`) that runs on every row.
+    ``settings``: each set's :class:`~reftlens.runtime.bank.SetSettings`; ``intervene_on`` (if given)
+    overrides every set's own. Nothing is written onto this module per call: each model call takes
+    its choices as a :class:`~reftlens.runtime.bank.Call` (``reft_call=``, what reftlens's own
+    generation passes), as ``reft_adapters=`` names, or from :meth:`using` around transformers'
+    ``generate``; the plan resolved for that call lives in a context variable for its span."""
+
+    def __init__(
+        self,
+        units: Sequence[Any],
+        intervene_on: str | None = None,
+        cast: bool = False,
+        *,
+        named: bool = False,
+        settings: Mapping[str, SetSettings] | None = None,
+    ):
         super().__init__()
-        if intervene_on not in INTERVENE_ON:
+        if intervene_on is not None and intervene_on not in INTERVENE_ON:
             raise ExportError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
         with_source = [u.name for u in units if u.takes_source]
         if with_source:
@@ -97,20 +123,32 @@ class HFInterventions(nn.Module):
                 "(LoReFT, DiReFT, steering, ...) can be exported for inference."
             )
         self.units = list(units)
-        unique: dict[int, nn.Module] = {}
-        for u in self.units:
-            unique.setdefault(id(u.phi), u.phi)
-        self.phis = nn.ModuleList(unique.values())
-        self.intervene_on = intervene_on
+        self.phis = nn.ModuleList(unique_phis(self.units))
         self.cast = cast
-        # a bank: its sets in order, and each row's set for the calls to come (reft_adapters=)
-        self.bank = list(dict.fromkeys(u.adapter for u in self.units if u.adapter is not None))
-        self.adapters: str | Sequence[str | None] | None = None
-        self._repeat_rows = False  # inside generate: rows may be repeated (num_return_sequences, beams)
+        self.named = named
+        self.sets = list(dict.fromkeys(u.adapter for u in self.units))  # in order
+        given = dict(settings or {})
+        # each set's settings, with the tokens it edits fixed for this model (saved with it by save_hf)
+        self.settings = {
+            n: replace(
+                given.get(n, SetSettings()),
+                intervene_on=intervene_on or given.get(n, SetSettings()).intervene_on or "prompt",
+            )
+            for n in self.sets
+        }
         self._handles: list[Any] = []
-        self._plans: dict[int, SitePlan] = {}
-        self._decode = False
         self._generate_of: Any = None  # a weak reference to the model whose generate takes reft_adapters=
+
+    @property
+    def bank(self) -> list[str]:
+        """A bank's set names, in order (empty for a plain set)."""
+        return list(self.sets) if self.named else []
+
+    @property
+    def intervene_on(self) -> str:
+        """The tokens every set edits when they all agree (a plain set's one setting)."""
+        modes = {s.intervene_on for s in self.settings.values()}
+        return modes.pop() if len(modes) == 1 else "per set"
 
     def attach(self, model: nn.Module) -> None:
         """Register the hooks on ``model`` (idempotent)."""
@@ -140,7 +178,8 @@ class HFInterventions(nn.Module):
                 else:
                     self._handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
         self._handles.append(model.register_forward_pre_hook(self._begin, with_kwargs=True))
-        if self.bank:  # generate(..., reft_adapters=) would fail transformers' check of model kwargs
+        self._handles.append(model.register_forward_hook(self._end, always_call=True))
+        if self.named:  # generate(..., reft_adapters=) would fail transformers' check of model kwargs
             model.generate = _generate_with_adapters(model, self)
             self._generate_of = weakref.ref(model)
 
@@ -153,37 +192,44 @@ class HFInterventions(nn.Module):
             model.__dict__.pop("generate", None)
         self._generate_of = None
 
-    def _rows(self, names: Any, batch: int, device: torch.device) -> dict[str, Tensor] | None:
-        """Each present set's rows for this call (None: not a bank)."""
-        if not self.bank:
+    @contextlib.contextmanager
+    def using(self, call: Call) -> Iterator[None]:
+        """Run every model call inside the ``with`` block with ``call`` (the span of one ``generate``)."""
+        token = _CALLS.set({**_CALLS.get(), id(self): call})
+        try:
+            yield
+        finally:
+            _CALLS.reset(token)
+
+    def call_for(self, names: Any, repeat_rows: bool = False) -> Call:
+        """The :class:`Call` for ``reft_adapters=`` names (None: a plain set's every row; a bank needs names)."""
+        if not self.named:
             if names is not None:
                 raise ExportError(
                     "reft_adapters= chooses a set per example, but this model carries one set, not a bank."
                 )
-            return None
-        if (
-            self._repeat_rows
-            and not isinstance(names, str)
-            and names is not None
-            and len(names)
-            and batch != len(names)
-            and batch % len(names) == 0
-        ):
-            names = [n for n in names for _ in range(batch // len(names))]  # generate's row expansion
-        return bank_rows(names, self.bank, batch, device)
+            return Call(DEFAULT, repeat_rows=repeat_rows)
+        return Call(names if names is None or isinstance(names, str) else tuple(names), repeat_rows=repeat_rows)
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Before each model call: resolve this call's positions from its attention mask (and, for a
-        bank, each row's set from ``reft_adapters=`` or the names set by the caller)."""
-        names = self.adapters
-        given = "reft_adapters" in kwargs
+        """Before each model call: resolve this call's positions from its attention mask, and each
+        row's set from ``reft_call=`` / ``reft_adapters=`` or the call of the enclosing :meth:`using`."""
+        given = "reft_call" in kwargs or "reft_adapters" in kwargs
         if given:
             kwargs = dict(kwargs)
-            names = kwargs.pop("reft_adapters")
-        self._resolve(args, kwargs, names)
+            call = kwargs.pop("reft_call", None)
+            names = kwargs.pop("reft_adapters", None)
+            if call is None:
+                call = self.call_for(names)
+        else:
+            call = _CALLS.get().get(id(self)) or self.call_for(None)
+        _ACTIVE.set({**_ACTIVE.get(), id(self): self._resolve(args, kwargs, call)})
         return (args, kwargs) if given else None
 
-    def _resolve(self, args: tuple, kwargs: dict, names: Any) -> None:
+    def _end(self, module: nn.Module, args: tuple, output: Any) -> None:
+        _ACTIVE.set({k: v for k, v in _ACTIVE.get().items() if k != id(self)})
+
+    def _resolve(self, args: tuple, kwargs: dict, call: Call) -> dict[int, SitePlan]:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             ids = kwargs.get("inputs_embeds")
@@ -196,20 +242,20 @@ class HFInterventions(nn.Module):
         else:
             cached = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
             mask = torch.ones(batch, seq, dtype=torch.long, device=ids.device)
-        self._decode = cached > 0
-        rows = self._rows(names, batch, ids.device)
-        if self._decode:  # the new token(s): every row (of each set's own examples)
-            plans = (
-                every_row(self.sites, self.units, batch, seq, ids.device, rows) if self.intervene_on != "prompt" else []
-            )
-        else:
+        rows = call.rows(self.sets, batch, ids.device)
+        modes = call.modes(self.settings)
+        if cached > 0:  # the new token(s): every row of each set that edits generated tokens
+            rows = {n: r for n, r in rows.items() if modes[n] != "prompt"}
+            plans = every_row(self.sites, self.units, batch, seq, ids.device, rows) if rows else []
+        else:  # the prompt: the planned positions of each set that edits them
+            rows = {n: r for n, r in rows.items() if modes[n] != "generated"}
             real = RealTokens.from_mask(mask.bool(), ids if not ids.is_floating_point() else None)
             plans, _ = resolve(self.sites, self.units, real, rows)  # relative positions can collide on a short prompt
-        self._plans = {id(p.site): p for p in plans}  # a bank group runs at its first member's hook
+        return {id(p.site): p for p in plans}  # a bank group runs at its first member's hook
 
     def _edit(self, site: Site, h: Tensor) -> Tensor | None:
-        plan = self._plans.get(id(site))
-        if plan is None or self.intervene_on == ("prompt" if self._decode else "generated"):
+        plan = _ACTIVE.get().get(id(self), {}).get(id(site))
+        if plan is None:
             return None
         return site_hook(plan, self.cast)(h)
 
@@ -234,8 +280,8 @@ class HFInterventions(nn.Module):
 
 
 def _generate_with_adapters(model: nn.Module, module: HFInterventions) -> Any:
-    """``model.generate`` that takes ``reft_adapters=`` (one set name per prompt) and hands the
-    names to the interventions for every call of that generation."""
+    """``model.generate`` that takes ``reft_adapters=`` (one set name per prompt): the names become
+    the :class:`Call` of every model call of that generation (:meth:`HFInterventions.using`)."""
     original = type(model).generate
 
     @functools.wraps(original)
@@ -251,12 +297,8 @@ def _generate_with_adapters(model: nn.Module, module: HFInterventions) -> Any:
                 f"reft_adapters names {len(reft_adapters)} sets but there are {ids.shape[0]} prompts; "
                 "give one set name per prompt (None for the base model)."
             )
-        before = module.adapters, module._repeat_rows
-        module.adapters, module._repeat_rows = reft_adapters, True
-        try:
+        with module.using(module.call_for(reft_adapters, repeat_rows=True)):
             return original(model, *args, **kwargs)
-        finally:
-            module.adapters, module._repeat_rows = before
 
     return generate
 
@@ -307,12 +349,21 @@ def pristine_hf(bridge: Any, *, share: bool = False) -> nn.Module:
     return (fresh if share else fresh.to(first.device)).eval()
 
 
-_TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, nn.Module, tuple]]" = weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class Twin:
+    """A plain transformers model sharing a bridge's weights (``hf``) and the interventions attached to it."""
+
+    hf: nn.Module
+    interventions: HFInterventions
 
 
-def twin(model: Any, units: Sequence[Any], cast: bool = False) -> nn.Module:
+_TWINS: "weakref.WeakKeyDictionary[Any, tuple[tuple, Twin, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def twin(model: Any, units: Sequence[Any], cast: bool = False) -> Twin:
     """A plain transformers model sharing the bridge ``model``'s weights, with ``units``' Φs attached
-    natively (the same Φ objects: training shows at once).
+    natively (the same Φ objects: training shows at once). Each call takes its choices as
+    ``reft_call=`` (a :class:`~reftlens.runtime.bank.Call`), which reftlens's generation always passes.
 
     Cached per bridge (rebuilt when the base moves); when the set changes (another ReftModel, a set
     added to a bank) only the interventions are attached anew. The Φs stay owned by the caller
@@ -323,15 +374,15 @@ def twin(model: Any, units: Sequence[Any], cast: bool = False) -> nn.Module:
     units_key = (cast, tuple(id(u) for u in units), tuple(id(u.phi) for u in units))
     held = _TWINS.get(model)
     if held is not None and held[0] == base_key:
-        hf = held[1]
+        hf = held[1].hf
         if held[2] == units_key:
-            return hf
-        hf._reftlens_module.detach()
+            return held[1]
+        held[1].interventions.detach()
     else:
         hf = pristine_hf(model, share=True)
         fast_attention(hf)
     module = HFInterventions(units, cast=cast)
-    object.__setattr__(hf, "_reftlens_module", module)  # not a submodule: the Φs stay owned by the caller
     module.attach(hf)
-    _TWINS[model] = (base_key, hf, units_key)
-    return hf
+    pair = Twin(hf, module)
+    _TWINS[model] = (base_key, pair, units_key)
+    return pair

@@ -7,10 +7,11 @@ collisions here, once per batch; a backend (:mod:`reftlens.runtime.tl_backend` f
 points, :mod:`reftlens.runtime.hf_backend` for plain transformers modules) only executes it: gather the
 rows, apply Φ, scatter them back (:func:`reftlens.runtime.kernel.site_hook`). Nothing here knows about either backend.
 
-A bank of named sets resolves the same way, with one more thing per row: which set the example
-runs (:func:`bank_rows`). Each unit's site mask keeps only its set's examples, disjointness is
-checked within each set, and the rows of all sets whose Φs share a bank key at one hook merge
-into one site plan that the kernel runs as one ``forward_many`` call (:func:`stack_groups`).
+Every plan also says which set each row runs (``rows``: set name → its examples; a plain set is a
+bank of one, see :mod:`reftlens.runtime.bank`, whose one set runs on every row). Each unit's site
+mask keeps only its set's examples, disjointness is checked within each set, and when a call runs
+several sets the rows of those whose Φs share a bank key at one hook merge into one site plan that
+the kernel runs as one ``forward_many`` call (:func:`stack_groups`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from reftlens.errors import CollisionError, ConfigError
+from reftlens.errors import CollisionError
 from reftlens.hook_names import hook_name_for  # noqa: F401  (re-exported: runtime.hook_name_for)
 from reftlens.interventions.base import bank_key
 from reftlens.positions import RealTokens
@@ -78,7 +79,7 @@ class Plan:
     attention_mask: Tensor | None = None
     real: RealTokens | None = None
     masks: dict[int, Tensor] = field(default_factory=dict)
-    rows: dict[str, Tensor] | None = None  # a bank: each set present → its examples (bool [batch])
+    rows: dict[str, Tensor] | None = None  # each set this call runs → its examples (bool [batch]); None: lazy
 
     @property
     def shape(self) -> tuple[int, int] | None:
@@ -91,49 +92,16 @@ class Plan:
         return f"Plan(shape={self.shape}, sites=[{rows}])"
 
 
-def site_masks(units: Sequence[Unit], real: RealTokens, rows: Mapping[str, Tensor] | None = None) -> dict[int, Tensor]:
-    """One boolean site mask ``[batch, seq]`` per unit (keyed by ``id(unit)``); with a bank's
-    ``rows``, only for the units of the sets present, each kept to its set's examples."""
-    if rows is None:
-        return {id(u): u.positions.site_mask(real) for u in units}
+def site_masks(units: Sequence[Unit], real: RealTokens, rows: Mapping[Any, Tensor]) -> dict[int, Tensor]:
+    """One boolean site mask ``[batch, seq]`` per unit of the sets in ``rows`` (keyed by
+    ``id(unit)``), each kept to its set's examples."""
     return {id(u): u.positions.site_mask(real) & rows[u.adapter][:, None] for u in units if u.adapter in rows}
 
 
-def bank_rows(
-    adapters: str | Sequence[str | None] | None, known: Sequence[str], batch: int, device: torch.device | str = "cpu"
-) -> dict[str, Tensor]:
-    """Each set named in ``adapters`` (one name per example, None for the base model; a single
-    name for every example) → a boolean mask of its examples ``[batch]``."""
-    if adapters is None:
-        raise ConfigError(
-            f"this ReftModel holds a bank of {len(known)} sets ({set_names(known)}): pass adapters= with one set "
-            "name per example (None for the base model), or one name for every example."
-        )
-    if isinstance(adapters, str):
-        adapters = [adapters] * batch
-    adapters = list(adapters)
-    if len(adapters) != batch:
-        raise ConfigError(
-            f"adapters= names {len(adapters)} sets but the batch has {batch} examples; give one name per example "
-            "(None for the base model)."
-        )
-    wanted = set(known)
-    positions: dict[str, list[int]] = {}
-    for i, name in enumerate(adapters):
-        if name is None:
-            continue
-        if not isinstance(name, str) or name not in wanted:
-            raise ConfigError(
-                f"adapters[{i}] is {name!r}, which is not a set of this bank; the sets are {set_names(known)}. "
-                "Add it with reft.add_adapter(name, interventions) or use None for the base model."
-            )
-        positions.setdefault(name, []).append(i)
-    out = {}
-    for name, idx in positions.items():
-        row = torch.zeros(batch, dtype=torch.bool)
-        row[idx] = True
-        out[name] = row.to(device)
-    return out
+def every_set(units: Sequence[Unit], batch: int, device: torch.device | str) -> dict[Any, Tensor]:
+    """Rows for a call that runs each unit's set on every example (a plain set, an analysis's units)."""
+    ones = torch.ones(batch, dtype=torch.bool, device=device)
+    return dict.fromkeys((u.adapter for u in units), ones)
 
 
 def set_names(known: Sequence[str]) -> str:
@@ -149,19 +117,19 @@ def flat_index(mask: Tensor) -> Tensor | None:
 
 
 def resolve(
-    sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens, rows: Mapping[str, Tensor] | None = None
+    sites: Sequence[Site], units: Sequence[Unit], frame: RealTokens, rows: Mapping[Any, Tensor] | None = None
 ) -> tuple[list[SitePlan], dict[int, Tensor]]:
     """Site masks → per-site row indices, checked for collisions: ``(site plans, masks)``.
 
-    With a bank's ``rows`` (:func:`bank_rows`) only the sets present get site plans, and those
-    of one bank key at one hook are merged (:func:`stack_groups`)."""
+    ``rows``: each set this call runs → its examples (bool ``[batch]``); None runs every unit's set
+    on every example. Only the sets present get site plans (:func:`stack_groups`)."""
+    if rows is None:
+        rows = every_set(units, frame.mask.shape[0], frame.mask.device)
     masks = site_masks(units, frame, rows)
-    if rows is not None:
-        sites = [s for s in sites if id(s.unit) in masks]
+    sites = [s for s in sites if id(s.unit) in masks]
     check_disjoint(sites, masks, frame)
     shape = (frame.mask.shape[0], frame.mask.shape[1])
-    plans = [SitePlan(s, flat_index(masks[id(s.unit)]), None, shape) for s in sites]
-    return (plans if rows is None else stack_groups(plans)), masks
+    return stack_groups([SitePlan(s, flat_index(masks[id(s.unit)]), None, shape) for s in sites]), masks
 
 
 def every_row(
@@ -170,47 +138,53 @@ def every_row(
     batch: int,
     seq: int,
     device: torch.device | str,
-    rows: Mapping[str, Tensor] | None = None,
+    rows: Mapping[Any, Tensor] | None = None,
 ) -> list[SitePlan]:
-    """Site plans that edit every token of every example (of each bank set's own examples): the
-    generated tokens of ``intervene_on="all"``. Checked for collisions."""
-    ones = torch.ones(batch, seq, dtype=torch.bool, device=device)
+    """Site plans that edit every token of each set's own examples (``rows``; None: every unit's
+    set on every example): the generated tokens of ``intervene_on="all"``. Checked for collisions."""
     if rows is None:
-        masks = {id(u): ones for u in units}
-    else:
-        masks = {id(u): ones & rows[u.adapter][:, None] for u in units if u.adapter in rows}
-        sites = [s for s in sites if id(s.unit) in masks]
+        rows = every_set(units, batch, device)
+    masks = {id(u): rows[u.adapter][:, None].expand(batch, seq) for u in units if u.adapter in rows}
+    sites = [s for s in sites if id(s.unit) in masks]
     check_disjoint(sites, masks, RealTokens.unpadded(batch, seq, device))
-    plans = [SitePlan(s, flat_index(masks[id(s.unit)]), None, (batch, seq)) for s in sites]
-    return plans if rows is None else stack_groups(plans)
+    return stack_groups([SitePlan(s, flat_index(masks[id(s.unit)]), None, (batch, seq)) for s in sites])
 
 
-def widen(plan: Plan, sites: Sequence[Site], width: int, generated: bool) -> list[SitePlan]:
-    """The plan's sites over ``width`` columns: the planned ones, then appended columns that are
-    edited everywhere (``generated=True``, checked for collisions) or nowhere."""
+def span(
+    plan: Plan, sites: Sequence[Site], width: int, prompt: Mapping[Any, bool], generated: Mapping[Any, bool]
+) -> list[SitePlan]:
+    """The plan's sites over ``width`` columns (the plan's own, then appended ones): each set edits
+    its planned positions where ``prompt[set]`` and every appended column of its examples where
+    ``generated[set]``; a set that edits neither gets no site. Checked for collisions when appended
+    columns are edited."""
     batch, seq = plan.shape
-    extra = torch.full((batch, width - seq), generated, dtype=torch.bool, device=plan.tokens.device)
-    if plan.rows is not None:  # a bank: only the sets present, each on its own examples
-        sites = [s for s in sites if id(s.unit) in plan.masks]
-        masks = {
-            id(s.unit): torch.cat([plan.masks[id(s.unit)], extra & plan.rows[s.unit.adapter][:, None]], 1)
-            for s in sites
-        }
-    else:
-        masks = {k: torch.cat([m, extra], 1) for k, m in plan.masks.items()}
-    if generated:
-        check_disjoint(sites, masks, RealTokens.from_mask(torch.cat([plan.real.mask, extra], 1)))
+    more = width - seq
+    kept, masks = [], {}
+    for s in sites:
+        u = s.unit
+        if id(u) not in plan.masks or not (prompt[u.adapter] or (generated[u.adapter] and more > 0)):
+            continue
+        planned = plan.masks[id(u)] if prompt[u.adapter] else torch.zeros_like(plan.masks[id(u)])
+        extra = plan.rows[u.adapter][:, None].expand(batch, more) & generated[u.adapter]
+        masks[id(u)] = torch.cat([planned, extra], 1)
+        kept.append(s)
+    if more > 0 and any(generated[u.adapter] for u in {id(s.unit): s.unit for s in kept}.values()):
+        extra = torch.ones(batch, more, dtype=torch.bool, device=plan.tokens.device)
+        check_disjoint(kept, masks, RealTokens.from_mask(torch.cat([plan.real.mask, extra], 1)))
     source = {id(m): p.source_rows for p in plan.sites for m in _members(p)}
-    plans = [SitePlan(s, flat_index(masks[id(s.unit)]), source.get(id(s)), (batch, width)) for s in sites]
-    return plans if plan.rows is None else stack_groups(plans)
+    return stack_groups([SitePlan(s, flat_index(masks[id(s.unit)]), source.get(id(s)), (batch, width)) for s in kept])
 
 
 def stack_groups(plans: Sequence[SitePlan]) -> list[SitePlan]:
-    """A bank's site plans for execution: sites with no rows dropped, and at each hook the sites
-    whose Φs share a bank key (same type and shape, see :meth:`reftlens.Phi.bank_key`) merged into
-    one plan whose rows run as one ``forward_many`` call over the stacked parameters. Φs without
-    a key keep one plan each: one call per set at that site, never one per example. Merging is
-    safe because each example runs one set and units within a set are disjoint per example."""
+    """Site plans for execution. With one set in the call they run as planned, each site its own
+    call (exactly what the set computes alone). With several sets, sites with no rows are dropped,
+    and at each hook the sites whose Φs share a bank key (same type and shape, see
+    :meth:`reftlens.Phi.bank_key`) are merged into one plan whose rows run as one ``forward_many``
+    call over the stacked parameters. Φs without a key keep one plan each: one call per set at that
+    site, never one per example. Merging is safe because each example runs one set and units within
+    a set are disjoint per example."""
+    if len({p.site.unit.adapter for p in plans}) < 2:
+        return list(plans)
     out: list[SitePlan | list[SitePlan]] = []
     groups: dict[tuple, list[SitePlan]] = {}
     for p in plans:

@@ -122,6 +122,13 @@ def train(
     finally:
         bar.close()
         reft.eval()
+    # the settings each trained set was trained with travel with it (saved, applied when it runs)
+    reft.sets.record(
+        {e.adapter for e in examples},
+        intervene_on=cfg.intervene_on,
+        chat_template=cfg.chat_template,
+        prepend_bos=cfg.prepend_bos,
+    )
     return history
 
 
