@@ -124,9 +124,12 @@ def _digest(path: Path, file: str | None) -> str:
 def _in_child(target, *, kill_at: str | None = None, mid_write: bool = False) -> int:
     """Run ``target()`` in a forked child; it SIGKILLs itself at step ``kill_at`` of atomic_dir, or
     after its first data file with ``mid_write``. Returns the child's wait status."""
+    import peft  # noqa: F401  (imported before the fork: a child importing it on a busy machine is slow)
+
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
+            torch.set_num_threads(1)  # no intra-op pool inherited half-way through a fork
 
             def die(step=None):
                 if step is None or step == kill_at:
@@ -160,7 +163,7 @@ def _in_child(target, *, kill_at: str | None = None, mid_write: bool = False) ->
     return _wait(pid)
 
 
-def _wait(pid: int, timeout: float = 60.0) -> int:
+def _wait(pid: int, timeout: float = 300.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
