@@ -1,0 +1,7 @@
+"""Interpretability for training: :func:`localize` (where to train) and :func:`inspect` (what a
+trained set learned). A layer above both training and analysis: it trains (the short-training
+score) and reads what analysis reads, all through the engine."""
+
+from reftlens.insight.localize import Candidate, LocalizeResult, localize
+
+__all__ = ["localize", "LocalizeResult", "Candidate"]
