@@ -143,12 +143,12 @@ def read_direction(readout: tuple[Tensor, Tensor | None, bool], u: Tensor) -> Te
     return u @ W_U
 
 
-def top_tokens(model: Any, values: Tensor, k: int) -> tuple[list[list[Any]], list[list[Any]]]:
-    """The ``k`` tokens with the largest and the smallest values, as ``[token, value]`` pairs."""
+def top_tokens(model: Any, values: Tensor, k: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ``k`` tokens with the largest and the smallest values, each ``{"token", "id", "logit"}``."""
     tok = model.tokenizer
     k = min(k, values.shape[0])
     hi = torch.topk(values, k)
     lo = torch.topk(-values, k)
-    up = [[tok.decode([int(i)]), round(float(v), 6)] for v, i in zip(hi.values, hi.indices)]
-    down = [[tok.decode([int(i)]), round(float(-v), 6)] for v, i in zip(lo.values, lo.indices)]
+    up = [{"token": tok.decode([int(i)]), "id": int(i), "logit": float(v)} for v, i in zip(hi.values, hi.indices)]
+    down = [{"token": tok.decode([int(i)]), "id": int(i), "logit": float(-v)} for v, i in zip(lo.values, lo.indices)]
     return up, down

@@ -130,9 +130,9 @@ class LocalizeResult:
 
     def heatmap(self, path: str | None = None, title: str | None = None, **kwargs: Any) -> Any:
         """One layers × position-groups panel per hook (matplotlib Figure; PNG when ``path`` is given)."""
-        from reftlens.analysis.plots import heatmap
-
         import matplotlib.pyplot as plt
+
+        from reftlens.analysis.plots import heatmap
 
         n = len(self.hooks)
         fig, axes = plt.subplots(
@@ -458,7 +458,9 @@ def _recipe(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return [
-            Intervention(_new_phi(family, d, rank), layers=c.layer, positions=spec_of[c.positions], hook=c.hook, name=c.label)
+            Intervention(
+                _new_phi(family, d, rank), layers=c.layer, positions=spec_of[c.positions], hook=c.hook, name=c.label
+            )
             for c in taken
         ]
 
