@@ -296,6 +296,7 @@ def localize(
         chat_template=chat_template,
         max_length=max_length,
     )
+    _check_widths(model, hooks, layers[0], examples[0])
     candidates = [Candidate(h, l, p, params) for h in hooks for l in layers for p in pos_labels]
     spec_of = dict(zip(pos_labels, specs))
     if score == "gradient":
@@ -365,6 +366,21 @@ def _check_hooks(model: Any, hooks: Any, n_layers: int) -> list[str]:
         if (point.name or names[0]).endswith(NO_POSITION_AXIS):
             raise AnalysisError(f"hooks: {h!r} has no position axis, so it has no position groups to localize over.")
     return list(hooks)
+
+
+def _check_widths(model: Any, hooks: list[str], layer: int, example: Any) -> None:
+    """Every hook must carry d_model-wide rows (what the Φ families edit): read one example once."""
+    reads = {h: Collect() for h in hooks}
+    reft = ReftModel(model, [Intervention(c, layers=layer, positions="l1", hook=h) for h, c in reads.items()])
+    with torch.no_grad():
+        reft(torch.tensor([example.prompt], device=reft.device), stop_at_layer=layer + 1)
+    for h, c in reads.items():
+        width = tuple(c.activations[0].shape[1:]) if c.activations else None
+        if width != (model.cfg.d_model,):
+            raise AnalysisError(
+                f"hooks: {h!r} carries rows of shape {width}, not d_model={model.cfg.d_model}; the Φ families edit "
+                "d_model-wide activations (resid_post, resid_pre, resid_mid, attn_out, mlp_out)."
+            )
 
 
 def _check_layers(layers: Any, n_layers: int) -> list[int]:
