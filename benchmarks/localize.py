@@ -309,7 +309,7 @@ def main() -> None:
                 f"best: gradient {ag['best_gradient']}, train {ag['best_train']} | |"
             )
     wins = 0
-    for name, s in summary.items():
+    for s in summary.values():
         d_mean, d_spread = s["default"]
         l_mean = s["localized"][0]
         small = s["localized-25"][0]
