@@ -55,6 +55,7 @@ SCORES = ("gradient", "train")
 DEFAULT_HOOKS = ("resid_post", "attn_out", "mlp_out")
 DEFAULT_POSITIONS = ("f1", "l1", "f3+l3", "f5+l5")
 DEFAULT_STEPS = {"gradient": 4, "train": 20}
+ROWS_PER_STEP = 64  # the default bank_size keeps a step of the train score at this many rows
 TIE = 1e-4  # scores within this fraction of the best score count as equal (ties go to fewer positions)
 
 
@@ -222,7 +223,7 @@ def localize(
     label_names: Sequence[str] | None = None,
     chat_template: bool = False,
     max_length: int = 512,
-    bank_size: int = 32,
+    bank_size: int | None = None,
     progress: bool = True,
     seed: int = 0,
 ) -> LocalizeResult:
@@ -247,7 +248,8 @@ def localize(
         lr: the train score's learning rate.
         task, label_names, chat_template, max_length: as in :func:`reftlens.train`.
         bank_size: the train score trains at most this many candidates in one bank (exactly equal
-            to training them one by one; it bounds the rows of one forward).
+            to training them one by one; it bounds the rows, and the memory, of one step). Default:
+            as many as keep a step at ``ROWS_PER_STEP`` (64) rows, ``64 // batch_size``.
         progress: show progress bars.
         seed: the seed of the Φs' initialisation and of the batches.
 
@@ -264,7 +266,7 @@ def localize(
     if score not in SCORES:
         raise AnalysisError(f"score must be 'gradient' or 'train'; got {score!r}.")
     check_int("batch_size", batch_size)
-    check_int("bank_size", bank_size)
+    bank_size = max(1, ROWS_PER_STEP // batch_size) if bank_size is None else check_int("bank_size", bank_size)
     steps = DEFAULT_STEPS[score] if steps is None else check_int("steps", steps)
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
         raise AnalysisError(f"lr must be a finite positive number; got {lr!r}.")
