@@ -279,7 +279,8 @@ def main() -> None:
             task = TASKS[name](args.train, args.test, seed)
             t0 = time.perf_counter()
             results[name].append(one_seed(model, task, args, seed))
-            print(f"# {name} seed {seed}: {time.perf_counter() - t0:.0f}s", flush=True)
+            arms = {k: round(v["metric"], 3) for k, v in results[name][-1].items() if "metric" in v}
+            print(f"# {name} seed {seed}: {time.perf_counter() - t0:.0f}s {json.dumps(arms)}", flush=True)
 
     print(
         f"# localize benchmark{' (--quick: NOT the benchmark, a smoke run)' if args.quick else ''}: SmolLM2-135M-Instruct, "
