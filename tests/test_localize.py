@@ -278,3 +278,30 @@ def test_inspect_custom_metric_and_accuracy(model):
 
     custom = reftlens.inspect(reft, DATA, metric=first_logit)
     assert custom.metric == "first_logit"
+
+
+def test_localize_classification_data(model):
+    data = [
+        {"prompt": "the cat sat on the", "label": " mat"},
+        {"prompt": "a dog ran far", "label": " away"},
+        {"prompt": "the sun is very", "label": " hot"},
+    ] * 3
+    res = localize(model, data, task="classification", hooks=("resid_post",), positions=("l1",), progress=False)
+    assert len(res.candidates) == model.cfg.n_layers and torch.isfinite(res.scores).all()
+    with pytest.raises(AnalysisError, match="label_names"):
+        localize(model, data, task="lm", label_names=[" mat"], progress=False)
+    with pytest.raises(AnalysisError, match="label"):
+        localize(model, data, task="classification", label_names=[" mat"], progress=False)
+
+
+def test_inspect_leaves_the_set_as_it_was(model):
+    d = model.cfg.d_model
+    torch.manual_seed(0)
+    phi = LoReFT(d, 2)
+    reft = ReftModel(model, Intervention(phi, layers=[1, 2], positions="f1+l1", untied="layers"))
+    before = {k: v.clone() for k, v in reft.state_dict().items()}
+    reft.train()
+    reftlens.inspect(reft, DATA)
+    assert reft.training and all(p.training for p in reft.phis)
+    after = reft.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
