@@ -305,3 +305,27 @@ def test_inspect_leaves_the_set_as_it_was(model):
     assert reft.training and all(p.training for p in reft.phis)
     after = reft.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_inspect_iia_of_the_written_subspace():
+    """On the planted-variable model the answer lives in direction u above the write layer: a set
+    that writes along u has IIA 1; one that writes elsewhere has chance IIA."""
+    from reftlens.analysis.toy import planted_pairs, planted_variable_model
+
+    model, u, v = planted_variable_model(write_layer=1)
+    d = model.cfg.d_model
+    pairs = planted_pairs(48, seed=1)
+    on, off = LoReFT(d, 1), LoReFT(d, 1)
+    with torch.no_grad():
+        on.R.set_(u[None])
+        rest = torch.linalg.qr(torch.stack([u, v, torch.randn(d, generator=torch.Generator().manual_seed(0))], 1)).Q
+        off.R.set_(rest[:, 2][None])
+    report = reftlens.inspect(
+        ReftModel(model, [Intervention(on, layers=2, positions="l1"), Intervention(off, layers=3, positions="l1")]),
+        [{"prompt": "a b c", "completion": " d"}],
+        counterfactuals=pairs,
+    )
+    assert report.interventions[0].iia == 1.0
+    assert report.interventions[1].iia < 0.75
+    with pytest.raises(AnalysisError, match="counterfactuals"):
+        reftlens.inspect(ReftModel(model, Intervention(on, layers=2, positions="l1")), DATA, counterfactuals=[])

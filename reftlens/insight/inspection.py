@@ -53,7 +53,9 @@ class InterventionReport:
     (``down·h + shift``), and the tokens it promotes and suppresses, oriented by that mean's sign.
     ``mean_edit``: per layer, the mean of Φ(h) − h over the edited rows of the data, its norm and
     its promoted / suppressed tokens. ``off_target``: KL from the base model and the fraction of
-    top-1 next tokens changed on neutral text, with this intervention alone.
+    top-1 next tokens changed on neutral text, with this intervention alone. ``iia``: with
+    ``counterfactuals=``, the interchange intervention accuracy of the subspace it writes (a DII on
+    the span of its directions, at its sites), else None.
     """
 
     set: str | None
@@ -70,6 +72,7 @@ class InterventionReport:
     directions: list[dict[str, Any]] = field(default_factory=list)
     mean_edit: dict[int, dict[str, Any]] = field(default_factory=dict)
     off_target: dict[str, float] = field(default_factory=dict)
+    iia: float | None = None
 
 
 @dataclass
@@ -179,6 +182,7 @@ def inspect(
     max_length: int = 512,
     batch_size: int = 8,
     top_k: int = 10,
+    counterfactuals: Sequence[dict] | None = None,
 ) -> InspectReport:
     """Report what a trained set (or bank) does, per intervention.
 
@@ -196,6 +200,11 @@ def inspect(
         task, label_names, chat_template, max_length: as in :func:`reftlens.train`.
         batch_size: examples per forward.
         top_k: tokens listed per direction.
+        counterfactuals: a causal model's counterfactual pairs, as :func:`reftlens.analysis.train_das`
+            takes them (``base``, ``source``, ``label``). When given, each intervention's written
+            subspace (the span of its directions) is run as a DII at its sites, and its interchange
+            intervention accuracy is reported (``iia``): whether what the set writes is where the
+            causal variable lives.
 
     Returns an :class:`InspectReport` (``.to_json()``, ``.plot()``).
 
@@ -217,6 +226,12 @@ def inspect(
         raise AnalysisError(f"metric must be 'logprob', 'accuracy' or a function; got {type(metric).__name__}.")
     check_int("batch_size", batch_size)
     check_int("top_k", top_k)
+    if counterfactuals is not None and (
+        isinstance(counterfactuals, (str, dict)) or not hasattr(counterfactuals, "__len__") or not counterfactuals
+    ):
+        raise AnalysisError(
+            "counterfactuals must be a non-empty list of {'base', 'source', 'label'} pairs (as train_das takes)."
+        )
     texts = _check_neutral(neutral)
     model = reft.model
     examples, _ = encode_data(
@@ -281,6 +296,7 @@ def inspect(
                             directions=writes[id(iv)][0],
                             mean_edit=writes[id(iv)][1],
                             off_target=ot[k + 1],
+                            iia=None if counterfactuals is None else _iia(model, my_units, counterfactuals),
                         )
                     )
     finally:
@@ -457,6 +473,28 @@ def _mean_edit(model: Any, units: list[Unit], collects: dict, readout: tuple, to
                 "suppressed": suppressed,
             }
     return out
+
+
+def _iia(model: Any, units: list[Unit], pairs: Sequence[dict]) -> float | None:
+    """Interchange intervention accuracy of the subspace ``units`` write (a DII on the span of their
+    affine ``up`` columns, at their sites); None for a Φ without an affine form."""
+    from reftlens.analysis.das import iia
+    from reftlens.interventions.subspace import DII
+
+    ivs = []
+    for u in units:
+        affine = getattr(u.phi, "affine", None)
+        if affine is None:
+            return None
+        up = affine()[0].detach().float()
+        q = torch.linalg.qr(up).Q  # an orthonormal basis of the written span, [d, r]
+        dii = DII(q.shape[0], q.shape[1]).to(up.device)
+        dii.R.set_(q.T.contiguous())
+        ivs.append(Intervention(dii, layers=list(u.layers), positions=u.positions, hook=u.hook, name=f"iia {u.name}"))
+    try:
+        return iia(ReftModel(model, ivs), list(pairs))
+    except (KeyError, TypeError, ValueError) as e:
+        raise AnalysisError(f"counterfactuals: {e}") from None
 
 
 def _angles(units: dict[str | None, list[Unit]]) -> list[dict[str, Any]]:
