@@ -34,6 +34,7 @@ from reftlens.export import (
     to_pyreft,
 )
 from reftlens.inputs import text_tokens, tokenize
+from reftlens.insight import InspectReport, LocalizeResult, inspect, localize
 from reftlens.interventions import (
     DII,
     Collect,
@@ -65,6 +66,10 @@ from reftlens.version import __version__
 
 __all__ = [
     "train",
+    "localize",
+    "LocalizeResult",
+    "inspect",
+    "InspectReport",
     "to_hf",
     "save_hf",
     "load_hf",

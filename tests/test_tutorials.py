@@ -31,6 +31,7 @@ NOTEBOOKS = {
     "06_custom_phi.ipynb": True,
     "07_steering.ipynb": True,
     "08_bank.ipynb": True,
+    "09_localize_and_inspect.ipynb": True,
 }
 CELL_TIMEOUT = 300  # seconds per cell; the CI-scaled notebooks need far less
 
