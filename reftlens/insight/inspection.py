@@ -242,7 +242,7 @@ def inspect(
         if e.adapter is not None and e.adapter not in names:
             known = f"the sets are {reft.adapters}" if reft.bank is not None else "this ReftModel holds one set"
             raise AnalysisError(f"data example {i} names the set {e.adapter!r} ('adapter'), but {known}.")
-    units = {n: [u for u in reft.units if u.adapter == n] for n in names}
+    units = {n: [u for u in reft.units if reft.bank is None or u.adapter == n] for n in names}
     origins = {n: list({id(u.origin): u.origin for u in us}.values()) for n, us in units.items()}
     probe, collects = _probe(reft, units, origins)
     readout = final_readout(model)
