@@ -414,6 +414,20 @@ def _offline_tokenizer(tok: "PreTrainedTokenizerBase", label: str) -> "PreTraine
 
 # Config facts of the published models (their config.json); weights are not involved.
 RANDOM_SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(  # HuggingFaceTB/SmolLM2-135M: 134.5M parameters (tied embeddings)
+        arch="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+    ),
     "llama-1b": dict(  # meta-llama/Llama-3.2-1B: 1.24B parameters (tied embeddings)
         arch="llama",
         hidden_size=2048,
@@ -481,7 +495,8 @@ def random_model(
     to judge what an intervention learns.
 
     Args:
-        shape: ``"llama-1b"`` (Llama-3.2-1B's config: d_model 2048, 16 layers, 32 query / 8 KV
+        shape: ``"smollm2-135m"`` (SmolLM2-135M's config: d_model 576, 30 layers, 9 / 3 heads,
+            MLP 1536, vocabulary 49,152; for a GPU without the GGUF package), ``"llama-1b"`` (Llama-3.2-1B's config: d_model 2048, 16 layers, 32 query / 8 KV
             heads, MLP 8192, vocabulary 128,256, llama3 RoPE; 1.24B parameters) or
             ``"qwen-1.5b"`` (Qwen2.5-1.5B's: d_model 1536, 28 layers, 12 / 2 heads, MLP 8960,
             vocabulary 151,936, biased q/k/v; 1.54B parameters). ``"llama-3.2-1b"`` and
