@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # TransformerLens's patching bars: one line per sweep is noise here
 HERE = Path(__file__).resolve().parent
 WHEELS = HERE / "gpu_wheels"
 if (HERE.parent / "reftlens" / "__init__.py").is_file():  # run from a checkout: test the source tree
