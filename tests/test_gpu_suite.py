@@ -58,7 +58,8 @@ suite.stub_datasets()
 import reftlens
 from transformer_lens import patching
 m = reftlens.load_model("tiny-llama")
-clean, corrupt = m.to_tokens("the quick brown fox"), m.to_tokens("the quick brown dog")
+clean = m.to_tokens("the quick brown fox")
+corrupt = clean.clone(); corrupt[0, -1] = 5
 _, cache = m.run_with_cache(clean)
 out = patching.get_act_patch_resid_pre(m, corrupt, cache, lambda l: l[0, -1, 5])
 assert out.shape == (m.cfg.n_layers, clean.shape[1]), out.shape
