@@ -164,3 +164,26 @@ def test_collect_and_alpha_sweep(bases, dtype):
     rows = alpha_sweep(reft, PROMPTS[:2], [0.0, 1.0], max_new_tokens=4)
     assert len(rows) == 2 and all(len(r) == 2 for r in rows)
     assert rows[1] == reft.generate(PROMPTS[:2], 4)  # α = 1: the set itself, same batch and padding
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_a_bank_row_is_its_set_alone(bases, dtype):
+    a, b = lo_set(bases[dtype], cast=True, seed=0), lo_set(bases[dtype], cast=True, seed=1)
+    bank = ReftModel(bases[dtype], {"a": list(a.interventions), "b": list(b.interventions)}, cast=True).eval()
+    tokens, mask = a.tokenize(PROMPTS)
+    real = mask.bool()
+    with torch.no_grad():
+        rows = bank(tokens, attention_mask=mask, adapters=["a", "b", "a"])
+        alone_a, alone_b = a(tokens, attention_mask=mask), b(tokens, attention_mask=mask)
+    assert rel(rows[[0, 2]][real[[0, 2]]], alone_a[[0, 2]][real[[0, 2]]]) < TOL[dtype]
+    assert rel(rows[1][real[1]], alone_b[1][real[1]]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_preference_training_is_finite_and_follows_float32(bases, dtype):
+    data = [{"prompt": p, "completion": " jumps over", "rejected": " the dog"} for p in PROMPTS]
+    kw = dict(max_steps=2, batch_size=3, lr=1e-2, seed=0, progress=False, objective="preference")
+    ref = reftlens.train(lo_set(bases[torch.float32], cast=False), data, **kw).losses
+    low = reftlens.train(lo_set(bases[dtype], cast=True), data, **kw).losses
+    assert all(math.isfinite(x) for x in low)
+    assert max(abs(a - b) for a, b in zip(low, ref)) < TOL[dtype] * max(abs(b) for b in ref) + 1e-3
