@@ -45,6 +45,18 @@ def demo_prompt(tokenizer, question: str) -> str:
     return text[user:] if user > 0 else text
 
 
+def busy_hint(load: float, cores: int, threads: int) -> str | None:
+    """A line for a machine busier than its cores while torch runs several threads: they then wait
+    for each other (measured here: ~20 CPU-s per demo step with 2 threads on a busy 2-core machine,
+    1.55 with one), so one thread is faster."""
+    if threads > 1 and load > cores:
+        return (
+            f"note: load average {load:.1f} on {cores} cores — on a busy machine torch's {threads} threads wait "
+            "for each other; `OMP_NUM_THREADS=1` (or `taskset -c 0`) runs this job faster"
+        )
+    return None
+
+
 def demo(model_name: str, steps: int, out: str, lr: float, batch_size: int = DEMO_BATCH) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -53,6 +65,13 @@ def demo(model_name: str, steps: int, out: str, lr: float, batch_size: int = DEM
     from reftlens import Intervention, LoReFT, ReftModel
 
     start = t0 = time.perf_counter()
+    hint = (
+        busy_hint(os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads())
+        if hasattr(os, "getloadavg")
+        else None
+    )
+    if hint:
+        print(hint)
     model = reftlens.load_model(model_name)
     n_layers, d = model.cfg.n_layers, model.cfg.d_model
     print(f"loaded {model_name}: {n_layers} layers, d_model {d} ({time.perf_counter() - t0:.1f} s)")

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from reftlens.cli import build_parser, demo_prompt, main
+from reftlens.cli import build_parser, busy_hint, demo_prompt, main
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -96,3 +96,9 @@ def test_demo_prompt_drops_the_default_system_turn():
         chat_template = None
 
     assert demo_prompt(Plain(), "Hi?") == "Hi?"
+
+
+def test_a_busy_machine_gets_the_one_thread_hint():
+    assert "OMP_NUM_THREADS=1" in busy_hint(9.5, 2, 2)
+    assert busy_hint(1.0, 2, 2) is None  # quiet
+    assert busy_hint(9.5, 2, 1) is None  # one thread already
