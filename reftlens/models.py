@@ -518,6 +518,8 @@ def random_model(
     >>> small.cfg.d_model, small.cfg.n_layers
     (64, 2)
     """
+    from transformers import AutoModelForCausalLM
+
     from reftlens.errors import ConfigError
 
     key = _RANDOM_ALIASES.get(str(shape).lower(), str(shape).lower()) if isinstance(shape, str) else None
@@ -558,16 +560,16 @@ def random_model(
             rope["original_max_position_embeddings"], fields["max_position_embeddings"]
         )
         fields["rope_parameters"] = rope
-    hf = _random_hf(RANDOM_SHAPES[key]["arch"], fields, tok, dtype, seed)
+    cfg = _random_config(RANDOM_SHAPES[key]["arch"], fields, tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype).eval()
     return _boot(hf, tok, f"reftlens/random-{key}", device=device, dtype=dtype)
 
 
-def _random_hf(arch: str, fields: dict, tok, dtype: torch.dtype, seed: int) -> "PreTrainedModel":
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def _random_config(arch: str, fields: dict, tok):
+    """The transformers config of a random model (no weights: tests count its parameters on ``meta``)."""
+    from transformers import LlamaConfig, Qwen2Config
 
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    cfg = (LlamaConfig if arch == "llama" else Qwen2Config)(**fields, **ids)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype)
-    return hf.eval()
+    return (LlamaConfig if arch == "llama" else Qwen2Config)(**fields, **ids)
