@@ -195,6 +195,16 @@ def parity(model, args) -> dict:
     with torch.no_grad():
         hooked, plain = reft(tokens, attention_mask=mask), model(tokens, attention_mask=mask)
     out["set edits the logits (rel)"] = rel_diff(hooked, plain, mask)
+    # the two engines' own difference on the plain model (TransformerLens's eager attention vs the
+    # exported model's fused kernel): in bf16 through many layers it can exceed the fixed tolerance,
+    # so a comparison passes within max(tolerance, 2 × this floor)
+    from reftlens.runtime.compat import fast_attention
+    from reftlens.runtime.hf_backend import pristine_hf
+
+    bare = pristine_hf(model, share=True)
+    fast_attention(bare)
+    out["engine floor: plain model, hooked vs transformers"] = rel_diff(hf_logits(bare, tokens, mask), plain, mask)
+    tol = out["tolerance used"] = max(tol, 2 * out["engine floor: plain model, hooked vs transformers"])
     out["to_hf vs hooked"] = rel_diff(hf_logits(reftlens.to_hf(reft), tokens, mask), hooked, mask)
 
     mergeable = ReftModel(model, Intervention(lo(1), layers=layers[1:3], hook="mlp_out")).eval()
@@ -211,9 +221,16 @@ def parity(model, args) -> dict:
     kw = dict(attention_mask=mask, eos_token_id=None)
     cached = reft.generate(tokens, args.new_tokens, use_cache=True, **kw)
     fresh = reft.generate(tokens, args.new_tokens, use_cache=False, **kw)
-    out["KV cache == recomputation (tokens)"] = float((cached == fresh).float().mean())
+    n = tokens.shape[1]
+    out["KV cache == recomputation (tokens)"] = float((cached[:, n:] == fresh[:, n:]).float().mean())
+    out["KV cache == recomputation (first new token)"] = bool(torch.equal(cached[:, n], fresh[:, n]))
+    # float32: every token equal; bf16/fp16: the cached keys and values were computed in another shape,
+    # so greedy decoding may part at a near-tie after the first new token (docs/concepts.md)
+    cache_ok = out["KV cache == recomputation (first new token)"] and (
+        args.dtype != "float32" or out["KV cache == recomputation (tokens)"] == 1.0
+    )
     checks = [k for k in out if k.endswith("hooked") or k.startswith("bank")]
-    out["pass"] = all(out[k] <= tol for k in checks) and out["KV cache == recomputation (tokens)"] == 1.0
+    out["pass"] = all(out[k] <= tol for k in checks) and cache_ok
     out["pass"] = out["pass"] and out["set edits the logits (rel)"] > tol  # a check that could not fail is no check
     return out
 
