@@ -59,6 +59,8 @@ __all__ = [
     "tiny_tokenizer",
     "smollm2_dir",
     "default_cache_dir",
+    "random_model",
+    "RANDOM_SHAPES",
 ]
 
 TINY_MODELS = ("tiny-gpt2", "tiny-llama")
@@ -494,3 +496,172 @@ def _offline_tokenizer(tok: "PreTrainedTokenizerBase", label: str) -> "PreTraine
             pass
     tok.init_kwargs["add_bos_token"] = True
     return tok
+
+
+# --------------------------------------------------------------------------- random models at scale
+#
+# For benchmarking only: models with a real model's *shape* (widths, depth, heads, vocabulary) and
+# random weights, built from a config written out below, so that speed and memory can be measured
+# at ~1B parameters offline. They answer nothing usefully.
+
+# Config facts of the published models (their config.json); weights are not involved.
+RANDOM_SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(  # HuggingFaceTB/SmolLM2-135M: 134.5M parameters (tied embeddings)
+        arch="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=100000.0),
+    ),
+    "llama-1b": dict(  # meta-llama/Llama-3.2-1B: 1.24B parameters (tied embeddings)
+        arch="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=32.0,
+            high_freq_factor=4.0,
+            low_freq_factor=1.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+    "qwen-1.5b": dict(  # Qwen/Qwen2.5-1.5B: 1.54B parameters (tied embeddings, biased q/k/v)
+        arch="qwen2",
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        use_sliding_window=False,
+    ),
+}
+_RANDOM_ALIASES = {"llama-3.2-1b": "llama-1b", "qwen2.5-1.5b": "qwen-1.5b"}
+# Overrides a caller may give (scaled-down shapes for tests, longer contexts, another vocabulary).
+_RANDOM_INT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+
+
+def random_model(
+    shape: str = "llama-1b",
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **overrides: int,
+) -> "TransformerBridge":
+    """A randomly initialised model with a published model's shape, for benchmarking at scale.
+
+    **Not a useful model**: the weights are random (transformers' own initialisation, seeded),
+    and the tokenizer is the tiny models' ~400-token one, so only ids below 400 ever occur while
+    the embedding and unembedding keep the real vocabulary's size (so their cost is the real
+    one). Use it to measure time and memory of reftlens at a real model's size offline, never
+    to judge what an intervention learns.
+
+    Args:
+        shape: ``"smollm2-135m"`` (SmolLM2-135M's config: d_model 576, 30 layers, 9 / 3 heads,
+            MLP 1536, vocabulary 49,152; for a GPU without the GGUF package), ``"llama-1b"`` (Llama-3.2-1B's config: d_model 2048, 16 layers, 32 query / 8 KV
+            heads, MLP 8192, vocabulary 128,256, llama3 RoPE; 1.24B parameters) or
+            ``"qwen-1.5b"`` (Qwen2.5-1.5B's: d_model 1536, 28 layers, 12 / 2 heads, MLP 8960,
+            vocabulary 151,936, biased q/k/v; 1.54B parameters). ``"llama-3.2-1b"`` and
+            ``"qwen2.5-1.5b"`` are accepted too.
+        dtype: the weights' precision; they are initialised in it (a bfloat16 model is not a cast
+            of the float32 one).
+        device: where the weights go (they are built on the CPU, so a seed gives the same
+            weights on every machine, then moved).
+        seed: same shape, overrides, dtype and seed → the same weights, bit for bit.
+        **overrides: integer config fields to replace (``hidden_size``, ``intermediate_size``,
+            ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+            ``vocab_size``, ``max_position_embeddings``), e.g. a scaled-down shape for tests.
+
+    Memory: 4 bytes per parameter in float32 (~5 GB for ``llama-1b``), 2 in bfloat16.
+
+    >>> bridge = random_model("llama-1b", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> small = random_model("llama-1b", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512)
+    >>> small.cfg.d_model, small.cfg.n_layers
+    (64, 2)
+    """
+    from transformers import AutoModelForCausalLM
+
+    from reftlens.errors import ConfigError
+
+    key = _RANDOM_ALIASES.get(str(shape).lower(), str(shape).lower()) if isinstance(shape, str) else None
+    if key not in RANDOM_SHAPES:
+        raise ConfigError(
+            f"random_model: unknown shape {shape!r}; choose one of {', '.join(RANDOM_SHAPES)} "
+            f"(aliases {', '.join(_RANDOM_ALIASES)})"
+        )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(f"random_model: dtype must be a floating torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"random_model: seed must be an int, got {seed!r}")
+    for k, v in overrides.items():
+        if k not in _RANDOM_INT_FIELDS:
+            raise ConfigError(
+                f"random_model: {k!r} cannot be overridden; the overridable fields are {', '.join(_RANDOM_INT_FIELDS)}"
+            )
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"random_model: {k}={v!r} must be a positive int")
+    tok = tiny_tokenizer(f"reftlens/random-{key}")
+    fields = {k: v for k, v in RANDOM_SHAPES[key].items() if k != "arch"} | overrides
+    if fields["vocab_size"] < len(tok):
+        raise ConfigError(f"random_model: vocab_size={fields['vocab_size']} is below the tokenizer's {len(tok)} tokens")
+    if (
+        fields["hidden_size"] % fields["num_attention_heads"]
+        or fields["num_attention_heads"] % fields["num_key_value_heads"]
+    ):
+        raise ConfigError(
+            "random_model: num_attention_heads must divide hidden_size and num_key_value_heads must divide "
+            f"num_attention_heads (got {fields['hidden_size']}, {fields['num_attention_heads']}, "
+            f"{fields['num_key_value_heads']})"
+        )
+    if "head_dim" not in overrides and "head_dim" in fields:
+        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    if "max_position_embeddings" in overrides and "original_max_position_embeddings" in fields["rope_parameters"]:
+        rope = dict(fields["rope_parameters"])
+        rope["original_max_position_embeddings"] = min(
+            rope["original_max_position_embeddings"], fields["max_position_embeddings"]
+        )
+        fields["rope_parameters"] = rope
+    cfg = _random_config(RANDOM_SHAPES[key]["arch"], fields, tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=dtype).eval()
+    return _boot(hf, tok, f"reftlens/random-{key}", device=device, dtype=dtype)
+
+
+def _random_config(arch: str, fields: dict, tok):
+    """The transformers config of a random model (no weights: tests count its parameters on ``meta``)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return (LlamaConfig if arch == "llama" else Qwen2Config)(**fields, **ids)

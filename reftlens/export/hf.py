@@ -206,7 +206,9 @@ def load_hf(
 
     The base model's weights are read from safetensors only: a base folder holding a pickled
     ``pytorch_model.bin`` (and no ``.safetensors``) raises :class:`~reftlens.errors.LoadError`
-    naming the file; re-save it with ``save_pretrained`` (safetensors is its default)."""
+    naming the file; re-save it with ``save_pretrained`` (safetensors is its default).
+    ``dtype``: the base's precision (default: the one it was saved in, so a bf16 export loads in
+    bf16); the Φs keep their saved dtype unless ``dtype`` is given."""
     from transformers import AutoModelForCausalLM
 
     from reftlens.runtime.bank import DEFAULT
@@ -227,7 +229,7 @@ def load_hf(
     config = _unguarded_config(Path(base)) if Path(base).is_dir() else None
     extra = {} if config is None else {"config": config}
     # safetensors only: transformers must never fall back to unpickling a .bin
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or "auto", use_safetensors=True, **extra)
     if device is not None:
         model.to(device)
     here = hf_fingerprint(model.config, model)
