@@ -144,6 +144,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = -1,
     backend: str = "auto",
     prepend_bos: bool | None = None,
+    chat_template: bool | None = None,
     adapters: str | Sequence[str | None] | None = None,
 ) -> list[str] | Tensor:
     """See :meth:`reftlens.ReftModel.generate`. ``reft`` holds its sets as a
@@ -156,6 +157,8 @@ def generate(
         raise ValueError(f"backend must be 'auto', 'hf' or 'bridge'; got {backend!r}.")
     if intervene_on is not None and intervene_on not in INTERVENE_ON:
         raise ValueError(f"intervene_on must be one of {INTERVENE_ON}; got {intervene_on!r}.")
+    if chat_template not in (None, True, False):
+        raise ConfigError(f"chat_template must be None (each set's own), True or False; got {chat_template!r}.")
     model, bank = reft.model, reft.sets
     call = bank.call(adapters, intervene_on)
     modes = call.modes(bank.settings)
@@ -164,8 +167,8 @@ def generate(
         isinstance(prompts, (list, tuple)) and bool(prompts) and isinstance(prompts[0], str)
     )
     pad = reft.pad_token_id
-    if text_in and prepend_bos is None and attention_mask is None:  # each row's start token as its set's training had
-        tokens, real = _encode_per_set(reft, prompts, call, pad)
+    if text_in and attention_mask is None:  # each row's template and start token as its set's training had
+        tokens, real = _encode_per_set(reft, prompts, call, pad, prepend_bos, chat_template)
     else:
         tokens, real = reft.encode(prompts, attention_mask, prepend_bos=prepend_bos)
     tokens, mask = to_left_padding(tokens, real.mask, pad)
@@ -270,16 +273,27 @@ def generate(
     return _finish(model, tokens, generated, eos, text_in)
 
 
-def _encode_per_set(reft: Any, prompts: str | Sequence[str], call: Call, pad: int) -> tuple[Tensor, RealTokens]:
-    """String prompts tokenized with each row's set's recorded ``prepend_bos`` (None: the model's
-    setting; the base model's rows too), left padded."""
+def _encode_per_set(
+    reft: Any, prompts: str | Sequence[str], call: Call, pad: int, prepend_bos: bool | None, chat_template: bool | None
+) -> tuple[Tensor, RealTokens]:
+    """String prompts as each row's set was trained on them, left padded: wrapped in the chat
+    template where the set recorded ``chat_template=True`` (never a prompt already chat-formatted),
+    with its recorded ``prepend_bos``; an explicit argument applies to every row (None and a base
+    model row: the model's setting)."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     names = [call.sets] * len(texts) if call.sets is None or isinstance(call.sets, str) else list(call.sets)
+    if len(names) != len(texts):  # a bad choice of sets is named by the plan
+        names = [None] * len(texts)
     settings = reft.sets.settings
-    starts = [settings[n].prepend_bos if n in settings else None for n in names]
-    if len(set(starts)) <= 1 or len(names) != len(texts):  # one rule for all (a bad name is named by the plan)
-        return reft.encode(prompts, prepend_bos=starts[0] if starts else None)
-    rows = [inputs_mod.text_tokens(reft.model, t, b) for t, b in zip(texts, starts)]
+    tok = reft.model.tokenizer
+    rows = []
+    for text, name in zip(texts, names):
+        own = settings.get(name)
+        wrap = chat_template if chat_template is not None else bool(own is not None and own.chat_template)
+        if wrap and not inputs_mod.is_chat_formatted(tok, text):
+            text = inputs_mod.chat_prompt(tok, text)
+        start = prepend_bos if prepend_bos is not None else (own.prepend_bos if own is not None else None)
+        rows.append(inputs_mod.text_tokens(reft.model, text, start))
     tokens, mask = inputs_mod.pad(rows, pad, "left", reft.device)
     return tokens, RealTokens.from_mask(mask.bool(), tokens)
 

@@ -99,6 +99,23 @@ def _start_strings(tok: Any) -> tuple[str, ...]:
     return tuple(s for s in (getattr(tok, "bos_token", None), *chat) if s)
 
 
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """Wrap a user prompt in the model's chat template, ready for the assistant's reply (what
+    ``train(..., chat_template=True)`` does to every prompt, and ``generate`` to the prompts of a
+    set trained so)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("chat_template=True, but this model's tokenizer has no chat template.")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def is_chat_formatted(tokenizer: Any, text: str) -> bool:
+    """Whether ``text`` already begins as a model input (the BOS string, or ChatML's turn marker):
+    a chat-formatted prompt, which is never wrapped or given a start token a second time."""
+    return text.startswith(_start_strings(tokenizer))
+
+
 def pad_token_id(tokenizer: Any) -> int:
     """The id strings are padded with: the tokenizer's pad token, else its EOS, else 0."""
     for attr in ("pad_token_id", "eos_token_id"):

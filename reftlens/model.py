@@ -293,6 +293,7 @@ class ReftModel(nn.Module):
         eos_token_id: int | Sequence[int] | None = -1,
         backend: str = "auto",
         prepend_bos: bool | None = None,
+        chat_template: bool | None = None,
         adapters: str | Sequence[str | None] | None = None,
     ) -> list[str] | Tensor:
         """Generate with the interventions applied: batched, left padded, KV cached.
@@ -308,7 +309,10 @@ class ReftModel(nn.Module):
         Strings in → the completions as strings; token ids in → ``[batch, prompt + new]``
         ids (left padded, pad after EOS). ``prepend_bos`` (strings only) as in :meth:`tokenize`:
         a chat-formatted prompt never gets a second start token; by default each row's set's own
-        (recorded by training), else the model's setting.
+        (recorded by training), else the model's setting. ``chat_template`` (strings only): wrap each
+        prompt in the model's chat template (:func:`reftlens.inputs.chat_prompt`); by default each
+        row's set's own (True when it was trained with ``chat_template=True``); a prompt that is
+        already chat-formatted is never wrapped twice.
         A bank takes ``adapters=``, one set name per prompt.
 
         >>> reft.generate(["The capital of France is"], max_new_tokens=8)  # doctest: +SKIP
@@ -333,6 +337,7 @@ class ReftModel(nn.Module):
             eos_token_id=eos_token_id,
             backend=backend,
             prepend_bos=prepend_bos,
+            chat_template=chat_template,
             adapters=adapters,
         )
 

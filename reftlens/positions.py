@@ -322,7 +322,7 @@ def after(marker: Any, spec: Any = "all", *, tokenizer: Any = None) -> After:
     """Positions ``spec`` counted from just after the last occurrence of ``marker`` (a string,
     tokenized by ``tokenizer`` without special tokens added, or a list of token ids).
 
-    >>> positions = after("<|im_start|>user\n", "f5+l5", tokenizer=model.tokenizer)  # doctest: +SKIP
+    >>> positions = after("<|im_start|>user\\n", "f5+l5", tokenizer=model.tokenizer)  # doctest: +SKIP
     >>> Intervention(LoReFT(d, 4), layers=[3, 9, 18, 24], positions=positions)      # doctest: +SKIP
 
     The marker must tokenize inside a prompt as it does alone, which holds for one that starts with

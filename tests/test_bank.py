@@ -706,3 +706,45 @@ def test_a_call_writes_nothing_onto_the_exported_model(model, bank):
         t.join()
     assert all(torch.equal(got[n], expected[n]) for n in expected)
     assert not torch.equal(expected["emoji"], expected["sport"])
+
+
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}[user] {{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %} [bot]{% endif %}"
+)
+
+
+def test_a_set_trained_on_chat_prompts_wraps_plain_prompts_in_generate(tiny_models, monkeypatch, tmp_path):
+    """chat_template=True travels with the set: after save and load, generate wraps a plain prompt
+    in the chat template as training did, never an already wrapped one, and chat_template=False
+    (or a set trained without it) leaves the prompt as it is."""
+    import reftlens
+    from reftlens.generation import _encode_per_set
+    from reftlens.inputs import chat_prompt, text_tokens
+    from reftlens.runtime.bank import Call
+
+    model = tiny_models["tiny-llama"]
+    monkeypatch.setattr(model.tokenizer, "chat_template", CHAT, raising=False)
+    torch.manual_seed(0)
+    reft = ReftModel(model, Intervention(LoReFT(model.cfg.d_model, 2), layers=1, positions="l2"))
+    data = [{"prompt": "the fox", "completion": " runs"}] * 2
+    reftlens.train(reft, data, max_steps=1, batch_size=2, chat_template=True, progress=False)
+    reft.save(tmp_path / "r")
+    loaded = ReftModel.load(tmp_path / "r", model)
+    assert loaded.settings["default"].chat_template is True
+
+    question = "a cat sat"
+    wrapped = chat_prompt(model.tokenizer, question)
+    assert wrapped != question
+
+    def encoded(prompts, chat_template=None):
+        tokens, real = _encode_per_set(loaded, prompts, Call("default"), loaded.pad_token_id, None, chat_template)
+        return [row[m].tolist() for row, m in zip(tokens, real.mask)]
+
+    want = text_tokens(model, wrapped).tolist()
+    assert encoded([question]) == [want]  # the recorded setting wraps it
+    assert encoded([wrapped]) == [want]  # an already wrapped prompt is not wrapped twice
+    assert encoded([question], chat_template=False) == [text_tokens(model, question).tolist()]
+    assert loaded.generate([question], 4) == loaded.generate([wrapped], 4)
+    with pytest.raises(ConfigError, match="chat_template must be None"):
+        loaded.generate([question], 4, chat_template="yes")

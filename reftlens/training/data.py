@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from reftlens.inputs import text_tokens
+from reftlens.inputs import chat_prompt, text_tokens
 
 
 @dataclass(frozen=True)
@@ -75,15 +75,6 @@ def rows(data: Any) -> list[dict[str, Any]]:
             "training data must be dicts with 'prompt' and 'completion' (or 'label') keys, or a datasets.Dataset with those columns."
         )
     return out
-
-
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """Wrap a user prompt in the model's chat template, ready for the assistant's reply."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("chat_template=True, but this model's tokenizer has no chat template.")
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
 
 
 def encode(
