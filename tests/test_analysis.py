@@ -296,10 +296,13 @@ def test_sweep_locates_a_trained_refts_edit(model):
 
 @pytest.mark.parametrize("strategy", ["batch", "replay"])
 def test_a_non_finite_clean_activation_is_refused_not_patched_in(model, strategy):
-    vec = torch.zeros(model.cfg.d_model)
-    vec[3] = float("nan")
+    steer = Steer(torch.zeros(model.cfg.d_model))
+    with (
+        torch.no_grad()
+    ):  # Steer refuses a NaN vector when built; a NaN reached later (a diverged run) is what this plants
+        steer.vector[3] = float("nan")
     nan_at_2 = ReftModel(
-        model, Intervention(Steer(vec), layers=0, positions=[2])
+        model, Intervention(steer, layers=0, positions=[2])
     )  # clean run: NaN from layer 0, position 2 on
     with pytest.raises(
         NonFiniteError,

@@ -121,15 +121,24 @@ def _digest(path: Path, file: str | None) -> str:
     return hashlib.sha256(f.read_bytes()).hexdigest()
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread, in this module's tests and so in their forked children: GNU OpenMP's
+    thread pool does not survive a fork (a child's first parallel region waits forever on the
+    parent's workers), and reference saves must be computed with the children's threads to have
+    their bytes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _in_child(target, *, kill_at: str | None = None, mid_write: bool = False) -> int:
     """Run ``target()`` in a forked child; it SIGKILLs itself at step ``kill_at`` of atomic_dir, or
     after its first data file with ``mid_write``. Returns the child's wait status."""
-    import peft  # noqa: F401  (imported before the fork: a child importing it on a busy machine is slow)
-
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
-            torch.set_num_threads(1)  # no intra-op pool inherited half-way through a fork
 
             def die(step=None):
                 if step is None or step == kill_at:
