@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from reftlens import inputs as inputs_mod
 from reftlens.positions import RealTokens
 from reftlens.runtime.bank import (
+    DEFAULT,
     Bank,
     Sets,
     SetSettings,
@@ -347,15 +348,16 @@ class ReftModel(nn.Module):
 
         ``alpha`` is a number or one value per row of the batch, so one forward (or one batched
         generation) runs several strengths; set ``view.phis[i].alpha`` to change it between calls.
-        α = 0 is the base model, α = 1 this set, α = −1 its edits reversed.
+        α = 0 is the base model, α = 1 this set, α = −1 its edits reversed. A bank's view is a bank
+        of the same sets (each row still runs only its own set's Φs, chosen with ``adapters=``).
 
         >>> view = reft.scaled(torch.tensor([0.0, 1.0, 2.0]))     # doctest: +SKIP
         >>> view.generate(["Tell me a story."] * 3, 16)            # doctest: +SKIP
         """
-        interventions = scaled_interventions(self.units, alpha)
+        sets = scaled_interventions(self.units, alpha)
+        interventions = sets if self.sets.named else sets[DEFAULT]  # a bank's view keeps its sets
         view = ReftModel(self.model, interventions, cast=self.cast, move=False)
-        if not self.sets.named:  # a plain set's view runs as it does
-            view.sets.settings.update(self.sets.settings)
+        view.sets.settings.update(self.sets.settings)  # each set's view runs as the set does
         return view
 
     # ---- summaries ----------------------------------------------------------------------

@@ -748,3 +748,24 @@ def test_a_set_trained_on_chat_prompts_wraps_plain_prompts_in_generate(tiny_mode
     assert loaded.generate([question], 4) == loaded.generate([wrapped], 4)
     with pytest.raises(ConfigError, match="chat_template must be None"):
         loaded.generate([question], 4, chat_template="yes")
+
+
+def test_a_banks_scaled_view_keeps_its_sets(model):
+    """reft.scaled(α) of a bank is a bank of the same sets: at α = 1 each row runs only its own set
+    (equal to the bank), at α = 0 every row is the base model."""
+    torch.manual_seed(0)
+    d = model.cfg.d_model
+    bank = ReftModel(
+        model,
+        {
+            "a": Intervention(LoReFT(d, 2, init="random"), layers=0, positions="l1"),
+            "b": Intervention(LoReFT(d, 2, init="random"), layers=0, positions="l1"),
+        },
+    )
+    tokens = torch.randint(5, 100, (2, 6))
+    rows = ["a", "b"]
+    with torch.no_grad():
+        view = bank.scaled(1.0)
+        assert view.adapters == ["a", "b"]
+        torch.testing.assert_close(view(tokens, adapters=rows), bank(tokens, adapters=rows), atol=1e-5, rtol=0)
+        torch.testing.assert_close(bank.scaled(0.0)(tokens, adapters=rows), model(tokens), atol=1e-5, rtol=0)

@@ -377,22 +377,25 @@ def check_same_model(bank: Mapping[str, Sequence[Intervention]], d_model: int) -
             )
 
 
-def scaled_interventions(units: Sequence[Unit], alpha: float | Tensor) -> list[Intervention]:
+def scaled_interventions(units: Sequence[Unit], alpha: float | Tensor) -> dict[str, list[Intervention]]:
     """``units`` as interventions whose Φs are :class:`~reftlens.interventions.Scaled` views (one per
-    distinct Φ, sharing its parameters), at the same sites (see :meth:`reftlens.ReftModel.scaled`)."""
+    distinct Φ, sharing its parameters), at the same sites, grouped by set under their names within
+    it (see :meth:`reftlens.ReftModel.scaled`)."""
     wrappers: dict[int, Scaled] = {}
-    return [
-        Intervention(
-            wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha)),
-            layers=list(u.layers),
-            positions=u.positions,
-            hook=u.hook,
-            source_positions=u.source_positions,
-            stack=u.stack,
-            name=u.name,
+    sets: dict[str, list[Intervention]] = {}
+    for u in units:  # the bound units: an untied set's per-layer Φs are the ones that train
+        sets.setdefault(u.adapter, []).append(
+            Intervention(
+                wrappers.setdefault(id(u.phi), Scaled(u.phi, alpha)),
+                layers=list(u.layers),
+                positions=u.positions,
+                hook=u.hook,
+                source_positions=u.source_positions,
+                stack=u.stack,
+                name=u.name.removeprefix(f"{u.adapter}/"),
+            )
         )
-        for u in units
-    ]
+    return sets
 
 
 def unique_phis(units: Sequence[Unit]) -> list[nn.Module]:

@@ -177,30 +177,9 @@ def _pairs(examples: Sequence[Example]) -> list[Example]:
 
 
 def scaled_view(reft: "ReftModel") -> "ReftModel":
-    """``reft`` with every edit scaled by a per-row α (:meth:`~reftlens.ReftModel.scaled`). A
-    bank's view keeps its sets, so each row still runs only its own set's (scaled) Φs."""
-    if reft.bank is None:
-        return reft.scaled(0.0)
-    from reftlens.interventions import Scaled
-    from reftlens.model import ReftModel
-    from reftlens.sets import Intervention
-
-    wrappers: dict[int, Scaled] = {}
-    sets: dict[str, list[Intervention]] = {}
-    for u in reft.units:  # the bound units: an untied set's per-layer Φs are the ones that train
-        phi = wrappers.setdefault(id(u.phi), Scaled(u.phi, 0.0))
-        sets.setdefault(u.adapter, []).append(
-            Intervention(
-                phi,
-                layers=list(u.layers),
-                positions=u.positions,
-                hook=u.hook,
-                source_positions=u.source_positions,
-                stack=u.stack,
-                name=u.name.removeprefix(f"{u.adapter}/"),
-            )
-        )
-    return ReftModel(reft.model, sets, cast=reft.cast, move=False)
+    """``reft`` with every edit scaled by a per-row α (:meth:`~reftlens.ReftModel.scaled`); a bank's
+    view keeps its sets, so each row still runs only its own set's (scaled) Φs."""
+    return reft.scaled(0.0)
 
 
 OBJECTIVES = {"lm": LanguageModeling, "preference": Preference}
