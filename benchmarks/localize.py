@@ -200,7 +200,7 @@ def one_seed(model, task: dict, args, seed: int) -> dict:
     out["localized"] = {**run_arm(model, task, loc.recipe, args, seed), "localize_s": loc.seconds}
     small = reftlens.localize(model, task["train"], rank=1, budget=budget // 4, score="gradient", **kw)
     out["localized-25"] = {**run_arm(model, task, small.recipe, args, seed), "localize_s": small.seconds}
-    if not args.no_train_score:
+    if not args.no_train_score and seed < args.train_score_seeds:
         tr = reftlens.localize(
             model, task["train"], rank=4, budget=budget, score="train", steps=args.score_steps, lr=args.lr, **kw
         )
@@ -259,8 +259,13 @@ def main() -> None:
     ap.add_argument("--positions", default="f1,l1,f3+l3,f5+l5")
     ap.add_argument("--score-steps", type=int, default=20, help="training steps of the short-training score")
     ap.add_argument("--no-train-score", action="store_true", help="skip the localized-train arm (the slow score)")
+    ap.add_argument(
+        "--train-score-seeds", type=int, default=None, help="run the slow score on the first N seeds only (default all)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.train_score_seeds is None:
+        args.train_score_seeds = args.seeds
     if args.quick:
         args.seeds, args.train, args.test, args.steps, args.batch = 1, 32, 16, 10, 4
         args.hooks, args.layer_step, args.positions, args.score_steps, args.new_tokens = (
@@ -281,6 +286,9 @@ def main() -> None:
             results[name].append(one_seed(model, task, args, seed))
             arms = {k: round(v["metric"], 3) for k, v in results[name][-1].items() if "metric" in v}
             print(f"# {name} seed {seed}: {time.perf_counter() - t0:.0f}s {json.dumps(arms)}", flush=True)
+            if args.out:  # after every seed, so that a long run that is cut off keeps what it measured
+                with open(args.out, "w") as f:
+                    json.dump({"args": vars(args), "results": results, "partial": True}, f, indent=2, default=str)
 
     print(
         f"# localize benchmark{' (--quick: NOT the benchmark, a smoke run)' if args.quick else ''}: SmolLM2-135M-Instruct, "
@@ -294,19 +302,21 @@ def main() -> None:
     for name, runs in results.items():
         summary[name] = {}
         for arm in ("default", "localized", "localized-25", "localized-train", "random"):
-            if arm not in runs[0]:
+            have = [r for r in runs if arm in r]
+            if not have:
                 continue
-            vals = [r[arm]["metric"] for r in runs]
-            frac = [r[arm]["localize_s"] / r[arm]["train_s"] for r in runs if "localize_s" in r[arm]]
+            vals = [r[arm]["metric"] for r in have]
+            frac = [r[arm]["localize_s"] / r[arm]["train_s"] for r in have if "localize_s" in r[arm]]
             summary[name][arm] = (statistics.mean(vals), max(vals) - min(vals))
             print(
-                f"| {name} | {arm} | {runs[0][arm]['params']:,} | {statistics.mean(vals):.3f} ± {max(vals) - min(vals):.3f} "
-                f"| {'; '.join(runs[0][arm]['sites'])} | {f'{statistics.mean(frac):.2f}' if frac else ''} |"
+                f"| {name} | {arm} | {have[0][arm]['params']:,} | {statistics.mean(vals):.3f} ± {max(vals) - min(vals):.3f} "
+                f"({len(vals)} seed{'s' if len(vals) > 1 else ''}) | {'; '.join(have[0][arm]['sites'])} | {f'{statistics.mean(frac):.2f}' if frac else ''} |"
             )
         if "score_agreement" in runs[0]:
             ag = runs[0]["score_agreement"]
             print(
-                f"| {name} | scores agree? | | Spearman {statistics.mean(r['score_agreement']['spearman'] for r in runs):.2f} | "
+                f"| {name} | scores agree? | | Spearman "
+                f"{statistics.mean(r['score_agreement']['spearman'] for r in runs if 'score_agreement' in r):.2f} | "
                 f"best: gradient {ag['best_gradient']}, train {ag['best_train']} | |"
             )
     wins, below = 0, 0

@@ -342,7 +342,7 @@ def main() -> None:
         args.sets, args.concepts, args.layers, args.words = args.sets[:1], 1, [12], 24
         args.n_val, args.n_test, args.new_tokens, args.alphas, args.reft_alphas = 2, 2, 8, [0.4], [1.0]
         args.steps, args.batch, args.train_pairs, args.completion_words, args.completion_tokens = 2, 2, 4, 8, 8
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
 

@@ -223,3 +223,28 @@ def test_smollm2_in_bf16_follows_float32_and_trains(smollm2):
     data = [{"prompt": "Who are you?", "completion": " 🤖💬"}, {"prompt": "What is music?", "completion": " 🎵🎸"}]
     losses = reftlens.train(low, data, max_steps=2, batch_size=2, lr=1e-2, progress=False).losses
     assert all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_load_pyreft_onto_a_low_precision_base_follows_float32(bases, dtype):
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "fixtures" / "pyreft" / "loreft"  # trained by pyreft on the seeded tiny-llama
+    tokens, mask = lo_set(bases[torch.float32], cast=False).tokenize(PROMPTS)
+    real = mask.bool()
+    with torch.no_grad():
+        want = reftlens.load_pyreft(folder, bases[torch.float32], positions="f2+l2")(tokens, attention_mask=mask)
+        native = reftlens.load_pyreft(folder, bases[dtype], positions="f2+l2")  # Φs in the base's dtype
+        assert native.phis[0].W.weight.dtype == dtype
+        assert rel(native(tokens, attention_mask=mask)[real], want[real]) < TOL[dtype]
+        wide = reftlens.load_pyreft(folder, bases[dtype], positions="f2+l2", dtype=torch.float32, cast=True)
+        assert next(wide.phis[0].parameters()).dtype == torch.float32
+        assert rel(wide(tokens, attention_mask=mask)[real], want[real]) < TOL[dtype]
+        with pytest.raises(reftlens.ConfigError, match="cast=True"):
+            reftlens.load_pyreft(folder, bases[dtype], positions="f2+l2", dtype=torch.float32)(
+                tokens, attention_mask=mask
+            )
+    with pytest.raises(reftlens.ConfigError, match="cast must be True or False"):
+        reftlens.load_pyreft(folder, bases[dtype], positions="f2+l2", cast="yes")
+    with pytest.raises(reftlens.ConfigError, match="dtype must be a floating-point"):
+        reftlens.load_pyreft(folder, bases[dtype], positions="f2+l2", dtype="bfloat16")

@@ -655,6 +655,7 @@ def load_pyreft(
     untied: bool | str = "auto",
     overlap: str = "clamp",
     dtype: torch.dtype | None = None,
+    cast: bool = False,
 ) -> "ReftModel":
     """Load a pyreft ``ReftModel.save`` folder onto a TransformerLens model, as a reftlens ``ReftModel``.
 
@@ -691,7 +692,9 @@ def load_pyreft(
     and shift positions by one; reftlens needs no such shift).
 
     ``dtype``: the Φs' dtype (default: the model's). pyreft builds ``learned_source`` and
-    ``proj_layer`` in bf16 unless told otherwise; the upcast to fp32 is exact.
+    ``proj_layer`` in bf16 unless told otherwise; the upcast to fp32 is exact. ``cast``: as
+    :class:`~reftlens.ReftModel`'s, needed when ``dtype`` differs from a bf16/fp16 base's (float32 Φs
+    over a bf16 base: the edit runs in float32 and is cast back to the base's dtype).
 
     Errors (:class:`reftlens.saving.LoadError`) name the file, key or tensor: a missing folder,
     config or ``intkey_*.bin``, an unknown intervention type or a component other than
@@ -719,6 +722,10 @@ def load_pyreft(
 
     if overlap not in ("clamp", "error"):
         raise ConfigError(f"overlap must be 'clamp' or 'error'; got {overlap!r}.")
+    if not isinstance(cast, bool):
+        raise ConfigError(f"cast must be True or False; got {cast!r}.")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ConfigError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32) or None; got {dtype!r}.")
     ivs, config = read_pyreft(path)
     folder = Path(path)
     _check_base_model(config, model, folder)
@@ -731,7 +738,7 @@ def load_pyreft(
         Intervention(phi, layers=iv.layer, positions=spec, hook="resid_post", name=iv.key)
         for iv, phi, spec in zip(ivs, phis, specs)
     ]
-    return ReftModel(model, interventions)
+    return ReftModel(model, interventions, cast=cast)
 
 
 def _check_layers(ivs: Sequence[PyreftIntervention], n_layers: int, d: int) -> None:
