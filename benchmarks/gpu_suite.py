@@ -240,6 +240,7 @@ def parity(model, args) -> dict:
 
 def speed(model, args) -> dict:
     import torch
+    from floor import add_zero_vectors, floor_step  # benchmarks/floor.py (HERE is on sys.path)
     from transformer_lens import patching
 
     import reftlens
@@ -287,30 +288,18 @@ def speed(model, args) -> dict:
     fast_attention(hf)
     for p in hf.parameters():
         p.requires_grad_(False)
-    vecs = [torch.nn.Parameter(torch.zeros(d, device=dev, dtype=dtype)) for _ in layers]
-    handles = [
-        hf.model.layers[li].register_forward_hook(
-            lambda m, i, o, v=v: (o[0] + v,) + tuple(o[1:]) if isinstance(o, tuple) else o + v
-        )
-        for li, v in zip(layers, vecs)
-    ]
-    opt = torch.optim.AdamW(vecs, lr=1e-3)
+    vecs, handles = add_zero_vectors(hf, layers)  # the floor shared with train_vs_pyreft.py and scale.py
     texts = [r["prompt"] + r["completion"] for r in data[: args.batch]]
     tokens, mask = reft.tokenize(texts)
     tokens, mask = tokens.to(dev), mask.to(dev)
-
-    def floor_step():
-        logits = hf(input_ids=tokens, attention_mask=mask).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = floor_step(hf, vecs, lr=1e-3)
+    floor_batch = dict(input_ids=tokens, attention_mask=mask, labels=tokens.masked_fill(mask == 0, -100))
 
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    floor = timed(floor_step, dev, args.steps)
+    floor = timed(lambda: step(floor_batch), dev, args.steps)
     if cuda:
         floor_peak = torch.cuda.max_memory_allocated() - before
         out["peak training memory vs floor"] = reft_peak / max(floor_peak, 1)

@@ -64,6 +64,9 @@ from common import (
     versions,
     wait_for_load,
 )
+from floor import add_zero_vectors, causal_lm_loss
+from floor import floor_step as shared_floor_step
+from floor import reft_step as shared_reft_step
 
 REPO = Path(__file__).resolve().parent.parent  # defaults live inside the repository (.bench/ is git-ignored)
 
@@ -110,11 +113,6 @@ def right_padded(b: dict) -> dict:
     return {k: torch.gather(v, 1, order) for k, v in b.items()}
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF's causal-LM loss: logits[:, :-1] against labels[:, 1:], mean over labels != -100."""
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-
-
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> list[float]:
     lg, lb = logits[:, :-1].float(), labels[:, 1:]
     nll = F.cross_entropy(lg.transpose(1, 2), lb, ignore_index=-100, reduction="none")
@@ -157,18 +155,7 @@ def load_floor(attn: str | None = None):
     for p in hf.parameters():
         p.requires_grad_(False)
     touch(hf)
-    params = [torch.nn.Parameter(torch.zeros(hf.config.hidden_size)) for _ in LAYERS]
-
-    def hook_for(p):
-        def hook(module, inputs, output):
-            if isinstance(output, tuple):  # older transformers return (hidden, ...)
-                return (output[0] + p,) + tuple(output[1:])
-            return output + p
-
-        return hook
-
-    for layer, p in zip(LAYERS, params):
-        hf.model.layers[layer].register_forward_hook(hook_for(p))
+    params, _ = add_zero_vectors(hf, LAYERS)
     return hf, params
 
 
@@ -195,42 +182,13 @@ def bridge_floor():
 
 
 def reft_step(reft, autocast: bool = False):
-    """reftlens.train's step: its forward (logits only where the loss reads them) and loss."""
-    from reftlens.training.data import Batch
-    from reftlens.training.forward import forward, token_losses
-
-    opt = torch.optim.AdamW([p for p in reft.parameters() if p.requires_grad], lr=LR, weight_decay=0.0)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-    reft.train()
-
-    def step(b):
-        shifted = F.pad(b["labels"][:, 1:], (0, 1), value=-100)  # reftlens aligns labels with logits
-        batch = Batch(
-            tokens=b["input_ids"], attention_mask=b["attention_mask"], prompt_mask=b["prompt_mask"], labels=shifted
-        )
-        with ctx():
-            logits, labels = forward(reft, batch)
-        loss = token_losses(logits, labels) / (labels != -100).sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    """reftlens.train's step (``floor.reft_step``) at this benchmark's learning rate."""
+    return shared_reft_step(reft, LR, autocast)
 
 
 def floor_step(hf, params):
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-
-    def step(b):
-        logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = causal_lm_loss(logits, b["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    """The plain-transformers floor's step (``floor.floor_step``) at this benchmark's learning rate."""
+    return shared_floor_step(hf, params, LR)
 
 
 def paired(a: list[float], b: list[float]) -> float:
