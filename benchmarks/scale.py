@@ -27,7 +27,7 @@ For each, as ratios measured in this run (reftlens / its floor):
 Every part runs in a child process of this script (the parent loads no model). Targets (issue 23):
 time ratios ≤ 1.02×, memory ≤ 1.05× at both sizes.
 
-    python benchmarks/scale.py --out .bench/scale.json          # both sizes: ~10-15 min on 2 cores
+    python benchmarks/scale.py --out .bench/scale.json          # both sizes (estimated ~10-15 min on 2 cores)
     python benchmarks/scale.py --sizes 1b --out .bench/scale_1b.json
     python benchmarks/scale.py --tiny                           # smoke run (tiny models, one child per size)
 """
@@ -78,7 +78,7 @@ PARTS = ("time", "mem_reftlens", "mem_floor", "sweep_replay", "sweep_batch")
 LR = 4e-3
 RANK = 4
 TIME_TARGET, MEM_TARGET = 1.02, 1.05
-# defaults sized so that both models together take ~10-15 min on 2 CPU cores (see the README)
+# defaults sized so that both models together take an estimated ~10-15 min on 2 CPU cores (from FLOP counts)
 DEFAULTS = dict(
     batch=2,
     seq=64,
