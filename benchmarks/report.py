@@ -106,6 +106,16 @@ SUITE = [
         12,
     ),
     ("steering_bbc", [], ["--quick"], 10),
+    ("scale", ["--max-load", "1.2"], ["--tiny"], 15),
+    (
+        "localize",
+        [
+            *("--train", "128", "--test", "64", "--steps", "40", "--batch", "8", "--layer-step", "3"),
+            *("--positions", "l1,f5+l5", "--score-steps", "10", "--train-score-seeds", "1"),
+        ],
+        ["--quick"],
+        120,
+    ),
     ("import_time", [], ["--runs", "1"], 1),
 ]
 NAMES = [s[0] for s in SUITE]

@@ -48,6 +48,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+if (HERE.parent / "reftlens" / "__init__.py").is_file():  # run from a checkout: measure the source tree
+    sys.path.insert(0, str(HERE.parent))
 
 from common import (  # noqa: E402 (after the path and environment)
     add_load_argument,
@@ -112,17 +114,18 @@ TINY = dict(
 # --------------------------------------------------------------------------- models and inputs
 
 
-def load(size: str, tiny: bool):
-    """The bridge of one size, every weight paged in."""
+def load(size: str, tiny: bool, dtype: str = "float32"):
+    """The bridge of one size in ``dtype``, every weight paged in."""
     import torch
 
     import reftlens
     from reftlens.models import random_model
 
+    dt = getattr(torch, dtype)
     if size == "135m":
-        model = reftlens.load_model("tiny-llama" if tiny else "smollm2-135m")
+        model = reftlens.load_model("tiny-llama" if tiny else "smollm2-135m", dtype=dt)
     else:
-        model = random_model("llama-1b", **(TINY_1B if tiny else {}))
+        model = random_model("llama-1b", dtype=dt, **(TINY_1B if tiny else {}))
     with torch.no_grad():  # mmap'ed weights: first-use page faults are not training memory
         sum(float(p.float().sum()) for p in model.parameters())
     return model
@@ -142,14 +145,17 @@ def plain_hf(model):
 
 
 def loreft_set(model):
-    """A ReftModel with one LoReFT rank-4 set at the paper's layers, positions f5+l5 (seeded)."""
+    """A ReftModel with one float32 LoReFT rank-4 set at the paper's layers, positions f5+l5
+    (seeded); over a bf16 base with ``cast=True`` (the dtype policy: the edit runs in float32)."""
     import torch
 
     from reftlens import Intervention, LoReFT, ReftModel
 
     torch.manual_seed(0)
     phi = LoReFT(model.cfg.d_model, RANK, init="random")
-    return ReftModel(model, Intervention(phi, layers=paper_layers(model.cfg.n_layers), positions="f5+l5"))
+    low = next(model.parameters()).dtype != torch.float32
+    iv = Intervention(phi, layers=paper_layers(model.cfg.n_layers), positions="f5+l5")
+    return ReftModel(model, iv, cast=low)
 
 
 def token_ids(model, batch: int, seq: int, seed: int):
@@ -196,10 +202,10 @@ def fixed_bytes(cfg, seq: int, dtype_bytes: int = 4) -> int:
     return dtype_bytes * (5 * seq * cfg.d_vocab + 4 * cfg.n_layers * seq * cfg.d_model)
 
 
-def sweep_rows(cfg, seq: int, budget_gib: float) -> dict:
+def sweep_rows(cfg, seq: int, budget_gib: float, dtype_bytes: int = 4) -> dict:
     """The sweep's ``batch_size``: the rows that fit the budget after the fixed part (at least 1,
     at most every cell)."""
-    per_row, fixed = row_bytes(cfg, seq), fixed_bytes(cfg, seq)
+    per_row, fixed = row_bytes(cfg, seq, dtype_bytes), fixed_bytes(cfg, seq, dtype_bytes)
     cells = cfg.n_layers * seq
     fit = int(max(0, budget_gib * 2**30 - fixed) // per_row)
     return dict(
@@ -293,7 +299,7 @@ def part_sweep(model, args, strategy: str) -> dict:
 
     from reftlens.analysis import patch_sweep
 
-    rows = sweep_rows(model.cfg, args.sweep_seq, args.sweep_budget_gib)
+    rows = sweep_rows(model.cfg, args.sweep_seq, args.sweep_budget_gib, dtype_bytes=4 if args.dtype == "float32" else 2)
     clean = token_ids(model, 1, args.sweep_seq, seed=3)
     corrupt = clean.clone()
     corrupt[0, 1:3] = token_ids(model, 1, 2, seed=4)[0]
@@ -336,7 +342,7 @@ def run_parts(size: str, parts: list[str], args) -> dict:
     import torch
 
     t0 = time.perf_counter()
-    model = load(size, args.tiny)
+    model = load(size, args.tiny, args.dtype)
     out: dict = {
         "params": n_params(model),
         "layers": paper_layers(model.cfg.n_layers),
@@ -395,23 +401,24 @@ def report(results: dict, args) -> str:
     per = {s: ratios(results[s]) for s in sizes}
     lines = [
         f"# batch {args.batch} × {args.seq} (forward, training), generation {args.gen_batch} × {args.gen_prompt} + "
-        f"{args.new_tokens} tokens, sweep over a {args.sweep_seq}-token prompt, float32; ratios are medians of "
+        f"{args.new_tokens} tokens, sweep over a {args.sweep_seq}-token prompt, float32 unless marked; ratios are medians of "
         "per-rep ratios (rotating order)",
         "",
     ]
     header = ["ratio (reftlens / floor)"] + [
-        f"{LABELS[key(s, args)]} ({results[s]['params'] / 1e6:.0f}M)" for s in sizes
+        f"{size_label(s, args)} ({results[s]['params'] / 1e6:.0f}M)" for s in sizes
     ]
-    if len(sizes) > 1:
-        header.append(f"change {sizes[0]} → {sizes[-1]}")
+    fp32 = [s for s in sizes if "@" not in s]  # the change with size is read between float32 runs
+    if len(fp32) > 1:
+        header.append(f"change {fp32[0]} → {fp32[-1]} (float32)")
     header += ["target", "met at every size"]
     rows = []
     for metric in per[sizes[0]]:
         vals = [per[s][metric] for s in sizes]
         target = MEM_TARGET if "memory" in metric else TIME_TARGET
         row = [metric, *(f"{v:.3f}" for v in vals)]
-        if len(sizes) > 1:
-            row.append(f"{vals[-1] - vals[0]:+.3f}")
+        if len(fp32) > 1:
+            row.append(f"{per[fp32[-1]][metric] - per[fp32[0]][metric]:+.3f}")
         row += [f"≤ {target:.2f}×", "yes" if all(v <= target for v in vals) else "no"]
         rows.append(row)
     lines.append(table(header, rows))
@@ -421,7 +428,7 @@ def report(results: dict, args) -> str:
         t, r = results[s]["time"], results[s]
         rows.append(
             [
-                LABELS[key(s, args)],
+                size_label(s, args),
                 f"{t['forward']['plain_s']:.3f} / {t['forward']['reftlens_s']:.3f}",
                 f"{t['train']['floor_s']:.3f} / {t['train']['reftlens_s']:.3f}",
                 f"{r['mem_floor']['peak_rss_delta_mb']:.0f} / {r['mem_reftlens']['peak_rss_delta_mb']:.0f}",
@@ -451,7 +458,7 @@ def report(results: dict, args) -> str:
             w = results[s][f"sweep_{strategy}"]
             rows.append(
                 [
-                    LABELS[key(s, args)],
+                    size_label(s, args),
                     strategy,
                     f"{w['row_mb']:.1f}",
                     f"{w['batch_size']} of {w['cells']}",
@@ -485,9 +492,15 @@ def key(size: str, args) -> str:
     return f"{size}-tiny" if args.tiny else size
 
 
+def size_label(run: str, args) -> str:
+    """A run's row label; a run is ``size`` (float32 base) or ``size@dtype``."""
+    size, _, dtype = run.partition("@")
+    return LABELS[key(size, args)] + (f", {dtype} base" if dtype else "")
+
+
 def headlines(results: dict, args) -> None:
     for s, res in results.items():
-        label = LABELS[key(s, args)]
+        label = size_label(s, args)
         for metric, value in ratios(res).items():
             target = MEM_TARGET if "memory" in metric else TIME_TARGET
             headline(
@@ -525,6 +538,14 @@ def parse(argv: list[str] | None):
             default=None,
             help=f"default {value} ({TINY[name]} with --tiny)",
         )
+    ap.add_argument(
+        "--bf16",
+        nargs="*",
+        choices=SIZES,
+        default=["135m"],
+        help="sizes also run with a bfloat16 base (the LoReFT set stays float32, cast=True); default 135m",
+    )
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results as JSON to this file")
     add_load_argument(ap)
     ap.add_argument("--size", choices=SIZES, help=argparse.SUPPRESS)  # a child: this size's parts
@@ -557,14 +578,17 @@ def main(argv: list[str] | None = None) -> int:
     parts = ["time", "mem_reftlens", "mem_floor", *(f"sweep_{s}" for s in args.strategies)]
     t0 = time.perf_counter()
     results: dict = {}
-    for size in args.sizes:
+    runs = [(size, "float32") for size in args.sizes] + [(size, "bfloat16") for size in args.bf16]
+    for size, dtype in runs:
+        run = size if dtype == "float32" else f"{size}@{dtype}"
+        argv_run = [*passed, "--dtype", dtype]
         if args.tiny:  # one child per size: quick, so its memory figures are not one arm's alone
-            results[size] = child(size, parts, args, passed)
+            results[run] = child(size, parts, args, argv_run)
         else:  # every part in its own process: each peak RSS is that arm's alone
-            results[size] = {}
+            results[run] = {}
             for part in parts:
-                res = child(size, [part], args, passed)
-                results[size] = {**res, **results[size], part: res[part]}
+                res = child(size, [part], args, argv_run)
+                results[run] = {**res, **results[run], part: res[part]}
     total = time.perf_counter() - t0
     print(report(results, args))
     print(f"\ntotal {total:.0f} s")

@@ -94,7 +94,10 @@ def test_scale_runs_both_sizes_at_tiny_size_with_every_ratio_and_the_sweep_budge
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     record = json.loads((tmp_path / "s.json").read_text())
-    assert set(record["results"]) == {"135m", "1b"}
+    assert set(record["results"]) == {"135m", "1b", "135m@bfloat16"}  # the 135M size also with a bf16 base
+    assert record["results"]["135m@bfloat16"]["time"]["train"]["losses"]["reftlens"] != (
+        record["results"]["135m"]["time"]["train"]["losses"]["reftlens"]
+    )  # a bf16 base is another computation, not the float32 one relabelled
     for size, res in record["results"].items():
         ratios = record["ratios"][size]
         assert len(ratios) == 4 and all(0 < v < float("inf") for v in ratios.values()), ratios
@@ -107,7 +110,7 @@ def test_scale_runs_both_sizes_at_tiny_size_with_every_ratio_and_the_sweep_budge
     # the scaled-down llama-1b has a 4096-token vocabulary: the 2 MiB budget binds (fewer rows than cells)
     assert record["results"]["1b"]["sweep_batch"]["batch_size"] < record["results"]["1b"]["sweep_batch"]["cells"]
     lines = [line for line in out.stdout.splitlines() if line.startswith("::headline::")]
-    assert len(lines) == 12  # 4 ratios + 2 sweeps, at each of the two sizes
+    assert len(lines) == 18  # 4 ratios + 2 sweeps, at each of the three runs
 
 
 def test_scale_sweep_batch_size_is_the_rows_the_budget_holds():
