@@ -189,6 +189,17 @@ def test_preference_training_is_finite_and_follows_float32(bases, dtype):
     assert max(abs(a - b) for a, b in zip(low, ref)) < TOL[dtype] * max(abs(b) for b in ref) + 1e-3
 
 
+@pytest.mark.parametrize("dtype", LOW)
+def test_classification_training_follows_float32(bases, dtype):
+    data = [{"prompt": p, "label": lab} for p, lab in zip(PROMPTS, [" yes", " no", " yes"])]
+    kw = dict(max_steps=3, batch_size=3, lr=1e-2, seed=0, progress=False, task="classification")
+    ref = reftlens.train(lo_set(bases[torch.float32], cast=False), data, **kw).losses
+    low = reftlens.train(lo_set(bases[dtype], cast=True), data, **kw).losses
+    assert all(math.isfinite(x) for x in low)
+    assert ref[0] != ref[-1]  # the steps moved the loss: there is something to follow
+    assert max(abs(a - b) / abs(b) for a, b in zip(low, ref)) < TOL[dtype]
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """SmolLM2-135M-Instruct in float32 and bf16 (the fixture name marks these tests realmodel + slow)."""
