@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument(
         "--train-score-seeds", type=int, default=None, help="run the slow score on the first N seeds only (default all)"
     )
+    ap.add_argument("--bbc-words", type=int, default=80, help="words of each BBC article in its prompt")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.train_score_seeds is None:
@@ -281,7 +282,7 @@ def main() -> None:
     for name in args.tasks.split(","):
         results[name] = []
         for seed in range(args.seeds):
-            task = TASKS[name](args.train, args.test, seed)
+            task = TASKS[name](args.train, args.test, seed, **({"max_words": args.bbc_words} if name == "bbc" else {}))
             t0 = time.perf_counter()
             results[name].append(one_seed(model, task, args, seed))
             arms = {k: round(v["metric"], 3) for k, v in results[name][-1].items() if "metric" in v}

@@ -110,8 +110,8 @@ SUITE = [
     (
         "localize",
         [
-            *("--train", "128", "--test", "64", "--steps", "40", "--batch", "8", "--layer-step", "3"),
-            *("--positions", "l1,f5+l5", "--score-steps", "10", "--train-score-seeds", "1"),
+            *("--train", "128", "--test", "64", "--steps", "30", "--batch", "8", "--layer-step", "3"),
+            *("--positions", "l1,f5+l5", "--no-train-score", "--bbc-words", "40"),
         ],
         ["--quick"],
         120,
