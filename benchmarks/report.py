@@ -167,7 +167,9 @@ def render(runs: list[dict], env: dict, quick: bool, plot: str | None) -> str:
         "`transformer_lens.patching` and peft (LoRA) in the main environment",
         "",
         "Every ratio comes from one run in which reftlens and its peer were measured side by side; the section of each "
-        "benchmark below gives its full table and the command that reproduces it.",
+        "benchmark below gives its full table and the command that reproduces it. Every figure is float32 unless its row "
+        "or section says bf16, and names its model (SmolLM2-135M-Instruct, tiny test models, or a random model of a "
+        "published shape); the machine is the one above unless the section names another.",
         "",
         "## Headline ratios",
         "",
