@@ -47,6 +47,7 @@ from reftlens.training import chat_prompt, encode, evaluate
 
 TOPICS = [" tech", " business", " politics", " sport", " entertainment"]
 DEFAULT_LAYERS = [3, 9, 18, 24]
+ARMS = ("default", "localized", "localized-25", "localized-train", "random")
 
 
 # ---- tasks ---------------------------------------------------------------------------------------
@@ -193,18 +194,22 @@ def one_seed(model, task: dict, args, seed: int) -> dict:
     torch.manual_seed(seed)
     default = [Intervention(LoReFT(d, 4), layers=DEFAULT_LAYERS, positions="f5+l5", name="default")]
     budget = sum(p.numel() for p in default[0].phi.parameters())
-    out["default"] = run_arm(model, task, default, args, seed)
+    if "default" in args.arms:
+        out["default"] = run_arm(model, task, default, args, seed)
     kw = localize_kwargs(model, task, args, seed)
 
     loc = reftlens.localize(model, task["train"], rank=4, budget=budget, score="gradient", **kw)
-    out["localized"] = {**run_arm(model, task, loc.recipe, args, seed), "localize_s": loc.seconds}
-    small = reftlens.localize(model, task["train"], rank=1, budget=budget // 4, score="gradient", **kw)
-    out["localized-25"] = {**run_arm(model, task, small.recipe, args, seed), "localize_s": small.seconds}
-    if not args.no_train_score and seed < args.train_score_seeds:
+    if "localized" in args.arms:
+        out["localized"] = {**run_arm(model, task, loc.recipe, args, seed), "localize_s": loc.seconds}
+    if "localized-25" in args.arms:
+        small = reftlens.localize(model, task["train"], rank=1, budget=budget // 4, score="gradient", **kw)
+        out["localized-25"] = {**run_arm(model, task, small.recipe, args, seed), "localize_s": small.seconds}
+    if "localized-train" in args.arms and not args.no_train_score and seed < args.train_score_seeds:
         tr = reftlens.localize(
             model, task["train"], rank=4, budget=budget, score="train", steps=args.score_steps, lr=args.lr, **kw
         )
         out["localized-train"] = {**run_arm(model, task, tr.recipe, args, seed), "localize_s": tr.seconds}
+        out["score_seconds"] = {"gradient": loc.seconds, "train": tr.seconds}
         a = {(c.hook, c.layer, c.positions): float(s) for c, s in zip(loc.candidates, loc.scores)}
         b = {(c.hook, c.layer, c.positions): float(s) for c, s in zip(tr.candidates, tr.scores)}
         keys = list(a)
@@ -214,6 +219,8 @@ def one_seed(model, task: dict, args, seed: int) -> dict:
             "best_gradient": loc.top(1)[0].label,
             "best_train": tr.top(1)[0].label,
         }
+    if "random" not in args.arms:
+        return out
     rng = random.Random(1000 + seed)
     grid = list(loc.candidates)
     pick = rng.choice(grid)
@@ -263,6 +270,7 @@ def main() -> None:
         "--train-score-seeds", type=int, default=None, help="run the slow score on the first N seeds only (default all)"
     )
     ap.add_argument("--bbc-words", type=int, default=80, help="words of each BBC article in its prompt")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS), help="which arms to run (default all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.train_score_seeds is None:
@@ -313,14 +321,19 @@ def main() -> None:
                 f"| {name} | {arm} | {have[0][arm]['params']:,} | {statistics.mean(vals):.3f} ± {max(vals) - min(vals):.3f} "
                 f"({len(vals)} seed{'s' if len(vals) > 1 else ''}) | {'; '.join(have[0][arm]['sites'])} | {f'{statistics.mean(frac):.2f}' if frac else ''} |"
             )
-        if "score_agreement" in runs[0]:
-            ag = runs[0]["score_agreement"]
+        agreed = [r for r in runs if "score_agreement" in r]
+        if agreed:
+            ag = agreed[0]["score_agreement"]
+            cost = statistics.mean(r["score_seconds"]["train"] / r["score_seconds"]["gradient"] for r in agreed)
             print(
                 f"| {name} | scores agree? | | Spearman "
                 f"{statistics.mean(r['score_agreement']['spearman'] for r in runs if 'score_agreement' in r):.2f} | "
-                f"best: gradient {ag['best_gradient']}, train {ag['best_train']} | |"
+                f"best: gradient {ag['best_gradient']}, train {ag['best_train']} | train score / gradient score "
+                f"time {cost:.0f}× |"
             )
     wins, below = 0, 0
+    if not {"default", "localized", "localized-25", "random"} <= set(args.arms):
+        return _write(args, results)  # a partial set of arms (e.g. the scores' comparison): no target to judge
     for s in summary.values():
         d_mean, d_spread = s["default"]
         l_mean = s["localized"][0]
@@ -347,6 +360,10 @@ def main() -> None:
         met=below == len(summary) and not args.quick,
         note="--quick run: not the benchmark" if args.quick else "",
     )
+    _write(args, results)
+
+
+def _write(args: argparse.Namespace, results: dict) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2, default=str)
