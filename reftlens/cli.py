@@ -16,7 +16,7 @@ import os
 import time
 from importlib import resources
 
-DEMO_STEPS, DEMO_BATCH, DEMO_LR = 18, 8, 2e-2
+DEMO_STEPS, DEMO_BATCH, DEMO_LR = 12, 8, 2e-2
 DEMO_HELP = f"""Teach a model to answer in emoji from sixteen examples, with a LoReFT (rank 4, layers 3;9;18;24
 of SmolLM2, positions f5+l5): print three held-out answers before and after training, save the
 trained interventions to --out and load them back (the reloaded set must generate the same
