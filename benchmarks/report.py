@@ -108,6 +108,7 @@ SUITE = [
     ("steering_bbc", [], ["--quick"], 10),
     ("scale", ["--max-load", "1.2"], ["--tiny"], 15),
     ("demo_time", ["--isa", "avx2"], ["--steps", "1"], 5),
+    ("steering_axbench", ["--detection-only"], ["--quick"], 20),
     (
         "localize",
         [
