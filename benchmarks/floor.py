@@ -86,3 +86,19 @@ def reft_step(reft, lr: float, autocast: bool = False) -> Callable[[dict], float
         return loss.item()
 
     return step
+
+
+def hf_greedy(hf: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """The generation floor: transformers' greedy ``generate`` with the KV cache, exactly ``k`` new
+    tokens (``eos_token_id=None``: EOS does not stop it); the new tokens only."""
+    with torch.no_grad():
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=k,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=pad,
+            use_cache=True,
+        )
+    return out[:, ids.shape[1] :]

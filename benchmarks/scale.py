@@ -224,7 +224,7 @@ def sweep_rows(cfg, seq: int, budget_gib: float, dtype_bytes: int = 4) -> dict:
 def part_time(model, args) -> dict:
     """Forward, training step and generation, each interleaved with its floor (rotating order)."""
     import torch
-    from floor import add_zero_vectors, floor_step, reft_step
+    from floor import add_zero_vectors, floor_step, hf_greedy, reft_step
 
     out: dict = {}
     reft = loreft_set(model).eval()
@@ -254,16 +254,7 @@ def part_time(model, args) -> dict:
         made["reftlens"] = reft.generate(prompts, k, attention_mask=mask, eos_token_id=None)[:, n:]
 
     def theirs():
-        with torch.no_grad():
-            made["transformers"] = hf.generate(
-                input_ids=prompts,
-                attention_mask=mask,
-                max_new_tokens=k,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=pad,
-                use_cache=True,
-            )[:, n:]
+        made["transformers"] = hf_greedy(hf, prompts, mask, k, pad)
 
     r = interleave({"transformers": theirs, "reftlens": ours}, args.gen_reps, warmup=args.warmup)
     assert made["reftlens"].shape == made["transformers"].shape == (args.gen_batch, k), {

@@ -64,7 +64,7 @@ from common import (
     versions,
     wait_for_load,
 )
-from floor import add_zero_vectors, causal_lm_loss
+from floor import add_zero_vectors, causal_lm_loss, hf_greedy
 from floor import floor_step as shared_floor_step
 from floor import reft_step as shared_reft_step
 
@@ -268,17 +268,7 @@ def part_generate(data, args) -> dict:
         outs[f"reftlens_{k}"] = reft.generate(ids, k, attention_mask=mask, eos_token_id=None)[:, n:]
 
     def run_hf(k: int):
-        # eos_token_id=None: EOS does not stop it, so both make exactly k tokens
-        with torch.no_grad():
-            outs[f"hf_{k}"] = hf.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=k,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=pad,
-                use_cache=True,
-            )[:, n:]
+        outs[f"hf_{k}"] = hf_greedy(hf, ids, mask, k, pad)  # EOS does not stop it: exactly k tokens
 
     k = args.new_tokens
     # 1-token runs (prefill + one argmax) split the time into prompt and per-token decode cost

@@ -95,8 +95,9 @@ def test_scale_runs_both_sizes_at_tiny_size_with_every_ratio_and_the_sweep_budge
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     record = json.loads((tmp_path / "s.json").read_text())
     assert set(record["results"]) == {"135m", "1b", "135m@bfloat16"}  # the 135M size also with a bf16 base
-    assert record["results"]["135m@bfloat16"]["time"]["train"]["losses"]["reftlens"] != (
-        record["results"]["135m"]["time"]["train"]["losses"]["reftlens"]
+    assert (
+        record["results"]["135m@bfloat16"]["time"]["train"]["losses"]["reftlens"]
+        != (record["results"]["135m"]["time"]["train"]["losses"]["reftlens"])
     )  # a bf16 base is another computation, not the float32 one relabelled
     for size, res in record["results"].items():
         ratios = record["ratios"][size]
