@@ -402,7 +402,7 @@ def main() -> None:
             for method, r in out.items():
                 steering.setdefault(method, {}).setdefault(str(seed), []).append(
                     {
-                        "concept": f"{c['set']}:{c['id']}",
+                        "concept_id": f"{c['set']}:{c['id']}",  # "concept" below is the judge's score
                         "alpha": r["alpha"],
                         **{k: mean_key(r["test"], k) for k in ("concept", "fluency", "relevance", "aggregate")},
                         "example": r["example"],
@@ -431,7 +431,7 @@ def main() -> None:
         rows = [r for rs in per_seed.values() for r in rs]
         per_concept = {}
         for r in rows:
-            per_concept.setdefault(r["concept"], []).append(r["aggregate"])
+            per_concept.setdefault(r["concept_id"], []).append(r["aggregate"])
         agg = [statistics.fmean(v) for v in per_concept.values()]
         seed_means = [statistics.fmean(r["aggregate"] for r in rs) for rs in per_seed.values()]
         summary[method] = statistics.fmean(agg)
