@@ -116,7 +116,7 @@ SUITE = [
             *("--positions", "l1,f5+l5", "--no-train-score", "--bbc-words", "40"),
         ],
         ["--quick"],
-        120,
+        35,
     ),
     ("import_time", [], ["--runs", "1"], 1),
 ]
