@@ -75,8 +75,8 @@ def main() -> None:
     ap.add_argument("--there", default="AMD EPYC Zen 3, 2.0 GHz, AVX2, 2 cores, quiet (issue 23)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.steps < 1 or not args.there_step > 0:
-        ap.error("--steps must be ≥ 1 and --there-step positive")
+    if args.steps < 1 or not (0 < args.there_step < float("inf")):
+        ap.error("--steps must be ≥ 1 and --there-step a finite positive number of seconds")
     if args.child:
         print(json.dumps(old_step(args.steps)))
         return

@@ -49,11 +49,17 @@ def add_zero_vectors(hf: torch.nn.Module, layers: Sequence[int]) -> tuple[list[t
 
 def floor_step(hf: torch.nn.Module, params: Sequence[torch.nn.Parameter], lr: float) -> Callable[[dict], float]:
     """The floor's training step (returns the loss): forward, causal-LM loss, backward, AdamW on ``params``."""
+    return loss_step(lambda b: hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, params, lr)
+
+
+def loss_step(
+    logits_of: Callable[[dict], torch.Tensor], params: Sequence[torch.nn.Parameter], lr: float
+) -> Callable[[dict], float]:
+    """A step around any forward ``logits_of(batch)``: causal-LM loss, backward, AdamW on ``params``."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
     def step(b: dict) -> float:
-        logits = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = causal_lm_loss(logits, b["labels"])
+        loss = causal_lm_loss(logits_of(b), b["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

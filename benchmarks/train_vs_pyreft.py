@@ -64,7 +64,7 @@ from common import (
     versions,
     wait_for_load,
 )
-from floor import add_zero_vectors, causal_lm_loss, hf_greedy
+from floor import add_zero_vectors, causal_lm_loss, hf_greedy, loss_step
 from floor import floor_step as shared_floor_step
 from floor import reft_step as shared_reft_step
 
@@ -168,17 +168,7 @@ def bridge_floor():
     params = [torch.nn.Parameter(torch.zeros(D_MODEL)) for _ in LAYERS]
     for layer, p in zip(LAYERS, params):
         bridge.blocks[layer].hook_resid_post.register_forward_hook(lambda m, i, o, p=p: o + p)
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-
-    def step(b):
-        logits = bridge(b["input_ids"], attention_mask=b["attention_mask"])
-        loss = causal_lm_loss(logits, b["labels"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+    return loss_step(lambda b: bridge(b["input_ids"], attention_mask=b["attention_mask"]), params, LR)
 
 
 def reft_step(reft, autocast: bool = False):
