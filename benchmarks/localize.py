@@ -275,6 +275,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.train_score_seeds is None:
         args.train_score_seeds = args.seeds
+    if args.train_score_seeds < 0 or args.bbc_words < 1:
+        ap.error("--train-score-seeds must be ≥ 0 and --bbc-words ≥ 1")
     if args.quick:
         args.seeds, args.train, args.test, args.steps, args.batch = 1, 32, 16, 10, 4
         args.hooks, args.layer_step, args.positions, args.score_steps, args.new_tokens = (
