@@ -12,12 +12,13 @@ ReFT-r1 detecting about as well as DiffMean. This script follows their protocol 
   mean-pooled projection; AUROC per concept, at several layers. ReFT-r1's direction comes from its
   steering training (the steering layer only).
 - **Steering**, per concept, on held-out instructions (the ordinary rows' instructions, which no
-  method trains on), split into validation (chooses each method's steering factor, as AxBench) and
-  test: prompting (the concept named in the prompt), DiffMean and probe as ``Steer(u, α·‖h‖)``,
-  ReFT-r1 (LM + L1, steered along its w), LoReFT rank ``--rank`` with the LM objective and with the
-  preference objective (the concept reply preferred over the base model's own reply to the same
-  instruction, both directions, RePS-style). Every trained method trains on that concept's
-  instruction → concept-reply pairs with the same steps, batch and learning rate.
+  method trains on; the same ones for every seed), split into validation (chooses each method's
+  steering factor, as AxBench) and test: prompting (the concept named in the prompt), DiffMean and
+  probe as ``Steer(u, α·‖h‖)``, ReFT-r1 (LM + L1, steered along its w), LoReFT rank ``--rank`` with
+  the LM objective and with the preference objective (the concept reply preferred over the base
+  model's own reply to the same instruction, both directions, RePS-style). Every trained method
+  trains on that concept's instruction → concept-reply pairs with the same steps, batch and
+  learning rate, once per seed; the untrained methods are deterministic and run once.
 - **Judge (offline proxies for AxBench's LLM judge)**: concept = P(concept) from a TF-IDF +
   logistic-regression classifier fitted per concept on its held-out positive vs negative and hard-
   negative texts (never on training replies); fluency = min(1, ppl₀ / ppl) with ppl the reply's
@@ -35,9 +36,12 @@ instruction scores like one that answers all of it).
     pip install -e ".[bench]"                                   # pandas, pyarrow, scikit-learn
     PYTHONPATH=. python benchmarks/steering_axbench.py --quick  # a smoke run (numbers not meaningful)
     PYTHONPATH=. python benchmarks/steering_axbench.py --detection-only
-    PYTHONPATH=. python benchmarks/steering_axbench.py --seeds 0 1 2          # the full protocol (hours on 2 cores)
-    PYTHONPATH=. python benchmarks/steering_axbench.py --concepts 6 --ablate steps=60 lr=0.02 layer=18 \\
-        positions=prompt objective=preference rank=8 alpha=2                  # ablation rows
+    # the steering protocol in two processes (one per core), then the summary of both:
+    for i in 0 1; do OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/steering_axbench.py --steering-only \\
+        --shard $i/2 --out axs$i.json & done; wait
+    PYTHONPATH=. python benchmarks/steering_axbench.py --merge axs0.json axs1.json
+    # an ablation row: any option changed, under its own --label, on a few concepts
+    PYTHONPATH=. python benchmarks/steering_axbench.py --steering-only --concepts 2 --steps 64 --label steps=64
 """
 
 from __future__ import annotations
@@ -229,49 +233,84 @@ def print_detection(results: dict, layers: list[int]) -> dict:
 # ---- steering -----------------------------------------------------------------------------------
 
 
-def steer_concept(model, c: dict, args, seed: int, instructions: tuple[list[str], list[str]], ppl0: float, norm: float):
-    """Every method on one concept: replies at each steering factor on validation, the best on test."""
-    tok, d = model.tokenizer, model.cfg.d_model
-    val_i, test_i = instructions
-    pool = val_i + test_i
-    prompts = [chat(tok, x) for x in pool]
-    n_val = len(val_i)
-    concept_p = concept_judge(c)
-    gen = dict(intervene_on=args.positions, eos_token_id=tok.eos_token_id)
-    layer = args.steer_layer
-    out: dict[str, dict] = {}
-    timing: dict[str, float] = {}
+SCORES = ("concept", "fluency", "relevance", "aggregate")
+FIXED = ("base (no steering)", "prompting", "DiffMean", "probe")
+METHODS = FIXED + TRAINED
 
-    def record(method: str, replies_by_alpha: list[list[str]], alphas: list[float]):
-        val = [judge(model, concept_p, r[:n_val], prompts[:n_val], ppl0) for r in replies_by_alpha]
+
+class Judged:
+    """One concept's evaluation: the held-out instructions (validation, then test), the judge, and
+    each method's replies at the factor validation chose."""
+
+    def __init__(self, model, c: dict, args, instructions: tuple[list[str], list[str]], ppl0: float):
+        self.model, self.args = model, args
+        self.n_val = len(instructions[0])
+        self.pool = instructions[0] + instructions[1]
+        self.prompts = [chat(model.tokenizer, x) for x in self.pool]
+        self.concept_p = concept_judge(c)
+        self.ppl0 = ppl0
+        self.gen = dict(intervene_on=args.positions, eos_token_id=model.tokenizer.eos_token_id)
+
+    def sweep(self, reft, alphas: list[float]) -> dict:
+        """Replies at each factor on every instruction; the factor with the best validation
+        aggregate, and its test scores."""
+        replies = alpha_sweep(reft, self.prompts, alphas, self.args.new_tokens, **self.gen)
+        return self.choose(replies, alphas)
+
+    def choose(self, replies_by_alpha: list[list[str]], alphas: list[float]) -> dict:
+        n, p = self.n_val, self.prompts
+        val = [judge(self.model, self.concept_p, r[:n], p[:n], self.ppl0) for r in replies_by_alpha]
         k = max(range(len(alphas)), key=lambda j: mean_key(val[j], "aggregate"))
-        test = judge(model, concept_p, replies_by_alpha[k][n_val:], prompts[n_val:], ppl0)
-        out[method] = {"alpha": alphas[k], "test": test, "example": replies_by_alpha[k][n_val]}
+        test = judge(self.model, self.concept_p, replies_by_alpha[k][n:], p[n:], self.ppl0)
+        by_alpha = [{k_: mean_key(v, k_) for k_ in SCORES} for v in val]
+        return {"alpha": alphas[k], "test": test, "example": replies_by_alpha[k][n], "val": list(zip(alphas, by_alpha))}
 
+
+def fixed_methods(model, c: dict, args, ev: Judged, norm: float) -> dict:
+    """The untrained methods (deterministic, so run once per concept): no steering, the concept named
+    in the prompt, and DiffMean and probe directions fitted on the concept's training replies
+    against the ordinary ones at the steering layer, steered as ``Steer(u·α·‖h‖)``."""
+    tok, d, layer = model.tokenizer, model.cfg.d_model, args.steer_layer
+    out: dict[str, dict] = {}
     identity = ReftModel(model, Intervention(Steer(d), layers=layer, positions="all"))
-    record("base (no steering)", [identity.generate(prompts, args.new_tokens, **gen)], [0.0])
-    hint = f"\n\nIn your answer, bring in {c['concept']}."
-    record("prompting", [identity.generate([chat(tok, x + hint) for x in pool], args.new_tokens, **gen)], [0.0])
-
-    # directions from the concept's training replies against the ordinary ones, at the steering layer
+    if "base (no steering)" in args.methods:
+        out["base (no steering)"] = ev.choose([identity.generate(ev.prompts, args.new_tokens, **ev.gen)], [0.0])
+    if "prompting" in args.methods:
+        hint = f"\n\nIn your answer, bring in {c['concept']}."
+        replies = identity.generate([chat(tok, x + hint) for x in ev.pool], args.new_tokens, **ev.gen)
+        out["prompting"] = ev.choose([replies], [0.0])
+    if not {"DiffMean", "probe"} & set(args.methods):
+        return out
     texts = [words(o, args.words) for _, o in c["train"]] + [words(o, args.words) for _, o in c["ordinary"]]
     acts = collect(model, texts, layers=[layer], positions=slice(1, None), batch_size=16)
     n_tr = len(c["train"])
     is_pos = acts.example < n_tr
     means = acts.pooled(layer, "mean")
-    for method, u in (
-        ("DiffMean", diff_mean(acts[layer][is_pos], acts[layer][~is_pos]).vector),
-        ("probe", probe(means[:n_tr], means[n_tr:]).vector),
-    ):
-        steer = ReftModel(model, Intervention(Steer(u * norm), layers=layer, positions="all"))
-        record(method, alpha_sweep(steer, prompts, args.alphas, args.new_tokens, **gen), args.alphas)
+    directions = {
+        "DiffMean": diff_mean(acts[layer][is_pos], acts[layer][~is_pos]).vector,
+        "probe": probe(means[:n_tr], means[n_tr:]).vector,
+    }
+    for method, u in directions.items():
+        if method in args.methods:
+            out[method] = ev.sweep(
+                ReftModel(model, Intervention(Steer(u * norm), layers=layer, positions="all")), args.alphas
+            )
+    out["_diffmean_direction"] = directions["DiffMean"]
+    return out
 
-    # trained methods: the concept's instruction → concept-reply pairs, one budget for all
+
+def trained_methods(model, c: dict, args, ev: Judged, norm: float, seed: int) -> tuple[dict, dict]:
+    """The trained methods on the concept's instruction → concept-reply pairs, one budget for all
+    (steps, batch, learning rate, positions); ``seed`` sets their initialisation and data order."""
+    tok, d, layer = model.tokenizer, model.cfg.d_model, args.steer_layer
+    out: dict[str, dict] = {}
+    timing: dict[str, float] = {}
     pairs = c["train"][: args.train_pairs]
     chats = [chat(tok, i) for i, _ in pairs]
-    rejected = (
-        identity.generate(chats, args.completion_tokens, **gen) if "LoReFT (preference)" in args.methods else None
-    )
+    rejected = None
+    if "LoReFT (preference)" in args.methods:
+        identity = ReftModel(model, Intervention(Steer(d), layers=layer, positions="all"))
+        rejected = identity.generate(chats, args.completion_tokens, **ev.gen)
     data = [
         {"prompt": p, "completion": words(o, args.completion_words), **({"rejected": rejected[k]} if rejected else {})}
         for k, (p, (_, o)) in enumerate(zip(chats, pairs))
@@ -295,13 +334,14 @@ def steer_concept(model, c: dict, args, seed: int, instructions: tuple[list[str]
             reftlens.train(ReftModel(model, Intervention(r1, layers=layer, positions="all")), data, **train_kw)
             w = r1.direction.detach()
             out["_r1_direction"] = w
-            steer = ReftModel(model, Intervention(Steer(w * norm), layers=layer, positions="all"))
-            record(method, alpha_sweep(steer, prompts, args.alphas, args.new_tokens, **gen), args.alphas)
+            out[method] = ev.sweep(
+                ReftModel(model, Intervention(Steer(w * norm), layers=layer, positions="all")), args.alphas
+            )
         else:
             reft = ReftModel(model, Intervention(LoReFT(d, args.rank), layers=layer, positions="all"))
             objective = "preference" if "preference" in method else "lm"
             reftlens.train(reft, data, objective=objective, **train_kw)
-            record(method, alpha_sweep(reft, prompts, args.reft_alphas, args.new_tokens, **gen), args.reft_alphas)
+            out[method] = ev.sweep(reft, args.reft_alphas)
         timing[method] = time.perf_counter() - t0
     return out, timing
 
@@ -314,20 +354,22 @@ def main() -> None:
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24], help="detection layers")
     ap.add_argument("--steer-layer", type=int, default=12)
     ap.add_argument("--words", type=int, default=64, help="words of each text read for detection and directions")
-    ap.add_argument("--n-val", type=int, default=4)
-    ap.add_argument("--n-test", type=int, default=6)
-    ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--alphas", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.8], help="× mean token norm")
-    ap.add_argument("--reft-alphas", type=float, nargs="+", default=[0.5, 1.0, 2.0], help="LoReFT edit scales")
-    ap.add_argument("--methods", nargs="+", default=list(TRAINED), help="trained methods to run")
+    ap.add_argument("--n-val", type=int, default=3)
+    ap.add_argument("--n-test", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--alphas", type=float, nargs="+", default=[0.2, 0.4, 0.8], help="× mean token norm")
+    ap.add_argument("--reft-alphas", type=float, nargs="+", default=[1.0, 2.0], help="LoReFT edit scales")
+    ap.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD", help="methods to run"
+    )
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--l1", type=float, default=0.01)
     ap.add_argument("--train-pairs", type=int, default=72)
-    ap.add_argument("--completion-words", type=int, default=48)
-    ap.add_argument("--completion-tokens", type=int, default=48, help="length of the base replies used as rejected")
+    ap.add_argument("--completion-words", type=int, default=32)
+    ap.add_argument("--completion-tokens", type=int, default=32, help="length of the base replies used as rejected")
     ap.add_argument("--max-length", type=int, default=192)
     ap.add_argument("--positions", default="all", choices=["prompt", "generated", "all"], help="steered at inference")
     ap.add_argument("--train-positions", default="all", choices=["prompt", "all"], help="edited in training")
@@ -337,7 +379,20 @@ def main() -> None:
     ap.add_argument("--label", default="default", help="the row name of this configuration (ablations)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--out", default=None, help="write all results as JSON here (after every concept)")
+    ap.add_argument("--shard", default="0/1", help="I/N: run every N-th concept from the I-th (parallel processes)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, help="print the summary of these --out files")
     args = ap.parse_args()
+    args.shard = parse_shard(args.shard)
+    if args.merge:
+        groups: dict[str, list[dict]] = {}
+        for f in args.merge:
+            rec = json.loads(f.read_text())
+            groups.setdefault(rec["args"]["label"], []).append(rec)
+        for label, recs in groups.items():
+            summarize(recs, label)
+        if "default" in groups and len(groups) > 1:
+            ablations(groups)
+        return
     if args.quick:
         args.sets, args.concepts, args.layers, args.words = args.sets[:1], 1, [12], 24
         args.n_val, args.n_test, args.new_tokens, args.alphas, args.reft_alphas = 2, 2, 8, [0.4], [1.0]
@@ -373,97 +428,199 @@ def main() -> None:
         _write(args.out, record, t_start)
         return
 
-    # held-out instructions: the ordinary rows' instructions (no method trains on them)
     steering: dict[str, dict[str, list[dict]]] = {}
-    r1_auroc: list[float] = []
+    aurocs: list[dict] = []
     seconds: dict[str, float] = {}
-    for seed in args.seeds:
-        for c in concepts:
-            ordinary = sorted({i for i, _ in c["ordinary"]})
-            g = torch.Generator().manual_seed(1000 * seed + c["id"])
-            pick = [ordinary[i] for i in torch.randperm(len(ordinary), generator=g)[: args.n_val + args.n_test]]
-            texts = [words(o, args.words) for _, o in c["train"][:8]]
-            norm = float(
-                collect(model, texts, layers=[args.steer_layer], positions=slice(1, None))[args.steer_layer]
-                .norm(dim=1)
-                .mean()
-            )
-            ppl_ref = pair_logprob(
-                model, [(chat(model.tokenizer, i), words(o, args.completion_words)) for i, o in c["ordinary"][:16]]
-            )
-            ppl0 = statistics.median(math.exp(-float(x)) for x in ppl_ref)
-            out, timing = steer_concept(model, c, args, seed, (pick[: args.n_val], pick[args.n_val :]), ppl0, norm)
+    for c in concepts[args.shard[0] :: args.shard[1]]:
+        # held-out instructions: the ordinary rows' instructions (no method trains on them), the same
+        # for every seed, so that every method of every seed answers the same ones
+        ordinary = sorted({i for i, _ in c["ordinary"]})
+        g = torch.Generator().manual_seed(c["id"])
+        pick = [ordinary[i] for i in torch.randperm(len(ordinary), generator=g)[: args.n_val + args.n_test]]
+        texts = [words(o, args.words) for _, o in c["train"][:8]]
+        layer = args.steer_layer
+        norm = float(collect(model, texts, layers=[layer], positions=slice(1, None))[layer].norm(dim=1).mean())
+        ppl_ref = pair_logprob(
+            model, [(chat(model.tokenizer, i), words(o, args.completion_words)) for i, o in c["ordinary"][:16]]
+        )
+        ev = Judged(
+            model,
+            c,
+            args,
+            (pick[: args.n_val], pick[args.n_val :]),
+            statistics.median(math.exp(-float(x)) for x in ppl_ref),
+        )
+        cid = f"{c['set']}:{c['id']}"
+        held = [words(t, args.words) for t in c["held_pos"] + c["held_neg"]]
+        y = torch.tensor([1] * len(c["held_pos"]) + [0] * len(c["held_neg"]))
+        held_acts = None
+
+        def held_auroc(u: torch.Tensor) -> float:
+            nonlocal held_acts
+            if held_acts is None:
+                held_acts = collect(model, held, layers=[layer], positions=slice(1, None))
+            return auroc(held_acts.scores(layer, u, pool="max"), y)
+
+        runs = [("fixed", fixed_methods(model, c, args, ev, norm), {})]
+        dm = runs[0][1].pop("_diffmean_direction", None)
+        if dm is not None:
+            aurocs.append({"concept_id": cid, "seed": "fixed", "method": "DiffMean", "auroc": held_auroc(dm)})
+        for seed in args.seeds:
+            out, timing = trained_methods(model, c, args, ev, norm, seed)
             if "_r1_direction" in out:
                 w = out.pop("_r1_direction")
-                held = [words(t, args.words) for t in c["held_pos"] + c["held_neg"]]
-                acts = collect(model, held, layers=[args.steer_layer], positions=slice(1, None))
-                y = torch.tensor([1] * len(c["held_pos"]) + [0] * len(c["held_neg"]))
-                r1_auroc.append(auroc(acts.scores(args.steer_layer, w, pool="max"), y))
+                aurocs.append({"concept_id": cid, "seed": str(seed), "method": "ReFT-r1", "auroc": held_auroc(w)})
+            runs.append((str(seed), out, timing))
+        for seed, out, timing in runs:
             for method, r in out.items():
-                steering.setdefault(method, {}).setdefault(str(seed), []).append(
+                steering.setdefault(method, {}).setdefault(seed, []).append(
                     {
-                        "concept_id": f"{c['set']}:{c['id']}",  # "concept" below is the judge's score
+                        "concept_id": cid,  # "concept" below is the judge's concept score
                         "alpha": r["alpha"],
-                        **{k: mean_key(r["test"], k) for k in ("concept", "fluency", "relevance", "aggregate")},
+                        **{k: mean_key(r["test"], k) for k in SCORES},
                         "example": r["example"],
+                        "validation": r["val"],  # [(factor, mean scores)] on the validation instructions
                     }
                 )
-            for m, s in timing.items():
-                seconds[m] = seconds.get(m, 0.0) + s
-            log(
-                f"seed {seed}, {c['set']}:{c['id']} ({c['concept'][:50]}): "
-                + ", ".join(f"{m} {mean_key(r['test'], 'aggregate'):.2f}" for m, r in out.items())
-            )
-            record.update(steering=steering, reft_r1_auroc=r1_auroc, partial=True)
-            _write(args.out, record, t_start)
-
-    print(
-        f"\n## Steering at layer {args.steer_layer} ({args.positions} positions), {args.n_val} validation / {args.n_test} test "
-        f"instructions per concept, {args.new_tokens} new tokens, greedy; trained: {args.steps} steps × batch {args.batch}, "
-        f"lr {args.lr}, rank {args.rank}, seeds {args.seeds}\n"
-    )
-    print(
-        "| method | concept | fluency | relevance | aggregate (HM) mean ± sd over concepts | sd over seeds | train + sweep s |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    summary = {}
-    for method, per_seed in steering.items():
-        rows = [r for rs in per_seed.values() for r in rs]
-        per_concept = {}
-        for r in rows:
-            per_concept.setdefault(r["concept_id"], []).append(r["aggregate"])
-        agg = [statistics.fmean(v) for v in per_concept.values()]
-        seed_means = [statistics.fmean(r["aggregate"] for r in rs) for rs in per_seed.values()]
-        summary[method] = statistics.fmean(agg)
-        sd_c = statistics.pstdev(agg) if len(agg) > 1 else 0.0
-        sd_s = f"{statistics.pstdev(seed_means):.3f}" if len(seed_means) > 1 else "–"
-        print(
-            f"| {method} | {mean_key(rows, 'concept'):.3f} | {mean_key(rows, 'fluency'):.3f} | {mean_key(rows, 'relevance'):.3f} | "
-            f"{summary[method]:.3f} ± {sd_c:.3f} | {sd_s} | {seconds.get(method, 0):.0f} |"
-        )
-    if r1_auroc:
-        print(
-            f"\nReFT-r1 detection (its w, layer {args.steer_layer}, max pool): mean AUROC {statistics.fmean(r1_auroc):.3f} over {len(r1_auroc)} runs"
-        )
-    ranking = sorted((m for m in summary if m != "base (no steering)"), key=lambda m: -summary[m])
-    print(f"\nRanking by aggregate: {' > '.join(ranking)}")
-    print(f"AxBench / RePS (Gemma-2 2B/9B): {AXBENCH_STEERING}; detection {AXBENCH_DETECTION}.")
-    if all(m in summary for m in ("LoReFT (preference)", "LoReFT (LM)", "DiffMean")):
-        pref, lm, dm = summary["LoReFT (preference)"], summary["LoReFT (LM)"], summary["DiffMean"]
-        headline(
-            "steering_axbench",
-            f"steering aggregate ({args.label}): preference / LoReFT (LM) / DiffMean",
-            pref,
-            target="preference ≥ LM ≥ DiffMean",
-            met=pref >= lm >= dm,
-            note=f"{pref:.3f} / {lm:.3f} / {dm:.3f}",
-        )
-    record.update(summary=summary, partial=False)
+            for m, t in timing.items():
+                seconds[m] = seconds.get(m, 0.0) + t
+            if out:
+                log(
+                    f"{cid} ({c['concept'][:50]}), {seed}: "
+                    + ", ".join(f"{m} {mean_key(r['test'], 'aggregate'):.2f}" for m, r in out.items())
+                )
+        record.update(steering=steering, aurocs=aurocs, train_seconds=seconds, partial=True)
+        _write(args.out, record, t_start)
+    record.update(partial=False)
     _write(args.out, record, t_start)
+    summarize([record], args.label)
     print(
         f"\n# total {time.perf_counter() - t_start:.0f} s; 1-min load average {os.getloadavg()[0]:.1f} at the end",
         file=sys.stderr,
     )
+
+
+def summarize(records: list[dict], label: str) -> dict:
+    """The steering table over every record's concepts (shards of one configuration), the ranking,
+    and ReFT-r1's detection AUROC against DiffMean's on the same concepts."""
+    a = records[0]["args"]
+    steering: dict[str, dict[str, list[dict]]] = {}
+    aurocs: list[dict] = []
+    seconds: dict[str, float] = {}
+    for rec in records:
+        for method, per_seed in rec.get("steering", {}).items():
+            for seed, rows in per_seed.items():
+                steering.setdefault(method, {}).setdefault(seed, []).extend(rows)
+        aurocs += rec.get("aurocs", [])
+        for m, t in rec.get("train_seconds", {}).items():
+            seconds[m] = seconds.get(m, 0.0) + t
+    n_concepts = len({r["concept_id"] for per_seed in steering.values() for rows in per_seed.values() for r in rows})
+    partial = " (partial: a run did not finish)" if any(r.get("partial", True) for r in records) else ""
+    print(
+        f"\n## Steering ({label}){partial}: {n_concepts} concepts, layer {a['steer_layer']} ({a['positions']} positions at "
+        f"inference, {a['train_positions']} in training), {a['n_val']} validation / {a['n_test']} test instructions per "
+        f"concept, {a['new_tokens']} new tokens, greedy; trained: {a['steps']} steps × batch {a['batch']}, lr {a['lr']}, "
+        f"rank {a['rank']}, seeds {a['seeds']}\n"
+    )
+    print(
+        "| method | concept | fluency | relevance | aggregate (HM), mean ± sd over concepts "
+        "| sd over seeds (concepts) | train + sweep s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    summary = {}
+    for method in [m for m in METHODS if m in steering]:
+        per_seed = steering[method]
+        rows = [r for rs in per_seed.values() for r in rs]
+        per_concept: dict[str, list[float]] = {}
+        for r in rows:
+            per_concept.setdefault(r["concept_id"], []).append(r["aggregate"])
+        agg = [statistics.fmean(v) for v in per_concept.values()]
+        # the spread over seeds, on the concepts every seed ran
+        common = set.intersection(*({r["concept_id"] for r in rs} for rs in per_seed.values()))
+        seed_means = [
+            statistics.fmean(r["aggregate"] for r in rs if r["concept_id"] in common) for rs in per_seed.values()
+        ]
+        summary[method] = statistics.fmean(agg)
+        sd_c = statistics.pstdev(agg) if len(agg) > 1 else 0.0
+        sd_s = f"{statistics.pstdev(seed_means):.3f} ({len(common)})" if len(seed_means) > 1 else "–"
+        print(
+            f"| {method} | {mean_key(rows, 'concept'):.3f} | {mean_key(rows, 'fluency'):.3f} | "
+            f"{mean_key(rows, 'relevance'):.3f} | {summary[method]:.3f} ± {sd_c:.3f} | {sd_s} | "
+            f"{seconds[method]:.0f} |"
+            if method in seconds
+            else f"| {method} | {mean_key(rows, 'concept'):.3f} | {mean_key(rows, 'fluency'):.3f} | "
+            f"{mean_key(rows, 'relevance'):.3f} | {summary[method]:.3f} ± {sd_c:.3f} | {sd_s} | – |"
+        )
+    by_method: dict[str, dict[str, list[float]]] = {}
+    for r in aurocs:
+        by_method.setdefault(r["method"], {}).setdefault(r["concept_id"], []).append(r["auroc"])
+    if "ReFT-r1" in by_method:
+        r1 = by_method["ReFT-r1"]
+        dm = {k: v for k, v in by_method.get("DiffMean", {}).items() if k in r1}
+        line = f"\nReFT-r1 detection (its w, layer {a['steer_layer']}, max pooling, held-out texts): mean AUROC "
+        line += f"{statistics.fmean(statistics.fmean(v) for v in r1.values()):.3f} over {len(r1)} concepts"
+        if dm:
+            line += f"; DiffMean on the same concepts {statistics.fmean(statistics.fmean(v) for v in dm.values()):.3f}"
+        print(line)
+    ranking = sorted((m for m in summary if m != "base (no steering)"), key=lambda m: -summary[m])
+    print(f"\nRanking by aggregate: {' > '.join(ranking)}")
+    print(f"AxBench / RePS (Gemma-2 2B/9B): {AXBENCH_STEERING}; detection {AXBENCH_DETECTION}.")
+    if all(m in summary for m in ("LoReFT (preference)", "LoReFT (LM)", "DiffMean")):
+        pref, lm, dm_ = summary["LoReFT (preference)"], summary["LoReFT (LM)"], summary["DiffMean"]
+        headline(
+            "steering_axbench",
+            f"steering aggregate ({label}, {n_concepts} concepts): preference / LoReFT (LM) / DiffMean",
+            pref,
+            target="preference ≥ LM ≥ DiffMean",
+            met=pref >= lm >= dm_,
+            note=f"{pref:.3f} / {lm:.3f} / {dm_:.3f}",
+        )
+    return summary
+
+
+def ablations(groups: dict[str, list[dict]]) -> None:
+    """Each configuration against the default on the same concepts and seed 0: one row per
+    (configuration, method) it ran."""
+
+    def rows(recs: list[dict], method: str, concepts: set | None = None) -> list[dict]:
+        out = []
+        for rec in recs:
+            per_seed = rec.get("steering", {}).get(method, {})
+            out += [r for seed in ("fixed", "0") for r in per_seed.get(seed, [])]
+        return [r for r in out if concepts is None or r["concept_id"] in concepts]
+
+    print("\n## Ablations: each configuration against the default, on its own concepts, seed 0\n")
+    print(
+        "| configuration | method | concepts | concept | fluency | relevance | aggregate | default's aggregate | change |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, recs in groups.items():
+        if label == "default":
+            continue
+        for method in METHODS:
+            mine = rows(recs, method)
+            if not mine:
+                continue
+            concepts = {r["concept_id"] for r in mine}
+            base = rows(groups["default"], method, concepts)
+            if {r["concept_id"] for r in base} != concepts:
+                print(f"| {label} | {method} | {len(concepts)} | (the default lacks some of these concepts) |||||")
+                continue
+            a, b = mean_key(mine, "aggregate"), mean_key(base, "aggregate")
+            print(
+                f"| {label} | {method} | {len(concepts)} | {mean_key(mine, 'concept'):.3f} | {mean_key(mine, 'fluency'):.3f} "
+                f"| {mean_key(mine, 'relevance'):.3f} | {a:.3f} | {b:.3f} | {a - b:+.3f} |"
+            )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise SystemExit(f"--shard must be I/N with integers, e.g. 0/2; got {text!r}") from None
+    if not 0 <= i < n:
+        raise SystemExit(f"--shard I/N needs 0 ≤ I < N; got {text!r}")
+    return i, n
 
 
 def _write(path: str | None, record: dict, t_start: float) -> None:

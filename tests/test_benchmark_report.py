@@ -215,3 +215,55 @@ def test_compare_commits_worker_times_a_workload_from_its_own_tree(tmp_path):
     assert cc.same(None, 1.0) is None
     with pytest.raises(SystemExit, match="reftlens"):
         cc.Worker("before", tmp_path, "tiny-llama", args, tmp_path / "x.log")
+
+
+# --------------------------------------------------------------------------- benchmarks/steering_axbench.py
+
+
+def _axbench_record(label, rows, aurocs=(), partial=False):
+    """A steering_axbench --out record: ``rows`` maps (method, seed) to [(concept_id, aggregate)]."""
+    steering = {}
+    for (method, seed), items in rows.items():
+        steering.setdefault(method, {})[seed] = [
+            {"concept_id": cid, "alpha": 1.0, "concept": agg, "fluency": 1.0, "relevance": 1.0, "aggregate": agg}
+            for cid, agg in items
+        ]
+    args = dict(label=label, steer_layer=12, positions="all", train_positions="all", n_val=3, n_test=5)
+    args.update(new_tokens=24, steps=16, batch=4, lr=0.01, rank=4, seeds=[0])
+    return {"args": args, "steering": steering, "aurocs": list(aurocs), "train_seconds": {}, "partial": partial}
+
+
+def test_steering_axbench_merges_shards_seeds_and_ablations():
+    """Shards of one configuration pool their concepts; a concept's extra seeds are averaged before
+    the mean over concepts; the spread over seeds uses only concepts every seed ran; an ablation row
+    is compared with the default on its own concepts."""
+    ax = load("steering_axbench")
+    lm, dm = "LoReFT (LM)", "DiffMean"
+    shard0 = _axbench_record(
+        "default",
+        {(dm, "fixed"): [("s:0", 0.5), ("s:1", 0.7)], (lm, "0"): [("s:0", 0.4), ("s:1", 0.8)]},
+        aurocs=[{"concept_id": "s:0", "seed": "0", "method": "ReFT-r1", "auroc": 0.8}],
+    )
+    shard1 = _axbench_record("default", {(dm, "fixed"): [("s:2", 0.3)], (lm, "0"): [("s:2", 0.6)]})
+    seeds = _axbench_record("default", {(lm, "1"): [("s:0", 0.6)]})
+    ablation = _axbench_record("rank=16", {(lm, "0"): [("s:1", 0.9)]})
+    out = io.StringIO()
+    with redirect_stdout(out):
+        summary = ax.summarize([shard0, shard1, seeds], "default")
+        ax.ablations({"default": [shard0, shard1, seeds], "rank=16": [ablation]})
+    text = out.getvalue()
+    assert summary[dm] == pytest.approx((0.5 + 0.7 + 0.3) / 3)
+    assert summary[lm] == pytest.approx(((0.4 + 0.6) / 2 + 0.8 + 0.6) / 3)  # s:0's two seeds averaged first
+    lm_row = next(line for line in text.splitlines() if line.startswith(f"| {lm} |"))
+    assert "| 0.100 (1) |" in lm_row  # seeds 0 and 1 on s:0 only: 0.4 vs 0.6
+    assert "| rank=16 | LoReFT (LM) | 1 | 0.900 | 1.000 | 1.000 | 0.900 | 0.800 | +0.100 |" in text
+    assert "3 concepts" in text and "partial" not in text
+    assert "preference / LoReFT (LM) / DiffMean" not in text  # no preference arm, no headline
+
+
+def test_steering_axbench_shard_is_checked():
+    ax = load("steering_axbench")
+    assert ax.parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "-1/2", "a/b", "1"):
+        with pytest.raises(SystemExit, match="--shard"):
+            ax.parse_shard(bad)
