@@ -557,11 +557,22 @@ def summarize(records: list[dict], label: str) -> dict:
     if "ReFT-r1" in by_method:
         r1 = by_method["ReFT-r1"]
         dm = {k: v for k, v in by_method.get("DiffMean", {}).items() if k in r1}
+        r1_mean = statistics.fmean(statistics.fmean(v) for v in r1.values())
         line = f"\nReFT-r1 detection (its w, layer {a['steer_layer']}, max pooling, held-out texts): mean AUROC "
-        line += f"{statistics.fmean(statistics.fmean(v) for v in r1.values()):.3f} over {len(r1)} concepts"
+        line += f"{r1_mean:.3f} over {len(r1)} concepts"
         if dm:
-            line += f"; DiffMean on the same concepts {statistics.fmean(statistics.fmean(v) for v in dm.values()):.3f}"
+            dm_mean = statistics.fmean(statistics.fmean(v) for v in dm.values())
+            line += f"; DiffMean on the same concepts {dm_mean:.3f}"
         print(line)
+        if dm and label == "default":
+            headline(
+                "steering_axbench",
+                f"detection: ReFT-r1 mean AUROC against DiffMean's, layer {a['steer_layer']}, {len(dm)} concepts",
+                r1_mean,
+                target="within 0.05 of DiffMean",
+                met=dm_mean - r1_mean <= 0.05,
+                note=f"ReFT-r1 {r1_mean:.3f}, DiffMean {dm_mean:.3f}",
+            )
     ranking = sorted((m for m in summary if m != "base (no steering)"), key=lambda m: -summary[m])
     print(f"\nRanking by aggregate: {' > '.join(ranking)}")
     print(f"AxBench / RePS (Gemma-2 2B/9B): {AXBENCH_STEERING}; detection {AXBENCH_DETECTION}.")
@@ -610,6 +621,21 @@ def ablations(groups: dict[str, list[dict]]) -> None:
             print(
                 f"| {label} | {method} | {len(concepts)} | {mean_key(mine, 'concept'):.3f} | {mean_key(mine, 'fluency'):.3f} "
                 f"| {mean_key(mine, 'relevance'):.3f} | {a:.3f} | {b:.3f} | {a - b:+.3f} |"
+            )
+    for label, recs in groups.items():
+        mine = {r["concept_id"]: r["auroc"] for rec in recs for r in rec.get("aurocs", []) if r["method"] == "ReFT-r1"}
+        if label == "default" or not mine:
+            continue
+        base = [
+            r["auroc"]
+            for rec in groups["default"]
+            for r in rec.get("aurocs", [])
+            if r["method"] == "ReFT-r1" and r["seed"] == "0" and r["concept_id"] in mine
+        ]
+        if len(base) == len(mine):
+            print(
+                f"\nReFT-r1 detection AUROC ({label}, {len(mine)} concepts, seed 0): "
+                f"{statistics.fmean(mine.values()):.3f}, the default's {statistics.fmean(base):.3f}"
             )
 
 

@@ -247,16 +247,18 @@ def test_steering_axbench_merges_shards_seeds_and_ablations():
     shard1 = _axbench_record("default", {(dm, "fixed"): [("s:2", 0.3)], (lm, "0"): [("s:2", 0.6)]})
     seeds = _axbench_record("default", {(lm, "1"): [("s:0", 0.6)]})
     ablation = _axbench_record("rank=16", {(lm, "0"): [("s:1", 0.9)]})
+    r1 = _axbench_record("steps=48", {}, aurocs=[{"concept_id": "s:0", "seed": "0", "method": "ReFT-r1", "auroc": 0.9}])
     out = io.StringIO()
     with redirect_stdout(out):
         summary = ax.summarize([shard0, shard1, seeds], "default")
-        ax.ablations({"default": [shard0, shard1, seeds], "rank=16": [ablation]})
+        ax.ablations({"default": [shard0, shard1, seeds], "rank=16": [ablation], "steps=48": [r1]})
     text = out.getvalue()
     assert summary[dm] == pytest.approx((0.5 + 0.7 + 0.3) / 3)
     assert summary[lm] == pytest.approx(((0.4 + 0.6) / 2 + 0.8 + 0.6) / 3)  # s:0's two seeds averaged first
     lm_row = next(line for line in text.splitlines() if line.startswith(f"| {lm} |"))
     assert "| 0.100 (1) |" in lm_row  # seeds 0 and 1 on s:0 only: 0.4 vs 0.6
     assert "| rank=16 | LoReFT (LM) | 1 | 0.900 | 1.000 | 1.000 | 0.900 | 0.800 | +0.100 |" in text
+    assert "ReFT-r1 detection AUROC (steps=48, 1 concepts, seed 0): 0.900, the default's 0.800" in text
     assert "3 concepts" in text and "partial" not in text
     assert "preference / LoReFT (LM) / DiffMean" not in text  # no preference arm, no headline
 
