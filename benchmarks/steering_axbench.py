@@ -520,7 +520,7 @@ def summarize(records: list[dict], label: str) -> dict:
         f"\n## Steering ({label}){partial}: {n_concepts} concepts, layer {a['steer_layer']} ({a['positions']} positions at "
         f"inference, {a['train_positions']} in training), {a['n_val']} validation / {a['n_test']} test instructions per "
         f"concept, {a['new_tokens']} new tokens, greedy; trained: {a['steps']} steps × batch {a['batch']}, lr {a['lr']}, "
-        f"rank {a['rank']}, seeds {a['seeds']}\n"
+        f"rank {a['rank']}, seeds {sorted({s for r in records for s in r['args']['seeds']})}\n"
     )
     print(
         "| method | concept | fluency | relevance | aggregate (HM), mean ± sd over concepts "
