@@ -250,6 +250,11 @@ class Judged:
         self.concept_p = concept_judge(c)
         self.ppl0 = ppl0
         self.gen = dict(intervene_on=args.positions, eos_token_id=model.tokenizer.eos_token_id)
+        self.base = self.steered(model.cfg.d_model)  # Steer(d): a zero vector, the unsteered model
+
+    def steered(self, vector) -> ReftModel:
+        """The model with ``Steer(vector)`` at the steering layer, on every position."""
+        return ReftModel(self.model, Intervention(Steer(vector), layers=self.args.steer_layer, positions="all"))
 
     def sweep(self, reft, alphas: list[float]) -> dict:
         """Replies at each factor on every instruction; the factor with the best validation
@@ -270,14 +275,13 @@ def fixed_methods(model, c: dict, args, ev: Judged, norm: float) -> dict:
     """The untrained methods (deterministic, so run once per concept): no steering, the concept named
     in the prompt, and DiffMean and probe directions fitted on the concept's training replies
     against the ordinary ones at the steering layer, steered as ``Steer(u·α·‖h‖)``."""
-    tok, d, layer = model.tokenizer, model.cfg.d_model, args.steer_layer
+    tok, layer = model.tokenizer, args.steer_layer
     out: dict[str, dict] = {}
-    identity = ReftModel(model, Intervention(Steer(d), layers=layer, positions="all"))
     if "base (no steering)" in args.methods:
-        out["base (no steering)"] = ev.choose([identity.generate(ev.prompts, args.new_tokens, **ev.gen)], [0.0])
+        out["base (no steering)"] = ev.choose([ev.base.generate(ev.prompts, args.new_tokens, **ev.gen)], [0.0])
     if "prompting" in args.methods:
         hint = f"\n\nIn your answer, bring in {c['concept']}."
-        replies = identity.generate([chat(tok, x + hint) for x in ev.pool], args.new_tokens, **ev.gen)
+        replies = ev.base.generate([chat(tok, x + hint) for x in ev.pool], args.new_tokens, **ev.gen)
         out["prompting"] = ev.choose([replies], [0.0])
     if not {"DiffMean", "probe"} & set(args.methods):
         return out
@@ -292,29 +296,31 @@ def fixed_methods(model, c: dict, args, ev: Judged, norm: float) -> dict:
     }
     for method, u in directions.items():
         if method in args.methods:
-            out[method] = ev.sweep(
-                ReftModel(model, Intervention(Steer(u * norm), layers=layer, positions="all")), args.alphas
-            )
+            out[method] = ev.sweep(ev.steered(u * norm), args.alphas)
     out["_diffmean_direction"] = directions["DiffMean"]
     return out
 
 
-def trained_methods(model, c: dict, args, ev: Judged, norm: float, seed: int) -> tuple[dict, dict]:
-    """The trained methods on the concept's instruction → concept-reply pairs, one budget for all
-    (steps, batch, learning rate, positions); ``seed`` sets their initialisation and data order."""
-    tok, d, layer = model.tokenizer, model.cfg.d_model, args.steer_layer
-    out: dict[str, dict] = {}
-    timing: dict[str, float] = {}
+def training_data(model, c: dict, args, ev: Judged) -> list[dict]:
+    """The concept's instruction → concept-reply pairs; for the preference objective each also
+    carries the base model's own (greedy, so seed-independent) reply as the rejected one."""
     pairs = c["train"][: args.train_pairs]
-    chats = [chat(tok, i) for i, _ in pairs]
+    chats = [chat(model.tokenizer, i) for i, _ in pairs]
     rejected = None
     if "LoReFT (preference)" in args.methods:
-        identity = ReftModel(model, Intervention(Steer(d), layers=layer, positions="all"))
-        rejected = identity.generate(chats, args.completion_tokens, **ev.gen)
-    data = [
+        rejected = ev.base.generate(chats, args.completion_tokens, **ev.gen)
+    return [
         {"prompt": p, "completion": words(o, args.completion_words), **({"rejected": rejected[k]} if rejected else {})}
         for k, (p, (_, o)) in enumerate(zip(chats, pairs))
     ]
+
+
+def trained_methods(model, args, ev: Judged, data: list[dict], norm: float, seed: int) -> tuple[dict, dict]:
+    """The trained methods on ``data`` (:func:`training_data`), one budget for all (steps, batch,
+    learning rate, positions); ``seed`` sets their initialisation and data order."""
+    d, layer = model.cfg.d_model, args.steer_layer
+    out: dict[str, dict] = {}
+    timing: dict[str, float] = {}
     train_kw = dict(
         max_steps=args.steps,
         batch_size=args.batch,
@@ -334,9 +340,7 @@ def trained_methods(model, c: dict, args, ev: Judged, norm: float, seed: int) ->
             reftlens.train(ReftModel(model, Intervention(r1, layers=layer, positions="all")), data, **train_kw)
             w = r1.direction.detach()
             out["_r1_direction"] = w
-            out[method] = ev.sweep(
-                ReftModel(model, Intervention(Steer(w * norm), layers=layer, positions="all")), args.alphas
-            )
+            out[method] = ev.sweep(ev.steered(w * norm), args.alphas)
         else:
             reft = ReftModel(model, Intervention(LoReFT(d, args.rank), layers=layer, positions="all"))
             objective = "preference" if "preference" in method else "lm"
@@ -384,10 +388,7 @@ def main() -> None:
     args = ap.parse_args()
     args.shard = parse_shard(args.shard)
     if args.merge:
-        groups: dict[str, list[dict]] = {}
-        for f in args.merge:
-            rec = json.loads(f.read_text())
-            groups.setdefault(rec["args"]["label"], []).append(rec)
+        groups = load_runs(args.merge)
         for label, recs in groups.items():
             summarize(recs, label)
         if "default" in groups and len(groups) > 1:
@@ -465,8 +466,9 @@ def main() -> None:
         dm = runs[0][1].pop("_diffmean_direction", None)
         if dm is not None:
             aurocs.append({"concept_id": cid, "seed": "fixed", "method": "DiffMean", "auroc": held_auroc(dm)})
+        data = training_data(model, c, args, ev) if set(TRAINED) & set(args.methods) else []
         for seed in args.seeds:
-            out, timing = trained_methods(model, c, args, ev, norm, seed)
+            out, timing = trained_methods(model, args, ev, data, norm, seed)
             if "_r1_direction" in out:
                 w = out.pop("_r1_direction")
                 aurocs.append({"concept_id": cid, "seed": str(seed), "method": "ReFT-r1", "auroc": held_auroc(w)})
@@ -543,13 +545,10 @@ def summarize(records: list[dict], label: str) -> dict:
         summary[method] = statistics.fmean(agg)
         sd_c = statistics.pstdev(agg) if len(agg) > 1 else 0.0
         sd_s = f"{statistics.pstdev(seed_means):.3f} ({len(common)})" if len(seed_means) > 1 else "–"
+        secs = f"{seconds[method]:.0f}" if method in seconds else "–"
         print(
             f"| {method} | {mean_key(rows, 'concept'):.3f} | {mean_key(rows, 'fluency'):.3f} | "
-            f"{mean_key(rows, 'relevance'):.3f} | {summary[method]:.3f} ± {sd_c:.3f} | {sd_s} | "
-            f"{seconds[method]:.0f} |"
-            if method in seconds
-            else f"| {method} | {mean_key(rows, 'concept'):.3f} | {mean_key(rows, 'fluency'):.3f} | "
-            f"{mean_key(rows, 'relevance'):.3f} | {summary[method]:.3f} ± {sd_c:.3f} | {sd_s} | – |"
+            f"{mean_key(rows, 'relevance'):.3f} | {summary[method]:.3f} ± {sd_c:.3f} | {sd_s} | {secs} |"
         )
     by_method: dict[str, dict[str, list[float]]] = {}
     for r in aurocs:
@@ -639,6 +638,35 @@ def ablations(groups: dict[str, list[dict]]) -> None:
             )
 
 
+# options that pick which concepts, seeds and methods a run covers; every other option is the
+# configuration, which the runs merged under one --label must share
+COVERAGE = {"sets", "concepts", "shard", "seeds", "methods", "out", "label", "layers", "data"}
+COVERAGE |= {"detection_only", "steering_only", "merge"}
+
+
+def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
+    """The --out records of ``paths`` grouped by --label; runs under one label must share their
+    configuration (they are pooled as one)."""
+    groups: dict[str, list[dict]] = {}
+    for f in paths:
+        try:
+            rec = json.loads(Path(f).read_text())
+            label = rec["args"]["label"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"--merge: {f} is not a steering_axbench --out record ({e!r}).") from None
+        group = groups.setdefault(label, [])
+        if group:
+            first = group[0]["args"]
+            differ = sorted(k for k in (set(first) | set(rec["args"])) - COVERAGE if first.get(k) != rec["args"].get(k))
+            if differ:
+                raise SystemExit(
+                    f"--merge: {f} and the first run labelled {label!r} differ in {', '.join(differ)}; "
+                    "runs of another configuration need their own --label."
+                )
+        group.append(rec)
+    return groups
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
@@ -652,7 +680,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def _write(path: str | None, record: dict, t_start: float) -> None:
     if path:
         record["seconds"] = time.perf_counter() - t_start
-        tmp = f"{path}.tmp"
+        tmp = f"{path}.{os.getpid()}.tmp"  # two runs given one --out never share a half-written file
         with open(tmp, "w") as f:
             json.dump(record, f, indent=1)
         os.replace(tmp, path)

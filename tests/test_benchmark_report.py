@@ -2,6 +2,7 @@
 
 import importlib.util
 import io
+import json
 import os
 import re
 import sys
@@ -269,3 +270,24 @@ def test_steering_axbench_shard_is_checked():
     for bad in ("3/3", "-1/2", "a/b", "1"):
         with pytest.raises(SystemExit, match="--shard"):
             ax.parse_shard(bad)
+
+
+def test_steering_axbench_merge_refuses_runs_of_another_configuration(tmp_path):
+    """Runs under one --label are pooled, so they must share every option but which concepts, seeds
+    and methods they cover; a file that is not a record is named."""
+    ax = load("steering_axbench")
+    a = _axbench_record("default", {("DiffMean", "fixed"): [("s:0", 0.5)]})
+    b = _axbench_record("default", {("DiffMean", "fixed"): [("s:1", 0.6)]})
+    b["args"].update(seeds=[1, 2], steps=48)
+    paths = []
+    for name, rec in (("a.json", a), ("b.json", b)):
+        (tmp_path / name).write_text(json.dumps(rec))
+        paths.append(tmp_path / name)
+    with pytest.raises(SystemExit, match=r"differ in steps; runs of another configuration need their own --label"):
+        ax.load_runs(paths)
+    b["args"]["steps"] = a["args"]["steps"]  # other seeds alone: the same configuration
+    paths[1].write_text(json.dumps(b))
+    assert [len(v) for v in ax.load_runs(paths).values()] == [2]
+    (tmp_path / "c.json").write_text("{}")
+    with pytest.raises(SystemExit, match="c.json is not a steering_axbench --out record"):
+        ax.load_runs([tmp_path / "c.json"])
