@@ -354,7 +354,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA, help="folder with the three Concept10 sets")
     ap.add_argument("--sets", nargs="+", default=list(SETS))
-    ap.add_argument("--concepts", type=int, default=None, help="the first N concepts of each set (default: all 10)")
+    ap.add_argument(
+        "--concepts", default=None, help="N: the first N concepts of each set; A:B: concepts A to B-1 (default: all 10)"
+    )
     ap.add_argument("--layers", type=int, nargs="+", default=[6, 12, 18, 24], help="detection layers")
     ap.add_argument("--steer-layer", type=int, default=12)
     ap.add_argument("--words", type=int, default=64, help="words of each text read for detection and directions")
@@ -387,6 +389,7 @@ def main() -> None:
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="print the summary of these --out files")
     args = ap.parse_args()
     args.shard = parse_shard(args.shard)
+    picked = parse_concepts(args.concepts)
     if args.merge:
         groups = load_runs(args.merge)
         for label, recs in groups.items():
@@ -395,7 +398,8 @@ def main() -> None:
             ablations(groups)
         return
     if args.quick:
-        args.sets, args.concepts, args.layers, args.words = args.sets[:1], 1, [12], 24
+        args.sets, args.concepts, args.layers, args.words = args.sets[:1], "1", [12], 24
+        picked = range(1)
         args.n_val, args.n_test, args.new_tokens, args.alphas, args.reft_alphas = 2, 2, 8, [0.4], [1.0]
         args.steps, args.batch, args.train_pairs, args.completion_words, args.completion_tokens = 2, 2, 4, 8, 8
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
@@ -403,8 +407,8 @@ def main() -> None:
     load_start = os.getloadavg()[0]
 
     concepts = load_concepts(args.data, args.sets)
-    if args.concepts is not None:
-        keep = {(s, i) for s in args.sets for i in range(args.concepts)}
+    if picked is not None:
+        keep = {(s, i) for s in args.sets for i in picked}
         concepts = [c for c in concepts if (c["set"], c["id"]) in keep]
     model = reftlens.load_model("smollm2-135m")
     print(f"# AxBench Concept10 ({len(concepts)} concepts from {', '.join(args.sets)}) on SmolLM2-135M-Instruct, fp32")
@@ -664,6 +668,18 @@ def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
                     "runs of another configuration need their own --label."
                 )
         group.append(rec)
+    for label, group in groups.items():
+        seen: dict[tuple, int] = {}
+        for n, rec in enumerate(group):
+            for method, per_seed in rec.get("steering", {}).items():
+                for seed, rows in per_seed.items():
+                    for r in rows:
+                        key = (method, seed, r["concept_id"])
+                        if seen.setdefault(key, n) != n:
+                            raise SystemExit(
+                                f"--merge: {method} seed {seed} on {r['concept_id']} is in two runs labelled {label!r}; "
+                                "a concept would count twice. Merge each run once (pick concepts with --concepts A:B)."
+                            )
     return groups
 
 
@@ -675,6 +691,19 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise SystemExit(f"--shard I/N needs 0 ≤ I < N; got {text!r}")
     return i, n
+
+
+def parse_concepts(text: str | None) -> range | None:
+    """``--concepts``: N (the first N of each set) or A:B (concepts A … B-1); None for all."""
+    if text is None:
+        return None
+    try:
+        a, b = (int(x) for x in text.split(":")) if ":" in text else (0, int(text))
+    except ValueError:
+        raise SystemExit(f"--concepts must be N or A:B with integers, e.g. 5 or 5:10; got {text!r}") from None
+    if not 0 <= a < b:
+        raise SystemExit(f"--concepts A:B needs 0 ≤ A < B (and N ≥ 1); got {text!r}")
+    return range(a, b)
 
 
 def _write(path: str | None, record: dict, t_start: float) -> None:

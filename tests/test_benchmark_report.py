@@ -264,12 +264,17 @@ def test_steering_axbench_merges_shards_seeds_and_ablations():
     assert "preference / LoReFT (LM) / DiffMean" not in text  # no preference arm, no headline
 
 
-def test_steering_axbench_shard_is_checked():
+def test_steering_axbench_shard_and_concepts_are_checked():
     ax = load("steering_axbench")
     assert ax.parse_shard("1/3") == (1, 3)
     for bad in ("3/3", "-1/2", "a/b", "1"):
         with pytest.raises(SystemExit, match="--shard"):
             ax.parse_shard(bad)
+    assert ax.parse_concepts(None) is None
+    assert list(ax.parse_concepts("3")) == [0, 1, 2] and list(ax.parse_concepts("5:8")) == [5, 6, 7]
+    for bad in ("0", "5:5", "-1:3", "a", "1:2:3", "2.5"):
+        with pytest.raises(SystemExit, match="--concepts"):
+            ax.parse_concepts(bad)
 
 
 def test_steering_axbench_merge_refuses_runs_of_another_configuration(tmp_path):
@@ -288,6 +293,9 @@ def test_steering_axbench_merge_refuses_runs_of_another_configuration(tmp_path):
     b["args"]["steps"] = a["args"]["steps"]  # other seeds alone: the same configuration
     paths[1].write_text(json.dumps(b))
     assert [len(v) for v in ax.load_runs(paths).values()] == [2]
+    paths[1].write_text(json.dumps(a))  # one concept, seed and method in two runs: it would count twice
+    with pytest.raises(SystemExit, match=r"DiffMean seed fixed on s:0 is in two runs labelled 'default'"):
+        ax.load_runs(paths)
     (tmp_path / "c.json").write_text("{}")
     with pytest.raises(SystemExit, match="c.json is not a steering_axbench --out record"):
         ax.load_runs([tmp_path / "c.json"])
