@@ -347,7 +347,7 @@ class ReftModel(nn.Module):
         (:class:`~reftlens.interventions.Scaled`), at the same sites, sharing these Φs' parameters.
 
         ``alpha`` is a number or one value per row of the batch, so one forward (or one batched
-        generation) runs several strengths; set ``view.phis[i].alpha`` to change it between calls.
+        generation) runs several strengths; another α is another view (building one is cheap: no copy).
         α = 0 is the base model, α = 1 this set, α = −1 its edits reversed. A bank's view is a bank
         of the same sets (each row still runs only its own set's Φs, chosen with ``adapters=``).
 

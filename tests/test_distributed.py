@@ -19,12 +19,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 @pytest.mark.parametrize(
     "flags",
-    [[], ["--shard-base"], ["--shard-base", "--resume-from-step=2"]],
-    ids=["replicated", "sharded", "sharded-resumed"],
+    [[], ["--shard-base"], ["--shard-base", "--resume-from-step=2"], ["--bank"]],
+    ids=["replicated", "sharded", "sharded-resumed", "bank"],
 )
 def test_two_processes_match_one(tmp_path, flags):
     """DDP with the base replicated, FSDP2 with the base sharded (and a sharded run stopped after 2
-    steps and resumed from its checkpoint): each equals one process on the same global batch."""
+    steps and resumed from its checkpoint), a bank of two sets whose runs end at different steps
+    (a process's share may hold none of a set's examples): each equals one process on the same
+    global batch."""
     import ddp_train
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -40,15 +42,17 @@ def test_two_processes_match_one(tmp_path, flags):
         *flags,
     ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, f"stdout:\n{run.stdout[-1500:]}\nstderr:\n{run.stderr[-3000:]}"
+    assert run.stdout.count(": done") == 2, run.stdout  # both ranks finished their work
     ddp_losses = json.loads((tmp_path / "losses.json").read_text())
 
-    single = ddp_train.build()
+    bank = "--bank" in flags
+    single = ddp_train.build(bank=bank)
     schedule = "constant" if any(f.startswith("--resume") for f in flags) else "linear"
     history = reftlens.train(
         single,
-        ddp_train.DATA,
-        max_steps=4,
+        ddp_train.BANK_DATA if bank else ddp_train.DATA,
+        **(ddp_train.BANK_RUN if bank else dict(max_steps=4)),
         batch_size=8,
         lr=1e-2,
         group_by_length=False,

@@ -191,6 +191,20 @@ def test_an_alpha_sweep_in_one_batch_equals_one_call_per_alpha(steer, model, int
             torch.testing.assert_close(rows[sl], one[a](tokens[sl], attention_mask=mask[sl]), atol=1e-5, rtol=0)
 
 
+def test_a_views_alpha_is_fixed_and_views_are_independent(steer, model):
+    """α is a per-call choice, so it is an argument of ``scaled``, not state written onto a module:
+    a view's α cannot be reassigned, and two views over the same Φs do not disturb each other."""
+    tokens, mask = steer.tokenize(PROMPTS)
+    low, high = steer.scaled(1.0), steer.scaled(3.0)
+    with pytest.raises(AttributeError):
+        low.phis[0].alpha = 2.0
+    with torch.no_grad():
+        before = low(tokens, attention_mask=mask)
+        high(tokens, attention_mask=mask)
+        torch.testing.assert_close(low(tokens, attention_mask=mask), before, atol=0, rtol=0)
+        torch.testing.assert_close(before, steer(tokens, attention_mask=mask), atol=1e-5, rtol=0)  # α = 1: the set
+
+
 def test_the_sweep_is_the_same_on_the_bridge_the_twin_and_in_chunks(steer):
     kw = dict(intervene_on="all", eos_token_id=None)
     whole = alpha_sweep(steer, PROMPTS, [0.0, 3.0], 10, backend="hf", **kw)

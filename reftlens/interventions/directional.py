@@ -38,24 +38,21 @@ class Scaled(Phi):
     def __init__(self, phi: nn.Module, alpha: float | Tensor = 1.0):
         super().__init__()
         self.phi = phi
-        self.alpha = alpha
+        if isinstance(alpha, Tensor):
+            if alpha.ndim > 1:
+                raise ConfigError(
+                    f"Scaled: alpha must be a number or one value per example [batch]; got shape {tuple(alpha.shape)}."
+                )
+            alpha = finite_tensor(alpha.detach(), "alpha")
+        else:
+            alpha = finite_number(alpha, "alpha")
+        self._alpha = alpha
         self.d_model = getattr(phi, "d_model", None)
 
     @property
     def alpha(self) -> float | Tensor:
+        """The scale, fixed when the view is built: another α is another view (``reft.scaled(α)``)."""
         return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float | Tensor) -> None:
-        if isinstance(value, Tensor):
-            if value.ndim > 1:
-                raise ConfigError(
-                    f"Scaled: alpha must be a number or one value per example [batch]; got shape {tuple(value.shape)}."
-                )
-            value = finite_tensor(value.detach(), "alpha")
-        else:
-            value = finite_number(value, "alpha")
-        self._alpha = value
 
     @property
     def takes_source(self) -> bool:  # type: ignore[override]

@@ -55,12 +55,9 @@ def alpha_sweep(
         raise ConfigError(f"alpha_sweep scales sourceless edits; intervention {reft.units[0].name!r} takes a source.")
     rows = [(a, p) for a in alphas for p in prompts]
     step = batch_size or len(rows)
-    view = reft.scaled(0.0)
     texts: list[str] = []
     for s in range(0, len(rows), step):
         chunk = rows[s : s + step]
-        alpha = torch.tensor([a for a, _ in chunk])
-        for phi in view.phis:
-            phi.alpha = alpha
+        view = reft.scaled(torch.tensor([a for a, _ in chunk]))  # one α per row
         texts += view.generate([p for _, p in chunk], max_new_tokens, **generate_kwargs)
     return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(alphas))]

@@ -287,9 +287,13 @@ def _setup_resume(
 
 
 def _setup_model(reft: "ReftModel", world: int) -> Any:
-    """The module to run: ``reft``, or its ``DistributedDataParallel`` wrapper on several processes."""
+    """The module to run: ``reft``, or its ``DistributedDataParallel`` wrapper on several processes.
+    A bank's step may leave a set's Φs unused on a process (its share of the global batch holds no
+    example of that set) or on all (the set's run has ended), so DDP looks for unused parameters:
+    those used elsewhere get a zero local gradient in the average, those used nowhere keep none (the
+    optimizer skips them, as it does in one process)."""
     if world > 1:
-        return torch.nn.parallel.DistributedDataParallel(reft)
+        return torch.nn.parallel.DistributedDataParallel(reft, find_unused_parameters=reft.bank is not None)
     return reft
 
 

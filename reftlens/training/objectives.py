@@ -123,7 +123,7 @@ class Preference(Objective):
             raise TrainingError(
                 "objective='preference' scales each intervention's edit; Φs that take a source cannot be scaled."
             )
-        self.view = scaled_view(reft)
+        self.reft = reft
 
     def count(self, example: Example) -> int:
         return 1
@@ -149,9 +149,8 @@ class Preference(Objective):
         self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device, intervene_on: str = "prompt"
     ) -> Tensor:
         """Mean log-probability per completion token of each row, each row's edits scaled by its α."""
-        for phi in self.view.phis:
-            phi.alpha = alpha.to(device)
-        logits, labels = forward(self.view, collate(rows, pad).to(device), intervene_on)
+        view = self.reft.scaled(alpha.to(device))  # each row's edits scaled by its α; a bank's view keeps its sets
+        logits, labels = forward(view, collate(rows, pad).to(device), intervene_on)
         target = labels != -100
         logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
         return (logp * target).sum(1) / target.sum(1).clamp(min=1)
@@ -174,12 +173,6 @@ def _pairs(examples: Sequence[Example]) -> list[Example]:
         Example(e.prompt, e.rejected, adapter=e.adapter)  # type: ignore[arg-type]
         for e in examples
     ]
-
-
-def scaled_view(reft: "ReftModel") -> "ReftModel":
-    """``reft`` with every edit scaled by a per-row α (:meth:`~reftlens.ReftModel.scaled`); a bank's
-    view keeps its sets, so each row still runs only its own set's (scaled) Φs."""
-    return reft.scaled(0.0)
 
 
 OBJECTIVES = {"lm": LanguageModeling, "preference": Preference}
