@@ -173,6 +173,8 @@ def encode(
         attention_mask = inputs.get("attention_mask", attention_mask)
         inputs = inputs["input_ids"]
     device = device_of(model)
+    if isinstance(inputs, (list, tuple)) and not inputs:
+        raise ConfigError(f"{what} is an empty {type(inputs).__name__}: give at least one string or row of token ids.")
     if isinstance(inputs, str) or (
         isinstance(inputs, (list, tuple)) and inputs and all(isinstance(t, str) for t in inputs)
     ):

@@ -180,3 +180,11 @@ def test_generation_beyond_the_context_is_refused_with_the_lengths(reft):
         reft.generate(tokens, room + 1, attention_mask=mask)
     with pytest.raises(ConfigError, match=rf"beyond the limit of {n_ctx} tokens"):
         reft.generate(["x " * (n_ctx + 5)], 2)
+
+
+def test_no_prompts_is_refused_as_empty(reft):
+    """An empty list is a list: the error says it is empty (it said "must be a list … got list")."""
+    with pytest.raises(ConfigError, match="prompts is an empty list: give at least one"):
+        reft.generate([], 4)
+    with pytest.raises(ConfigError, match="is an empty list"):
+        reft([], attention_mask=None)

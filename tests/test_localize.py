@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -104,6 +105,26 @@ def test_train_score_bank_equals_candidates_trained_alone(planted):
     torch.testing.assert_close(joint.scores, alone.scores, rtol=1e-4, atol=1e-5)
 
 
+def test_localize_on_a_bf16_base_gives_phis_that_train_as_they_are(tiny_models):
+    """On a bf16 base the candidates' Φs take the base's dtype (as load_pyreft builds them): both
+    scores run, and the recipe trains with ``train(ReftModel(model, res.recipe))``, no ``cast=``."""
+    model = reftlens.load_model("tiny-llama", dtype=torch.bfloat16)
+    kw = dict(hooks=("resid_post",), layers=[1], positions=("l1", "f1"), budget=10_000, progress=False)
+    for score in ("gradient", "train"):
+        res = localize(model, DATA, score=score, steps=2, batch_size=2, **kw)
+        assert torch.isfinite(res.scores).all() and len(res.recipe) == 2
+        assert {p.dtype for iv in res.recipe for p in iv.phi.parameters()} == {torch.bfloat16}
+        losses = reftlens.train(ReftModel(model, res.recipe), DATA, max_steps=2, progress=False).losses
+        assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # the same seed builds the same Φ as on the float32 base, rounded to bf16 once
+    one = dict(kw, positions=("l1",), budget=None)
+    (lo16,) = localize(model, DATA, steps=1, **one).recipe
+    (lo32,) = localize(tiny_models["tiny-llama"], DATA, steps=1, **one).recipe
+    want = {k: v.to(torch.bfloat16) for k, v in lo32.phi.state_dict().items()}
+    got = lo16.phi.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize(
     "kwargs, words",
     [
@@ -172,6 +193,43 @@ def test_inspect_lists_the_planted_token_first(model):
     assert iv.off_target["kl"] > 0
     out = json.loads(report.to_json())
     assert out["interventions"][0]["directions"][0]["promoted"][0]["id"] == token
+
+
+def test_inspect_reads_each_stacked_phi_at_its_own_input(model):
+    """Two Φs stacked at one site (stack=0 under stack=1): each one's report is computed on the rows
+    that Φ edits, the base's hidden state for the lower one and that state after the lower Φ for the
+    upper one; the lower one's report is the one it gets in a set of its own."""
+    d = model.cfg.d_model
+    torch.manual_seed(0)
+    low, up = LoReFT(d, 2), LoReFT(d, 2)
+    with torch.no_grad():
+        for phi in (low, up):
+            phi.W.weight.normal_()
+            phi.W.bias.normal_()
+    stacked = [
+        Intervention(low, layers=1, positions="l1", stack=0, name="low"),
+        Intervention(up, layers=1, positions="l1", stack=1, name="up"),
+    ]
+    report = reftlens.inspect(ReftModel(model, stacked), DATA, neutral=["hello world"])
+    name = "blocks.1.hook_resid_post"
+    h = torch.stack(
+        [
+            model.run_with_cache(reftlens.text_tokens(model, e["prompt"])[None], names_filter=name)[1][name][0, -1]
+            for e in DATA
+        ]
+    )
+    with torch.no_grad():
+        reads = {"low": h, "up": low(h)}  # what each Φ edits: the base's state; the state after `low`
+        for iv, phi in zip(report.interventions, (low, up)):
+            rows = reads[iv.name]
+            _, down, shift = phi.affine()
+            got = torch.tensor([x["coefficient"] for x in iv.directions])
+            torch.testing.assert_close(got, (rows @ down.T + shift).mean(0), rtol=1e-5, atol=1e-5)
+            edit = torch.tensor(iv.mean_edit[1]["norm"])
+            torch.testing.assert_close(edit, (phi(rows) - rows).mean(0).norm(), rtol=1e-5, atol=1e-5)
+    alone = reftlens.inspect(ReftModel(model, Intervention(low, layers=1, positions="l1", name="low")), DATA)
+    assert alone.interventions[0].directions == report.interventions[0].directions
+    assert alone.interventions[0].mean_edit == report.interventions[0].mean_edit
 
 
 def test_inspect_effect_shares_of_independent_interventions_add_up(model):

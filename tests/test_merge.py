@@ -318,6 +318,82 @@ def test_save_peft_records_the_base_it_is_given(tiny_models, tmp_path):
         assert not (tmp_path / "b").exists()
 
 
+# ---- a bank: its sets are alternatives, so one set folds at a time
+
+
+def bank_of(model):
+    """Two mergeable sets as a bank, and each set alone (the same Φs)."""
+    alone = {"A": mergeable_set(model, seed=0), "B": mergeable_set(model, bias_attn=False, seed=1)}
+    return ReftModel(model, {name: reft.interventions for name, reft in alone.items()}).eval(), alone
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+def test_merging_a_banks_set_is_merging_that_set_alone_and_running_the_bank_on_it(arch_models, arch):
+    model = arch_models[arch]
+    bank, alone = bank_of(model)
+    tokens, mask = bank.tokenize(PROMPTS)
+    real, n = mask.bool(), len(PROMPTS)
+    merged = {name: reftlens.merge(bank, adapter=name) for name in bank.adapters}
+    for name, reft in alone.items():
+        solo = reftlens.merge(reft)
+        assert merged[name].state_dict().keys() == solo.state_dict().keys()
+        assert all(torch.equal(v, solo.state_dict()[k]) for k, v in merged[name].state_dict().items())
+        with torch.no_grad():
+            hooked = bank(tokens, attention_mask=mask, adapters=[name] * n)
+        torch.testing.assert_close(hf_logits(merged[name], tokens, mask)[real], hooked[real], atol=1e-5, rtol=0)
+    a, b = (hf_logits(merged[name], tokens, mask)[real] for name in ("A", "B"))
+    assert (a - b).abs().max() > 1e-2  # the sets differ, so neither merge holds the other's edits
+
+
+def test_a_bank_merges_only_a_named_set_and_a_plain_set_takes_no_name(tiny_models, tmp_path):
+    model = tiny_models["tiny-llama"]
+    bank, alone = bank_of(model)
+    missing = re.escape(
+        "this ReftModel is a bank of sets ['A', 'B']; a bank's sets are alternatives (each row runs the one its "
+        "adapters= names), not one edit, so they do not fold together. Fold one: "
+    )
+    with pytest.raises(ExportError, match=missing + re.escape("merge(reft, adapter=name), name one of ['A', 'B'].")):
+        reftlens.merge(bank)
+    with pytest.raises(
+        ExportError, match=missing + re.escape("save_peft(reft, path, adapter=name), name one of ['A', 'B'].")
+    ):
+        reftlens.save_peft(bank, tmp_path / "a")
+    for bad in ("C", ["A"], 0):
+        unknown = re.escape(f"there is no set {bad!r} to fold; the sets are ['A', 'B'].")
+        with pytest.raises(ExportError, match=unknown):
+            reftlens.merge(bank, adapter=bad)
+        with pytest.raises(ExportError, match=unknown):
+            reftlens.save_peft(bank, tmp_path / "a", adapter=bad)
+    for name in ("A", "default"):  # as ReftModel.save: a plain set is not a bank, whatever the name
+        plain = re.escape(f"there is no set {name!r} to fold; the sets are none (not a bank)") + ".*Leave adapter= out"
+        with pytest.raises(ExportError, match=plain):
+            reftlens.merge(alone["A"], adapter=name)
+        with pytest.raises(ExportError, match=plain):
+            reftlens.save_peft(alone["A"], tmp_path / "a", adapter=name)
+    assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_save_peft_of_a_banks_set_is_save_peft_of_that_set_alone(tiny_models, tmp_path, name):
+    from safetensors.torch import load_file
+
+    model = tiny_models["tiny-llama"]
+    bank, alone = bank_of(model)
+    ours = reftlens.save_peft(bank, tmp_path / "bank", adapter=name)
+    solo = reftlens.save_peft(alone[name], tmp_path / "solo")
+    assert json.loads((ours / "adapter_config.json").read_text()) == json.loads(
+        (solo / "adapter_config.json").read_text()
+    )
+    got, want = load_file(ours / "adapter_model.safetensors"), load_file(solo / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    loaded = peft.PeftModel.from_pretrained(pristine_hf(model), ours).eval()
+    tokens, mask = bank.tokenize(PROMPTS)
+    with torch.no_grad():
+        hooked = bank(tokens, attention_mask=mask, adapters=[name] * len(PROMPTS))
+    real = mask.bool()
+    torch.testing.assert_close(hf_logits(loaded, tokens, mask)[real], hooked[real], atol=1e-5, rtol=0)
+
+
 # ---- the algebra, and user Φs
 
 

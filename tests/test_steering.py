@@ -448,3 +448,52 @@ def test_collect_takes_the_tokenization_arguments(model):
         collect(model, [text], layers=1, truncation="middle")
     with pytest.raises(ConfigError, match="max_length must be a positive integer"):
         collect(model, [text], layers=1, max_length=0)
+
+
+def test_pooling_refuses_texts_without_rows_and_names_them(model):
+    texts = ["I love this film", "", "Once upon a time", ""]  # "" is only the start token: slice(1, None) skips it
+    acts = collect(model, texts, layers=[1], positions=slice(1, None), progress=False)
+    assert sorted(set(acts.example.tolist())) == [0, 2] and acts.n_examples == 4
+    u = torch.randn(model.cfg.d_model)
+    named = r"the texts at indexes 1, 3 \(of 4\) have no selected position .* Drop such texts before collecting"
+    for how in ("mean", "first", "last"):
+        with pytest.raises(AnalysisError, match=rf"pooled\(how='{how}'\): {named}"):
+            acts.pooled(1, how)
+    for pool in ("max", "mean", "first", "last"):
+        with pytest.raises(AnalysisError, match=rf"scores\(pool='{pool}'\): {named}"):
+            acts.scores(1, u, pool=pool)
+    with pytest.raises(AnalysisError, match="pooled: how must be 'mean', 'first' or 'last'; got 'median'"):
+        acts.pooled(1, "median")
+    # without the empty texts, every pool is the reduction of each text's own rows
+    kept = collect(model, [texts[0], texts[2]], layers=[1], positions=slice(1, None), progress=False)
+    for i, t in enumerate((0, 2)):
+        torch.testing.assert_close(kept[1][kept.example == i], acts[1][acts.example == t])
+    reduce = {"max": lambda x: x.max(), "mean": lambda x: x.mean(), "first": lambda x: x[0], "last": lambda x: x[-1]}
+    for pool, f in reduce.items():
+        want = torch.stack([f(kept[1][kept.example == i] @ u) for i in range(2)])
+        torch.testing.assert_close(kept.scores(1, u, pool=pool), want, atol=1e-5, rtol=1e-5)
+    for how, pick in (("first", 0), ("last", -1)):
+        want = torch.stack([kept[1][kept.example == i][pick] for i in range(2)])
+        torch.testing.assert_close(kept.pooled(1, how), want, atol=0, rtol=0)
+
+
+def test_an_alpha_sweep_of_a_bank_runs_each_prompt_with_its_own_set(model):
+    """adapters= names one set per prompt: each prompt runs its set at every α, as the sweep of that
+    set alone does (in chunks too); a list of another length is refused by name."""
+    d = model.cfg.d_model
+    g = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(d, generator=g) for n in ("a", "b")}
+
+    def one(name):
+        return Intervention(Steer(0.5 * v[name] / v[name].norm()), layers=[1, 2], positions="all")
+
+    bank = ReftModel(model, {"a": one("a"), "b": one("b")})
+    names = ["a", "b", "a"]
+    kw = dict(intervene_on="all", eos_token_id=None)
+    out = alpha_sweep(bank, PROMPTS[:3], [0.0, 2.0], 8, adapters=names, batch_size=4, **kw)
+    for name in ("a", "b"):
+        idx = [j for j, n in enumerate(names) if n == name]
+        alone = alpha_sweep(ReftModel(model, one(name)), [PROMPTS[j] for j in idx], [0.0, 2.0], 8, **kw)
+        assert [[row[j] for j in idx] for row in out] == alone
+    with pytest.raises(ConfigError, match="one set name \\(or None\\) per prompt, 3 here"):
+        alpha_sweep(bank, PROMPTS[:3], [1.0], 8, adapters=["a"])

@@ -115,6 +115,56 @@ def test_gradient_accumulation_equals_one_big_batch(model):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
 
 
+def test_gradient_accumulation_equals_one_big_batch_grouped_by_length_and_with_a_penalty(model):
+    """``grad_accum`` changes nothing also where batches are grouped by length (the default) and
+    where a Φ adds a penalty (ReFT-r1's L1) over micro-batches of unequal size (the last step's
+    6 examples: 4 + 2), each weighted by its share of the step's examples."""
+    from reftlens import ReFTr1
+
+    rows = [{"prompt": "the " + " ".join(WORDS[: 1 + i % 6]) + " fox", "completion": " jumps"} for i in range(14)]
+
+    def run(**kw):
+        torch.manual_seed(0)
+        reft = ReftModel(model, Intervention(ReFTr1(model.cfg.d_model, k=1, l1=1.0), layers=1, positions="f2+l2"))
+        return reftlens.train(reft, rows, epochs=1, lr=2e-2, seed=1, progress=False, **kw), weights(reft)
+
+    (ha, wa), (hb, wb) = run(batch_size=8), run(batch_size=4, grad_accum=2)
+    assert [s["penalty"] for s in ha.steps] == pytest.approx([s["penalty"] for s in hb.steps], abs=1e-6)
+    assert ha.losses == pytest.approx(hb.losses, abs=1e-5)
+    for x, y in zip(wa, wb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+    a, b = fresh(model), fresh(model)
+    kw = dict(max_steps=3, lr=1e-2, progress=False, group_by_length=True, seed=1)
+    ha, hb = reftlens.train(a, DATA, batch_size=8, **kw), reftlens.train(b, DATA, batch_size=4, grad_accum=2, **kw)
+    assert [s["tokens"] for s in ha.steps] == [s["tokens"] for s in hb.steps]  # the same examples in each step
+    assert ha.losses == pytest.approx(hb.losses, abs=1e-5)
+    for x, y in zip(weights(a), weights(b)):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+def test_resuming_with_other_options_or_other_sets_is_refused(model, tmp_path):
+    """A resume keeps every option that shapes the run (it would otherwise be partly honoured: the
+    optimizer's lr comes back from the checkpoint); how long it runs may change. A bank's
+    checkpoint resumes only on data for the sets it trained."""
+    kw = dict(batch_size=4, lr=1e-2, progress=False, checkpoint_dir=tmp_path / "ck")
+    reftlens.train(fresh(model), DATA, max_steps=2, checkpoint_every=1, **kw)
+    for option, value, said in (("lr", 0.0, "lr: 0.01 there, 0.0 now"), ("batch_size", 2, "batch_size: 4 there")):
+        with pytest.raises(TrainingError, match=f"other options \\({said}"):
+            reftlens.train(fresh(model), DATA, max_steps=4, resume=True, **{**kw, option: value})
+    history = reftlens.train(fresh(model), DATA, max_steps=4, resume=True, eval_every=1, eval_data=DATA[:2], **kw)
+    assert [s["step"] for s in history.steps] == [1, 2, 3, 4]  # max_steps and eval_every may change
+
+    def bank():
+        torch.manual_seed(0)
+        d = model.cfg.d_model
+        return ReftModel(model, {n: Intervention(LoReFT(d, 4), layers=1, positions="l2") for n in ("a", "b")})
+
+    kw["checkpoint_dir"] = tmp_path / "bank"
+    reftlens.train(bank(), [{**r, "adapter": "a"} for r in DATA], max_steps=2, checkpoint_every=1, **kw)
+    with pytest.raises(TrainingError, match=r"trained the sets \['a'\], but this run trains \['b'\]"):
+        reftlens.train(bank(), [{**r, "adapter": "b"} for r in DATA], max_steps=4, resume=True, **kw)
+
+
 def test_resume_from_a_checkpoint_equals_an_uninterrupted_run(model, tmp_path):
     kw = dict(max_steps=6, batch_size=4, lr=1e-2, progress=False, seed=2, schedule="cosine", warmup_steps=2)
     straight = fresh(model, rank=4)
@@ -202,6 +252,60 @@ def test_classification_reports_label_accuracy(model):
     assert ev["accuracy"] > 0.5  # 12 examples, 2 classes: the edit learns the prompt → label map
 
 
+def test_classification_accuracy_scores_with_the_edit_where_it_trains(model):
+    """Accuracy ranks the labels with the set applied as it trains (``intervene_on``): edited on
+    a one-token label's own position only ("generated"), the edit cannot move the label's score,
+    so the accuracy is the base model's; edited on the prompt, it is the set's."""
+    from reftlens.training import evaluate
+    from reftlens.training.evaluate import _label_scores, _label_tokens
+
+    data = [{"prompt": f"the {w} fox is", "label": "a" if i % 2 else "b"} for i, w in enumerate(WORDS)]
+    reft = fresh(model, positions="all")
+    torch.nn.init.normal_(reft.interventions[0].phi.W.weight, std=2.0)
+    names = ["a", "b"]  # one token each
+    examples = encode(model, data, label_names=names)
+    base = ReftModel(model, Intervention(Steer(model.cfg.d_model), layers=1))  # v = 0: the base model
+    cands, pad = _label_tokens(reft, names)[None], reft.pad_token_id
+    assert [len(c) for c in cands] == [1, 1]
+    with torch.no_grad():
+        unedited = _label_scores(base, examples, cands, pad, "prompt")
+        torch.testing.assert_close(_label_scores(reft, examples, cands, pad, "generated"), unedited, atol=1e-5, rtol=0)
+        assert (
+            _label_scores(reft, examples, cands, pad, "prompt") - unedited
+        ).abs().max() > 1e-2  # the edit moves them
+    accuracy = evaluate(reft, examples, task="classification", label_names=names, intervene_on="generated")["accuracy"]
+    assert accuracy == evaluate(base, examples, task="classification", label_names=names)["accuracy"]
+
+
+def test_a_banks_classification_sets_each_pick_among_their_own_labels(model):
+    """Sets of a bank with different labels: each set's accuracy equals its run alone (its rows
+    are ranked among its own labels, not every set's), at each of the evaluations its run alone
+    makes (the smaller set's run ends first: 2 steps against 3)."""
+    data = {
+        "yes": [{"prompt": f"is the {w} fox fast?", "label": ["yes", "no"][i % 2]} for i, w in enumerate(WORDS[:6])],
+        "colour": [{"prompt": f"a {w} ball?", "label": ["red", "blue", "green"][i % 3]} for i, w in enumerate(WORDS)],
+    }
+    kw = dict(epochs=1, lr=2e-2, batch_size=4, task="classification", progress=False, eval_every=1)
+
+    def sets():
+        torch.manual_seed(0)
+        d = model.cfg.d_model
+        return {n: Intervention(LoReFT(d, 4), layers=[1], positions="l1") for n in data}
+
+    rows = [{**r, "adapter": n} for n, rs in data.items() for r in rs]
+    bank = reftlens.train(ReftModel(model, sets()), rows, eval_data=rows, **kw)
+    for name, mine in data.items():
+        alone = reftlens.train(ReftModel(model, sets()[name]), mine, eval_data=mine, **kw)
+        mine = bank.adapter(name).evals
+        assert [e["step"] for e in mine] == [e["step"] for e in alone.evals] == list(range(1, len(mine) + 1))
+        assert [e["accuracy"] for e in mine] == [e["accuracy"] for e in alone.evals]
+        assert [e["loss"] for e in mine] == pytest.approx([e["loss"] for e in alone.evals], abs=1e-5)
+    with pytest.raises(TrainingError, match="label_names names sets \\['other'\\]"):
+        reftlens.train(ReftModel(model, sets()), rows, label_names={"other": ["x"]}, **kw)
+    with pytest.raises(TrainingError, match="this ReftModel holds one set; give one list"):
+        reftlens.train(fresh(model), data["yes"], label_names={"yes": ["yes", "no"]}, **kw)
+
+
 def test_one_token_labels_are_scored_in_one_forward(model):
     """Classification eval: with one-token labels, one forward scores every label, equal to
     scoring each label in a forward of its own."""
@@ -215,9 +319,9 @@ def test_one_token_labels_are_scored_in_one_forward(model):
     handle = model.register_forward_hook(lambda *a: calls.append(1))
     try:
         with torch.no_grad():
-            one = _score_first_tokens(reft, chunk, cands, pad)
+            one = _score_first_tokens(reft, chunk, cands, pad, "prompt")
             assert len(calls) == 1
-            each = torch.stack([_score(reft, chunk, c, pad) for c in cands], 1)
+            each = torch.stack([_score(reft, chunk, c, pad, "prompt") for c in cands], 1)
     finally:
         handle.remove()
     assert one.shape == (5, 3)
@@ -447,6 +551,8 @@ BAD_OPTIONS = [
     ("label_names", "yes"),
     ("label_names", ["a", "a"]),
     ("label_names", []),
+    ("label_names", {"a": []}),
+    ("label_names", {1: ["x"]}),
     ("intervene_on", "completion"),
     ("eval_every", 0),
     ("progress", None),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from reftlens.errors import ExportError
-from reftlens.export.merge import folds
+from reftlens.export.merge import folds, set_units
 from reftlens.runtime.hf_backend import pristine_hf
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -34,7 +34,9 @@ def peft_supports_lora_bias() -> bool:
     return "lora_bias" in {f.name for f in dataclasses.fields(LoraConfig)}
 
 
-def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: str | None = None) -> Path:
+def save_peft(
+    reft: Any, path: str | os.PathLike, *, adapter: str | None = None, base_model_name_or_path: str | None = None
+) -> Path:
     """Write ``reft`` as a peft LoRA adapter folder that ``PeftModel.from_pretrained(base, path)``
     loads with peft and transformers alone; same logits as reftlens (fp32: 1e-4).
 
@@ -45,7 +47,8 @@ def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: st
     ``"HuggingFaceTB/SmolLM2-135M-Instruct"``). The default is the base model's own
     ``name_or_path``, which for a model loaded from a local cache (``load_model("smollm2-135m")``)
     is a path on this machine. The write is atomic; an earlier adapter folder is replaced, a
-    folder holding anything else is refused.
+    folder holding anything else is refused. A bank writes one of its sets, named by ``adapter``
+    (required for a bank, refused for a plain set; see :func:`reftlens.merge`).
 
     >>> reftlens.save_peft(reft, "adapter")                               # doctest: +SKIP
     >>> model = peft.PeftModel.from_pretrained(base, "adapter")          # doctest: +SKIP
@@ -59,6 +62,7 @@ def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: st
                 f"got {base_model_name_or_path!r}."
             )
         base_model_name_or_path = str(base_model_name_or_path)
+    set_units(reft, adapter, "save_peft(reft, path, adapter=name)")  # a bank's set is named, or refused here
     try:
         from peft import LoraConfig
     except ImportError:
@@ -68,7 +72,7 @@ def save_peft(reft: Any, path: str | os.PathLike, *, base_model_name_or_path: st
     from safetensors.torch import save_file
 
     hf = pristine_hf(reft.model, share=True)  # module names and base weights only: nothing is changed
-    found = folds(reft, hf)
+    found = folds(reft, hf, adapter)
     if not found:
         raise ExportError("this ReftModel has no interventions, so there is no adapter to write.")
     with_bias = [f for f in found if bool(f.bias.any())]

@@ -10,7 +10,8 @@ a rank-r update of W plus a bias: a LoRA with B = U, A = DW and a bias U(Db + c)
 one map (``stack=``) compose in hook order, their ranks adding up. The maps that fold are the two
 projections whose output TransformerLens hooks at every block: ``attn_out`` (the attention output
 projection: ``o_proj``, GPT-2's ``c_proj``, GPT-NeoX's ``dense``) and ``mlp_out`` (the MLP down
-projection: ``down_proj``, ``c_proj``, ``dense_4h_to_h``).
+projection: ``down_proj``, ``c_proj``, ``dense_4h_to_h``). A bank folds one of its sets at a time
+(``adapter=``): its sets are alternatives chosen per row, not edits that add up.
 
 Everything else is refused, naming the intervention and the algebra that fails: residual-stream
 hooks (the residual stream is a sum, not one map's output), positions other than ``"all"`` (a
@@ -195,12 +196,40 @@ def _checked_affine(unit: Any) -> Affine:
     return e
 
 
-def folds(reft: Any, hf: nn.Module) -> list[Fold]:
-    """Every linear map of ``hf`` that ``reft``'s interventions edit, with the edits folded in
-    hook order. Raises :class:`~reftlens.errors.ExportError` for the first intervention that cannot fold."""
+def set_units(reft: Any, adapter: str | None, call: str = "merge(reft, adapter=name)") -> list[Any]:
+    """The units that fold together: a plain set's (``adapter`` None), or the set ``adapter`` of a
+    bank. A bank's sets are alternatives chosen per row (``reft(tokens, adapters=[...])``), never
+    applied together, so a bank without ``adapter`` is refused rather than folded into one stack.
+    ``call`` is the call to suggest. As :meth:`ReftModel.save`, ``adapter`` names a bank's set only."""
+    from reftlens.saving import bank_sets, is_named
+
+    if not is_named(reft):
+        if adapter is not None:
+            raise ExportError(
+                f"there is no set {adapter!r} to fold; the sets are none (not a bank): this ReftModel is one set, "
+                "which folds whole. Leave adapter= out."
+            )
+        return list(reft.units)
+    sets = bank_sets(reft.units)  # a bank's sets are never empty
+    names = list(sets)
+    if adapter is None:
+        raise ExportError(
+            f"this ReftModel is a bank of sets {names}; a bank's sets are alternatives (each row runs the one its "
+            f"adapters= names), not one edit, so they do not fold together. Fold one: {call}, name one of {names}."
+        )
+    if not isinstance(adapter, str) or adapter not in names:
+        raise ExportError(f"there is no set {adapter!r} to fold; the sets are {names}.")
+    return sets[adapter]
+
+
+def folds(reft: Any, hf: nn.Module, adapter: str | None = None) -> list[Fold]:
+    """Every linear map of ``hf`` that ``reft``'s interventions (a bank's: the set ``adapter``'s, see
+    :func:`set_units`) edit, with the edits folded in hook order. Raises
+    :class:`~reftlens.errors.ExportError` for the first intervention that cannot fold."""
+    units = set_units(reft, adapter)
     arch = type(hf).__name__
     model_type = getattr(hf.config, "model_type", None)
-    for unit in reft.units:  # refuse before any work, and for every unit, whatever the architecture
+    for unit in units:  # refuse before any work, and for every unit, whatever the architecture
         _refuse_if_not_foldable(unit)
     if model_type not in PROJECTIONS:
         raise ExportError(
@@ -211,7 +240,7 @@ def folds(reft: Any, hf: nn.Module) -> list[Fold]:
     layers = decoder_layers(hf)
     names = {id(m): n for n, m in hf.named_modules()}
     edits: dict[str, tuple[str, int, list[Affine], list[str]]] = {}
-    for unit in sorted(reft.units, key=lambda u: u.stack or 0):  # the order the hooks run in
+    for unit in sorted(units, key=lambda u: u.stack or 0):  # the order the hooks run in
         kind, _ = native_site(unit.hook)
         e = _checked_affine(unit)
         for layer in unit.layers:
@@ -270,9 +299,13 @@ def _with_biases(hf: nn.Module, need: list[Fold]) -> nn.Module:
     return fresh.to(first.device).eval()
 
 
-def merge(reft: Any) -> nn.Module:
+def merge(reft: Any, *, adapter: str | None = None) -> nn.Module:
     """The ReftModel's base as a plain transformers model (its own class) with the interventions
     folded into its weights: no hooks, and nothing from reftlens needed to run or save it.
+
+    A bank folds one of its sets, named by ``adapter`` (its sets are alternatives, chosen per row:
+    the merged model is the bank run with ``adapters=[adapter] * n``); without it a bank is refused,
+    and a plain set takes no ``adapter``, as :meth:`ReftModel.save` does.
 
     Every intervention must sit on ``attn_out`` or ``mlp_out`` at ``positions="all"`` with an
     affine sourceless Φ (LoReFT, DiReFT, NoReFT, NodiReFT, ConsReFT, LoBiReFT, Steer, or a user Φ
@@ -287,9 +320,11 @@ def merge(reft: Any) -> nn.Module:
     >>> reft = ReftModel(model, Intervention(LoReFT(d, 4), layers="all", hook="mlp_out"))  # doctest: +SKIP
     >>> merged = reftlens.merge(reft)                                                       # doctest: +SKIP
     >>> merged.save_pretrained("merged")       # loads with AutoModelForCausalLM alone    # doctest: +SKIP
+    >>> formal = reftlens.merge(bank, adapter="formal")   # one set of a bank               # doctest: +SKIP
     """
+    set_units(reft, adapter)  # before copying the base: a wrong adapter fails fast
     hf = pristine_hf(reft.model)
-    found = folds(reft, hf)
+    found = folds(reft, hf, adapter)
     need = [f for f in found if getattr(hf.get_submodule(f.name), "bias", None) is None and bool(f.bias.any())]
     if need:
         hf = _with_biases(hf, need)

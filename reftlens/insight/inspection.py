@@ -331,12 +331,16 @@ def _probe(
     sets: dict[str, list[Intervention]] = {}
     collects: dict[tuple[int, int], Collect] = {}
     for n, us in units.items():
-        low = min((u.stack or 0) for u in us) - 1
-        full = [_wrap(u, u.stack or 0) for u in us]
+        # Each unit moves to the even order 2·stack and its read to the odd order just below it, so a
+        # read sees its own Φ's input: above the Φs stacked lower on the site, below its own.
+        full = [_wrap(u, 2 * (u.stack or 0)) for u in us]
         for u in us:
             for layer in u.layers:
                 c = collects[(id(u), layer)] = Collect()
-                full.append(Intervention(c, layers=layer, positions=u.positions, hook=u.hook, stack=low, name="read"))
+                read = Intervention(
+                    c, layers=layer, positions=u.positions, hook=u.hook, stack=2 * (u.stack or 0) - 1, name="read"
+                )
+                full.append(read)
         sets[_key(n, "full")] = full
         if len(origins[n]) > 1:
             for k, iv in enumerate(origins[n]):

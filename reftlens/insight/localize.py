@@ -79,7 +79,8 @@ class LocalizeResult:
 
     ``scores[i]`` scores ``candidates[i]`` (higher: a better place to train); ``order`` ranks them;
     ``recipe`` holds fresh :class:`~reftlens.Intervention` s for the best candidates within
-    ``budget`` parameters, ready for ``ReftModel(model, result.recipe)`` and :func:`reftlens.train`.
+    ``budget`` parameters, in the base's dtype, ready for ``ReftModel(model, result.recipe)`` and
+    :func:`reftlens.train`.
     ``seconds`` is the wall time localizing took (to compare with the training it guides).
     """
 
@@ -274,12 +275,13 @@ def localize(
         raise AnalysisError(f"progress must be True or False; got {progress!r}.")
     check_int("seed", seed, 0)
     d, n_layers = model.cfg.d_model, model.cfg.n_layers
+    dtype = next(model.parameters()).dtype  # the Φs take the base's dtype (as load_pyreft builds them)
     if family != "steer" and rank > d:
         raise AnalysisError(f"rank {rank} exceeds the model's width d_model={d}.")
     hooks = _check_hooks(model, hooks, n_layers)
     layers = _check_layers(layers, n_layers)
     specs, pos_labels = _check_positions(positions)
-    params = sum(p.numel() for p in _new_phi(family, d, rank).parameters())
+    params = sum(p.numel() for p in _new_phi(family, d, rank, dtype).parameters())
     if budget is None:
         budget = params
     elif not isinstance(budget, int) or isinstance(budget, bool):
@@ -314,6 +316,7 @@ def localize(
             spec_of,
             family,
             rank,
+            dtype,
             steps,
             batch_size,
             lr,
@@ -326,7 +329,7 @@ def localize(
             progress,
         )
     order = _rank(values, candidates, spec_of)
-    recipe = _recipe(candidates, order, spec_of, family, d, rank, budget, seed)
+    recipe = _recipe(candidates, order, spec_of, family, d, rank, dtype, budget, seed)
     return LocalizeResult(
         candidates,
         values,
@@ -421,8 +424,11 @@ def _check_positions(positions: Any) -> tuple[list[PositionSpec], list[str]]:
     return specs, labels
 
 
-def _new_phi(family: str, d: int, rank: int) -> nn.Module:
-    return Steer(d) if family == "steer" else FAMILIES[family](d, rank)
+def _new_phi(family: str, d: int, rank: int, dtype: torch.dtype) -> nn.Module:
+    """A fresh Φ in ``dtype`` (the base's, as ``load_pyreft`` builds them, so a set of them runs and
+    trains on the base as it is); initialised in float32 first, so one seed gives one Φ in every dtype."""
+    phi = Steer(d) if family == "steer" else FAMILIES[family](d, rank)
+    return phi.to(dtype)
 
 
 def _size(spec: PositionSpec) -> float:
@@ -462,6 +468,7 @@ def _recipe(
     family: str,
     d: int,
     rank: int,
+    dtype: torch.dtype,
     budget: int,
     seed: int,
 ) -> list[Intervention]:
@@ -477,7 +484,11 @@ def _recipe(
         torch.manual_seed(seed)
         return [
             Intervention(
-                _new_phi(family, d, rank), layers=c.layer, positions=spec_of[c.positions], hook=c.hook, name=c.label
+                _new_phi(family, d, rank, dtype),
+                layers=c.layer,
+                positions=spec_of[c.positions],
+                hook=c.hook,
+                name=c.label,
             )
             for c in taken
         ]
@@ -585,6 +596,7 @@ def _train_scores(
     spec_of: dict[str, PositionSpec],
     family: str,
     rank: int,
+    dtype: torch.dtype,
     steps: int,
     batch_size: int,
     lr: float,
@@ -615,7 +627,7 @@ def _train_scores(
                 torch.manual_seed(seed)  # every candidate starts from the same Φ
                 c = candidates[i]
                 sets[c.label] = Intervention(
-                    _new_phi(family, d, rank), layers=c.layer, positions=spec_of[c.positions], hook=c.hook
+                    _new_phi(family, d, rank, dtype), layers=c.layer, positions=spec_of[c.positions], hook=c.hook
                 )
         bank = ReftModel(model, sets)
         bank_rows = [{**r, "adapter": candidates[i].label} for i in chunk for r in rows]

@@ -25,7 +25,9 @@ def alpha_sweep(
 
     Rows are ``len(alphas) × len(prompts)``, ``batch_size`` rows a generation (default: all in
     one). Other arguments go to :meth:`reftlens.ReftModel.generate` (``intervene_on``,
-    ``do_sample``, ``seed``, ...); with ``do_sample`` one seed serves the whole batch.
+    ``do_sample``, ``seed``, ...); with ``do_sample`` one seed serves the whole batch. A bank takes
+    ``adapters=`` as for ``generate``, one set name (or None) per prompt: each prompt runs its set
+    at every α.
 
     >>> steer = ReftModel(model, Intervention(Steer(direction.vector), layers=6, positions="all"))  # doctest: +SKIP
     >>> alpha_sweep(steer, ["Tell me a story."], [0, 4, 8], 24, intervene_on="all")                # doctest: +SKIP
@@ -53,11 +55,18 @@ def alpha_sweep(
         raise ConfigError("alpha_sweep takes prompts as strings.")
     if any(u.takes_source for u in reft.units):
         raise ConfigError(f"alpha_sweep scales sourceless edits; intervention {reft.units[0].name!r} takes a source.")
-    rows = [(a, p) for a in alphas for p in prompts]
+    adapters = generate_kwargs.pop("adapters", None)
+    if adapters is not None and (isinstance(adapters, str) or len(adapters) != len(prompts)):
+        raise ConfigError(
+            f"alpha_sweep: adapters= takes one set name (or None) per prompt, {len(prompts)} here; got {adapters!r}."
+        )
+    rows = [(a, p, None if adapters is None else adapters[j]) for a in alphas for j, p in enumerate(prompts)]
     step = batch_size or len(rows)
     texts: list[str] = []
     for s in range(0, len(rows), step):
         chunk = rows[s : s + step]
-        view = reft.scaled(torch.tensor([a for a, _ in chunk]))  # one α per row
-        texts += view.generate([p for _, p in chunk], max_new_tokens, **generate_kwargs)
+        view = reft.scaled(torch.tensor([a for a, _, _ in chunk]))  # one α per row
+        if adapters is not None:
+            generate_kwargs["adapters"] = [name for _, _, name in chunk]
+        texts += view.generate([p for _, p, _ in chunk], max_new_tokens, **generate_kwargs)
     return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(alphas))]

@@ -48,41 +48,57 @@ class Activations:
         return self.rows[layer]
 
     def pooled(self, layer: int, how: str = "mean") -> Float[Tensor, "n_examples d"]:
-        """One vector per text: the mean of its rows, or its first or last row."""
+        """One vector per text: the mean of its rows, or its first or last row. Every text needs a
+        row: a text without any (an empty text collected with ``positions=slice(1, None)``) is refused."""
+        if how not in ("mean", "first", "last"):
+            raise AnalysisError(f"pooled: how must be 'mean', 'first' or 'last'; got {how!r}.")
         rows = self[layer]
+        counts = self._rows_per_text(f"pooled(how={how!r})")
         if how == "mean":
             total = rows.new_zeros(self.n_examples, rows.shape[1]).index_add_(0, self.example, rows)
-            return total / torch.bincount(self.example, minlength=self.n_examples).clamp(min=1)[:, None].to(rows)
-        if how in ("first", "last"):
-            return rows[self._edge(how)]
-        raise AnalysisError(f"pooled: how must be 'mean', 'first' or 'last'; got {how!r}.")
+            return total / counts[:, None].to(rows)
+        return rows[self._edge(how, counts)]
 
     def scores(self, layer: int, directions: Any, pool: str = "max") -> Tensor:
         """Detection scores: each text's projections h·u on the direction(s), pooled over its rows
         (``"max"`` as AxBench, ``"mean"``, ``"first"``, ``"last"``). ``[n_examples]`` for one direction,
-        ``[n_examples, k]`` for ``k`` (a ``[k, d]`` tensor or a list of directions)."""
-        U, single = _as_matrix(directions)
-        proj = self[layer].float() @ U.to(self[layer].device).T
+        ``[n_examples, k]`` for ``k`` (a ``[k, d]`` tensor or a list of directions). Every text needs a
+        row, as in :meth:`pooled`."""
+        if pool not in POOLS:
+            raise AnalysisError(f"scores: pool must be one of {POOLS}; got {pool!r}.")
+        rows, (U, single) = self[layer], _as_matrix(directions)
+        counts = self._rows_per_text(f"scores(pool={pool!r})")
+        proj = rows.float() @ U.to(rows.device).T
         if pool == "max":
             out = proj.new_full((self.n_examples, U.shape[0]), float("-inf"))
             out = out.scatter_reduce(0, self.example[:, None].expand_as(proj), proj, "amax", include_self=True)
         elif pool == "mean":
             out = proj.new_zeros(self.n_examples, U.shape[0]).index_add_(0, self.example, proj)
-            out = out / torch.bincount(self.example, minlength=self.n_examples).clamp(min=1)[:, None].to(out)
-        elif pool in ("first", "last"):
-            out = proj[self._edge(pool)]
+            out = out / counts[:, None].to(out)
         else:
-            raise AnalysisError(f"scores: pool must be one of {POOLS}; got {pool!r}.")
+            out = proj[self._edge(pool, counts)]
         return out[:, 0] if single else out
 
-    def _edge(self, which: str) -> Tensor:
-        n = self.example.shape[0]
-        change = torch.ones(n, dtype=torch.bool, device=self.example.device)
-        if which == "first":
-            change[1:] = self.example[1:] != self.example[:-1]
-        else:
-            change[:-1] = self.example[1:] != self.example[:-1]
-        return change.nonzero().squeeze(1)
+    def _rows_per_text(self, where: str) -> Int[Tensor, " n_examples"]:
+        """How many rows each text has; an AnalysisError naming the texts with none, since a pool of
+        no rows has no value (a zero, −inf or a neighbour's row would pass for one)."""
+        counts = torch.bincount(self.example, minlength=self.n_examples)
+        empty = (counts == 0).nonzero().squeeze(1).tolist()
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (f", ... ({len(empty)} in all)" if len(empty) > 10 else "")
+            raise AnalysisError(
+                f"{where}: the text{'s' if len(empty) > 1 else ''} at index{'es' if len(empty) > 1 else ''} {shown} "
+                f"(of {self.n_examples}) {'have' if len(empty) > 1 else 'has'} no selected position (no activation rows), so there is "
+                "nothing to pool. Drop such texts before collecting (e.g. empty ones, which "
+                "positions=slice(1, None) leaves without a token), or collect with positions that select at "
+                "least one token of every text; the rows themselves stay in acts[layer] and acts.example."
+            )
+        return counts
+
+    def _edge(self, which: str, counts: Tensor) -> Tensor:
+        """The index of each text's first or last row (rows are example-major, every text has one)."""
+        ends = torch.cumsum(counts, 0).to(self.example.device)
+        return ends - counts.to(ends) if which == "first" else ends - 1
 
 
 def collect(

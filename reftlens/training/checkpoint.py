@@ -11,7 +11,7 @@ changes anything: a damaged file or another set is a clear error, never a half-l
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ from torch import Tensor
 from reftlens.errors import LoadError, TrainingError
 from reftlens.positions import from_json
 from reftlens.saving import BANK_FILE, CONFIG_FILE, atomic_dir, bank_folders, load, set_view, write, write_bank
-from reftlens.training.config import History
+from reftlens.training.config import History, TrainConfig
 
 if TYPE_CHECKING:
     from reftlens.model import ReftModel
@@ -30,11 +30,41 @@ STATE_FILE = "trainer_state.json"  # marks a checkpoint folder: the one kind a c
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
+# the options a resumed run may change: how long it runs, how it reports and checkpoints, and the
+# arithmetic it runs in; every other option shapes the run, and a resume must keep it
+RESUMABLE = {"epochs", "max_steps", "precision", "eval_every", "progress", "checkpoint_dir", "checkpoint_every"}
+RESUMABLE |= {"resume"}
+
+
+def run_options(config: TrainConfig) -> dict[str, Any]:
+    """The options that shape a run (all but :data:`RESUMABLE`), as JSON values: an objective
+    instance by its class and its public settings."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        if f.name in RESUMABLE:
+            continue
+        v = getattr(config, f.name)
+        if not isinstance(v, (str, int, float, bool, list, dict, type(None))):
+            settings = {
+                k: x for k, x in vars(v).items() if not k.startswith("_") and isinstance(x, (str, int, float, list))
+            }
+            v = {"class": type(v).__name__, **settings}
+        out[f.name] = json.loads(json.dumps(v))  # tuples → lists, as the file holds them
+    return out
+
+
 def save_checkpoint(
-    folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any, step: int, history: History
+    folder: Path,
+    reft: "ReftModel",
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    history: History,
+    config: TrainConfig | None = None,
 ) -> None:
-    """Write the whole training state (Φs, optimizer, scheduler, RNG, history) to ``folder``, atomically.
-    ``folder`` must be new, empty or an earlier checkpoint (it holds ``trainer_state.json``)."""
+    """Write the whole training state (Φs, optimizer, scheduler, RNG, history, and the options that
+    shape the run) to ``folder``, atomically. ``folder`` must be new, empty or an earlier checkpoint
+    (it holds ``trainer_state.json``)."""
     from safetensors.torch import save_file
 
     state = optimizer.state_dict()
@@ -50,23 +80,40 @@ def save_checkpoint(
         (write if reft.bank is None else write_bank)(reft, tmp / "reft")
         save_file(tensors, str(tmp / OPTIMIZER_FILE))
         meta = {"step": step, "param_groups": state["param_groups"], "scheduler": sched, "history": asdict(history)}
+        if config is not None:
+            meta["options"] = run_options(config)
         (tmp / STATE_FILE).write_text(json.dumps(meta))
 
     atomic_dir(folder, write_all, markers=[STATE_FILE])
 
 
 def load_checkpoint(
-    folder: Path, reft: "ReftModel", optimizer: torch.optim.Optimizer, scheduler: Any
+    folder: Path,
+    reft: "ReftModel",
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config: TrainConfig | None = None,
 ) -> tuple[int, History]:
     """Restore the state :func:`save_checkpoint` wrote into ``reft``, ``optimizer`` and
     ``scheduler`` (and torch's RNG); return the step to go on from and the history so far.
 
     Everything is read and checked first: a damaged file raises :class:`~reftlens.errors.LoadError`
-    naming it, a checkpoint of another set a :class:`~reftlens.errors.TrainingError` naming the
-    difference; only then is anything changed."""
+    naming it, a checkpoint of another set, of other sets of a bank or of a run with other options
+    (``config``: all but :data:`RESUMABLE` must match) a :class:`~reftlens.errors.TrainingError`
+    naming the difference; only then is anything changed."""
     meta = _read_state(folder / STATE_FILE)
     tensors = _read_tensors(folder / OPTIMIZER_FILE)
     check_same_set(folder / "reft", reft)
+    if config is not None and isinstance(meta.get("options"), dict):  # older checkpoints hold none
+        ours = run_options(config)
+        differ = [k for k in sorted(set(ours) | set(meta["options"])) if ours.get(k) != meta["options"].get(k)]
+        if differ:
+            said = "; ".join(f"{k}: {meta['options'].get(k)!r} there, {ours.get(k)!r} now" for k in differ)
+            raise TrainingError(
+                f"checkpoint {folder} was written by a run with other options ({said}). Resume with the options "
+                f"it was written with (only {sorted(RESUMABLE - {'resume'})} may change), or train into a new "
+                "checkpoint_dir."
+            )
     saved_set, _ = load(folder / "reft", reft.model, cast=reft.cast)
     if isinstance(saved_set, dict):  # a bank: its sets in order, as reft.phis holds them
         saved_set = [iv for ivs in saved_set.values() for iv in ivs]
@@ -139,6 +186,12 @@ def _optimizer_state(
 ) -> dict[int, dict[str, Tensor]]:
     """The optimizer state of the checkpoint, checked against ``optimizer``'s parameters."""
     mine = optimizer.param_groups
+    theirs = [g.get("set") if isinstance(g, dict) else None for g in groups]
+    if theirs != [g.get("set") for g in mine]:
+        raise TrainingError(
+            f"checkpoint {folder} trained the sets {theirs}, but this run trains {[g.get('set') for g in mine]} "
+            "(the sets its data names); resume with the data the checkpoint was written for."
+        )
     sizes = [len(g.get("params", [])) if isinstance(g, dict) else -1 for g in groups]
     if sizes != [len(g["params"]) for g in mine]:
         raise TrainingError(

@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from reftlens.errors import TrainingError
 from reftlens.runtime.hf_backend import INTERVENE_ON
@@ -85,8 +85,10 @@ class TrainConfig:
     task: str = "lm"
     """``"lm"`` (prompt → completion) or ``"classification"`` (prompt → ``label``: the loss is on
     the label's tokens, accuracy picks the best-scoring label among ``label_names``)."""
-    label_names: Sequence[str] | None = None
-    """The classes of a classification task, in order (default: the sorted labels of the data)."""
+    label_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None
+    """The classes of a classification task, in order (default: the sorted labels of the data; for
+    a bank, of each set's own data). A bank's sets may each have their own: ``{set: [labels]}``;
+    one list is shared by every set. Accuracy picks among an example's own set's labels."""
     objective: str | Objective = "lm"
     """``"lm"`` (the completion tokens' cross-entropy), ``"preference"`` (steering toward
     ``completion`` and away from ``rejected`` with +α and −α, RePS-style; see
@@ -117,7 +119,9 @@ class TrainConfig:
                     raise TrainingError(f"{f.name} must be {problem}; got {getattr(self, f.name)!r}.")
         if (self.checkpoint_every or self.resume) and self.checkpoint_dir is None:
             raise TrainingError("checkpoint_every and resume need checkpoint_dir=.")
-        if self.label_names is not None:
+        if isinstance(self.label_names, Mapping):
+            self.label_names = {k: list(v) for k, v in self.label_names.items()}
+        elif self.label_names is not None:
             self.label_names = list(self.label_names)
         objective = objective_for(self.objective)  # checks the name; each run builds its own from it
         if self.task == "classification" and not isinstance(objective, LanguageModeling):
@@ -169,9 +173,15 @@ def _bool(none: bool = False) -> Any:
 def _labels(v: Any) -> str | None:
     if v is None:
         return None
-    ok = not isinstance(v, (str, bytes)) and isinstance(v, Sequence) and len(v) > 0
-    ok = ok and all(isinstance(x, str) for x in v) and len(set(v)) == len(v)
-    return None if ok else "None or a non-empty sequence of distinct label strings"
+
+    def one(names: Any) -> bool:
+        ok = not isinstance(names, (str, bytes)) and isinstance(names, Sequence) and len(names) > 0
+        return ok and all(isinstance(x, str) for x in names) and len(set(names)) == len(names)
+
+    ok = one(v) or (isinstance(v, Mapping) and len(v) > 0 and all(isinstance(k, str) and one(x) for k, x in v.items()))
+    return (
+        None if ok else "None, a non-empty sequence of distinct label strings, or a bank's {set name: such a sequence}"
+    )
 
 
 def _path(v: Any) -> str | None:

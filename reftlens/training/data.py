@@ -11,7 +11,7 @@ completion tokens alone. For a bank, each example names the set it trains (``"ad
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -84,11 +84,12 @@ def encode(
     max_length: int = 512,
     chat_template: bool = False,
     append_eos: bool = True,
-    label_names: Sequence[str] | None = None,
+    label_names: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     prepend_bos: bool | None = None,
 ) -> list[Example]:
     """Tokenize examples: ``{"prompt", "completion"}``, or ``{"prompt", "label"}`` for classification
-    (the label's text is the completion, and ``label_names`` fixes the class order); an
+    (the label's text is the completion, and ``label_names`` fixes the class order: one list, or
+    one per bank set, keyed by the set an example names); an
     ``"adapter"`` key names the bank set an example trains; a ``"rejected"`` completion is kept for
     the preference objective. Prompts get start tokens by :func:`reftlens.inputs.text_tokens`
     (``prepend_bos``)."""
@@ -106,9 +107,11 @@ def encode(
             text = r["completion"]
         else:
             text = str(r["label"])
-            if label_names is None or text not in label_names:
-                raise KeyError(f"example {i}: label {text!r} is not among the label names {list(label_names or [])}.")
-            label = list(label_names).index(text)
+            names = label_names.get(r.get("adapter"), []) if isinstance(label_names, Mapping) else label_names
+            if names is None or text not in names:
+                of = f" of set {r.get('adapter')!r}" if isinstance(label_names, Mapping) else ""
+                raise KeyError(f"example {i}: label {text!r} is not among the label names{of} {list(names or [])}.")
+            label = list(names).index(text)
         c = tok(text, add_special_tokens=False)["input_ids"]
         if append_eos and eos is not None and label is None:
             c = c + [eos]

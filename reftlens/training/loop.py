@@ -24,7 +24,7 @@ import difflib
 import inspect
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -112,13 +112,13 @@ def train(
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if callback is not None:
                 callback(record)
-            if eval_examples is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                _record_eval(reft, eval_examples, cfg, label_names, step, history, callback)
+            if eval_examples is not None and step < total and (_due(step, cfg) or _set_ends(step, sets)):
+                _record_eval(reft, eval_examples, cfg, label_names, step, history, callback, sets)
                 reft.train()
             if ckpt is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and rank == 0:
-                save_checkpoint(ckpt, reft, optimizer, scheduler, step, history)
+                save_checkpoint(ckpt, reft, optimizer, scheduler, step, history, cfg)
         if eval_examples is not None:
-            _record_eval(reft, eval_examples, cfg, label_names, step, history, callback)
+            _record_eval(reft, eval_examples, cfg, label_names, step, history, callback, sets)
     finally:
         bar.close()
         reft.eval()
@@ -180,7 +180,21 @@ def _setup_data(
             "task='classification'), or a datasets.Dataset with those columns."
         )
     if cfg.task == "classification" and label_names is None and not _encoded(train_rows):
-        label_names = sorted({str(r["label"]) for r in train_rows})
+        if reft.bank is None:
+            label_names = sorted({str(r["label"]) for r in train_rows})
+        else:  # each set's own labels: a set's accuracy picks among them alone, as a run of it alone would
+            label_names = {
+                name: sorted({str(r["label"]) for r in train_rows if r.get("adapter") == name})
+                for name in dict.fromkeys(r.get("adapter") for r in train_rows)
+                if isinstance(name, str)
+            }
+    if isinstance(label_names, Mapping) and reft.bank is None:
+        raise TrainingError(
+            "label_names is a mapping of set names, but this ReftModel holds one set; give one list of labels."
+        )
+    if isinstance(label_names, Mapping) and not set(label_names) <= set(reft.adapters):
+        unknown = sorted(set(label_names) - set(reft.adapters))
+        raise TrainingError(f"label_names names sets {unknown} that this bank does not hold ({reft.adapters}).")
     names = label_names if cfg.task == "classification" else None
 
     def encoded(rows: list[Any]) -> list[Example]:
@@ -282,7 +296,7 @@ def _setup_resume(
     if cfg.resume and ckpt is not None:
         ckpt = recover(ckpt)  # a checkpoint caught mid-swap by a kill is restored first
     if cfg.resume and ckpt is not None and (ckpt / STATE_FILE).is_file():
-        return load_checkpoint(ckpt, reft, optimizer, scheduler)
+        return load_checkpoint(ckpt, reft, optimizer, scheduler, cfg)
     return 0, History()
 
 
@@ -304,12 +318,15 @@ def _step_batches(
     examples: Sequence[Example], cfg: TrainConfig, world: int, step: int, steps_per_epoch: int
 ) -> tuple[int, list[list[int]]]:
     """The epoch of optimizer step ``step`` and its ``grad_accum`` global batches (example indices).
-    The order depends only on (seed, epoch), so a resumed run sees the batches it would have seen."""
+    The order depends only on (seed, epoch), so a resumed run sees the batches it would have seen;
+    it is the order of batches of the whole step (``batch_size × world × grad_accum``), each then
+    cut into micro-batches, so accumulation changes nothing, also with ``group_by_length``."""
     epoch, k = divmod(step, steps_per_epoch)
+    micro = cfg.batch_size * world
     order = batch_order(
-        examples, cfg.batch_size * world, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length
+        examples, micro * cfg.grad_accum, seed=cfg.seed, epoch=epoch, group_by_length=cfg.group_by_length
     )
-    return epoch, order[k * cfg.grad_accum : (k + 1) * cfg.grad_accum]
+    return epoch, [order[k][s : s + micro] for s in range(0, len(order[k]), micro)]
 
 
 def _sets_step_batches(
@@ -340,14 +357,31 @@ def _record_eval(
     step: int,
     history: History,
     callback: Callable | None,
+    sets: Schedule,
 ) -> None:
     metrics = evaluate(
         reft, examples, batch_size=cfg.batch_size, task=cfg.task, label_names=label_names, intervene_on=cfg.intervene_on
     )
+    if "sets" in metrics:  # a bank: each set's metrics where a run of it alone would evaluate
+        metrics["sets"] = {
+            name: m
+            for name, m in metrics["sets"].items()
+            if name not in sets or step == sets[name][2] or (step < sets[name][2] and _due(step, cfg))
+        }
     record = {"step": step, **metrics}
     history.evals.append(record)
     if callback is not None:
         callback({"eval": True, **record})
+
+
+def _due(step: int, cfg: TrainConfig) -> bool:
+    """An evaluation every ``eval_every`` steps."""
+    return bool(cfg.eval_every) and step % cfg.eval_every == 0
+
+
+def _set_ends(step: int, sets: Schedule) -> bool:
+    """A bank's set ends its run at ``step`` (a run of it alone evaluates at its end)."""
+    return len(sets) > 1 and any(step == n for _, _, n in sets.values())
 
 
 def _rows(data: Any) -> list[Any]:

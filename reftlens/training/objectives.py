@@ -124,6 +124,7 @@ class Preference(Objective):
                 "objective='preference' scales each intervention's edit; Φs that take a source cannot be scaled."
             )
         self.reft = reft
+        self._reference = {}  # the base likelihoods are this run's model's: none carried over from another run
 
     def count(self, example: Example) -> int:
         return 1

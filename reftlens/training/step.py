@@ -44,8 +44,9 @@ def train_step(
 
     ``set_epochs``: a bank's sets that train at this step, each with its epoch (None: a plain set
     at ``epoch``). The loss of each set is the objective's mean over that set's part of the whole
-    group on all processes (for the LM loss: over its target tokens), plus its Φs' penalties
-    averaged over its micro-batches. Returns the step's record (``step`` counts from 1); a bank's
+    group on all processes (for the LM loss: over its target tokens), plus its Φs' penalties,
+    each micro-batch's weighted by its share of the set's examples in the step (so accumulation and
+    processes change nothing where every example edits as many positions). Returns the step's record (``step`` counts from 1); a bank's
     record holds each set's own record under ``"sets"``, and its ``loss`` is their mean."""
     world, rank = world_rank()
     reft = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
@@ -55,11 +56,10 @@ def train_step(
     names = list(epochs)
     slot = {name: k for k, name in enumerate(names)}
     counts = [0] * len(names)  # what each set's loss averages over
-    n_micro = [0] * len(names)  # how many micro-batches each set takes part in
+    n_rows = [0] * len(names)  # each set's examples in the step, on all processes
     for ids in group:
-        for k in {slot[_set_of(examples[i], slot)] for i in ids}:
-            n_micro[k] += 1
         for i in ids:
+            n_rows[slot[_set_of(examples[i], slot)]] += 1
             counts[slot[examples[i].adapter]] += objective.count(examples[i])
     scale = torch.tensor([world / max(c, 1) for c in counts], device=reft.device)
     phis = set_phis(reft, names)
@@ -83,13 +83,17 @@ def train_step(
             backward = (per_row * scale[which]).sum()
             for k, name in enumerate(names):
                 penalty = penalties(phis[name])
-                if penalty is not None:
-                    backward = backward + weight * penalty / max(n_micro[k], 1)
-                    penalty_sums[k] += float(penalty.detach()) / max(n_micro[k], 1)
+                if penalty is not None:  # a micro-batch's term weighs as its share of the set's rows
+                    share = weight * sum(slot[e.adapter] == k for e in micro) / max(n_rows[k], 1)
+                    backward = backward + world * share * penalty  # DDP averages over the processes
+                    penalty_sums[k] += share * float(penalty.detach())
             backward.backward()
         loss_sums.index_add_(0, which, per_row.detach().to(loss_sums.dtype))
     if world > 1:
         torch.distributed.all_reduce(loss_sums)
+        summed = torch.tensor(penalty_sums, device=reft.device, dtype=torch.float64)
+        torch.distributed.all_reduce(summed)
+        penalty_sums = summed.tolist()
     losses = [s / max(c, 1) for s, c in zip(loss_sums.tolist(), counts)]
     for k, name in enumerate(names):
         if not math.isfinite(losses[k]):
