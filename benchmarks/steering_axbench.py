@@ -671,16 +671,21 @@ def load_runs(paths: list[Path]) -> dict[str, list[dict]]:
     for label, group in groups.items():
         seen: dict[tuple, int] = {}
         for n, rec in enumerate(group):
-            for method, per_seed in rec.get("steering", {}).items():
-                for seed, rows in per_seed.items():
-                    for r in rows:
-                        key = (method, seed, r["concept_id"])
-                        if seen.setdefault(key, n) != n:
-                            raise SystemExit(
-                                f"--merge: {method} seed {seed} on {r['concept_id']} is in two runs labelled {label!r}; "
-                                "a concept would count twice. Merge each run once (pick concepts with --concepts A:B)."
-                            )
+            for method, seed, cid in _rows_of(rec):
+                if seen.setdefault((method, seed, cid), n) != n:
+                    raise SystemExit(
+                        f"--merge: {method} seed {seed} on {cid} is in two runs labelled {label!r}; "
+                        "a concept would count twice. Merge each run once (pick concepts with --concepts A:B)."
+                    )
     return groups
+
+
+def _rows_of(record: dict) -> list[tuple[str, str, str]]:
+    """(method, seed, concept) of each steering row of an --out record."""
+    steering = record.get("steering", {})
+    return [
+        (m, seed, r["concept_id"]) for m, per_seed in steering.items() for seed, rows in per_seed.items() for r in rows
+    ]
 
 
 def parse_shard(text: str) -> tuple[int, int]:

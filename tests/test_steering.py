@@ -346,7 +346,7 @@ def test_the_preference_objective_measures_both_directions(model):
                 Example(e.prompt, e.rejected) for e in examples
             ]
             lp = objective._mean_logprob(
-                rows * 2, torch.tensor([1.0] * 2 * n + [-1.0] * 2 * n), reft.pad_token_id, reft.device
+                reft, rows * 2, torch.tensor([1.0] * 2 * n + [-1.0] * 2 * n), reft.pad_token_id, reft.device
             )
             return float((lp[:n] - lp[n : 2 * n]).mean()), float((lp[2 * n : 3 * n] - lp[3 * n :]).mean())
 
@@ -495,5 +495,6 @@ def test_an_alpha_sweep_of_a_bank_runs_each_prompt_with_its_own_set(model):
         idx = [j for j, n in enumerate(names) if n == name]
         alone = alpha_sweep(ReftModel(model, one(name)), [PROMPTS[j] for j in idx], [0.0, 2.0], 8, **kw)
         assert [[row[j] for j in idx] for row in out] == alone
-    with pytest.raises(ConfigError, match="one set name \\(or None\\) per prompt, 3 here"):
-        alpha_sweep(bank, PROMPTS[:3], [1.0], 8, adapters=["a"])
+    for bad in (["a"], "a", 3):
+        with pytest.raises(ConfigError, match="one set name \\(or None\\) per prompt, 3 here"):
+            alpha_sweep(bank, PROMPTS[:3], [1.0], 8, adapters=bad)

@@ -56,7 +56,7 @@ def alpha_sweep(
     if any(u.takes_source for u in reft.units):
         raise ConfigError(f"alpha_sweep scales sourceless edits; intervention {reft.units[0].name!r} takes a source.")
     adapters = generate_kwargs.pop("adapters", None)
-    if adapters is not None and (isinstance(adapters, str) or len(adapters) != len(prompts)):
+    if adapters is not None and (not isinstance(adapters, (list, tuple)) or len(adapters) != len(prompts)):
         raise ConfigError(
             f"alpha_sweep: adapters= takes one set name (or None) per prompt, {len(prompts)} here; got {adapters!r}."
         )

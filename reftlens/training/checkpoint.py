@@ -32,8 +32,16 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 
 # the options a resumed run may change: how long it runs, how it reports and checkpoints, and the
 # arithmetic it runs in; every other option shapes the run, and a resume must keep it
-RESUMABLE = {"epochs", "max_steps", "precision", "eval_every", "progress", "checkpoint_dir", "checkpoint_every"}
-RESUMABLE |= {"resume"}
+RESUMABLE = {
+    "epochs",
+    "max_steps",
+    "precision",
+    "eval_every",
+    "progress",
+    "checkpoint_dir",
+    "checkpoint_every",
+    "resume",
+}
 
 
 def run_options(config: TrainConfig) -> dict[str, Any]:

@@ -50,9 +50,9 @@ def evaluate(
         correct_ex = [0] * len(chunk)
         if task == "classification":
             # each row among its own set's labels (one shared list: the whole chunk at once)
-            parts = {None: list(range(len(chunk)))} if None in cands else {}
-            for k, e in enumerate([] if parts else chunk):
-                parts.setdefault(e.adapter, []).append(k)
+            parts: dict[str | None, list[int]] = {}
+            for k, e in enumerate(chunk):
+                parts.setdefault(None if None in cands else e.adapter, []).append(k)
             for name, rows in parts.items():
                 if name not in cands:
                     raise TrainingError(f"label_names names no labels for the set {name!r}; give each set its labels.")

@@ -380,8 +380,8 @@ def _due(step: int, cfg: TrainConfig) -> bool:
 
 
 def _set_ends(step: int, sets: Schedule) -> bool:
-    """A bank's set ends its run at ``step`` (a run of it alone evaluates at its end)."""
-    return len(sets) > 1 and any(step == n for _, _, n in sets.values())
+    """A set of a bank ends its run at ``step`` (a run of it alone evaluates at its end)."""
+    return any(step == n for _, _, n in sets.values())
 
 
 def _rows(data: Any) -> list[Any]:

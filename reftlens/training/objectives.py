@@ -123,7 +123,6 @@ class Preference(Objective):
             raise TrainingError(
                 "objective='preference' scales each intervention's edit; Φs that take a source cannot be scaled."
             )
-        self.reft = reft
         self._reference = {}  # the base likelihoods are this run's model's: none carried over from another run
 
     def count(self, example: Example) -> int:
@@ -133,12 +132,13 @@ class Preference(Objective):
         self, module: Any, examples: Sequence[Example], pad: int, device: torch.device, intervene_on: str = "prompt"
     ) -> Tensor:
         n = len(examples)
-        ref = self._references(examples, pad, device)
+        reft = getattr(module, "module", module)  # the ReftModel (one process: never DDP-wrapped here)
+        ref = self._references(reft, examples, pad, device)
         pick = torch.randint(len(self.alphas), (n,))
         alpha = torch.tensor(self.alphas)[pick]
         rows = (_pairs(examples)) * 2
         signs = torch.cat([alpha, alpha, -alpha, -alpha])
-        lp = self._mean_logprob(rows, signs, pad, device, intervene_on)
+        lp = self._mean_logprob(reft, rows, signs, pad, device, intervene_on)
         toward_c, toward_r, away_c, away_r = lp[:n], lp[n : 2 * n], lp[2 * n : 3 * n], lp[3 * n :]
         beta_up = (ref[:, 1] - ref[:, 0]).clamp(min=self.beta_floor)
         beta_down = (ref[:, 0] - ref[:, 1]).clamp(min=self.beta_floor)
@@ -147,22 +147,28 @@ class Preference(Objective):
         return F.softplus(-up) + F.softplus(-down)
 
     def _mean_logprob(
-        self, rows: Sequence[Example], alpha: Tensor, pad: int, device: torch.device, intervene_on: str = "prompt"
+        self,
+        reft: "ReftModel",
+        rows: Sequence[Example],
+        alpha: Tensor,
+        pad: int,
+        device: torch.device,
+        intervene_on: str = "prompt",
     ) -> Tensor:
         """Mean log-probability per completion token of each row, each row's edits scaled by its α."""
-        view = self.reft.scaled(alpha.to(device))  # each row's edits scaled by its α; a bank's view keeps its sets
+        view = reft.scaled(alpha.to(device))  # each row's edits scaled by its α; a bank's view keeps its sets
         logits, labels = forward(view, collate(rows, pad).to(device), intervene_on)
         target = labels != -100
         logp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
         return (logp * target).sum(1) / target.sum(1).clamp(min=1)
 
     @torch.no_grad()
-    def _references(self, examples: Sequence[Example], pad: int, device: torch.device) -> Tensor:
+    def _references(self, reft: "ReftModel", examples: Sequence[Example], pad: int, device: torch.device) -> Tensor:
         """ℓ̄₀(completion), ℓ̄₀(rejected) under the unedited model, ``[n, 2]``, computed once per example."""
         todo = [e for e in dict.fromkeys(examples) if e not in self._reference]
         if todo:
             rows = _pairs(todo)
-            lp = self._mean_logprob(rows, torch.zeros(len(rows)), pad, device).cpu()
+            lp = self._mean_logprob(reft, rows, torch.zeros(len(rows)), pad, device).cpu()
             for i, e in enumerate(todo):
                 self._reference[e] = (float(lp[i]), float(lp[len(todo) + i]))
         return torch.tensor([self._reference[e] for e in examples], device=device)

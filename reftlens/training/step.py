@@ -45,9 +45,10 @@ def train_step(
     ``set_epochs``: a bank's sets that train at this step, each with its epoch (None: a plain set
     at ``epoch``). The loss of each set is the objective's mean over that set's part of the whole
     group on all processes (for the LM loss: over its target tokens), plus its Φs' penalties,
-    each micro-batch's weighted by its share of the set's examples in the step (so accumulation and
-    processes change nothing where every example edits as many positions). Returns the step's record (``step`` counts from 1); a bank's
-    record holds each set's own record under ``"sets"``, and its ``loss`` is their mean."""
+    each micro-batch's weighted by its share of the set's examples in the step (so accumulation
+    and processes change nothing where every example edits as many positions). Returns the step's
+    record (``step`` counts from 1); a bank's record holds each set's own record under ``"sets"``,
+    and its ``loss`` is their mean."""
     world, rank = world_rank()
     reft = module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
     autocast = contextlib.nullcontext() if autocast is None else autocast
@@ -84,7 +85,7 @@ def train_step(
             for k, name in enumerate(names):
                 penalty = penalties(phis[name])
                 if penalty is not None:  # a micro-batch's term weighs as its share of the set's rows
-                    share = weight * sum(slot[e.adapter] == k for e in micro) / max(n_rows[k], 1)
+                    share = weight * int((which == k).sum()) / max(n_rows[k], 1)
                     backward = backward + world * share * penalty  # DDP averages over the processes
                     penalty_sums[k] += share * float(penalty.detach())
             backward.backward()
